@@ -1,0 +1,58 @@
+//! Stream ids: which events share an ordering and a version sequence.
+//!
+//! A stream is the unit of optimistic concurrency: an append names the version it expects the
+//! stream to be at. One stream per backup keeps a backup's lifecycle (requested, started,
+//! completed, verified, deleted) ordered; one per source orders that source's backups.
+
+use uuid::Uuid;
+
+pub fn backup(id: Uuid) -> String {
+    format!("backup-{id}")
+}
+pub fn source(name: &str) -> String {
+    format!("source-{name}")
+}
+pub fn keys(purpose: &str) -> String {
+    format!("keys-{purpose}")
+}
+pub fn recovery(id: Uuid) -> String {
+    format!("recovery-{id}")
+}
+pub fn repository() -> String {
+    "repository".to_string()
+}
+pub fn schedule(name: &str) -> String {
+    format!("schedule-{name}")
+}
+pub fn alerts() -> String {
+    "alerts".to_string()
+}
+pub fn health(endpoint: &str) -> String {
+    let safe: String = endpoint
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(180)
+        .collect();
+    format!("health-{safe}")
+}
+pub fn storage() -> String {
+    "storage".to_string()
+}
+pub fn wal(timeline: u32) -> String {
+    format!("wal-{timeline:08X}")
+}
+pub fn drill(id: Uuid) -> String {
+    format!("drill-{id}")
+}
+pub fn workers() -> String {
+    "workers".to_string()
+}
+pub fn access() -> String {
+    "access".to_string()
+}
