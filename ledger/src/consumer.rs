@@ -1,0 +1,313 @@
+//! Drives workers: delivers events to a [`Handler`], in-process or from JetStream.
+//!
+//! The same handler runs in both modes:
+//! - **embedded** ([`run_embedded`]): a catch-up subscription on the local ledger, with the
+//!   consumer's next position kept in sled (`meta/consumer/NAME`);
+//! - **distributed** ([`run_jetstream`]): a durable pull consumer on the events stream with
+//!   explicit acks; results are appended through a [`crate::remote::RemoteLedger`].
+//!
+//! Delivery is at-least-once in both: a handler may see an event again after a crash, so every
+//! handler must be idempotent; the usual way is to append results with ids derived from the
+//! cause ([`backstop_events::NewEvent::with_derived_id`]), which the ledger stores once.
+//!
+//! Failures: a retryable error is retried with backoff up to `max_deliveries` attempts; after
+//! that, or at once for a permanent error, the consumer appends a `worker.dead_lettered` event
+//! naming the event and the error, and moves on. Nothing is dropped silently.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer::pull};
+use async_trait::async_trait;
+use backstop_events::{Actor, Envelope, Event, NewEvent, WorkerDeadLettered, streams};
+use futures::StreamExt;
+
+use crate::error::LedgerError;
+use crate::outbox::SUBJECT_PREFIX;
+use crate::{Appender, ExpectedVersion, Ledger};
+
+/// Why a handler could not handle an event.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct HandlerError {
+    pub message: String,
+    /// Whether trying again later may succeed.
+    pub retryable: bool,
+}
+
+impl HandlerError {
+    pub fn retryable(message: impl Into<String>) -> HandlerError {
+        HandlerError {
+            message: message.into(),
+            retryable: true,
+        }
+    }
+    pub fn permanent(message: impl Into<String>) -> HandlerError {
+        HandlerError {
+            message: message.into(),
+            retryable: false,
+        }
+    }
+}
+
+impl From<LedgerError> for HandlerError {
+    fn from(e: LedgerError) -> Self {
+        HandlerError {
+            retryable: e.is_transient(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// A worker: reacts to some event types, appends its results through the appender.
+#[async_trait]
+pub trait Handler: Send + Sync + 'static {
+    /// The durable consumer name; stable across restarts.
+    fn name(&self) -> &str;
+    /// Whether this handler acts on events of this type (others are skipped and acknowledged).
+    fn wants(&self, event_type: &str) -> bool;
+    async fn handle(&self, event: &Envelope, appender: &dyn Appender) -> Result<(), HandlerError>;
+}
+
+#[derive(Clone, Debug)]
+pub struct RetryPolicy {
+    /// Attempts before an event is dead-lettered.
+    pub max_deliveries: u32,
+    /// Delay before the n-th retry (the last value repeats).
+    pub backoff: Vec<Duration>,
+    /// JetStream: how long the server waits for an ack before redelivering (a worker that died
+    /// mid-event gets its event back after this).
+    pub ack_wait: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_deliveries: 5,
+            backoff: vec![
+                Duration::from_millis(200),
+                Duration::from_secs(1),
+                Duration::from_secs(5),
+                Duration::from_secs(30),
+            ],
+            ack_wait: Duration::from_secs(60),
+        }
+    }
+}
+
+impl RetryPolicy {
+    fn delay(&self, attempt: u32) -> Duration {
+        let i = (attempt.saturating_sub(1) as usize).min(self.backoff.len().saturating_sub(1));
+        self.backoff
+            .get(i)
+            .copied()
+            .unwrap_or(Duration::from_secs(1))
+    }
+}
+
+async fn dead_letter(
+    appender: &dyn Appender,
+    consumer: &str,
+    event: &Envelope,
+    deliveries: u32,
+    error: &str,
+) -> Result<(), LedgerError> {
+    tracing::error!(consumer, position = event.position, event_type = %event.event_type, deliveries, error, "event dead-lettered");
+    let dl = Event::WorkerDeadLettered(WorkerDeadLettered {
+        consumer: consumer.to_string(),
+        event_id: event.id,
+        event_type: event.event_type.clone(),
+        position: event.position,
+        deliveries,
+        error: error.to_string(),
+    });
+    let e = NewEvent::caused_by(event, streams::workers(), Actor::worker(consumer), &dl)
+        .with_derived_id(event, &format!("dead-letter:{consumer}"));
+    appender
+        .append(&streams::workers(), ExpectedVersion::Any, vec![e])
+        .await
+        .map(|_| ())
+}
+
+/// Runs a handler on the local ledger until `shutdown` fires.
+pub async fn run_embedded(
+    ledger: Ledger,
+    handler: Arc<dyn Handler>,
+    policy: RetryPolicy,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), LedgerError> {
+    let name = handler.name().to_string();
+    let mut sub = ledger.subscribe(ledger.store().consumer_cursor(&name)?);
+    loop {
+        let batch = tokio::select! {
+            b = sub.next_batch(256) => b?,
+            _ = shutdown.changed() => return Ok(()),
+        };
+        if batch.is_empty() {
+            return Ok(());
+        }
+        for event in batch {
+            if handler.wants(&event.event_type) {
+                let mut attempt = 1;
+                loop {
+                    match handler.handle(&event, &ledger).await {
+                        Ok(()) => break,
+                        Err(e) if e.retryable && attempt < policy.max_deliveries => {
+                            tracing::warn!(consumer = %name, position = event.position, attempt, error = %e, "handler failed; retrying");
+                            tokio::select! {
+                                _ = tokio::time::sleep(policy.delay(attempt)) => {}
+                                _ = shutdown.changed() => return Ok(()),
+                            }
+                            attempt += 1;
+                        }
+                        Err(e) => {
+                            dead_letter(&ledger, &name, &event, attempt, &e.message).await?;
+                            break;
+                        }
+                    }
+                }
+            }
+            ledger
+                .store()
+                .set_consumer_cursor(&name, event.position + 1)?;
+        }
+    }
+}
+
+/// Creates (or opens) the durable pull consumer for a handler.
+pub async fn durable_consumer(
+    js: &jetstream::Context,
+    stream_name: &str,
+    name: &str,
+    policy: &RetryPolicy,
+) -> Result<jetstream::consumer::Consumer<pull::Config>, LedgerError> {
+    let stream = js
+        .get_stream(stream_name)
+        .await
+        .map_err(|e| LedgerError::Nats(format!("stream {stream_name} not found: {e} (start `backstop serve --nats` first; it creates the stream)")))?;
+    stream
+        .get_or_create_consumer(
+            name,
+            pull::Config {
+                durable_name: Some(name.to_string()),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: policy.ack_wait,
+                // The server's limit sits above ours so that we, not the server, decide when an
+                // event is dead-lettered (and record it) even if a worker died mid-delivery.
+                max_deliver: i64::from(policy.max_deliveries) + 3,
+                filter_subject: format!("{SUBJECT_PREFIX}.>"),
+                deliver_policy: jetstream::consumer::DeliverPolicy::All,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| LedgerError::Nats(format!("cannot create consumer {name}: {e}")))
+}
+
+/// Runs a handler from a JetStream durable consumer until `shutdown` fires, reconnecting after
+/// NATS outages.
+pub async fn run_jetstream(
+    js: jetstream::Context,
+    stream_name: String,
+    appender: Arc<dyn Appender>,
+    handler: Arc<dyn Handler>,
+    policy: RetryPolicy,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Result<(), LedgerError> {
+    let name = handler.name().to_string();
+    let mut pause = Duration::from_millis(200);
+    loop {
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        let result = consume_until_error(
+            &js,
+            &stream_name,
+            appender.as_ref(),
+            handler.as_ref(),
+            &policy,
+            &mut shutdown,
+        )
+        .await;
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                tracing::warn!(consumer = %name, error = %e, retry_in = ?pause, "consumer interrupted");
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = shutdown.changed() => return Ok(()),
+                }
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn consume_until_error(
+    js: &jetstream::Context,
+    stream_name: &str,
+    appender: &dyn Appender,
+    handler: &dyn Handler,
+    policy: &RetryPolicy,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+) -> Result<(), LedgerError> {
+    let name = handler.name();
+    let consumer = durable_consumer(js, stream_name, name, policy).await?;
+    let mut messages = consumer
+        .messages()
+        .await
+        .map_err(|e| LedgerError::Nats(format!("pull from {name}: {e}")))?;
+    loop {
+        let msg = tokio::select! {
+            m = messages.next() => match m {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => return Err(LedgerError::Nats(format!("pull from {name}: {e}"))),
+                None => return Err(LedgerError::Nats("message stream ended".into())),
+            },
+            _ = shutdown.changed() => return Ok(()),
+        };
+        let delivered = msg.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
+        let ack_err = |e: async_nats::Error| LedgerError::Nats(format!("ack: {e}"));
+        let event: Envelope = match serde_json::from_slice(&msg.payload) {
+            Ok(e) => e,
+            Err(e) => {
+                // Not ours to fix by retrying; the ledger still has the original.
+                tracing::error!(consumer = %name, error = %e, subject = %msg.subject, "undecodable message terminated");
+                msg.ack_with(AckKind::Term).await.map_err(ack_err)?;
+                continue;
+            }
+        };
+        if !handler.wants(&event.event_type) {
+            msg.ack().await.map_err(ack_err)?;
+            continue;
+        }
+        // Keep the server from redelivering while a long handler (a test restore) is working.
+        let progress = {
+            let msg_ack = msg.clone();
+            let every = policy.ack_wait / 2;
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    if msg_ack.ack_with(AckKind::Progress).await.is_err() {
+                        return;
+                    }
+                }
+            })
+        };
+        let outcome = handler.handle(&event, appender).await;
+        progress.abort();
+        match outcome {
+            Ok(()) => msg.double_ack().await.map_err(ack_err)?,
+            Err(e) if e.retryable && delivered < policy.max_deliveries => {
+                tracing::warn!(consumer = %name, position = event.position, delivered, error = %e, "handler failed; redelivery scheduled");
+                msg.ack_with(AckKind::Nak(Some(policy.delay(delivered))))
+                    .await
+                    .map_err(ack_err)?;
+            }
+            Err(e) => {
+                dead_letter(appender, name, &event, delivered, &e.message).await?;
+                msg.ack_with(AckKind::Term).await.map_err(ack_err)?;
+            }
+        }
+    }
+}

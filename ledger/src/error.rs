@@ -1,0 +1,67 @@
+//! The ledger's error policy.
+//!
+//! - [`LedgerError::Conflict`] is an expected outcome of optimistic concurrency, not a failure:
+//!   the caller re-reads the stream and decides again.
+//! - [`LedgerError::Invalid`] means the event itself is wrong (unknown type, bad payload, too
+//!   large); retrying cannot help, and nothing was written.
+//! - [`LedgerError::Corrupt`] and [`LedgerError::NotALedger`] are about the data on disk; they
+//!   name the position or the path and never lead to a write.
+//! - Storage and NATS errors carry what to check. An append that returns any error wrote nothing
+//!   (appends are atomic), so retrying with the same event ids is always safe.
+
+use std::path::PathBuf;
+
+use backstop_events::EventError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error(
+        "version conflict on stream `{stream}`: expected {expected}, but the stream is at version {actual}; re-read the stream and decide again"
+    )]
+    Conflict {
+        stream: String,
+        expected: String,
+        actual: u64,
+    },
+    #[error("event {id} was already appended with different content or to another stream")]
+    IdReused { id: uuid::Uuid },
+    #[error("invalid event: {0}")]
+    Invalid(#[from] EventError),
+    #[error("an append must carry between 1 and {max} events, got {got}")]
+    BadBatch { got: usize, max: usize },
+    #[error("ledger corrupt at position {position}: {what}")]
+    Corrupt { position: u64, what: String },
+    #[error(
+        "{path} is not a Backstop ledger: {why}. Point --data-dir at an existing ledger or an empty directory"
+    )]
+    NotALedger { path: PathBuf, why: String },
+    #[error(
+        "ledger storage error: {0} (check free disk space and permissions of the data directory)"
+    )]
+    Storage(#[from] sled::Error),
+    #[error("the ledger writer has stopped; the process is shutting down")]
+    Closed,
+    #[error("signing key {path}: {why}")]
+    SigningKey { path: PathBuf, why: String },
+    #[error("NATS: {0}")]
+    Nats(String),
+    #[error("remote ledger: {0}")]
+    Remote(String),
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl LedgerError {
+    /// Whether the same append may succeed if retried later (the events are valid and the
+    /// failure was about the environment).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            LedgerError::Storage(_) | LedgerError::Nats(_) | LedgerError::Remote(_)
+        )
+    }
+}

@@ -1,0 +1,204 @@
+//! Publication of committed events to NATS JetStream, exactly once, in order.
+//!
+//! Wire format: one JetStream message per event, subject `backstop.events.<type>` (for example
+//! `backstop.events.backup.completed`), payload the envelope as JSON (the same bytes the ledger
+//! stores), headers `Nats-Msg-Id: <event id>` and `Backstop-Position: <position>`.
+//!
+//! The stream (`BACKSTOP_EVENTS` by default) uses file storage, denies delete and purge, and
+//! keeps messages without limit. Every publish carries `Nats-Expected-Last-Sequence: position-1`,
+//! so the stream's sequence numbers equal ledger positions: JetStream itself rejects a gap or a
+//! reordering. That makes the outbox restart-safe beyond the duplicate window: after a crash or
+//! an outage it resumes at the stream's last sequence + 1, whatever its own cursor says, and a
+//! message it re-sends within the window is dropped as a duplicate by `Nats-Msg-Id`.
+//!
+//! The cursor in sled (`meta/publication`) records the next position to publish, for
+//! `ledger stats` and for resuming without asking the server. Only features of nats-server 2.9
+//! are used.
+
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, context::PublishAckFuture, stream};
+use backstop_events::Envelope;
+use bytes::Bytes;
+
+use crate::Ledger;
+use crate::error::LedgerError;
+
+pub const DEFAULT_STREAM: &str = "BACKSTOP_EVENTS";
+pub const SUBJECT_PREFIX: &str = "backstop.events";
+pub const POSITION_HEADER: &str = "Backstop-Position";
+
+#[derive(Clone, Debug)]
+pub struct OutboxConfig {
+    pub stream: String,
+    pub replicas: usize,
+    /// Events per pipelined publish batch.
+    pub batch: usize,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        OutboxConfig {
+            stream: DEFAULT_STREAM.to_string(),
+            replicas: 1,
+            batch: 512,
+        }
+    }
+}
+
+/// The subject an event is published on.
+pub fn subject_for(event_type: &str) -> String {
+    format!("{SUBJECT_PREFIX}.{event_type}")
+}
+
+/// Creates the events stream if it does not exist, with the configuration this module relies on.
+pub async fn ensure_stream(
+    js: &jetstream::Context,
+    config: &OutboxConfig,
+) -> Result<stream::Stream, LedgerError> {
+    js.get_or_create_stream(stream::Config {
+        name: config.stream.clone(),
+        subjects: vec![format!("{SUBJECT_PREFIX}.>")],
+        storage: stream::StorageType::File,
+        retention: stream::RetentionPolicy::Limits,
+        deny_delete: true,
+        deny_purge: true,
+        num_replicas: config.replicas.max(1),
+        duplicate_window: Duration::from_secs(600),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| {
+        LedgerError::Nats(format!(
+            "cannot create or open stream {}: {e} (is JetStream enabled on the server? start it with -js)",
+            config.stream
+        ))
+    })
+}
+
+/// Observations of one publication, for the benchmark and metrics.
+#[derive(Clone, Copy, Debug)]
+pub struct Published {
+    pub position: u64,
+    /// Time from the ledger's commit (recorded-at) to JetStream's acknowledgement.
+    pub lag: Duration,
+}
+
+/// Publishes committed events until `shutdown` fires. Survives NATS outages: it retries with
+/// backoff and resumes at the right position.
+pub async fn run(
+    ledger: Ledger,
+    js: jetstream::Context,
+    config: OutboxConfig,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    observe: Option<tokio::sync::mpsc::UnboundedSender<Published>>,
+) -> Result<(), LedgerError> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        match publish_until_error(&ledger, &js, &config, &mut shutdown, observe.as_ref()).await {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "publication to NATS paused");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.changed() => return Ok(()),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn publish_until_error(
+    ledger: &Ledger,
+    js: &jetstream::Context,
+    config: &OutboxConfig,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    observe: Option<&tokio::sync::mpsc::UnboundedSender<Published>>,
+) -> Result<(), LedgerError> {
+    let mut stream = ensure_stream(js, config).await?;
+    let info = stream
+        .info()
+        .await
+        .map_err(|e| LedgerError::Nats(format!("stream info: {e}")))?;
+    let published = info.state.last_sequence;
+    let head = ledger.head().position;
+    if published > head {
+        return Err(LedgerError::Nats(format!(
+            "stream {} holds {published} events but the ledger only {head}: this ledger is older than the stream (restored from a backup?); see docs/RUNBOOK.md",
+            config.stream
+        )));
+    }
+    let mut next = published + 1;
+    ledger.store().set_publication_cursor(next)?;
+    let mut sub = ledger.subscribe(next);
+    loop {
+        let batch = tokio::select! {
+            b = sub.next_batch(config.batch) => b?,
+            _ = shutdown.changed() => return Ok(()),
+        };
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut acks: Vec<(PublishAckFuture, &Envelope)> = Vec::with_capacity(batch.len());
+        for env in &batch {
+            debug_assert_eq!(env.position, next);
+            let payload = serde_json::to_vec(env).map_err(|e| LedgerError::Corrupt {
+                position: env.position,
+                what: e.to_string(),
+            })?;
+            let msg = jetstream::message::PublishMessage::build()
+                .payload(Bytes::from(payload))
+                .message_id(env.id.to_string())
+                .expected_last_sequence(env.position - 1)
+                .header(POSITION_HEADER, env.position.to_string().as_str());
+            let ack = js
+                .send_publish(subject_for(&env.event_type), msg)
+                .await
+                .map_err(|e| LedgerError::Nats(format!("publish {}: {e}", env.position)))?;
+            acks.push((ack, env));
+            next += 1;
+        }
+        for (ack, env) in acks {
+            ack.await
+                .map_err(|e| LedgerError::Nats(format!("ack of {}: {e}", env.position)))?;
+            if let Some(tx) = observe {
+                let recorded = env.recorded_at.timestamp_micros();
+                let now = chrono::Utc::now().timestamp_micros();
+                let _ = tx.send(Published {
+                    position: env.position,
+                    lag: Duration::from_micros((now - recorded).max(0) as u64),
+                });
+            }
+        }
+        ledger.store().set_publication_cursor(next)?;
+    }
+}
+
+/// Waits until the stream holds every event up to `position` (for tests and tools).
+pub async fn wait_published(
+    js: &jetstream::Context,
+    stream_name: &str,
+    position: u64,
+    timeout: Duration,
+) -> Result<(), LedgerError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(mut s) = js.get_stream(stream_name).await {
+            if let Ok(info) = s.info().await {
+                if info.state.last_sequence >= position {
+                    return Ok(());
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(LedgerError::Nats(format!(
+                "position {position} was not published within {timeout:?}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

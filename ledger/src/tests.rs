@@ -1,0 +1,222 @@
+//! Unit tests of the ledger on a temporary directory (no NATS needed here).
+
+use std::sync::Arc;
+
+use backstop_events::{Actor, BackupKind, BackupRequested, Event, NewEvent, Trigger, uuid_v7};
+
+use super::*;
+
+fn config(dir: &Path) -> LedgerConfig {
+    LedgerConfig {
+        checkpoint_every: 10,
+        ..LedgerConfig::in_data_dir(dir)
+    }
+}
+
+fn event(stream: &str) -> NewEvent {
+    NewEvent::new(
+        stream,
+        Actor::System,
+        &Event::BackupRequested(BackupRequested {
+            backup_id: uuid_v7(),
+            source: "main".into(),
+            kind: BackupKind::Full,
+            physical: false,
+            trigger: Trigger::Manual,
+            attempt: 1,
+        }),
+    )
+}
+
+#[tokio::test]
+async fn same_expected_version_one_wins_one_conflicts() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::open(&config(dir.path())).unwrap();
+    ledger
+        .append("s", ExpectedVersion::NoStream, vec![event("s")])
+        .await
+        .unwrap();
+    let (a, b) = tokio::join!(
+        ledger.append("s", ExpectedVersion::Exact(1), vec![event("s")]),
+        ledger.append("s", ExpectedVersion::Exact(1), vec![event("s")]),
+    );
+    let oks = [&a, &b].iter().filter(|r| r.is_ok()).count();
+    assert_eq!(oks, 1, "exactly one append wins: {a:?} {b:?}");
+    let err = if a.is_err() { a } else { b }.unwrap_err();
+    assert!(
+        matches!(err, LedgerError::Conflict { actual: 2, .. }),
+        "{err}"
+    );
+    assert_eq!(ledger.store().stream_version("s").unwrap(), 2);
+}
+
+#[tokio::test]
+async fn same_event_id_twice_is_stored_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::open(&config(dir.path())).unwrap();
+    let e = event("s");
+    let first = ledger
+        .append("s", ExpectedVersion::Any, vec![e.clone()])
+        .await
+        .unwrap();
+    let second = ledger
+        .append("s", ExpectedVersion::Exact(0), vec![e.clone()])
+        .await
+        .unwrap();
+    assert!(!first.events[0].duplicate);
+    assert!(second.events[0].duplicate);
+    assert_eq!(first.events[0].position, second.events[0].position);
+    assert_eq!(ledger.head().position, 1);
+    // Concurrently, within one group commit, too.
+    let e2 = event("s");
+    let (x, y) = tokio::join!(
+        ledger.append("s", ExpectedVersion::Any, vec![e2.clone()]),
+        ledger.append("s", ExpectedVersion::Any, vec![e2.clone()]),
+    );
+    assert_eq!(x.unwrap().events[0].position, y.unwrap().events[0].position);
+    assert_eq!(ledger.head().position, 2);
+}
+
+#[tokio::test]
+async fn concurrent_appends_form_a_verifiable_chain_with_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::open(&config(dir.path())).unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..32 {
+        let l = ledger.clone();
+        tasks.push(tokio::spawn(async move {
+            let stream = format!("s{}", i % 4);
+            for _ in 0..20 {
+                l.append(&stream, ExpectedVersion::Any, vec![event(&stream)])
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(ledger.head().position, 640);
+    let report = verify::verify(ledger.store(), ledger.public_key()).unwrap();
+    assert!(report.ok(), "{:?}", report.problems);
+    assert!(report.checkpoints > 0);
+    assert_eq!(report.streams, 4);
+    let s0 = ledger.read_stream("s0", 1).unwrap();
+    assert_eq!(s0.len(), 160);
+    assert!(s0.windows(2).all(|w| w[1].version == w[0].version + 1));
+}
+
+#[tokio::test]
+async fn invalid_events_are_refused_and_nothing_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::open(&config(dir.path())).unwrap();
+    let mut bad = event("s");
+    bad.event_type = "no.such.type".into();
+    let err = ledger
+        .append("s", ExpectedVersion::Any, vec![event("s"), bad])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, LedgerError::Invalid(_)), "{err}");
+    assert_eq!(ledger.head().position, 0);
+    let err = ledger
+        .append("t", ExpectedVersion::Any, vec![event("s")])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, LedgerError::Invalid(_)), "{err}");
+}
+
+#[tokio::test]
+async fn subscription_replays_then_goes_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::open(&config(dir.path())).unwrap();
+    for _ in 0..5 {
+        ledger
+            .append("s", ExpectedVersion::Any, vec![event("s")])
+            .await
+            .unwrap();
+    }
+    let mut sub = ledger.subscribe(3);
+    let first = sub.next_batch(100).await.unwrap();
+    assert_eq!(
+        first.iter().map(|e| e.position).collect::<Vec<_>>(),
+        vec![3, 4, 5]
+    );
+    let l = ledger.clone();
+    let live = tokio::spawn(async move { sub.next_batch(100).await.unwrap() });
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    l.append("s", ExpectedVersion::Any, vec![event("s")])
+        .await
+        .unwrap();
+    let got = live.await.unwrap();
+    assert_eq!(got[0].position, 6);
+}
+
+#[tokio::test]
+async fn a_directory_that_is_not_a_ledger_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("ledger")).unwrap();
+    std::fs::write(dir.path().join("ledger/notes.txt"), "hello").unwrap();
+    let err = Ledger::open(&config(dir.path()))
+        .err()
+        .expect("must refuse");
+    assert!(matches!(err, LedgerError::NotALedger { .. }), "{err}");
+    assert!(dir.path().join("ledger/notes.txt").exists());
+}
+
+struct Failing {
+    calls: std::sync::atomic::AtomicU32,
+}
+
+#[async_trait]
+impl consumer::Handler for Failing {
+    fn name(&self) -> &str {
+        "failing"
+    }
+    fn wants(&self, t: &str) -> bool {
+        t == "backup.requested"
+    }
+    async fn handle(
+        &self,
+        _event: &Envelope,
+        _appender: &dyn Appender,
+    ) -> Result<(), consumer::HandlerError> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Err(consumer::HandlerError::retryable(
+            "scratch database unreachable",
+        ))
+    }
+}
+
+#[tokio::test]
+async fn an_event_that_exhausts_its_deliveries_is_dead_lettered() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::open(&config(dir.path())).unwrap();
+    ledger
+        .append("s", ExpectedVersion::Any, vec![event("s")])
+        .await
+        .unwrap();
+    let handler = Arc::new(Failing {
+        calls: Default::default(),
+    });
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let policy = consumer::RetryPolicy {
+        max_deliveries: 3,
+        backoff: vec![std::time::Duration::from_millis(10)],
+        ..Default::default()
+    };
+    let task = tokio::spawn(consumer::run_embedded(
+        ledger.clone(),
+        handler.clone(),
+        policy,
+        stop_rx,
+    ));
+    let mut sub = ledger.subscribe(2);
+    let dl = sub.next_batch(10).await.unwrap();
+    assert_eq!(dl[0].event_type, "worker.dead_lettered");
+    assert_eq!(dl[0].payload["deliveries"], 3);
+    assert_eq!(dl[0].payload["position"], 1);
+    assert_eq!(handler.calls.load(std::sync::atomic::Ordering::SeqCst), 3);
+    stop_tx.send(true).unwrap();
+    task.await.unwrap().unwrap();
+    assert_eq!(ledger.store().consumer_cursor("failing").unwrap(), 3);
+}
