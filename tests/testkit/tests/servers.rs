@@ -265,3 +265,13 @@ fn garage_starts_with_a_bucket_and_key_and_stops() {
     drop(g);
     assert!(port_is_free(port), "port {port} still taken after drop");
 }
+
+#[test]
+fn postgres_start_failure_carries_the_server_log() {
+    let err = Postgres::start_with(PostgresOptions::new().conf("shared_buffers = 'lots'"))
+        .expect_err("an invalid setting must stop the server from starting");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("did not start"), "{msg}");
+    // The server's own complaint, from its log, is in the error.
+    assert!(msg.contains("shared_buffers"), "{msg}");
+}
