@@ -36,6 +36,10 @@ pub enum LedgerError {
     )]
     NotALedger { path: PathBuf, why: String },
     #[error(
+        "the ledger at {path} is in use by another process (a running `backstop serve`?); stop it, or read through its API"
+    )]
+    Locked { path: PathBuf },
+    #[error(
         "ledger storage error: {0} (check free disk space and permissions of the data directory)"
     )]
     Storage(#[from] sled::Error),

@@ -86,6 +86,8 @@ pub struct Ledger {
     tx: mpsc::Sender<writer::AppendRequest>,
     head: watch::Receiver<Head>,
     public_key: Arc<str>,
+    /// Turns true when the writer has made its last flush and stopped.
+    stopped: watch::Receiver<bool>,
 }
 
 impl Ledger {
@@ -109,12 +111,17 @@ impl Ledger {
             },
             head_tx,
         );
-        tokio::spawn(w.run(rx));
+        let (stopped_tx, stopped) = watch::channel(false);
+        tokio::spawn(async move {
+            w.run(rx).await;
+            let _ = stopped_tx.send(true);
+        });
         Ok(Ledger {
             store,
             tx,
             head: head_rx,
             public_key,
+            stopped,
         })
     }
 
@@ -159,9 +166,9 @@ impl Ledger {
     /// Drops this handle and waits for the writer to finish its last flush, when this was the
     /// last handle. Other clones keep the writer alive.
     pub async fn close(self) {
-        let tx = self.tx.clone();
+        let mut stopped = self.stopped.clone();
         drop(self);
-        tx.closed().await;
+        let _ = stopped.wait_for(|s| *s).await;
     }
 
     async fn send(

@@ -102,9 +102,19 @@ impl Store {
             .mode(sled::Mode::HighThroughput)
             .cache_capacity(64 * 1024 * 1024)
             .open()
-            .map_err(|e| LedgerError::NotALedger {
-                path: path.to_path_buf(),
-                why: format!("sled could not open it: {e}"),
+            .map_err(|e| match &e {
+                sled::Error::Io(io)
+                    if io.kind() == std::io::ErrorKind::WouldBlock
+                        || io.to_string().contains("lock") =>
+                {
+                    LedgerError::Locked {
+                        path: path.to_path_buf(),
+                    }
+                }
+                _ => LedgerError::NotALedger {
+                    path: path.to_path_buf(),
+                    why: format!("sled could not open it: {e}"),
+                },
             })?;
         let store = Store {
             events: db.open_tree("events")?,

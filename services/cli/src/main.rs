@@ -1,1 +1,93 @@
-fn main() {}
+//! `backstop`: the one binary. It parses the command line and the configuration file, then hands
+//! over to one module per command group. Errors reach the user through `anyhow` with the context
+//! each layer added; the exit code is 1 for a failure and 2 for a usage error (clap's).
+
+mod bench;
+mod config;
+mod ledger_cmd;
+mod runtime;
+mod serve;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "backstop",
+    version,
+    about = "Event-sourced backup and disaster recovery for PostgreSQL platforms"
+)]
+struct Cli {
+    /// Configuration file (default: ./backstop.toml if present).
+    #[arg(long, short = 'c', global = true, env = "BACKSTOP_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory for the ledger and local state (default: ./backstop-data).
+    #[arg(long, global = true, env = "BACKSTOP_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Log format on stderr.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the ledger, the workers and the API in one process.
+    Serve(serve::ServeArgs),
+    /// Run workers on another machine, fed by NATS JetStream.
+    Worker(serve::WorkerArgs),
+    /// Inspect and verify the ledger.
+    #[command(subcommand)]
+    Ledger(ledger_cmd::LedgerCommand),
+    /// Benchmarks that print a report.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+fn init_logging(format: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("BACKSTOP_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
+    let config = config::Config::load(cli.config.as_deref())?;
+    let data_dir = config.data_dir(cli.data_dir.as_deref());
+    match cli.command {
+        Command::Serve(args) => serve::serve(&config, &data_dir, args).await,
+        Command::Worker(args) => serve::worker(&config, args).await,
+        Command::Ledger(cmd) => ledger_cmd::run(&config, &data_dir, cmd).await,
+        Command::Bench(cmd) => bench::run(cmd).await,
+    }
+}

@@ -1,0 +1,177 @@
+//! The configuration file (`backstop.toml`) and how command-line flags override it.
+//!
+//! Every key is optional; the embedded default (no file at all) keeps everything under
+//! `./backstop-data`, runs the workers in-process and stores the repository in
+//! `./backstop-data/repository`. The README's configuration reference lists every key; keep the
+//! two in step.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where the ledger, keys and local state live.
+    pub data_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub ledger: LedgerSection,
+    #[serde(default)]
+    pub nats: NatsSection,
+    #[serde(default)]
+    pub api: ApiSection,
+    #[serde(default)]
+    pub workers: WorkersSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LedgerSection {
+    /// Checkpoint signing key file; default DATA_DIR/keys/ledger-signing.key.
+    pub signing_key: Option<PathBuf>,
+    /// Sign a checkpoint every N events (default 1000).
+    pub checkpoint_every: Option<u64>,
+    /// ... or every N seconds, whichever comes first (default 10).
+    pub checkpoint_seconds: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsSection {
+    /// nats://host:port[,nats://host2:port...]; absent means the embedded mode.
+    pub url: Option<String>,
+    /// The JetStream stream name (default BACKSTOP_EVENTS).
+    pub stream: Option<String>,
+    /// Stream replicas (3 on a three-node cluster; default 1).
+    pub replicas: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSection {
+    /// Address the API and dashboard listen on (default 127.0.0.1:8080).
+    pub listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkersSection {
+    /// Deliveries before an event is dead-lettered (default 5).
+    pub max_deliveries: Option<u32>,
+    /// Seconds JetStream waits for an ack before redelivering (default 60).
+    pub ack_wait_seconds: Option<u64>,
+}
+
+impl Config {
+    /// Loads the file if given (or `./backstop.toml` if present); a missing explicit file, bad
+    /// TOML or an unknown key is an error that names the file and the problem.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
+        let (path, explicit) = match path {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from("backstop.toml"), false),
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                return Ok(Config::default());
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("cannot read the configuration file {}", path.display())
+                });
+            }
+        };
+        let config: Config = toml::from_str(&text).map_err(|e| {
+            anyhow::anyhow!(
+                "configuration file {} is malformed: {e}\nSee the configuration reference in README.md.",
+                path.display()
+            )
+        })?;
+        config.check()?;
+        Ok(config)
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        if let Some(url) = &self.nats.url {
+            for u in url.split(',') {
+                if !(u.starts_with("nats://") || u.starts_with("tls://")) {
+                    bail!("nats.url: {u:?} is not a nats:// or tls:// URL");
+                }
+            }
+        }
+        if self.nats.replicas == Some(0) {
+            bail!("nats.replicas must be at least 1");
+        }
+        Ok(())
+    }
+
+    pub fn data_dir(&self, flag: Option<&Path>) -> PathBuf {
+        flag.map(Path::to_path_buf)
+            .or_else(|| self.data_dir.clone())
+            .unwrap_or_else(|| PathBuf::from("backstop-data"))
+    }
+
+    pub fn ledger_config(&self, data_dir: &Path) -> backstop_ledger::LedgerConfig {
+        let mut c = backstop_ledger::LedgerConfig::in_data_dir(data_dir);
+        if let Some(k) = &self.ledger.signing_key {
+            c.signing_key = k.clone();
+        }
+        if let Some(n) = self.ledger.checkpoint_every {
+            c.checkpoint_every = n;
+        }
+        if let Some(s) = self.ledger.checkpoint_seconds {
+            c.checkpoint_interval = std::time::Duration::from_secs(s.max(1));
+        }
+        c
+    }
+
+    pub fn outbox_config(&self) -> backstop_ledger::outbox::OutboxConfig {
+        let mut c = backstop_ledger::outbox::OutboxConfig::default();
+        if let Some(s) = &self.nats.stream {
+            c.stream = s.clone();
+        }
+        if let Some(r) = self.nats.replicas {
+            c.replicas = r;
+        }
+        c
+    }
+
+    pub fn retry_policy(&self) -> backstop_ledger::consumer::RetryPolicy {
+        let mut p = backstop_ledger::consumer::RetryPolicy::default();
+        if let Some(n) = self.workers.max_deliveries {
+            p.max_deliveries = n.max(1);
+        }
+        if let Some(s) = self.workers.ack_wait_seconds {
+            p.ack_wait = std::time::Duration::from_secs(s.max(1));
+        }
+        p
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_and_bad_urls_are_named() {
+        let dir = tempfile_dir();
+        let p = dir.join("b.toml");
+        std::fs::write(&p, "data_dri = \"/x\"\n").unwrap();
+        let e = Config::load(Some(&p)).unwrap_err().to_string();
+        assert!(e.contains("data_dri"), "{e}");
+        std::fs::write(&p, "[nats]\nurl = \"http://x\"\n").unwrap();
+        let e = Config::load(Some(&p)).unwrap_err().to_string();
+        assert!(e.contains("nats://"), "{e}");
+        let e = Config::load(Some(&dir.join("missing.toml")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing.toml"), "{e}");
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!("backstop-config-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+}

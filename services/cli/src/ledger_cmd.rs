@@ -1,0 +1,266 @@
+//! `backstop ledger ...`: tail, verify, stats, pubkey, append.
+//!
+//! These open the ledger directly, so they need the serving process stopped (sled holds an
+//! exclusive lock); the error says so when it is running.
+
+use std::path::Path;
+
+use anyhow::Context;
+use backstop_events::{Actor, Envelope, NewEvent, now_micros, uuid_v7};
+use backstop_ledger::{Appender, ExpectedVersion, Ledger, verify};
+use clap::Subcommand;
+
+use crate::config::Config;
+
+#[derive(Subcommand)]
+pub enum LedgerCommand {
+    /// Show events, oldest first.
+    Tail {
+        /// Keep following new events.
+        #[arg(long, short)]
+        follow: bool,
+        /// One JSON envelope per line.
+        #[arg(long)]
+        json: bool,
+        /// First position to show (default: the last 20 events).
+        #[arg(long)]
+        from: Option<u64>,
+        /// Only this stream.
+        #[arg(long)]
+        stream: Option<String>,
+    },
+    /// Walk the whole chain and the signed checkpoints; exit 1 if anything is wrong.
+    Verify {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Positions, streams, checkpoints, the publication cursor and lag.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the public key that verifies this ledger's checkpoints (hex).
+    Pubkey,
+    /// Append one event by hand (operators and scripts).
+    Append {
+        #[arg(long)]
+        stream: String,
+        /// Event type, e.g. backup.requested.
+        #[arg(long = "type")]
+        event_type: String,
+        /// The payload, a JSON object.
+        #[arg(long)]
+        payload: String,
+        /// Expected stream version (default: any).
+        #[arg(long)]
+        expected: Option<u64>,
+        /// Who is appending, recorded as operator:NAME (default: $USER).
+        #[arg(long, env = "USER", default_value = "unknown")]
+        operator: String,
+    },
+}
+
+pub async fn run(
+    config: &Config,
+    data_dir: &Path,
+    cmd: LedgerCommand,
+) -> anyhow::Result<std::process::ExitCode> {
+    let ledger_config = config.ledger_config(data_dir);
+    if !ledger_config.path.join("db").exists() && !matches!(cmd, LedgerCommand::Append { .. }) {
+        anyhow::bail!(
+            "no ledger in {}: run `backstop serve` first, or pass --data-dir",
+            ledger_config.path.display()
+        );
+    }
+    let ledger = Ledger::open(&ledger_config)
+        .with_context(|| format!("cannot open the ledger in {}", data_dir.display()))?;
+    let code = match cmd {
+        LedgerCommand::Tail {
+            follow,
+            json,
+            from,
+            stream,
+        } => {
+            tail(&ledger, follow, json, from, stream.as_deref()).await?;
+            std::process::ExitCode::SUCCESS
+        }
+        LedgerCommand::Verify { json } => {
+            let report = verify::verify(ledger.store(), ledger.public_key())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else if report.ok() {
+                println!(
+                    "ledger intact: {} events, {} streams, {} signed checkpoints (last at {})",
+                    report.events,
+                    report.streams,
+                    report.checkpoints,
+                    report
+                        .last_checkpoint
+                        .map(|p| p.to_string())
+                        .unwrap_or_else(|| "none".into())
+                );
+            } else {
+                for p in &report.problems {
+                    println!("position {}: {}", p.position, p.what);
+                }
+                if let Some(p) = report.first_problem() {
+                    eprintln!(
+                        "ledger damaged: first bad position {} ({} problems)",
+                        p.position,
+                        report.problems.len()
+                    );
+                }
+            }
+            if report.ok() {
+                std::process::ExitCode::SUCCESS
+            } else {
+                std::process::ExitCode::FAILURE
+            }
+        }
+        LedgerCommand::Stats { json } => {
+            let s = ledger.stats()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!("head position       {}", s.head_position);
+                println!("head hash           {}", s.head_hash);
+                println!("streams             {}", s.streams);
+                println!(
+                    "checkpoints         {} (last at {})",
+                    s.checkpoints,
+                    s.last_checkpoint
+                        .map(|p| p.to_string())
+                        .unwrap_or_else(|| "none".into())
+                );
+                println!(
+                    "publication cursor  {} (next position to publish)",
+                    s.publication_cursor
+                );
+                println!("publication lag     {} events", s.publication_lag);
+                for (name, next) in &s.consumers {
+                    println!(
+                        "consumer {name:<12} next {next} (lag {})",
+                        (s.head_position + 1).saturating_sub(*next)
+                    );
+                }
+                println!("public key          {}", s.public_key);
+            }
+            std::process::ExitCode::SUCCESS
+        }
+        LedgerCommand::Pubkey => {
+            println!("{}", ledger.public_key());
+            std::process::ExitCode::SUCCESS
+        }
+        LedgerCommand::Append {
+            stream,
+            event_type,
+            payload,
+            expected,
+            operator,
+        } => {
+            let payload: serde_json::Value =
+                serde_json::from_str(&payload).context("--payload is not valid JSON")?;
+            let id = uuid_v7();
+            let schema_version = backstop_events::current_version(&event_type).unwrap_or(1);
+            let e = NewEvent {
+                id,
+                stream: stream.clone(),
+                event_type,
+                schema_version,
+                occurred_at: now_micros(),
+                actor: Actor::operator(operator),
+                correlation_id: id,
+                causation_id: None,
+                payload,
+            };
+            let expected = expected
+                .map(ExpectedVersion::Exact)
+                .unwrap_or(ExpectedVersion::Any);
+            let appended = ledger.append(&stream, expected, vec![e]).await?;
+            println!(
+                "appended at position {} (stream {stream} version {})",
+                appended.last_position(),
+                appended.stream_version
+            );
+            std::process::ExitCode::SUCCESS
+        }
+    };
+    ledger.close().await;
+    Ok(code)
+}
+
+async fn tail(
+    ledger: &Ledger,
+    follow: bool,
+    json: bool,
+    from: Option<u64>,
+    stream: Option<&str>,
+) -> anyhow::Result<()> {
+    let head = ledger.head().position;
+    let from = from.unwrap_or_else(|| head.saturating_sub(19).max(1));
+    let print = |e: &Envelope| -> anyhow::Result<()> {
+        if stream.is_some_and(|s| s != e.stream) {
+            return Ok(());
+        }
+        if json {
+            println!("{}", serde_json::to_string(e)?);
+        } else {
+            println!(
+                "{:>8}  {}  {:<28} {:<26} {:<18} {}",
+                e.position,
+                e.recorded_at.format("%Y-%m-%d %H:%M:%S%.3f"),
+                format!("{}@{}", e.stream, e.version),
+                e.event_type,
+                e.actor.to_string(),
+                summary(&e.payload)
+            );
+        }
+        Ok(())
+    };
+    let mut sub = ledger.subscribe(from);
+    if !follow {
+        let mut next = from;
+        while next <= head {
+            let batch = ledger.read(next, 1000)?;
+            let Some(last) = batch.last() else { break };
+            next = last.position + 1;
+            for e in batch.iter().filter(|e| e.position <= head) {
+                print(e)?;
+            }
+        }
+        return Ok(());
+    }
+    let mut shutdown = crate::runtime::shutdown_signal();
+    loop {
+        let batch = tokio::select! {
+            b = sub.next_batch(1000) => b?,
+            _ = shutdown.changed() => return Ok(()),
+        };
+        if batch.is_empty() {
+            return Ok(());
+        }
+        for e in &batch {
+            print(e)?;
+        }
+    }
+}
+
+/// A one-line summary of a payload: its scalar fields, shortened.
+fn summary(payload: &serde_json::Value) -> String {
+    let Some(map) = payload.as_object() else {
+        return String::new();
+    };
+    let mut parts = Vec::new();
+    for (k, v) in map {
+        let s = match v {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Number(n) => n.to_string(),
+            serde_json::Value::Bool(b) => b.to_string(),
+            _ => continue,
+        };
+        let s: String = s.chars().take(40).collect();
+        parts.push(format!("{k}={s}"));
+    }
+    let line = parts.join(" ");
+    line.chars().take(160).collect()
+}

@@ -1,0 +1,200 @@
+//! `backstop serve` and `backstop worker`: the long-running processes.
+//!
+//! `serve` owns the ledger. Embedded (no NATS URL) it runs every worker on an in-process
+//! subscription. With NATS it also publishes every committed event to JetStream (the outbox),
+//! answers remote appends, and runs its own workers as JetStream durable consumers, sharing the
+//! work with `backstop worker` processes that use the same consumer names.
+//!
+//! Shutdown (Ctrl-C or SIGTERM): the signal flips a watch; every task finishes the event in hand
+//! and returns; then the ledger writer signs a last checkpoint and flushes.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use backstop_ledger::consumer::{self, Handler};
+use backstop_ledger::{Appender, Ledger, outbox, remote};
+use clap::Args;
+use tokio::task::JoinSet;
+
+use crate::config::Config;
+use crate::runtime::{connect_nats, shutdown_signal};
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// NATS URL(s), comma-separated; overrides nats.url. Absent: embedded mode.
+    #[arg(long, env = "BACKSTOP_NATS")]
+    nats: Option<String>,
+    /// Do not run workers in this process (they run as `backstop worker` elsewhere).
+    #[arg(long)]
+    no_workers: bool,
+    /// Run only these workers (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct WorkerArgs {
+    /// NATS URL(s), comma-separated; overrides nats.url.
+    #[arg(long, env = "BACKSTOP_NATS")]
+    nats: Option<String>,
+    /// Run only these workers (comma-separated); default all.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+}
+
+pub async fn serve(
+    config: &Config,
+    data_dir: &Path,
+    args: ServeArgs,
+) -> anyhow::Result<std::process::ExitCode> {
+    let shutdown = shutdown_signal();
+    let ledger = Ledger::open(&config.ledger_config(data_dir))
+        .with_context(|| format!("cannot open the ledger in {}", data_dir.display()))?;
+    tracing::info!(
+        data_dir = %data_dir.display(),
+        head = ledger.head().position,
+        public_key = ledger.public_key(),
+        "ledger open"
+    );
+    let handlers = if args.no_workers {
+        Vec::new()
+    } else {
+        backstop_workers::handlers(&args.only).map_err(anyhow::Error::msg)?
+    };
+    let policy = config.retry_policy();
+    let mut tasks = JoinSet::new();
+    let nats_url = args.nats.or_else(|| config.nats.url.clone());
+    match nats_url {
+        None => {
+            tracing::info!(
+                workers = handlers.len(),
+                "embedded mode: workers subscribe to the ledger in-process"
+            );
+            for h in handlers {
+                tasks.spawn(consumer::run_embedded(
+                    ledger.clone(),
+                    h,
+                    policy.clone(),
+                    shutdown.clone(),
+                ));
+            }
+        }
+        Some(url) => {
+            let client = connect_nats(&url).await?;
+            let js = async_nats::jetstream::new(client.clone());
+            let outbox_config = config.outbox_config();
+            outbox::ensure_stream(&js, &outbox_config).await?;
+            tracing::info!(%url, stream = %outbox_config.stream, "publishing to NATS JetStream");
+            tasks.spawn(outbox::run(
+                ledger.clone(),
+                js.clone(),
+                outbox_config.clone(),
+                shutdown.clone(),
+                None,
+            ));
+            tasks.spawn(remote::serve(ledger.clone(), client, shutdown.clone()));
+            let appender: Arc<dyn Appender> = Arc::new(ledger.clone());
+            spawn_jetstream_workers(
+                &mut tasks,
+                &js,
+                &outbox_config.stream,
+                appender,
+                handlers,
+                &policy,
+                &shutdown,
+            );
+        }
+    }
+    let code = wait(tasks, shutdown).await;
+    ledger.close().await;
+    tracing::info!("stopped cleanly");
+    Ok(code)
+}
+
+pub async fn worker(config: &Config, args: WorkerArgs) -> anyhow::Result<std::process::ExitCode> {
+    let shutdown = shutdown_signal();
+    let url = args
+        .nats
+        .or_else(|| config.nats.url.clone())
+        .context("`backstop worker` needs NATS: pass --nats nats://HOST:PORT or set nats.url")?;
+    let handlers = backstop_workers::handlers(&args.only).map_err(anyhow::Error::msg)?;
+    let client = connect_nats(&url).await?;
+    let js = async_nats::jetstream::new(client.clone());
+    let appender: Arc<dyn Appender> = Arc::new(remote::RemoteLedger::new(client));
+    let mut tasks = JoinSet::new();
+    let names: Vec<String> = handlers.iter().map(|h| h.name().to_string()).collect();
+    spawn_jetstream_workers(
+        &mut tasks,
+        &js,
+        &config.outbox_config().stream,
+        appender,
+        handlers,
+        &config.retry_policy(),
+        &shutdown,
+    );
+    tracing::info!(%url, workers = ?names, "worker running");
+    Ok(wait(tasks, shutdown).await)
+}
+
+fn spawn_jetstream_workers(
+    tasks: &mut JoinSet<Result<(), backstop_ledger::LedgerError>>,
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    appender: Arc<dyn Appender>,
+    handlers: Vec<Arc<dyn Handler>>,
+    policy: &consumer::RetryPolicy,
+    shutdown: &tokio::sync::watch::Receiver<bool>,
+) {
+    for h in handlers {
+        tasks.spawn(consumer::run_jetstream(
+            js.clone(),
+            stream.to_string(),
+            appender.clone(),
+            h,
+            policy.clone(),
+            shutdown.clone(),
+        ));
+    }
+}
+
+/// Waits for shutdown or for a task to fail; a failed task stops the process (non-zero exit)
+/// rather than leaving it half-working.
+async fn wait(
+    mut tasks: JoinSet<Result<(), backstop_ledger::LedgerError>>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> std::process::ExitCode {
+    let mut code = std::process::ExitCode::SUCCESS;
+    loop {
+        tokio::select! {
+            done = tasks.join_next(), if !tasks.is_empty() => match done {
+                None => continue,
+                Some(Ok(Ok(()))) => {}
+                Some(Ok(Err(e))) => {
+                    tracing::error!(error = %e, "a task failed; stopping");
+                    code = std::process::ExitCode::FAILURE;
+                    break;
+                }
+                Some(Err(e)) => {
+                    tracing::error!(error = %e, "a task panicked; stopping");
+                    code = std::process::ExitCode::FAILURE;
+                    break;
+                }
+            },
+            _ = shutdown.changed() => break,
+        }
+    }
+    if code != std::process::ExitCode::SUCCESS {
+        tasks.shutdown().await;
+        return code;
+    }
+    // Tasks watch the same shutdown signal; give them time to finish the event in hand.
+    let drain = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(std::time::Duration::from_secs(30), drain)
+        .await
+        .is_err()
+    {
+        tracing::warn!("tasks did not stop within 30 s; aborting them");
+    }
+    code
+}
