@@ -239,7 +239,9 @@ impl Store {
             .unwrap_or(1))
     }
 
-    pub(crate) fn set_publication_cursor(&self, next: u64) -> Result<(), LedgerError> {
+    /// Sets the next position to publish. The outbox reconciles it with the stream on start, so
+    /// resetting it never republishes what JetStream already holds.
+    pub fn set_publication_cursor(&self, next: u64) -> Result<(), LedgerError> {
         self.meta.insert(KEY_PUBLICATION, &u64_key(next))?;
         Ok(())
     }
