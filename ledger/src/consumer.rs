@@ -297,7 +297,12 @@ async fn consume_until_error(
         let outcome = handler.handle(&event, appender).await;
         progress.abort();
         match outcome {
-            Ok(()) => msg.double_ack().await.map_err(ack_err)?,
+            Ok(()) => {
+                msg.double_ack().await.map_err(ack_err)?;
+                if delivered > 1 {
+                    tracing::info!(consumer = %name, position = event.position, delivered, "redelivered event handled");
+                }
+            }
             Err(e) if e.retryable && delivered < policy.max_deliveries => {
                 tracing::warn!(consumer = %name, position = event.position, delivered, error = %e, "handler failed; redelivery scheduled");
                 msg.ack_with(AckKind::Nak(Some(policy.delay(delivered))))

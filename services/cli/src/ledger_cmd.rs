@@ -48,7 +48,7 @@ pub enum LedgerCommand {
         /// Event type, e.g. backup.requested.
         #[arg(long = "type")]
         event_type: String,
-        /// The payload, a JSON object.
+        /// The payload, a JSON object, or @FILE to read it from a file.
         #[arg(long)]
         payload: String,
         /// Expected stream version (default: any).
@@ -158,6 +158,11 @@ pub async fn run(
             expected,
             operator,
         } => {
+            let payload = match payload.strip_prefix('@') {
+                Some(file) => std::fs::read_to_string(file)
+                    .with_context(|| format!("cannot read the payload file {file}"))?,
+                None => payload,
+            };
             let payload: serde_json::Value =
                 serde_json::from_str(&payload).context("--payload is not valid JSON")?;
             let id = uuid_v7();

@@ -1,0 +1,382 @@
+//! The ledger and the bus, end to end: the `backstop` binary against a real nats-server.
+
+mod support;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use backstop_events::{
+    Actor, BackupFailed, Envelope, Event, NewEvent, StorageUsageSampled, uuid_v7,
+};
+use backstop_ledger::remote::RemoteLedger;
+use backstop_ledger::{Appender, ExpectedVersion};
+use backstop_testkit::{Nats, free_port};
+use support::{Process, run, stderr, stdout};
+
+fn sample(stream: &str) -> NewEvent {
+    NewEvent::new(
+        stream,
+        Actor::System,
+        &Event::StorageUsageSampled(StorageUsageSampled {
+            region: "primary".into(),
+            storage_class: "STANDARD".into(),
+            bytes: 1,
+            objects: 1,
+        }),
+    )
+}
+
+fn all_events(data_dir: &std::path::Path) -> Vec<Envelope> {
+    let out = run(data_dir, &["ledger", "tail", "--json", "--from", "1"]);
+    assert!(out.status.success(), "tail failed: {}", stderr(&out));
+    stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("tail --json prints envelopes"))
+        .collect()
+}
+
+async fn remote(url: &str) -> RemoteLedger {
+    let client = async_nats::ConnectOptions::new()
+        .max_reconnects(None)
+        .connect(url)
+        .await
+        .expect("connect");
+    RemoteLedger::new(client)
+}
+
+async fn wait_until_serving(r: &RemoteLedger) {
+    for _ in 0..200 {
+        if r.append("probe", ExpectedVersion::Any, vec![sample("probe")])
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("backstop serve never answered remote appends");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_a_burst_loses_no_acknowledged_append_and_the_chain_verifies() {
+    let nats = Nats::start().expect("nats-server");
+    let dir = tempfile::tempdir().unwrap();
+    let mut serve = Process::spawn(dir.path(), &["serve", "--nats", &nats.url()], &[]);
+    let r = remote(&nats.url()).await;
+    wait_until_serving(&r).await;
+
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let r = r.clone();
+        let acked = acked.clone();
+        tasks.push(tokio::spawn(async move {
+            let stream = format!("burst-{}", i % 8);
+            for _ in 0..10_000 {
+                let e = sample(&stream);
+                let id = e.id;
+                match r.append(&stream, ExpectedVersion::Any, vec![e]).await {
+                    Ok(_) => acked.lock().unwrap().push(id),
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
+    // Let the burst run, then kill the serving process without warning.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    serve.kill9();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let acked: Vec<uuid::Uuid> = acked.lock().unwrap().clone();
+    assert!(acked.len() > 100, "the burst barely ran: {}", acked.len());
+
+    let verify = run(dir.path(), &["ledger", "verify"]);
+    assert!(
+        verify.status.success(),
+        "chain damaged after kill -9: {}{}",
+        stdout(&verify),
+        stderr(&verify)
+    );
+    let stored: HashSet<uuid::Uuid> = all_events(dir.path()).iter().map(|e| e.id).collect();
+    let lost: Vec<_> = acked.iter().filter(|id| !stored.contains(id)).collect();
+    assert!(lost.is_empty(), "{} acknowledged appends lost", lost.len());
+
+    // It starts again on the same ledger and stops cleanly on SIGTERM.
+    let mut again = Process::spawn(dir.path(), &["serve", "--nats", &nats.url()], &[]);
+    wait_until_serving(&r).await;
+    let status = again.terminate();
+    assert!(
+        status.success(),
+        "serve exited with {status}: {}",
+        again.log()
+    );
+    again.wait_for_log("stopped cleanly", Duration::from_secs(5));
+}
+
+#[test]
+fn one_changed_byte_or_one_removed_event_fails_verify_and_names_the_position() {
+    let dir = tempfile::tempdir().unwrap();
+    for i in 0..6 {
+        let payload = format!(
+            r#"{{"region":"region-{i}","storage_class":"STANDARD","bytes":{i},"objects":1}}"#
+        );
+        let out = run(
+            dir.path(),
+            &[
+                "ledger",
+                "append",
+                "--stream",
+                "storage",
+                "--type",
+                "storage.usage_sampled",
+                "--payload",
+                &payload,
+            ],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let ok = run(dir.path(), &["ledger", "verify"]);
+    assert!(ok.status.success(), "{}", stdout(&ok));
+    assert!(
+        stdout(&ok).contains("ledger intact: 6 events"),
+        "{}",
+        stdout(&ok)
+    );
+
+    let ledger_dir = dir.path().join("ledger");
+    let original = {
+        let db = sled::open(&ledger_dir).unwrap();
+        let events = db.open_tree("events").unwrap();
+        let key = 3u64.to_be_bytes();
+        let original = events.get(key).unwrap().unwrap().to_vec();
+        let text = String::from_utf8(original.clone()).unwrap();
+        let changed = text.replace("region-2", "region-7");
+        assert_ne!(text, changed);
+        assert_eq!(text.len(), changed.len(), "exactly one byte differs");
+        events.insert(key, changed.as_bytes()).unwrap();
+        db.flush().unwrap();
+        original
+    };
+    let bad = run(dir.path(), &["ledger", "verify"]);
+    assert!(!bad.status.success(), "verify passed a changed event");
+    let report = format!("{}{}", stdout(&bad), stderr(&bad));
+    assert!(report.contains("first bad position 3"), "{report}");
+    assert!(report.contains("content changed"), "{report}");
+
+    {
+        let db = sled::open(&ledger_dir).unwrap();
+        let events = db.open_tree("events").unwrap();
+        events.insert(3u64.to_be_bytes(), original).unwrap();
+        events.remove(4u64.to_be_bytes()).unwrap();
+        db.flush().unwrap();
+    }
+    let bad = run(dir.path(), &["ledger", "verify"]);
+    assert!(!bad.status.success(), "verify passed a removed event");
+    let report = format!("{}{}", stdout(&bad), stderr(&bad));
+    assert!(report.contains("first bad position 4"), "{report}");
+    assert!(report.contains("event 4 is missing"), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_event_gets_it_again_and_its_result_is_stored_once() {
+    let nats = Nats::start().expect("nats-server");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("backstop.toml");
+    std::fs::write(&config, "[workers]\nack_wait_seconds = 2\n").unwrap();
+    let cfg = config.to_str().unwrap();
+    let mut serve = Process::spawn(
+        dir.path(),
+        &[
+            "--config",
+            cfg,
+            "serve",
+            "--nats",
+            &nats.url(),
+            "--no-workers",
+        ],
+        &[],
+    );
+    let r = remote(&nats.url()).await;
+    wait_until_serving(&r).await;
+
+    let mut worker = Process::spawn(
+        dir.path(),
+        &[
+            "--config",
+            cfg,
+            "worker",
+            "--nats",
+            &nats.url(),
+            "--only",
+            "alerts",
+        ],
+        &[("BACKSTOP_FAULT_PAUSE_BEFORE_ACK_MS", "60000")],
+    );
+    let backup_id = uuid_v7();
+    let failed = NewEvent::new(
+        format!("backup-{backup_id}"),
+        Actor::worker("backup"),
+        &Event::BackupFailed(BackupFailed {
+            backup_id,
+            source: "main".into(),
+            reason: "pg_dump: connection refused".into(),
+            attempt: 1,
+        }),
+    );
+    r.append(&failed.stream.clone(), ExpectedVersion::Any, vec![failed])
+        .await
+        .unwrap();
+    // The worker appended its alert and is now paused before the ack: kill it there.
+    worker.wait_for_log(
+        "fault injection: pausing before ack",
+        Duration::from_secs(30),
+    );
+    worker.kill9();
+
+    let again = Process::spawn(
+        dir.path(),
+        &[
+            "--config",
+            cfg,
+            "worker",
+            "--nats",
+            &nats.url(),
+            "--only",
+            "alerts",
+        ],
+        &[],
+    );
+    again.wait_for_log("redelivered event handled", Duration::from_secs(30));
+    drop(again);
+    assert!(serve.terminate().success());
+
+    let alerts: Vec<Envelope> = all_events(dir.path())
+        .into_iter()
+        .filter(|e| e.event_type == "alert.raised")
+        .collect();
+    assert_eq!(alerts.len(), 1, "the alert must be stored once: {alerts:?}");
+    assert_eq!(alerts[0].payload["kind"], "backup_failed");
+    assert!(
+        alerts[0].payload["message"]
+            .as_str()
+            .unwrap()
+            .contains("connection refused")
+    );
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_harms_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    // Unreachable NATS.
+    let port = free_port();
+    let out = run(
+        dir.path(),
+        &["serve", "--nats", &format!("nats://127.0.0.1:{port}")],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("cannot reach NATS"),
+        "{}",
+        stderr(&out)
+    );
+
+    // A malformed configuration file.
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "[nats\nurl = 1").unwrap();
+    let out = run(
+        dir.path(),
+        &["--config", config.to_str().unwrap(), "ledger", "stats"],
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("is malformed"), "{}", stderr(&out));
+
+    // A data directory whose ledger folder holds something else.
+    let other = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(other.path().join("ledger")).unwrap();
+    std::fs::write(other.path().join("ledger/payroll.csv"), "precious").unwrap();
+    let out = run(
+        other.path(),
+        &[
+            "ledger",
+            "append",
+            "--stream",
+            "s",
+            "--type",
+            "storage.usage_sampled",
+            "--payload",
+            r#"{"region":"r","storage_class":"S","bytes":1,"objects":1}"#,
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("is not a Backstop ledger"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        std::fs::read_to_string(other.path().join("ledger/payroll.csv")).unwrap(),
+        "precious"
+    );
+
+    // An unknown event type and an oversized payload, on a real ledger: refused, ledger intact.
+    let ok = run(
+        dir.path(),
+        &[
+            "ledger",
+            "append",
+            "--stream",
+            "s",
+            "--type",
+            "storage.usage_sampled",
+            "--payload",
+            r#"{"region":"r","storage_class":"S","bytes":1,"objects":1}"#,
+        ],
+    );
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    let out = run(
+        dir.path(),
+        &[
+            "ledger",
+            "append",
+            "--stream",
+            "s",
+            "--type",
+            "backup.teleported",
+            "--payload",
+            "{}",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("unknown event type"),
+        "{}",
+        stderr(&out)
+    );
+    let big = format!(
+        r#"{{"region":"{}","storage_class":"S","bytes":1,"objects":1}}"#,
+        "x".repeat(300_000)
+    );
+    let big_file = dir.path().join("big.json");
+    std::fs::write(&big_file, big).unwrap();
+    let at = format!("@{}", big_file.display());
+    let out = run(
+        dir.path(),
+        &[
+            "ledger",
+            "append",
+            "--stream",
+            "s",
+            "--type",
+            "storage.usage_sampled",
+            "--payload",
+            &at,
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("limit"), "{}", stderr(&out));
+    let verify = run(dir.path(), &["ledger", "verify"]);
+    assert!(verify.status.success());
+    assert!(stdout(&verify).contains("1 events"), "{}", stdout(&verify));
+}
