@@ -1,0 +1,513 @@
+//! Keys: the master key, the per-purpose data keys it wraps, and the record of every unwrap.
+//!
+//! # Master key
+//! 64 random bytes, never written to the repository. It comes from `BACKSTOP_MASTER_KEY`
+//! (base64, standard or URL-safe, padded or not, or 128 hex digits) or from a key file holding
+//! the same text (or the 64 raw bytes). It is only used through a key derived from it,
+//! `wrap key = SHA3-512("backstop/v1/master-wrap" || master)`, which is the AES-256-SIV key that
+//! wraps data keys, wraps the chunk-id key, computes the key check and MACs the config.
+//!
+//! # Data keys
+//! One AES-256-SIV key (64 bytes) per purpose: database, wal, export, config, files, ledger.
+//! Each version of each key is an object `keys/<purpose>/<key id>`, a JSON document:
+//!
+//! ```json
+//! {"format":"backstop-data-key","format_version":1,"repository_id":"<uuid>",
+//!  "purpose":"database","key_id":"database-v1-1a2b3c4d","version":1,
+//!  "created_at":"2026-11-22T06:31:00Z","wrapped":"<base64: SIV tag || encrypted key>"}
+//! ```
+//!
+//! `wrapped` is AES-256-SIV(wrap key, AD = ["backstop/v1/data-key", repository id (16 bytes),
+//! purpose, key id, version (u32 big-endian)], the 64 key bytes): changing the purpose, id or
+//! version of a stored key makes it fail to unwrap. Key ids are `<purpose>-v<version>-<8 hex>`;
+//! the random suffix keeps ids unique even after an interrupted `init`. Rotation adds a new
+//! version; older versions stay, so everything sealed with them stays readable. The newest
+//! version of a purpose seals new data.
+//!
+//! # Key accesses
+//! Every unwrap of a data key is reported, with the actor and the reason, to the
+//! [`KeyAccessObserver`] the caller gave when opening the repository; the caller records each as
+//! a `key.accessed` event. This crate does not depend on the ledger.
+
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Mutex;
+
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+use chrono::{DateTime, Utc};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha3::{Digest, Sha3_512};
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::error::{RepoError, Result};
+
+/// The environment variable holding the master key.
+pub const MASTER_KEY_ENV: &str = "BACKSTOP_MASTER_KEY";
+
+/// The master key. Its bytes are zeroed on drop and never printed by `Debug`.
+pub struct MasterKey {
+    bytes: Zeroizing<[u8; 64]>,
+}
+
+impl MasterKey {
+    /// 64 bytes from the operating system's random generator.
+    pub fn generate() -> MasterKey {
+        let mut bytes = Zeroizing::new([0u8; 64]);
+        rand::rngs::OsRng.fill_bytes(bytes.as_mut());
+        MasterKey { bytes }
+    }
+
+    pub fn from_bytes(bytes: [u8; 64]) -> MasterKey {
+        MasterKey {
+            bytes: Zeroizing::new(bytes),
+        }
+    }
+
+    /// Parses base64 (any common alphabet, padded or not) or 128 hex digits.
+    pub fn from_encoded(text: &str) -> Result<MasterKey> {
+        let text = text.trim();
+        let bad = || {
+            RepoError::Config(
+                "the master key must be 64 bytes encoded as base64 or 128 hex digits \
+                 (generate one with `backstop keygen`)"
+                    .into(),
+            )
+        };
+        let mut decoded: Option<Vec<u8>> = None;
+        if text.len() == 128 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            decoded = hex::decode(text).ok();
+        }
+        if decoded.is_none() {
+            for engine in [&STANDARD, &STANDARD_NO_PAD, &URL_SAFE, &URL_SAFE_NO_PAD] {
+                if let Ok(v) = engine.decode(text) {
+                    decoded = Some(v);
+                    break;
+                }
+            }
+        }
+        let mut v = decoded.ok_or_else(bad)?;
+        if v.len() != 64 {
+            v.zeroize();
+            return Err(bad());
+        }
+        let mut bytes = Zeroizing::new([0u8; 64]);
+        bytes.copy_from_slice(&v);
+        v.zeroize();
+        Ok(MasterKey { bytes })
+    }
+
+    /// The key in `BACKSTOP_MASTER_KEY`, or `None` when the variable is unset or empty.
+    pub fn from_env() -> Result<Option<MasterKey>> {
+        match std::env::var(MASTER_KEY_ENV) {
+            Ok(v) if !v.trim().is_empty() => {
+                let v = Zeroizing::new(v);
+                MasterKey::from_encoded(&v)
+                    .map(Some)
+                    .map_err(|e| RepoError::Config(format!("{MASTER_KEY_ENV}: {e}")))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// A key file: the encoded key as text, or exactly 64 raw bytes.
+    pub fn from_file(path: &Path) -> Result<MasterKey> {
+        let raw = Zeroizing::new(std::fs::read(path).map_err(|e| {
+            RepoError::io(
+                format!("cannot read the master key file {}", path.display()),
+                e,
+            )
+        })?);
+        if raw.len() == 64 {
+            let mut bytes = Zeroizing::new([0u8; 64]);
+            bytes.copy_from_slice(&raw);
+            return Ok(MasterKey { bytes });
+        }
+        let text = std::str::from_utf8(&raw).map_err(|_| {
+            RepoError::Config(format!(
+                "the master key file {} is neither 64 raw bytes nor text",
+                path.display()
+            ))
+        })?;
+        MasterKey::from_encoded(text)
+            .map_err(|e| RepoError::Config(format!("master key file {}: {e}", path.display())))
+    }
+
+    /// The file if one is given, else `BACKSTOP_MASTER_KEY`; a clear error when neither is set.
+    pub fn load(file: Option<&Path>) -> Result<MasterKey> {
+        if let Some(p) = file {
+            return MasterKey::from_file(p);
+        }
+        MasterKey::from_env()?.ok_or_else(|| {
+            RepoError::Config(format!(
+                "no master key: set {MASTER_KEY_ENV} or pass --master-key-file \
+                 (for a new repository, generate one with `backstop keygen` and keep it safe: \
+                 without it the backups cannot be read)"
+            ))
+        })
+    }
+
+    /// Standard base64 of the key, for showing once to the operator at generation.
+    pub fn to_base64(&self) -> Zeroizing<String> {
+        Zeroizing::new(STANDARD.encode(self.bytes.as_ref()))
+    }
+
+    /// The derived wrapping key (see the module documentation).
+    pub(crate) fn wrap_key(&self) -> Zeroizing<[u8; 64]> {
+        let mut h = Sha3_512::new();
+        h.update(b"backstop/v1/master-wrap");
+        h.update(self.bytes.as_ref());
+        let mut out = Zeroizing::new([0u8; 64]);
+        out.copy_from_slice(&h.finalize());
+        out
+    }
+}
+
+impl fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("MasterKey(<redacted>)")
+    }
+}
+
+/// What a data key is for. Each purpose has its own key and its own rotation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyPurpose {
+    Database,
+    Wal,
+    Export,
+    Config,
+    Files,
+    Ledger,
+}
+
+impl KeyPurpose {
+    pub const ALL: [KeyPurpose; 6] = [
+        KeyPurpose::Database,
+        KeyPurpose::Wal,
+        KeyPurpose::Export,
+        KeyPurpose::Config,
+        KeyPurpose::Files,
+        KeyPurpose::Ledger,
+    ];
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            KeyPurpose::Database => "database",
+            KeyPurpose::Wal => "wal",
+            KeyPurpose::Export => "export",
+            KeyPurpose::Config => "config",
+            KeyPurpose::Files => "files",
+            KeyPurpose::Ledger => "ledger",
+        }
+    }
+}
+
+impl FromStr for KeyPurpose {
+    type Err = RepoError;
+    fn from_str(s: &str) -> Result<Self> {
+        KeyPurpose::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| {
+                RepoError::Config(format!(
+                    "unknown key purpose {s:?}: expected database, wal, export, config, files or ledger"
+                ))
+            })
+    }
+}
+
+impl fmt::Display for KeyPurpose {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Public facts about one data key version (no secret).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyInfo {
+    pub purpose: KeyPurpose,
+    pub key_id: String,
+    pub version: u32,
+    pub created_at: DateTime<Utc>,
+}
+
+impl KeyInfo {
+    /// `keys/<purpose>/<key id>`.
+    pub fn object_key(&self) -> String {
+        format!("keys/{}/{}", self.purpose, self.key_id)
+    }
+}
+
+/// An unwrapped data key. Zeroed on drop; `Debug` shows only its id.
+pub struct DataKey {
+    info: KeyInfo,
+    secret: Zeroizing<[u8; 64]>,
+}
+
+impl DataKey {
+    pub(crate) fn new(info: KeyInfo, secret: Zeroizing<[u8; 64]>) -> DataKey {
+        DataKey { info, secret }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn for_tests(purpose: KeyPurpose, key_id: &str, secret: [u8; 64]) -> DataKey {
+        DataKey {
+            info: KeyInfo {
+                purpose,
+                key_id: key_id.to_string(),
+                version: 1,
+                created_at: Utc::now(),
+            },
+            secret: Zeroizing::new(secret),
+        }
+    }
+
+    pub fn info(&self) -> &KeyInfo {
+        &self.info
+    }
+    pub fn key_id(&self) -> &str {
+        &self.info.key_id
+    }
+    pub fn purpose(&self) -> KeyPurpose {
+        self.info.purpose
+    }
+    pub fn version(&self) -> u32 {
+        self.info.version
+    }
+    pub(crate) fn secret(&self) -> &[u8; 64] {
+        &self.secret
+    }
+}
+
+impl fmt::Debug for DataKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DataKey({}, <redacted>)", self.info.key_id)
+    }
+}
+
+/// One unwrap of a data key: the caller records it as a `key.accessed` event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyAccess {
+    pub purpose: KeyPurpose,
+    pub key_id: String,
+    pub version: u32,
+    pub reason: String,
+    /// Who asked: the label the caller gave (`worker:backup@host`, `operator:alice`).
+    pub actor: String,
+}
+
+/// Receives every data-key unwrap. Called synchronously on the unwrapping task: keep it quick
+/// (push to a channel or a buffer).
+pub trait KeyAccessObserver: Send + Sync {
+    fn key_accessed(&self, access: KeyAccess);
+}
+
+impl KeyAccessObserver for tokio::sync::mpsc::UnboundedSender<KeyAccess> {
+    fn key_accessed(&self, access: KeyAccess) {
+        if self.send(access.clone()).is_err() {
+            tracing::warn!(key_id = %access.key_id, reason = %access.reason, "key access not recorded: its receiver is gone");
+        }
+    }
+}
+
+impl KeyAccessObserver for std::sync::mpsc::Sender<KeyAccess> {
+    fn key_accessed(&self, access: KeyAccess) {
+        if self.send(access.clone()).is_err() {
+            tracing::warn!(key_id = %access.key_id, reason = %access.reason, "key access not recorded: its receiver is gone");
+        }
+    }
+}
+
+/// An observer that keeps the accesses in memory, for callers that record them in a batch
+/// (and for tests).
+#[derive(Default)]
+pub struct KeyAccessLog {
+    accesses: Mutex<Vec<KeyAccess>>,
+}
+
+impl KeyAccessLog {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Removes and returns the accesses recorded so far.
+    pub fn take(&self) -> Vec<KeyAccess> {
+        std::mem::take(&mut *self.accesses.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+    pub fn snapshot(&self) -> Vec<KeyAccess> {
+        self.accesses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl KeyAccessObserver for KeyAccessLog {
+    fn key_accessed(&self, access: KeyAccess) {
+        self.accesses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(access);
+    }
+}
+
+/// The stored form of a data key (see the module documentation).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct StoredKey {
+    pub format: String,
+    pub format_version: u32,
+    pub repository_id: uuid::Uuid,
+    pub purpose: KeyPurpose,
+    pub key_id: String,
+    pub version: u32,
+    pub created_at: DateTime<Utc>,
+    pub wrapped: String,
+}
+
+pub(crate) const STORED_KEY_FORMAT: &str = "backstop-data-key";
+
+fn key_ad<'a>(
+    repository_id: &'a uuid::Uuid,
+    purpose: KeyPurpose,
+    key_id: &'a str,
+    version: &'a [u8; 4],
+) -> [&'a [u8]; 5] {
+    [
+        b"backstop/v1/data-key",
+        repository_id.as_bytes(),
+        purpose.as_str().as_bytes(),
+        key_id.as_bytes(),
+        version,
+    ]
+}
+
+impl StoredKey {
+    /// Generates a new random data key and its wrapped form.
+    pub(crate) fn generate(
+        wrap_key: &[u8; 64],
+        repository_id: uuid::Uuid,
+        purpose: KeyPurpose,
+        version: u32,
+    ) -> StoredKey {
+        let key_id = format!(
+            "{}-v{}-{:08x}",
+            purpose,
+            version,
+            rand::rngs::OsRng.next_u32()
+        );
+        let mut secret = Zeroizing::new([0u8; 64]);
+        rand::rngs::OsRng.fill_bytes(secret.as_mut());
+        let v = version.to_be_bytes();
+        let wrapped = crate::seal::siv_wrap(
+            wrap_key,
+            &key_ad(&repository_id, purpose, &key_id, &v),
+            secret.as_ref(),
+        );
+        StoredKey {
+            format: STORED_KEY_FORMAT.into(),
+            format_version: 1,
+            repository_id,
+            purpose,
+            key_id,
+            version,
+            created_at: crate::now(),
+            wrapped: STANDARD.encode(wrapped),
+        }
+    }
+
+    pub(crate) fn info(&self) -> KeyInfo {
+        KeyInfo {
+            purpose: self.purpose,
+            key_id: self.key_id.clone(),
+            version: self.version,
+            created_at: self.created_at,
+        }
+    }
+
+    pub(crate) fn unwrap_key(&self, wrap_key: &[u8; 64]) -> Result<DataKey> {
+        let path = self.info().object_key();
+        let sealed = STANDARD
+            .decode(&self.wrapped)
+            .map_err(|_| RepoError::damaged(&path, "the wrapped key is not base64"))?;
+        let v = self.version.to_be_bytes();
+        let plain = crate::seal::siv_unwrap(
+            wrap_key,
+            &key_ad(&self.repository_id, self.purpose, &self.key_id, &v),
+            &sealed,
+        )
+        .map(Zeroizing::new)
+        .ok_or_else(|| {
+            RepoError::damaged(
+                &path,
+                "the data key does not unwrap with this master key: the key object was modified \
+                 (its purpose, id or version changed) or was copied from another repository",
+            )
+        })?;
+        if plain.len() != 64 {
+            return Err(RepoError::damaged(&path, "the wrapped key is not 64 bytes"));
+        }
+        let mut secret = Zeroizing::new([0u8; 64]);
+        secret.copy_from_slice(&plain);
+        Ok(DataKey::new(self.info(), secret))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn master_key_encodings() {
+        let k = MasterKey::generate();
+        let b64 = k.to_base64();
+        let k2 = MasterKey::from_encoded(&b64).unwrap();
+        assert_eq!(*k.bytes, *k2.bytes);
+        let hexed = hex::encode(k.bytes.as_ref());
+        assert_eq!(*MasterKey::from_encoded(&hexed).unwrap().bytes, *k.bytes);
+        let url = URL_SAFE_NO_PAD.encode(k.bytes.as_ref());
+        assert_eq!(*MasterKey::from_encoded(&url).unwrap().bytes, *k.bytes);
+        assert!(MasterKey::from_encoded("c2hvcnQ=").is_err());
+        assert!(MasterKey::from_encoded("not a key!").is_err());
+        assert_eq!(format!("{k:?}"), "MasterKey(<redacted>)");
+    }
+
+    #[test]
+    fn key_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = MasterKey::generate();
+        let p = dir.path().join("k");
+        std::fs::write(&p, format!("{}\n", k.to_base64().as_str())).unwrap();
+        assert_eq!(*MasterKey::from_file(&p).unwrap().bytes, *k.bytes);
+        std::fs::write(&p, k.bytes.as_ref()).unwrap();
+        assert_eq!(*MasterKey::from_file(&p).unwrap().bytes, *k.bytes);
+        assert!(MasterKey::from_file(&dir.path().join("missing")).is_err());
+    }
+
+    #[test]
+    fn wrapped_keys_bind_their_identity() {
+        let wrap = MasterKey::generate().wrap_key();
+        let repo = uuid::Uuid::new_v4();
+        let sk = StoredKey::generate(&wrap, repo, KeyPurpose::Wal, 3);
+        assert!(sk.key_id.starts_with("wal-v3-"));
+        let dk = sk.unwrap_key(&wrap).unwrap();
+        assert_eq!(dk.version(), 3);
+        let mut moved = sk.clone();
+        moved.purpose = KeyPurpose::Database;
+        assert!(moved.unwrap_key(&wrap).is_err());
+        let mut bumped = sk.clone();
+        bumped.version = 4;
+        assert!(bumped.unwrap_key(&wrap).is_err());
+        let other = MasterKey::generate().wrap_key();
+        assert!(sk.unwrap_key(&other).is_err());
+    }
+
+    #[test]
+    fn purposes_parse() {
+        for p in KeyPurpose::ALL {
+            assert_eq!(p.as_str().parse::<KeyPurpose>().unwrap(), p);
+        }
+        assert!("nope".parse::<KeyPurpose>().is_err());
+    }
+}

@@ -1,0 +1,137 @@
+//! Backup manifests: what a backup contains, sealed, at `manifests/<backup id>`.
+//!
+//! # Format (manifest format version 1)
+//! A sealed object (see [`crate::seal`]: kind 2, brotli-compressed, sealed with the repository's
+//! current *database* data key, whatever the backup's purpose, so that listing backups needs one
+//! key) whose plaintext is this JSON document:
+//!
+//! ```json
+//! {
+//!   "format": "backstop-manifest", "format_version": 1,
+//!   "repository_id": "<uuid>", "backup_id": "<uuid>",
+//!   "kind": "full" | "incremental" | "differential", "parent": "<uuid>" | null,
+//!   "source": "trading", "purpose": "database",
+//!   "started_at": "...", "finished_at": "...",
+//!   "keys": ["database-v1-1a2b3c4d"],
+//!   "totals": {"raw_bytes": 0, "stored_bytes": 0, "new_bytes": 0, "chunks": 0, "new_chunks": 0},
+//!   "streams": [
+//!     {"name": "toc.dat", "raw_bytes": 123,
+//!      "chunks": [{"id": "<64 hex>", "len": 1048576, "sealed_len": 250112,
+//!                  "sealed_sha3": "<64 hex>", "key": 0}]}
+//!   ],
+//!   "extra": { ...caller-supplied: tables and row counts, server version, snapshot... }
+//! }
+//! ```
+//!
+//! A stream's plaintext is the concatenation of its chunks in order. `key` indexes `keys`: the
+//! data key that sealed that chunk (a deduplicated chunk keeps the key it was first sealed with).
+//! `sealed_sha3` is the SHA3-256 of the whole sealed chunk object, checked on every read.
+//!
+//! Invariants: the manifest is written after every chunk it references was uploaded and read
+//! back intact, and it is never overwritten (written with put-if-absent). A backup without a
+//! manifest does not exist, whatever chunks it left behind. The manifest's own path
+//! (`manifests/<backup id>`) is authenticated, so a manifest cannot be passed off as another
+//! backup's.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use backstop_events::BackupKind;
+
+use crate::chunk::Hash32;
+use crate::keys::KeyPurpose;
+
+pub const MANIFEST_FORMAT: &str = "backstop-manifest";
+pub const MANIFEST_VERSION: u32 = 1;
+pub const MANIFEST_PREFIX: &str = "manifests/";
+
+/// `manifests/<backup id>`.
+pub fn manifest_key(backup_id: &Uuid) -> String {
+    format!("{MANIFEST_PREFIX}{backup_id}")
+}
+
+/// One chunk of a stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRef {
+    pub id: Hash32,
+    /// Plaintext length.
+    pub len: u32,
+    /// Length of the sealed object.
+    pub sealed_len: u32,
+    /// SHA3-256 of the sealed object.
+    pub sealed_sha3: Hash32,
+    /// Index into [`Manifest::keys`].
+    pub key: u16,
+}
+
+impl ChunkRef {
+    pub fn object_key(&self) -> String {
+        self.id.chunk_key()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamManifest {
+    pub name: String,
+    pub raw_bytes: u64,
+    pub chunks: Vec<ChunkRef>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    /// Bytes read from the source.
+    pub raw_bytes: u64,
+    /// Sealed bytes of the distinct chunks the backup references.
+    pub stored_bytes: u64,
+    /// Sealed bytes this backup added (new chunks and the manifest).
+    pub new_bytes: u64,
+    /// Chunk references (with repeats).
+    pub chunks: u64,
+    /// Chunks this backup uploaded.
+    pub new_chunks: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub format_version: u32,
+    pub repository_id: Uuid,
+    pub backup_id: Uuid,
+    pub kind: BackupKind,
+    pub parent: Option<Uuid>,
+    pub source: String,
+    pub purpose: KeyPurpose,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    pub keys: Vec<String>,
+    pub totals: Totals,
+    pub streams: Vec<StreamManifest>,
+    #[serde(default)]
+    pub extra: serde_json::Value,
+}
+
+impl Manifest {
+    pub fn stream(&self, name: &str) -> Option<&StreamManifest> {
+        self.streams.iter().find(|s| s.name == name)
+    }
+
+    pub fn stream_names(&self) -> Vec<&str> {
+        self.streams.iter().map(|s| s.name.as_str()).collect()
+    }
+
+    /// Every distinct chunk the backup references.
+    pub fn distinct_chunks(&self) -> Vec<ChunkRef> {
+        let mut seen = std::collections::HashSet::new();
+        self.streams
+            .iter()
+            .flat_map(|s| s.chunks.iter())
+            .filter(|c| seen.insert(c.id))
+            .copied()
+            .collect()
+    }
+
+    pub fn duration(&self) -> chrono::Duration {
+        self.finished_at - self.started_at
+    }
+}
