@@ -151,11 +151,8 @@ impl ConnInfo {
     /// the password as `--dbname`, and the password in `PGPASSWORD`.
     pub(crate) fn apply_to_tool(&self, cmd: &mut Command) {
         cmd.arg(format!("--dbname={}", self.to_url(false)));
-        match &self.password {
-            Some(p) => {
-                cmd.env("PGPASSWORD", p);
-            }
-            None => {}
+        if let Some(p) = &self.password {
+            cmd.env("PGPASSWORD", p);
         }
         // Our own settings decide the session; a stray PGOPTIONS could change output formats.
         cmd.env_remove("PGOPTIONS");

@@ -45,7 +45,7 @@ fn candidate_dirs(explicit: Option<&Path>) -> Vec<PathBuf> {
                 .collect()
         })
         .unwrap_or_default();
-    versioned.sort_by(|a, b| b.0.cmp(&a.0));
+    versioned.sort_by_key(|v| std::cmp::Reverse(v.0));
     dirs.extend(versioned.into_iter().map(|(_, d)| d));
     dirs
 }

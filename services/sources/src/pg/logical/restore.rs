@@ -205,7 +205,36 @@ pub async fn restore(
         && dump.large_objects > 0
         && dump.parts.iter().any(|p| p.name == LARGE_OBJECTS_PART);
 
-    // 2. The target: reachable, present (or creatable), empty (or forced and no collisions).
+    // 2. The schema archive and the entries to restore: a table that cannot be restored alone
+    //    is refused before the target is touched.
+    let spool = tempfile::Builder::new()
+        .prefix("backstop-restore-")
+        .tempdir()
+        .map_err(|e| SourceError::io("creating a temporary directory for the schema archive", e))?;
+    let schema_path = spool.path().join("schema.dump");
+    spool_part(&*source, SCHEMA_PART, &schema_path).await?;
+    let archive = tokio::fs::read(&schema_path)
+        .await
+        .map_err(|e| SourceError::io("reading the spooled schema archive", e))?;
+    let toc: Toc = toc::parse(&archive)?;
+    drop(archive);
+    let selection: Option<Selection> = match &chosen {
+        Some(c) => Some(toc::select(&toc, c)?),
+        None => None,
+    };
+    let schema_entries = selection
+        .as_ref()
+        .map(|s| s.keep.len())
+        .unwrap_or(toc.entries.len());
+    let sequence_filter: Option<Vec<String>> = selection
+        .as_ref()
+        .map(|s| s.sequences.iter().map(setval_prefix).collect());
+    let sequences_planned = match &selection {
+        Some(s) => s.sequences.len(),
+        None => dump.sequences.len(),
+    };
+
+    // 3. The target: reachable, present (or creatable), empty (or forced and no collisions).
     let mut created_database = false;
     let mut conn: Option<PgConnection> = match ci.connect().await {
         Ok(c) => Some(c),
@@ -250,34 +279,6 @@ pub async fn restore(
             }
         }
     }
-
-    // 3. The schema archive and the entries to restore.
-    let spool = tempfile::Builder::new()
-        .prefix("backstop-restore-")
-        .tempdir()
-        .map_err(|e| SourceError::io("creating a temporary directory for the schema archive", e))?;
-    let schema_path = spool.path().join("schema.dump");
-    spool_part(&*source, SCHEMA_PART, &schema_path).await?;
-    let archive = tokio::fs::read(&schema_path)
-        .await
-        .map_err(|e| SourceError::io("reading the spooled schema archive", e))?;
-    let toc: Toc = toc::parse(&archive)?;
-    drop(archive);
-    let selection: Option<Selection> = match &chosen {
-        Some(c) => Some(toc::select(&toc, c)?),
-        None => None,
-    };
-    let schema_entries = selection
-        .as_ref()
-        .map(|s| s.keep.len())
-        .unwrap_or(toc.entries.len());
-    let sequence_filter: Option<Vec<String>> = selection
-        .as_ref()
-        .map(|s| s.sequences.iter().map(setval_prefix).collect());
-    let sequences_planned = match &selection {
-        Some(s) => s.sequences.len(),
-        None => dump.sequences.len(),
-    };
 
     let mut report = RestoreReport {
         database: database.clone(),

@@ -122,7 +122,7 @@ pub(crate) fn parse(data: &[u8]) -> Result<Toc, SourceError> {
         int_size: 4,
     };
     let version = (r.byte()?, r.byte()?, r.byte()?);
-    if version < (1, 12, 0) || version > (1, 16, 255) {
+    if !((1, 12, 0)..=(1, 16, 255)).contains(&version) {
         return Err(SourceError::Archive {
             why: format!(
                 "archive version {}.{}.{} is not supported (1.12 to 1.16 are)",
