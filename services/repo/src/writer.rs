@@ -498,20 +498,28 @@ impl BackupWriter {
             refs.push((p.id, p.len, p.described));
             Ok(())
         };
+        let mut failed: Option<RepoError> = None;
         loop {
             if in_flight.len() >= limit {
-                if let Some(res) = in_flight.next().await {
-                    collect(res, &mut refs)?;
+                if let Some(res) = in_flight.next().await
+                    && let Err(e) = collect(res, &mut refs)
+                {
+                    failed = Some(e);
+                    break;
                 }
                 continue;
             }
-            let chunk = chunker.next_chunk().await.map_err(|e| {
-                RepoError::io(
-                    format!("backup {}: reading stream {name}", self.backup_id()),
-                    e,
-                )
-            })?;
-            let Some(chunk) = chunk else { break };
+            let chunk = match chunker.next_chunk().await {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(e) => {
+                    failed = Some(RepoError::io(
+                        format!("backup {}: reading stream {name}", self.backup_id()),
+                        e,
+                    ));
+                    break;
+                }
+            };
             inner
                 .stats
                 .raw
@@ -519,8 +527,17 @@ impl BackupWriter {
             let task = tokio::spawn(process_chunk(inner.clone(), chunk));
             in_flight.push_back(AbortOnDrop(task));
         }
+        // Settle every chunk task, even after a failure, so that nothing of this stream is still
+        // running (and writing) once `add_stream` returns.
         while let Some(res) = in_flight.next().await {
-            collect(res, &mut refs)?;
+            if let Err(e) = collect(res, &mut refs)
+                && failed.is_none()
+            {
+                failed = Some(e);
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e);
         }
         let raw_bytes = chunker.offset();
         let summary = StreamSummary {
