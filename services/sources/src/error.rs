@@ -67,6 +67,11 @@ pub enum SourceError {
         source: std::io::Error,
     },
 
+    #[error(
+        "another session is waiting for an exclusive lock on {table} (ALTER TABLE, DROP, VACUUM FULL, ...); the dump was abandoned rather than deadlock with it; retry when it is done"
+    )]
+    LockConflict { table: String },
+
     #[error("storing part {part:?} failed: {source}")]
     Sink {
         part: String,

@@ -134,8 +134,14 @@ impl ConnInfo {
     pub(crate) fn connect_options(&self) -> Result<PgConnectOptions, SourceError> {
         let opts = PgConnectOptions::from_str(&self.to_url(true))
             .map_err(|e| SourceError::InvalidConninfo { why: e.to_string() })?;
-        // sqlx logs every statement at INFO by default; a dump issues few, but keep logs quiet.
-        Ok(opts.log_statements(tracing::log::LevelFilter::Debug))
+        // sqlx logs every statement at INFO by default; keep logs to what an operator needs.
+        // Dumps and restores run long statements by design: not worth a warning each.
+        Ok(opts
+            .log_statements(tracing::log::LevelFilter::Debug)
+            .log_slow_statements(
+                tracing::log::LevelFilter::Debug,
+                std::time::Duration::from_secs(60),
+            ))
     }
 
     /// Opens one connection, mapping failures to errors that name the server (never the password)

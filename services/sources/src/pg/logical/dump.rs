@@ -612,6 +612,31 @@ async fn copy_table(
     sink: &dyn DumpSink,
 ) -> (Option<PgConnection>, CopyResult) {
     let started = Instant::now();
+    // The coordinator holds ACCESS SHARE already; a worker asking for it behind a queued
+    // exclusive request would wait forever (the coordinator never lets go), so never wait.
+    let lock = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "LOCK TABLE {} IN ACCESS SHARE MODE NOWAIT",
+        table.quoted()
+    )))
+    .execute(&mut conn)
+    .await;
+    match lock {
+        Ok(_) => {}
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => {
+            return (
+                None,
+                Err(SourceError::LockConflict {
+                    table: table.to_string(),
+                }),
+            );
+        }
+        Err(e) => {
+            return (
+                None,
+                Err(SourceError::query(format!("locking {table}"), ci, e)),
+            );
+        }
+    }
     let part = data_part_name(table);
     let statement = format!("COPY {} TO STDOUT", table.quoted());
     let (writer, reader) = part_stream();
