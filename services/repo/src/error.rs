@@ -137,10 +137,10 @@ impl RepoError {
         match &mut self {
             RepoError::NotFound { backup, .. }
             | RepoError::Corrupt { backup, .. }
-            | RepoError::Damaged { backup, .. } => {
-                if backup.is_none() {
-                    *backup = Some(id);
-                }
+            | RepoError::Damaged { backup, .. }
+                if backup.is_none() =>
+            {
+                *backup = Some(id);
             }
             _ => {}
         }

@@ -301,7 +301,7 @@ impl Repository {
     pub fn keys(&self) -> Vec<KeyInfo> {
         let ring = self.inner.keyring.read().unwrap_or_else(|p| p.into_inner());
         let mut v: Vec<KeyInfo> = ring.values().map(StoredKey::info).collect();
-        v.sort_by(|a, b| (a.purpose, a.version).cmp(&(b.purpose, b.version)));
+        v.sort_by_key(|a| (a.purpose, a.version));
         v
     }
 
