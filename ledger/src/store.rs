@@ -261,6 +261,26 @@ impl Store {
         Ok(())
     }
 
+    /// The first signed checkpoint at or after `position`, or `None` if none has been signed
+    /// there yet. The audit export uses it to cover the events it exports.
+    pub fn checkpoint_at_or_after(
+        &self,
+        position: u64,
+    ) -> Result<Option<crate::Checkpoint>, LedgerError> {
+        match self.checkpoints.range(u64_key(position)..).next() {
+            None => Ok(None),
+            Some(item) => decode_checkpoint(item?),
+        }
+    }
+
+    /// The latest signed checkpoint, if any.
+    pub fn last_checkpoint(&self) -> Result<Option<crate::Checkpoint>, LedgerError> {
+        match self.checkpoints.last()? {
+            None => Ok(None),
+            Some(item) => decode_checkpoint(item),
+        }
+    }
+
     /// Every consumer cursor, by name.
     pub fn consumer_cursors(&self) -> Result<Vec<(String, u64)>, LedgerError> {
         let mut out = Vec::new();
@@ -311,4 +331,16 @@ fn check_directory(path: &Path) -> Result<(), LedgerError> {
             names.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
         ),
     })
+}
+
+fn decode_checkpoint(
+    (k, v): (sled::IVec, sled::IVec),
+) -> Result<Option<crate::Checkpoint>, LedgerError> {
+    let position = read_u64(&k).unwrap_or(0);
+    serde_json::from_slice(&v)
+        .map(Some)
+        .map_err(|e| LedgerError::Corrupt {
+            position,
+            what: format!("the checkpoint stored here does not decode: {e}"),
+        })
 }
