@@ -365,9 +365,7 @@ pub async fn restore(
 
     // 5. pre-data.
     let t = Instant::now();
-    let mut warnings = run
-        .run("pre-data", &["--section=pre-data"], true, None)
-        .await?;
+    let mut warnings = run.run("pre-data", &["--section=pre-data"], None).await?;
     report.pre_data_ms = t.elapsed().as_millis() as u64;
     if options.force {
         let existing: BTreeSet<QualifiedName> = catalog::list_tables(&mut conn)
@@ -413,7 +411,6 @@ pub async fn restore(
             lo.run(
                 "large objects",
                 &["--section=data"],
-                false,
                 Some((LARGE_OBJECTS_PART, reader)),
             )
             .await?,
@@ -429,13 +426,8 @@ pub async fn restore(
     let t = Instant::now();
     let jobs_arg = format!("--jobs={jobs}");
     warnings.extend(
-        run.run(
-            "post-data",
-            &["--section=post-data", &jobs_arg],
-            false,
-            None,
-        )
-        .await?,
+        run.run("post-data", &["--section=post-data", &jobs_arg], None)
+            .await?,
     );
     report.post_data_ms = t.elapsed().as_millis() as u64;
     let _ = conn.close().await;
@@ -532,22 +524,20 @@ struct PgRestore<'a> {
 }
 
 impl PgRestore<'_> {
-    /// Runs one step; `single_txn` wraps it in one transaction (strict mode only). `stdin`, when
-    /// given, is streamed into pg_restore's standard input. Returns warnings (non-strict mode).
+    /// Runs one step. `stdin`, when given, is streamed into pg_restore's standard input.
+    /// Returns warnings (non-strict mode). No `--single-transaction`: one transaction over a
+    /// large schema runs out of lock table space (`max_locks_per_transaction`), and a failed
+    /// restore's target is to be dropped anyway.
     async fn run(
         &self,
         step: &str,
         args: &[&str],
-        single_txn: bool,
         stdin: Option<(&str, PartReader)>,
     ) -> Result<Vec<String>, SourceError> {
         let mut cmd = self.tool.command();
         cmd.args(args);
         if self.strict {
             cmd.arg("--exit-on-error");
-            if single_txn {
-                cmd.arg("--single-transaction");
-            }
         }
         if self.no_owner {
             cmd.args(["--no-owner", "--no-privileges"]);
