@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, context::PublishAckFuture, stream};
 use backstop_events::Envelope;
 use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::FuturesOrdered;
 
 use crate::Ledger;
 use crate::error::LedgerError;
@@ -135,47 +137,80 @@ async fn publish_until_error(
     let mut next = published + 1;
     ledger.store().set_publication_cursor(next)?;
     let mut sub = ledger.subscribe(next);
+    // Publishing is pipelined: new events go out while earlier acks are still on their way, up
+    // to MAX_IN_FLIGHT. Acks are awaited in order, so the cursor only ever moves past a position
+    // whose ack (and every earlier one) has arrived.
+    let mut in_flight = FuturesOrdered::new();
+    let mut acked = published;
     loop {
-        let batch = tokio::select! {
-            b = sub.next_batch(config.batch) => b?,
-            _ = shutdown.changed() => return Ok(()),
-        };
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let mut acks: Vec<(PublishAckFuture, &Envelope)> = Vec::with_capacity(batch.len());
-        for env in &batch {
-            debug_assert_eq!(env.position, next);
-            let payload = serde_json::to_vec(env).map_err(|e| LedgerError::Corrupt {
-                position: env.position,
-                what: e.to_string(),
-            })?;
-            let msg = jetstream::message::PublishMessage::build()
-                .payload(Bytes::from(payload))
-                .message_id(env.id.to_string())
-                .expected_last_sequence(env.position - 1)
-                .header(POSITION_HEADER, env.position.to_string().as_str());
-            let ack = js
-                .send_publish(subject_for(&env.event_type), msg)
-                .await
-                .map_err(|e| LedgerError::Nats(format!("publish {}: {e}", env.position)))?;
-            acks.push((ack, env));
-            next += 1;
-        }
-        for (ack, env) in acks {
-            ack.await
-                .map_err(|e| LedgerError::Nats(format!("ack of {}: {e}", env.position)))?;
-            if let Some(tx) = observe {
-                let recorded = env.recorded_at.timestamp_micros();
-                let now = chrono::Utc::now().timestamp_micros();
-                let _ = tx.send(Published {
-                    position: env.position,
-                    lag: Duration::from_micros((now - recorded).max(0) as u64),
-                });
+        tokio::select! {
+            biased;
+            Some(result) = in_flight.next(), if !in_flight.is_empty() => {
+                let (position, recorded_at): (u64, i64) = result?;
+                acked = position;
+                if let Some(tx) = observe {
+                    let now = chrono::Utc::now().timestamp_micros();
+                    let _ = tx.send(Published {
+                        position,
+                        lag: Duration::from_micros((now - recorded_at).max(0) as u64),
+                    });
+                }
+                if in_flight.is_empty() || acked % 256 == 0 {
+                    ledger.store().set_publication_cursor(acked + 1)?;
+                }
+            }
+            batch = sub.next_batch(config.batch.min(512)), if in_flight.len() < MAX_IN_FLIGHT => {
+                let batch = batch?;
+                if batch.is_empty() {
+                    return Ok(());
+                }
+                for env in &batch {
+                    debug_assert_eq!(env.position, next);
+                    in_flight.push_back(publish(js, env).await?);
+                    next += 1;
+                }
+            }
+            _ = shutdown.changed() => {
+                // Let what is in flight land so the cursor is exact, then stop.
+                while let Some(result) = in_flight.next().await {
+                    acked = result?.0;
+                }
+                ledger.store().set_publication_cursor(acked + 1)?;
+                return Ok(());
             }
         }
-        ledger.store().set_publication_cursor(next)?;
     }
+}
+
+/// Most publishes awaiting their ack at once. async-nats allows 5,000 pending acks per context
+/// and makes `send_publish` wait for a free one; staying below that (with a batch of at most 512
+/// on top) keeps this loop from waiting on itself.
+const MAX_IN_FLIGHT: usize = 4096;
+
+type AckFuture = std::pin::Pin<Box<dyn Future<Output = Result<(u64, i64), LedgerError>> + Send>>;
+
+/// Sends one event and returns a future of its acknowledgement: (position, recorded-at µs).
+async fn publish(js: &jetstream::Context, env: &Envelope) -> Result<AckFuture, LedgerError> {
+    let payload = serde_json::to_vec(env).map_err(|e| LedgerError::Corrupt {
+        position: env.position,
+        what: e.to_string(),
+    })?;
+    let msg = jetstream::message::PublishMessage::build()
+        .payload(Bytes::from(payload))
+        .message_id(env.id.to_string())
+        .expected_last_sequence(env.position - 1)
+        .header(POSITION_HEADER, env.position.to_string().as_str());
+    let position = env.position;
+    let recorded_at = env.recorded_at.timestamp_micros();
+    let ack: PublishAckFuture = js
+        .send_publish(subject_for(&env.event_type), msg)
+        .await
+        .map_err(|e| LedgerError::Nats(format!("publish {position}: {e}")))?;
+    Ok(Box::pin(async move {
+        ack.await
+            .map_err(|e| LedgerError::Nats(format!("ack of {position}: {e}")))?;
+        Ok((position, recorded_at))
+    }))
 }
 
 /// Waits until the stream holds every event up to `position` (for tests and tools).
