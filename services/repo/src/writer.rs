@@ -16,8 +16,10 @@
 //!   per core at a time (a semaphore), never on the async runtime.
 //! - Memory is bounded whatever the stream size: each stream has at most
 //!   `chunks_in_flight` chunks between reading and upload, uploads are bounded by
-//!   `upload_concurrency`, and the read buffer holds at most `2 * max_size` bytes. A stream's
-//!   peak is about `(chunks_in_flight + 2) * 2 * max_size`.
+//!   `upload_concurrency`, and the read buffer holds `2 * max_size` bytes. A stream's peak is
+//!   the buffer plus, per chunk in flight, its plaintext, its sealed form and the read-back copy
+//!   (at most `2 * max + chunks_in_flight * 3 * max`; about 20 MiB with the default sizes and
+//!   1 MiB-average chunks).
 //! - Deduplication: the index starts with every chunk listed under `chunks/`, described (sealed
 //!   SHA3 and key) from the most recent manifests; chunks added by this backup join it as they
 //!   are stored. Two streams meeting the same new chunk upload it once (the second waits for the

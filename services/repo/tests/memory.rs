@@ -78,24 +78,26 @@ async fn backup_generated(t: &TestRepo, len: u64, seed: u64) -> u64 {
 async fn peak_memory_is_bounded_whatever_the_data_size() {
     let t = TestRepo::new(RepoParams::default()).await;
     let base = peak_rss_kib();
-    assert_eq!(backup_generated(&t, 64 << 20, 1).await, 64 << 20);
+    assert_eq!(backup_generated(&t, 48 << 20, 1).await, 48 << 20);
     let after_small = peak_rss_kib();
-    assert_eq!(backup_generated(&t, 256 << 20, 2).await, 256 << 20);
+    assert_eq!(backup_generated(&t, 192 << 20, 2).await, 192 << 20);
     let after_large = peak_rss_kib();
     eprintln!(
-        "peak RSS: start {} MiB, after 64 MiB {} MiB, after 256 MiB {} MiB",
+        "peak RSS: start {} MiB, after 48 MiB {} MiB, after 192 MiB {} MiB",
         base / 1024,
         after_small / 1024,
         after_large / 1024
     );
-    // Four times the data, (almost) no more memory; and well under the product's budget.
+    // Four times the data, little more memory (allocator arenas of the blocking pool's threads
+    // account for what growth there is); and the peak stays below the size of the data itself,
+    // far under the product's 300 MB budget.
     assert!(
         after_large - after_small < 48 << 10,
         "peak grew by {} KiB",
         after_large - after_small
     );
     assert!(
-        after_large - base < 200 << 10,
+        after_large - base < 128 << 10,
         "peak {} KiB above start",
         after_large - base
     );

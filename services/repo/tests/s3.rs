@@ -220,3 +220,23 @@ async fn slow_down_answers_are_retried_with_backoff() {
     );
     assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 3);
 }
+
+#[tokio::test]
+async fn credentials_and_region_from_the_aws_environment() {
+    let garage = backstop_testkit::Garage::start().expect("start Garage");
+    // SAFETY: this test binary's other tests use static credentials and an explicit region, so
+    // nothing else reads these variables concurrently in a way that matters.
+    unsafe {
+        std::env::set_var("AWS_ACCESS_KEY_ID", garage.access_key());
+        std::env::set_var("AWS_SECRET_ACCESS_KEY", garage.secret_key());
+        std::env::set_var("AWS_REGION", garage.region());
+    }
+    let s = S3Settings {
+        endpoint: Some(garage.endpoint()),
+        bucket: garage.bucket().to_string(),
+        ..Default::default()
+    };
+    let b = S3Backend::connect(s).await.unwrap();
+    b.put("env/x", Bytes::from_static(b"1")).await.unwrap();
+    assert_eq!(b.get("env/x").await.unwrap(), Bytes::from_static(b"1"));
+}
