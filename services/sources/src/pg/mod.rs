@@ -9,7 +9,9 @@
 pub mod conninfo;
 pub mod logical;
 pub mod names;
+pub mod physical;
 mod tools;
+pub mod wal;
 
 pub use conninfo::ConnInfo;
 pub use names::QualifiedName;
