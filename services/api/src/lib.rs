@@ -1,1 +1,362 @@
-//! backstop-api
+//! The dashboard, the JSON API, `/metrics` and the audit export, served by axum from the
+//! projections (PostgreSQL) and the ledger.
+//!
+//! ```text
+//!  browser ── GET /, /backups/ID, /audit ─────┐
+//!  scripts ── GET /api/... POST /api/... ─────┼─► auth (tokens, roles) ─► projections (reads)
+//!  Prometheus ── GET /metrics ────────────────┘                         ─► ledger (appends, SSE,
+//!                                                                          audit export)
+//! ```
+//!
+//! Invariants:
+//! - Every error goes through [`error::ApiError`] (one mapping to status codes); malformed input
+//!   is a 400 with a message, never a 500.
+//! - Every refused request (401, 403) is recorded as an `access.denied` event before the answer
+//!   is sent ([`auth`] has the role matrix).
+//! - Without a projections database the API still serves `/healthz`, `/metrics` (ledger figures)
+//!   and the live event stream; pages that need projections answer 503 with what to configure.
+//! - Live streams end when the shutdown watch fires, so a graceful shutdown never waits on a
+//!   browser.
+
+pub mod audit_export;
+pub mod auth;
+pub mod charts;
+pub mod error;
+mod handlers;
+mod live;
+mod metrics_text;
+mod pages;
+pub mod params;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use axum::Router;
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, Method};
+use axum::routing::{get, post};
+use backstop_events::{AccessDenied, Actor, Event, NewEvent, streams};
+use backstop_ledger::{Appender, ExpectedVersion, Ledger};
+use backstop_projections::Projections;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Serialize;
+use tokio::sync::watch;
+
+pub use auth::{Need, Role, TokenEntry, Tokens};
+pub use error::ApiError;
+
+use auth::Caller;
+
+/// A live check of the backup storage, supplied by whoever knows the repository (the CLI).
+#[async_trait]
+pub trait StorageProbe: Send + Sync {
+    /// What is probed, for people: `s3://bucket/prefix at http://host:port`, `/var/backups/x`.
+    fn describe(&self) -> String;
+    /// Round-trips to the storage; the time it took, or what went wrong.
+    async fn probe(&self) -> Result<Duration, String>;
+}
+
+/// How the API behaves; from the `[api]` section of the configuration.
+#[derive(Clone, Debug)]
+pub struct ApiConfig {
+    pub tokens: Tokens,
+    /// Serve the overview and backup pages (and their JSON) without a token.
+    pub public_dashboard: bool,
+    /// Serve `/metrics` without a token (the Prometheus convention on a private network).
+    pub metrics_public: bool,
+    /// Whether events are published to NATS (so the publication lag means something).
+    pub publication: bool,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            tokens: Tokens::default(),
+            public_dashboard: false,
+            metrics_public: true,
+            publication: false,
+        }
+    }
+}
+
+/// The result of a storage probe, as shown and cached.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProbeResult {
+    pub configured: bool,
+    pub target: Option<String>,
+    pub ok: bool,
+    pub latency_ms: Option<f64>,
+    pub error: Option<String>,
+    pub checked_at: chrono::DateTime<chrono::Utc>,
+}
+
+struct Inner {
+    config: ApiConfig,
+    projections: Option<Projections>,
+    ledger: Ledger,
+    appender: Arc<dyn Appender>,
+    storage: Option<Arc<dyn StorageProbe>>,
+    prometheus: Option<PrometheusHandle>,
+    templates: minijinja::Environment<'static>,
+    probe_cache: Mutex<Option<(Instant, ProbeResult)>>,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// Everything a request handler needs. Cheap to clone.
+#[derive(Clone)]
+pub struct ApiState(Arc<Inner>);
+
+/// How long a storage probe result is reused: the overview under load must not hammer S3.
+const PROBE_TTL: Duration = Duration::from_secs(10);
+
+impl ApiState {
+    pub fn new(
+        config: ApiConfig,
+        ledger: Ledger,
+        appender: Arc<dyn Appender>,
+        projections: Option<Projections>,
+        shutdown: watch::Receiver<bool>,
+    ) -> ApiState {
+        ApiState(Arc::new(Inner {
+            config,
+            projections,
+            ledger,
+            appender,
+            storage: None,
+            prometheus: None,
+            templates: pages::templates(),
+            probe_cache: Mutex::new(None),
+            shutdown,
+        }))
+    }
+
+    /// Adds the live storage check (call before serving).
+    pub fn with_storage(mut self, probe: Arc<dyn StorageProbe>) -> ApiState {
+        if let Some(inner) = Arc::get_mut(&mut self.0) {
+            inner.storage = Some(probe);
+        }
+        self
+    }
+
+    /// Adds a Prometheus recorder whose metrics `/metrics` appends (HTTP request metrics, and any
+    /// `metrics::counter!` other crates record, such as worker redeliveries).
+    pub fn with_prometheus(mut self, handle: PrometheusHandle) -> ApiState {
+        if let Some(inner) = Arc::get_mut(&mut self.0) {
+            inner.prometheus = Some(handle);
+        }
+        self
+    }
+
+    fn projections(&self) -> Result<&Projections, ApiError> {
+        self.0.projections.as_ref().ok_or_else(|| {
+            ApiError::Unavailable(
+                "projections are not configured: set projections.database_url (or --projections-url / BACKSTOP_PROJECTIONS_URL) to a PostgreSQL database Backstop may create tables in, and restart `backstop serve`".into(),
+            )
+        })
+    }
+
+    /// Runs the storage probe, or returns the result of one run less than [`PROBE_TTL`] ago.
+    pub async fn storage_status(&self, fresh: bool) -> ProbeResult {
+        if !fresh
+            && let Ok(cache) = self.0.probe_cache.lock()
+            && let Some((at, r)) = cache.as_ref()
+            && at.elapsed() < PROBE_TTL
+        {
+            return r.clone();
+        }
+        let now = backstop_events::now_micros();
+        let result = match &self.0.storage {
+            None => ProbeResult {
+                configured: false,
+                target: None,
+                ok: false,
+                latency_ms: None,
+                error: Some("no storage probe is configured in this process".into()),
+                checked_at: now,
+            },
+            Some(p) => {
+                let target = Some(p.describe());
+                match tokio::time::timeout(Duration::from_secs(5), p.probe()).await {
+                    Ok(Ok(d)) => ProbeResult {
+                        configured: true,
+                        target,
+                        ok: true,
+                        latency_ms: Some(d.as_secs_f64() * 1000.0),
+                        error: None,
+                        checked_at: now,
+                    },
+                    Ok(Err(e)) => ProbeResult {
+                        configured: true,
+                        target,
+                        ok: false,
+                        latency_ms: None,
+                        error: Some(e),
+                        checked_at: now,
+                    },
+                    Err(_) => ProbeResult {
+                        configured: true,
+                        target,
+                        ok: false,
+                        latency_ms: None,
+                        error: Some("no answer within 5 s".into()),
+                        checked_at: now,
+                    },
+                }
+            }
+        };
+        if let Ok(mut cache) = self.0.probe_cache.lock() {
+            *cache = Some((Instant::now(), result.clone()));
+        }
+        result
+    }
+
+    /// Decides whether the request may proceed; records a refusal as an `access.denied` event.
+    pub(crate) async fn authorize(&self, ctx: &Ctx, need: Need) -> Result<Caller, ApiError> {
+        let token = ctx.token();
+        let caller = auth::identify(&self.0.config.tokens, token.as_deref());
+        let refusal = match (&caller, need) {
+            (Caller::Known { role, .. }, need) if need.allows(*role) => return Ok(caller),
+            (Caller::Anonymous, Need::Dashboard) if self.0.config.public_dashboard => {
+                return Ok(caller);
+            }
+            (Caller::Anonymous, _) => ApiError::Unauthorized(if self.0.config.tokens.is_empty() {
+                "no token given, and no API token is configured on this server: add [[api.tokens]] (name, role, sha3) or api.tokens_file to the configuration, then send `Authorization: Bearer TOKEN`".into()
+            } else {
+                "no token given: send `Authorization: Bearer TOKEN` (or sign in at /login for the dashboard)".into()
+            }),
+            (Caller::UnknownToken { .. }, _) => ApiError::Unauthorized(
+                "the token is not valid on this server (unknown or revoked)".into(),
+            ),
+            (Caller::Known { role, .. }, need) => ApiError::Forbidden(format!(
+                "{}; your token has the {role} role",
+                need.describe()
+            )),
+        };
+        self.record_denial(ctx, &caller, &refusal).await;
+        Err(refusal)
+    }
+
+    async fn record_denial(&self, ctx: &Ctx, caller: &Caller, refusal: &ApiError) {
+        let actor = match caller {
+            Caller::Known { name, .. } => Actor::operator(name.clone()),
+            _ => Actor::worker("api"),
+        };
+        let event = Event::AccessDenied(AccessDenied {
+            caller: caller.describe(&ctx.peer()),
+            role: caller.role().map(|r| r.to_string()),
+            method: ctx.method.to_string(),
+            path: ctx.path.chars().take(512).collect(),
+            reason: refusal.to_string(),
+        });
+        let stream = streams::access();
+        let e = NewEvent::new(stream.clone(), actor, &event);
+        let append = self
+            .0
+            .appender
+            .append(&stream, ExpectedVersion::Any, vec![e]);
+        match tokio::time::timeout(Duration::from_secs(5), append).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "could not record a refused request"),
+            Err(_) => tracing::error!("recording a refused request timed out"),
+        }
+    }
+}
+
+/// What the handlers need to know about a request for authorization and auditing.
+pub(crate) struct Ctx {
+    pub headers: HeaderMap,
+    pub method: Method,
+    pub path: String,
+    pub peer: Option<SocketAddr>,
+}
+
+impl Ctx {
+    fn peer(&self) -> String {
+        self.peer
+            .map(|p| p.ip().to_string())
+            .unwrap_or_else(|| "unknown address".into())
+    }
+
+    /// The bearer token, or the sign-in cookie on reads.
+    fn token(&self) -> Option<String> {
+        if let Some(v) = self.headers.get(axum::http::header::AUTHORIZATION) {
+            let v = v.to_str().unwrap_or("");
+            let t = v
+                .strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+                .unwrap_or("")
+                .trim();
+            // A malformed header counts as a token that matches nothing (401, recorded).
+            return Some(t.to_string());
+        }
+        if self.method == Method::GET || self.method == Method::HEAD {
+            return pages::cookie_token(&self.headers);
+        }
+        None
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Ctx {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(Ctx {
+            headers: parts.headers.clone(),
+            method: parts.method.clone(),
+            path: parts.uri.path().to_string(),
+            peer: parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0),
+        })
+    }
+}
+
+/// The routes. See [`auth`] for who may call what.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/", get(pages::overview))
+        .route("/partials/overview", get(pages::overview_partial))
+        .route("/backups/{id}", get(pages::backup))
+        .route("/audit", get(pages::audit))
+        .route("/login", get(pages::login_form).post(pages::login))
+        .route("/logout", post(pages::logout))
+        .route("/healthz", get(handlers::healthz))
+        .route("/metrics", get(metrics_text::metrics))
+        .route("/api/overview", get(handlers::overview))
+        .route(
+            "/api/backups",
+            get(handlers::backups).post(handlers::request_backup),
+        )
+        .route("/api/backups/{id}", get(handlers::backup))
+        .route("/api/restores", post(handlers::request_restore))
+        .route("/api/charts/sizes", get(handlers::size_chart))
+        .route("/api/charts/storage", get(handlers::storage_chart))
+        .route("/api/verifications", get(handlers::verifications))
+        .route("/api/storage/connectivity", get(handlers::connectivity))
+        .route("/api/recovery-estimate", get(handlers::recovery_estimate))
+        .route("/api/alerts", get(handlers::alerts))
+        .route("/api/audit", get(handlers::audit))
+        .route("/api/audit/export", get(handlers::audit_export))
+        .route("/api/events/stream", get(live::stream))
+        .fallback(handlers::not_found)
+        .layer(axum::middleware::from_fn(metrics_text::track))
+        .with_state(state)
+}
+
+/// Serves the router on `listener` until `shutdown` turns true.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: ApiState,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        })
+        .await
+}

@@ -1,0 +1,675 @@
+//! The JSON API. Each handler: parse and check parameters (400), authorize (401/403, recorded),
+//! then read the projections or append to the ledger.
+
+use std::io::Write;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use backstop_events::{
+    Actor, BackupKind, BackupRequested, Event, NewEvent, RecoveryRequested, RecoveryScope, Trigger,
+    streams, uuid_v7,
+};
+use backstop_ledger::ExpectedVersion;
+use backstop_projections::read::{
+    AlertRow, AuditFilter, BackupRow, RecoveryEstimate, SizePoint, SourceSummary, StoragePoint,
+    VerificationDay, VerificationRow,
+};
+use chrono::{DateTime, Duration, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::audit_export::{self, ExportRange, Format};
+use crate::auth::{Caller, Need};
+use crate::error::ApiError;
+use crate::params::{JsonBody, Params, path_uuid};
+use crate::{ApiState, Ctx, ProbeResult};
+
+/// A backup is "stale" when its source has had no success for this long (the brief's alert).
+pub const STALE_AFTER_HOURS: i64 = 25;
+
+#[derive(Serialize)]
+pub struct SourceView {
+    #[serde(flatten)]
+    pub summary: SourceSummary,
+    /// Seconds since the last successful backup completed.
+    pub age_seconds: Option<i64>,
+    /// ok | stale | failing | never
+    pub status: &'static str,
+}
+
+#[derive(Serialize)]
+pub struct ProjectorView {
+    pub name: String,
+    pub position: u64,
+    pub lag: u64,
+}
+
+#[derive(Serialize)]
+pub struct Overview {
+    pub generated_at: DateTime<Utc>,
+    pub ledger_head: u64,
+    pub projectors: Vec<ProjectorView>,
+    pub sources: Vec<SourceView>,
+    pub recent: Vec<BackupRow>,
+    pub verification_days: Vec<VerificationDay>,
+    pub verifications: Vec<VerificationRow>,
+    pub verified_passed_7d: i64,
+    pub verified_failed_7d: i64,
+    pub estimate: Option<RecoveryEstimate>,
+    pub storage: ProbeResult,
+    pub alerts: Vec<AlertRow>,
+    pub sizes: Vec<SizePoint>,
+    pub storage_series: Vec<StoragePoint>,
+    pub chart_since: DateTime<Utc>,
+}
+
+pub(crate) async fn overview_data(state: &ApiState) -> Result<Overview, ApiError> {
+    let p = state.projections()?;
+    let now = Utc::now();
+    let week = now - Duration::days(7);
+    let month = now - Duration::days(30);
+    let (sources, recent, days, verifications, estimate, alerts, sizes, series, positions) = tokio::try_join!(
+        p.sources(),
+        p.backups(None, None, 15),
+        p.verification_days(week),
+        p.verifications_since(week, 20),
+        p.recovery_estimate(None),
+        p.open_alerts(20),
+        p.size_series(None, month, 60),
+        p.storage_series(month, true),
+        p.positions(),
+    )?;
+    let storage = state.storage_status(false).await;
+    let head = state.0.ledger.head().position;
+    let sources = sources
+        .into_iter()
+        .map(|s| {
+            let age = s
+                .last_success
+                .as_ref()
+                .and_then(|b| b.completed_at)
+                .map(|t| (now - t).num_seconds().max(0));
+            let status = match (&s.last_success, age) {
+                (None, _) => "never",
+                _ if s.latest.state == "failed" => "failing",
+                (Some(b), _) if b.verification_state == "failed" => "failing",
+                (_, Some(a)) if a > STALE_AFTER_HOURS * 3600 => "stale",
+                _ => "ok",
+            };
+            SourceView {
+                summary: s,
+                age_seconds: age,
+                status,
+            }
+        })
+        .collect();
+    Ok(Overview {
+        generated_at: now,
+        ledger_head: head,
+        projectors: positions
+            .into_iter()
+            .map(|(name, position)| ProjectorView {
+                lag: head.saturating_sub(position),
+                name,
+                position,
+            })
+            .collect(),
+        sources,
+        recent,
+        verified_passed_7d: days.iter().map(|d| d.passed).sum(),
+        verified_failed_7d: days.iter().map(|d| d.failed).sum(),
+        verification_days: days,
+        verifications,
+        estimate,
+        storage,
+        alerts,
+        sizes,
+        storage_series: series,
+        chart_since: month,
+    })
+}
+
+pub async fn healthz(State(state): State<ApiState>) -> Response {
+    let projections = match state.0.projections.as_ref() {
+        None => "not configured",
+        Some(p) => match sqlx::query("SELECT 1").execute(p.pool()).await {
+            Ok(_) => "ok",
+            Err(_) => "unreachable",
+        },
+    };
+    let body = serde_json::json!({
+        "status": "ok",
+        "ledger_head": state.0.ledger.head().position,
+        "projections": projections,
+    });
+    (StatusCode::OK, Json(body)).into_response()
+}
+
+pub async fn not_found(ctx: Ctx) -> ApiError {
+    ApiError::NotFound(format!(
+        "no such page or endpoint: {} {}",
+        ctx.method, ctx.path
+    ))
+}
+
+pub async fn overview(
+    State(state): State<ApiState>,
+    ctx: Ctx,
+    params: Params,
+) -> Result<Json<Overview>, ApiError> {
+    params.only(&[])?;
+    state.authorize(&ctx, Need::Dashboard).await?;
+    Ok(Json(overview_data(&state).await?))
+}
+
+pub async fn backups(
+    State(state): State<ApiState>,
+    ctx: Ctx,
+    params: Params,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    params.only(&["source", "limit", "before"])?;
+    let source = params.short("source", 200)?;
+    let limit = params.uint("limit", 50, 1, 1000)? as u32;
+    let before = params.opt_uint("before", 1, i64::MAX as u64)?;
+    state.authorize(&ctx, Need::Dashboard).await?;
+    let rows = state
+        .projections()?
+        .backups(source.as_deref(), before.map(|b| b as i64), limit)
+        .await?;
+    let next = if rows.len() == limit as usize {
+        rows.last().map(|r| r.last_position)
+    } else {
+        None
+    };
+    Ok(Json(
+        serde_json::json!({ "backups": rows, "next_before": next }),
+    ))
+}
+
+#[derive(Serialize)]
+pub struct BackupDetail {
+    pub backup: BackupRow,
+    pub tables: Vec<backstop_projections::read::TableRow>,
+    pub verifications: Vec<VerificationRow>,
+}
+
+pub(crate) async fn backup_detail(state: &ApiState, id: &str) -> Result<BackupDetail, ApiError> {
+    let id = path_uuid(id, "the backup id")?;
+    let p = state.projections()?;
+    let backup = p
+        .backup(id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no backup {id} in the projections")))?;
+    let (tables, verifications) =
+        tokio::try_join!(p.backup_tables(id), p.backup_verifications(id))?;
+    Ok(BackupDetail {
+        backup,
+        tables,
+        verifications,
+    })
+}
+
+pub async fn backup(
+    State(state): State<ApiState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    params: Params,
+) -> Result<Json<BackupDetail>, ApiError> {
+    params.only(&[])?;
+    state.authorize(&ctx, Need::Dashboard).await?;
+    Ok(Json(backup_detail(&state, &id).await?))
+}
+
+pub async fn size_chart(
+    State(state): State<ApiState>,
+    ctx: Ctx,
+    params: Params,
+) -> Result<Json<Vec<SizePoint>>, ApiError> {
+    params.only(&["source", "days", "limit"])?;
+    let source = params.short("source", 200)?;
+    let days = params.uint("days", 30, 1, 3650)? as i64;
+    let limit = params.uint("limit", 200, 1, 5000)? as u32;
+    state.authorize(&ctx, Need::Dashboard).await?;
+    Ok(Json(
+        state
+            .projections()?
+            .size_series(source.as_deref(), Utc::now() - Duration::days(days), limit)
+            .await?,
+    ))
+}
+
+pub async fn storage_chart(
+    State(state): State<ApiState>,
+    ctx: Ctx,
+    params: Params,
+) -> Result<Json<Vec<StoragePoint>>, ApiError> {
+    params.only(&["days", "bucket"])?;
+    let days = params.uint("days", 90, 1, 3650)? as i64;
+    let daily = match params.text("bucket").as_deref() {
+        None | Some("day") => true,
+        Some("hour") => false,
+        Some(other) => {
+            return Err(ApiError::bad(format!(
+                "`bucket` must be hour or day, got {other:?}"
+            )));
+        }
+    };
+    state.authorize(&ctx, Need::Dashboard).await?;
+    Ok(Json(
+        state
+            .projections()?
+            .storage_series(Utc::now() - Duration::days(days), daily)
+            .await?,
+    ))
+}
+
+pub async fn verifications(
+    State(state): State<ApiState>,
+    ctx: Ctx,
+    params: Params,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    params.only(&["days", "limit"])?;
+    let days = params.uint("days", 7, 1, 365)? as i64;
+    let limit = params.uint("limit", 100, 1, 1000)? as u32;
+    state.authorize(&ctx, Need::Dashboard).await?;
+    let p = state.projections()?;
+    let since = Utc::now() - Duration::days(days);
+    let (per_day, runs) = tokio::try_join!(
+        p.verification_days(since),
+        p.verifications_since(since, limit)
+    )?;
+    Ok(Json(
+        serde_json::json!({ "days": per_day, "verifications": runs }),
+    ))
+}
+
+pub async fn connectivity(
+    State(state): State<ApiState>,
+    ctx: Ctx,
+    params: Params,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    params.only(&[])?;
+    state.authorize(&ctx, Need::Dashboard).await?;
+    let live = state.storage_status(true).await;
+    let recorded = match state.0.projections.as_ref() {
+        Some(p) => p.connectivity().await.unwrap_or_default(),
+        None => Vec::new(),
+    };
+    Ok(Json(
+        serde_json::json!({ "live": live, "recorded": recorded }),
+    ))
+}
+
+pub async fn recovery_estimate(
+    State(state): State<ApiState>,
+    ctx: Ctx,
+    params: Params,
+) -> Result<Json<Option<RecoveryEstimate>>, ApiError> {
+    params.only(&["source"])?;
+    let source = params.short("source", 200)?;
+    state.authorize(&ctx, Need::Dashboard).await?;
+    Ok(Json(
+        state
+            .projections()?
+            .recovery_estimate(source.as_deref())
+            .await?,
+    ))
+}
+
+pub async fn alerts(
+    State(state): State<ApiState>,
+    ctx: Ctx,
+    params: Params,
+) -> Result<Json<Vec<AlertRow>>, ApiError> {
+    params.only(&["limit"])?;
+    let limit = params.uint("limit", 100, 1, 1000)? as u32;
+    state.authorize(&ctx, Need::Dashboard).await?;
+    Ok(Json(state.projections()?.open_alerts(limit).await?))
+}
+
+/// The audit filter from query parameters (shared by the JSON API and the audit page).
+pub(crate) fn audit_filter(params: &Params) -> Result<AuditFilter, ApiError> {
+    params.only(&["type", "actor", "stream", "from", "to", "before", "limit"])?;
+    let types: Vec<String> = params
+        .short("type", 2000)?
+        .map(|t| {
+            t.split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    for t in &types {
+        let ok = t.len() <= 100
+            && t.bytes().all(|b| {
+                b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'*')
+            });
+        if !ok {
+            return Err(ApiError::bad(format!(
+                "`type` {t:?} is not an event type (like backup.completed, or a prefix like verification.*)"
+            )));
+        }
+    }
+    let f = AuditFilter {
+        types,
+        actor: params.short("actor", 200)?,
+        stream: params.short("stream", 200)?,
+        from: params.time("from")?,
+        to: params.time("to")?,
+        before: params.opt_uint("before", 1, i64::MAX as u64)?,
+        limit: params.uint("limit", 50, 1, 1000)? as u32,
+    };
+    if let (Some(a), Some(b)) = (f.from, f.to)
+        && a >= b
+    {
+        return Err(ApiError::bad("`from` must be before `to`"));
+    }
+    Ok(f)
+}
+
+pub async fn audit(
+    State(state): State<ApiState>,
+    ctx: Ctx,
+    params: Params,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let filter = audit_filter(&params)?;
+    state.authorize(&ctx, Need::Read).await?;
+    let rows = state.projections()?.audit(&filter).await?;
+    let next = if rows.len() == filter.limit as usize {
+        rows.last().map(|r| r.position)
+    } else {
+        None
+    };
+    Ok(Json(
+        serde_json::json!({ "events": rows, "next_before": next }),
+    ))
+}
+
+/// `Write` into a channel that feeds a streaming response body.
+struct ChannelWriter {
+    tx: tokio::sync::mpsc::Sender<Result<Vec<u8>, std::io::Error>>,
+    buf: Vec<u8>,
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= 64 * 1024 {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::take(&mut self.buf);
+        self.tx
+            .blocking_send(Ok(chunk))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "client went away"))
+    }
+}
+
+pub async fn audit_export(
+    State(state): State<ApiState>,
+    ctx: Ctx,
+    params: Params,
+) -> Result<Response, ApiError> {
+    params.only(&["from", "to", "from_position", "to_position", "format"])?;
+    let range = ExportRange {
+        from: params.time("from")?,
+        to: params.time("to")?,
+        from_position: params.opt_uint("from_position", 1, i64::MAX as u64)?,
+        to_position: params.opt_uint("to_position", 1, i64::MAX as u64)?,
+    };
+    let format: Format = params
+        .text("format")
+        .unwrap_or_else(|| "jsonl".into())
+        .parse()
+        .map_err(ApiError::BadRequest)?;
+    let caller = state.authorize(&ctx, Need::AuditExport).await?;
+    let store = state.0.ledger.store().clone();
+    let key = state.0.ledger.public_key().to_string();
+    let plan = {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || audit_export::plan(&store, &key, &range))
+            .await
+            .map_err(|e| ApiError::Internal(format!("export task failed: {e}")))?
+    };
+    let plan = plan.map_err(|e| match e {
+        audit_export::ExportError::Empty { .. } => ApiError::NotFound(e.to_string()),
+        audit_export::ExportError::NoCheckpoint { .. } => ApiError::Conflict(e.to_string()),
+        audit_export::ExportError::BadRange(m) => ApiError::BadRequest(m),
+        other => ApiError::Internal(other.to_string()),
+    })?;
+    if let Caller::Known { name, .. } = &caller {
+        tracing::info!(auditor = %name, first = plan.header.first_position, last = plan.header.last_position, "audit export");
+    }
+    let filename = format!(
+        "backstop-audit-{}-{}.{}",
+        plan.header.first_position,
+        plan.header.last_position,
+        match format {
+            Format::Jsonl => "jsonl",
+            Format::Csv => "csv",
+        }
+    );
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tokio::task::spawn_blocking(move || {
+        let mut w = ChannelWriter {
+            tx: tx.clone(),
+            buf: Vec::new(),
+        };
+        if let Err(e) = audit_export::write(&store, &plan, format, &mut w) {
+            tracing::warn!(error = %e, "audit export stopped");
+            let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+        }
+    });
+    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                match format {
+                    Format::Jsonl => "application/x-ndjson".to_string(),
+                    Format::Csv => "text/csv; charset=utf-8".to_string(),
+                },
+            ),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{filename}\""),
+            ),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+fn operator_name(caller: &Caller) -> Result<String, ApiError> {
+    match caller {
+        Caller::Known { name, .. } => Ok(name.clone()),
+        _ => Err(ApiError::Unauthorized("a token is required".into())),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupRequest {
+    pub source: String,
+    #[serde(default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub physical: bool,
+}
+
+fn check_source_name(s: &str) -> Result<(), ApiError> {
+    let ok = !s.is_empty()
+        && s.len() <= 100
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad(format!(
+            "`source` must be 1 to 100 characters of [A-Za-z0-9._-], got {s:?}"
+        )))
+    }
+}
+
+/// `POST /api/backups {"source": "...", "kind": "full"}`: records `backup.requested`.
+pub async fn request_backup(
+    State(state): State<ApiState>,
+    ctx: Ctx,
+    params: Params,
+    body: Result<JsonBody<BackupRequest>, ApiError>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    params.only(&[])?;
+    let caller = state.authorize(&ctx, Need::RequestBackup).await?;
+    let JsonBody(req) = body?;
+    check_source_name(&req.source)?;
+    let kind: BackupKind = req
+        .kind
+        .as_deref()
+        .unwrap_or("full")
+        .parse()
+        .map_err(ApiError::BadRequest)?;
+    let name = operator_name(&caller)?;
+    let backup_id = uuid_v7();
+    let stream = streams::backup(backup_id);
+    let e = NewEvent::new(
+        stream.clone(),
+        Actor::operator(name.clone()),
+        &Event::BackupRequested(BackupRequested {
+            backup_id,
+            source: req.source.clone(),
+            kind,
+            physical: req.physical,
+            trigger: Trigger::Manual,
+            attempt: 1,
+        }),
+    );
+    let appended = state
+        .0
+        .appender
+        .append(&stream, ExpectedVersion::NoStream, vec![e])
+        .await?;
+    let position = appended.events.first().map(|c| c.position);
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({
+            "backup_id": backup_id, "source": req.source, "kind": kind,
+            "requested_by": name, "position": position,
+        })),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRequest {
+    /// A backup id, or `latest` (with `source`, or across sources).
+    pub backup: String,
+    #[serde(default)]
+    pub source: Option<String>,
+    /// Where to restore: a connection string without a password, or a directory.
+    pub target: String,
+    #[serde(default)]
+    pub tables: Vec<String>,
+    #[serde(default)]
+    pub point_in_time: Option<String>,
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// `POST /api/restores`: records `recovery.requested` with the recovery lead's identity.
+pub async fn request_restore(
+    State(state): State<ApiState>,
+    ctx: Ctx,
+    params: Params,
+    body: Result<JsonBody<RestoreRequest>, ApiError>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    params.only(&[])?;
+    let caller = state.authorize(&ctx, Need::Restore).await?;
+    let JsonBody(req) = body?;
+    let target = req.target.trim();
+    if target.is_empty() || target.len() > 1000 {
+        return Err(ApiError::bad(
+            "`target` must be a connection string or a directory (1 to 1000 characters)",
+        ));
+    }
+    let lower = target.to_lowercase();
+    if lower.contains("password=") || has_url_password(target) {
+        return Err(ApiError::bad(
+            "`target` must not carry a password: it is recorded in the ledger; the restore worker takes credentials from its own environment (PGPASSFILE or .pgpass)",
+        ));
+    }
+    if let Some(s) = &req.source {
+        check_source_name(s)?;
+    }
+    for t in &req.tables {
+        if t.is_empty() || t.len() > 200 || t.contains(char::is_whitespace) {
+            return Err(ApiError::bad(format!(
+                "table {t:?} must be schema.table or table, without spaces"
+            )));
+        }
+    }
+    if let Some(pit) = &req.point_in_time {
+        crate::params::parse_time(pit)
+            .map_err(|why| ApiError::bad(format!("`point_in_time`: {why}")))?;
+    }
+    let backup_id = if req.backup == "latest" {
+        state
+            .projections()?
+            .latest_completed(req.source.as_deref())
+            .await?
+            .map(|b| b.backup_id)
+            .ok_or_else(|| {
+                ApiError::NotFound(match &req.source {
+                    Some(s) => format!("source `{s}` has no completed backup to restore"),
+                    None => "there is no completed backup to restore".into(),
+                })
+            })?
+    } else {
+        path_uuid(&req.backup, "`backup`")?
+    };
+    let name = operator_name(&caller)?;
+    let recovery_id = uuid_v7();
+    let stream = streams::recovery(recovery_id);
+    let scope = RecoveryScope {
+        target: target.to_string(),
+        tables: req.tables.clone(),
+        point_in_time: req.point_in_time.clone(),
+        dry_run: req.dry_run,
+    };
+    let e = NewEvent::new(
+        stream.clone(),
+        Actor::operator(name.clone()),
+        &Event::RecoveryRequested(RecoveryRequested {
+            recovery_id,
+            backup_id,
+            operator: name.clone(),
+            scope,
+        }),
+    );
+    let appended = state
+        .0
+        .appender
+        .append(&stream, ExpectedVersion::NoStream, vec![e])
+        .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({
+            "recovery_id": recovery_id, "backup_id": backup_id, "operator": name,
+            "position": appended.events.first().map(|c| c.position),
+        })),
+    ))
+}
+
+fn has_url_password(s: &str) -> bool {
+    match (s.find("://"), s.rfind('@')) {
+        (Some(i), Some(at)) if at > i => s[i + 3..at].contains(':'),
+        _ => false,
+    }
+}

@@ -1,0 +1,486 @@
+//! The API over real projections (PostgreSQL 15) and a real ledger: roles and refusals (each
+//! recorded in the ledger), malformed input answered with 400s, the overview, metrics, the audit
+//! query and export, and the 503 when projections are not configured.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use backstop_api::{ApiConfig, ApiState, Role, StorageProbe, TokenEntry, Tokens};
+use backstop_events::NewEvent;
+use backstop_ledger::{Appender, ExpectedVersion, Ledger, LedgerConfig};
+use backstop_projections::sample::{self, BackupSpec};
+use backstop_projections::{Projections, projectors};
+use backstop_testkit::Postgres;
+use chrono::Utc;
+use tower::ServiceExt;
+
+const OPERATOR: &str = "operator-token-0123456789";
+const AUDITOR: &str = "auditor-token-0123456789";
+const LEAD: &str = "lead-token-0123456789abc";
+
+struct DirProbe(std::path::PathBuf);
+
+#[async_trait::async_trait]
+impl StorageProbe for DirProbe {
+    fn describe(&self) -> String {
+        self.0.display().to_string()
+    }
+    async fn probe(&self) -> Result<Duration, String> {
+        let t = std::time::Instant::now();
+        tokio::fs::metadata(&self.0)
+            .await
+            .map_err(|e| format!("{}: {e}", self.0.display()))?;
+        Ok(t.elapsed())
+    }
+}
+
+struct Env {
+    _pg: Option<Postgres>,
+    dir: tempfile::TempDir,
+    ledger: Ledger,
+    state: ApiState,
+    _stop: tokio::sync::watch::Sender<bool>,
+}
+
+fn tokens() -> Tokens {
+    Tokens::new(vec![
+        TokenEntry::from_plain("alice", Role::Operator, OPERATOR).unwrap(),
+        TokenEntry::from_plain("audrey", Role::Auditor, AUDITOR).unwrap(),
+        TokenEntry::from_plain("lee", Role::RecoveryLead, LEAD).unwrap(),
+    ])
+}
+
+async fn append_all(ledger: &Ledger, events: Vec<NewEvent>) {
+    for e in events {
+        let stream = e.stream.clone();
+        ledger
+            .append(&stream, ExpectedVersion::Any, vec![e])
+            .await
+            .unwrap();
+    }
+}
+
+async fn env(with_projections: bool) -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = LedgerConfig::in_data_dir(dir.path());
+    cfg.checkpoint_every = 5;
+    let ledger = Ledger::open(&cfg).unwrap();
+    let now = Utc::now();
+    for day in 0..5 {
+        let mut spec = BackupSpec::new(
+            "trading",
+            now - chrono::Duration::days(4 - day),
+            50_000_000 + day as u64 * 1_000_000,
+        );
+        spec.verified = Some(day != 2);
+        append_all(&ledger, sample::backup(&spec).1).await;
+        append_all(
+            &ledger,
+            vec![sample::storage_sample(
+                now - chrono::Duration::days(4 - day),
+                10_000_000 * (day as u64 + 1),
+                100,
+            )],
+        )
+        .await;
+    }
+    let (pg, projections) = if with_projections {
+        let pg = Postgres::start().unwrap();
+        pg.create_db("api").unwrap();
+        let p = Projections::connect(&pg.conninfo("api")).await.unwrap();
+        p.migrate().await.unwrap();
+        for proj in projectors() {
+            p.catch_up(&ledger, proj.as_ref(), 1000).await.unwrap();
+        }
+        (Some(pg), Some(p))
+    } else {
+        (None, None)
+    };
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let state = ApiState::new(
+        ApiConfig {
+            tokens: tokens(),
+            ..ApiConfig::default()
+        },
+        ledger.clone(),
+        Arc::new(ledger.clone()),
+        projections,
+        stop,
+    )
+    .with_storage(Arc::new(DirProbe(dir.path().to_path_buf())));
+    Env {
+        _pg: pg,
+        dir,
+        ledger,
+        state,
+        _stop: stop_tx,
+    }
+}
+
+async fn call(
+    env: &Env,
+    method: &str,
+    uri: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (StatusCode, String) {
+    let mut req = Request::builder().method(method).uri(uri);
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    if body.is_some() {
+        req = req.header("content-type", "application/json");
+    }
+    let req = req
+        .body(
+            body.map(|b| Body::from(b.to_string()))
+                .unwrap_or_else(Body::empty),
+        )
+        .unwrap();
+    let resp = backstop_api::router(env.state.clone())
+        .oneshot(req)
+        .await
+        .unwrap();
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), 64 << 20)
+        .await
+        .unwrap();
+    (status, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+fn denials(ledger: &Ledger) -> Vec<serde_json::Value> {
+    ledger
+        .read(1, 100_000)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.event_type == "access.denied")
+        .map(|e| {
+            let mut p = e.payload.clone();
+            p["actor"] = e.actor.to_string().into();
+            p
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_decide_and_every_refusal_is_recorded_with_the_caller() {
+    let env = env(true).await;
+
+    let (s, body) = call(&env, "GET", "/api/overview", None, None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{body}");
+    let (s, _) = call(
+        &env,
+        "GET",
+        "/api/overview",
+        Some("not-a-known-token-at-all"),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let (s, body) = call(
+        &env,
+        "POST",
+        "/api/backups",
+        Some(AUDITOR),
+        Some(r#"{"source":"trading"}"#),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{body}");
+    assert!(body.contains("operator"), "{body}");
+    let (s, _) = call(
+        &env,
+        "POST",
+        "/api/restores",
+        Some(OPERATOR),
+        Some(r#"{"backup":"latest","target":"postgres://db/restore"}"#),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, _) = call(&env, "GET", "/api/audit/export", Some(OPERATOR), None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+
+    let d = denials(&env.ledger);
+    assert_eq!(d.len(), 5, "{d:#?}");
+    assert!(
+        d[0]["caller"].as_str().unwrap().starts_with("anonymous"),
+        "{d:#?}"
+    );
+    assert!(
+        d[1]["caller"].as_str().unwrap().contains("unknown token"),
+        "{d:#?}"
+    );
+    assert_eq!(d[2]["role"], "auditor");
+    assert_eq!(d[2]["actor"], "operator:audrey");
+    assert_eq!(d[2]["method"], "POST");
+    assert_eq!(d[2]["path"], "/api/backups");
+    assert_eq!(d[3]["actor"], "operator:alice");
+    assert_eq!(d[3]["path"], "/api/restores");
+    assert!(
+        !serde_json::to_string(&d)
+            .unwrap()
+            .contains("not-a-known-token-at-all"),
+        "tokens never reach the ledger"
+    );
+
+    // Allowed: reads for every role, backups for operators, restores for the recovery lead,
+    // the export for the auditor.
+    for t in [OPERATOR, AUDITOR, LEAD] {
+        let (s, body) = call(&env, "GET", "/api/overview", Some(t), None).await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+    }
+    let (s, body) = call(
+        &env,
+        "POST",
+        "/api/backups",
+        Some(OPERATOR),
+        Some(r#"{"source":"trading","kind":"incremental"}"#),
+    )
+    .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{body}");
+    let requested: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let (s, body) = call(&env, "POST", "/api/restores", Some(LEAD), Some(r#"{"backup":"latest","source":"trading","target":"postgres://db.internal/restore","tables":["public.trades"]}"#)).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{body}");
+    let events = env.ledger.read(1, 100_000).unwrap();
+    let req = events
+        .iter()
+        .find(|e| {
+            e.event_type == "backup.requested" && e.payload["backup_id"] == requested["backup_id"]
+        })
+        .expect("backup.requested by alice");
+    assert_eq!(req.payload["kind"], "incremental");
+    assert_eq!(req.actor.to_string(), "operator:alice");
+    let rec = events
+        .iter()
+        .find(|e| e.event_type == "recovery.requested")
+        .expect("recovery.requested");
+    assert_eq!(rec.payload["operator"], "lee");
+    assert_eq!(rec.actor.to_string(), "operator:lee");
+    assert_eq!(rec.payload["scope"]["tables"][0], "public.trades");
+    let (s, body) = call(
+        &env,
+        "GET",
+        "/api/audit/export?format=jsonl",
+        Some(AUDITOR),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let v = backstop_api::audit_export::verify(
+        std::io::Cursor::new(body.as_bytes()),
+        Some(env.ledger.public_key()),
+    )
+    .expect("the served export verifies");
+    assert!(v.events > 10);
+    assert_eq!(
+        denials(&env.ledger).len(),
+        5,
+        "allowed requests record no refusal"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_input_is_a_400_with_a_message_never_a_500() {
+    let env = env(true).await;
+    let bad_gets = [
+        "/api/audit?limit=abc",
+        "/api/audit?limit=0",
+        "/api/audit?limit=99999999999999999999999",
+        "/api/audit?from=yesterday",
+        "/api/audit?from=2025-02-01&to=2025-01-01",
+        "/api/audit?before=-1",
+        "/api/audit?type=DROP%20TABLE",
+        "/api/audit?tpye=backup.completed",
+        "/api/backups/not-a-uuid",
+        "/api/backups?limit=-5",
+        "/api/charts/storage?bucket=week",
+        "/api/charts/sizes?days=0",
+        "/api/verifications?days=abc",
+        "/api/audit/export?format=xml",
+        "/api/audit/export?from=31/01/2025",
+        "/api/overview?x=1",
+    ];
+    let long_actor = format!("/api/audit?actor={}", "a".repeat(300));
+    for uri in bad_gets
+        .iter()
+        .copied()
+        .chain(std::iter::once(long_actor.as_str()))
+    {
+        let token = if uri.contains("export") {
+            AUDITOR
+        } else {
+            OPERATOR
+        };
+        let (s, body) = call(&env, "GET", uri, Some(token), None).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{uri}: {body}");
+        let v: serde_json::Value =
+            serde_json::from_str(&body).unwrap_or_else(|_| panic!("{uri}: not JSON: {body}"));
+        assert!(
+            v["error"].as_str().is_some_and(|m| m.len() > 10),
+            "{uri}: {body}"
+        );
+    }
+    let bad_posts = [
+        ("/api/backups", "{not json"),
+        ("/api/backups", r#"{"kind":"full"}"#),
+        ("/api/backups", r#"{"source":"trading","kind":"weekly"}"#),
+        ("/api/backups", r#"{"source":"has space"}"#),
+        ("/api/backups", r#"{"source":"x","colour":"red"}"#),
+        (
+            "/api/restores",
+            r#"{"backup":"latest","target":"postgres://u:secret@db/x"}"#,
+        ),
+        (
+            "/api/restores",
+            r#"{"backup":"latest","target":"host=db password=secret"}"#,
+        ),
+        (
+            "/api/restores",
+            r#"{"backup":"nope","target":"/srv/restore"}"#,
+        ),
+        (
+            "/api/restores",
+            r#"{"backup":"latest","target":"/srv/restore","point_in_time":"noon"}"#,
+        ),
+    ];
+    for (uri, body) in bad_posts {
+        let (s, resp) = call(&env, "POST", uri, Some(LEAD), Some(body)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{uri} {body}: {resp}");
+        assert!(resp.contains("\"error\""), "{resp}");
+    }
+    let (s, body) = call(
+        &env,
+        "GET",
+        "/api/backups/0191e8a0-0000-7000-8000-000000000000",
+        Some(OPERATOR),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{body}");
+    let (s, _) = call(&env, "GET", "/no/such/page", Some(OPERATOR), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_overview_page_json_audit_and_metrics_show_the_projections() {
+    let env = env(true).await;
+    let (s, body) = call(&env, "GET", "/api/overview", Some(OPERATOR), None).await;
+    assert_eq!(s, StatusCode::OK);
+    let o: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let src = &o["sources"][0];
+    assert_eq!(src["source"], "trading");
+    assert_eq!(src["last_success"]["verification_state"], "passed");
+    assert_eq!(src["last_success"]["raw_bytes"], 54_000_000);
+    assert!(src["age_seconds"].as_i64().unwrap() < 120);
+    assert_eq!(o["verified_failed_7d"], 1);
+    assert_eq!(o["verified_passed_7d"], 4);
+    assert!(o["estimate"]["estimated_seconds"].as_f64().unwrap() > 0.0);
+    assert_eq!(o["storage"]["ok"], true);
+
+    let (s, html) = call(&env, "GET", "/", Some(OPERATOR), None).await;
+    assert_eq!(s, StatusCode::OK, "{html}");
+    assert!(html.contains("data-source=\"trading\""), "{html}");
+    assert_eq!(
+        html.matches("<rect class=\"bar ").count(),
+        15,
+        "three bars per backup"
+    );
+    assert!(html.contains("class=\"chart storage\""));
+    assert!(html.contains("data-verification=\"passed\""));
+
+    let backup_id = src["last_success"]["backup_id"].as_str().unwrap();
+    let (s, html) = call(
+        &env,
+        "GET",
+        &format!("/backups/{backup_id}"),
+        Some(OPERATOR),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{html}");
+    assert!(html.contains("public.trades"), "{html}");
+
+    let (s, body) = call(
+        &env,
+        "GET",
+        "/api/audit?type=verification.*&limit=3",
+        Some(AUDITOR),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let a: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let events = a["events"].as_array().unwrap();
+    assert_eq!(events.len(), 3);
+    assert!(events.iter().all(|e| {
+        e["event_type"]
+            .as_str()
+            .unwrap()
+            .starts_with("verification.")
+    }));
+    let before = a["next_before"].as_i64().unwrap();
+    let (_, body) = call(
+        &env,
+        "GET",
+        &format!("/api/audit?type=verification.*&limit=3&before={before}"),
+        Some(AUDITOR),
+        None,
+    )
+    .await;
+    let page2: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        page2["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["position"].as_i64().unwrap() < before)
+    );
+    let (s, html) = call(
+        &env,
+        "GET",
+        "/audit?actor=worker:verify",
+        Some(AUDITOR),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{html}");
+    assert!(html.contains("verification.passed"));
+
+    let (s, text) = call(&env, "GET", "/metrics", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    for needle in [
+        "backstop_last_success_timestamp_seconds{source=\"trading\",kind=\"full\"}",
+        "backstop_last_success_bytes{source=\"trading\",kind=\"full\",size=\"raw\"} 54000000",
+        "backstop_verifications_total{result=\"failed\"} 1",
+        "backstop_ledger_head_position",
+        "backstop_projection_lag_events{projector=\"audit\"} 0",
+        "backstop_projections_up 1",
+        "backstop_storage_up 1",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from:\n{text}");
+    }
+    let (s, _) = call(&env, "GET", "/healthz", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    drop(env.dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_projections_pages_say_what_to_configure_and_health_and_metrics_still_work() {
+    let env = env(false).await;
+    let (s, body) = call(&env, "GET", "/api/overview", Some(OPERATOR), None).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body.contains("projections.database_url"), "{body}");
+    let (s, body) = call(&env, "GET", "/", Some(OPERATOR), None).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body.contains("projections.database_url"), "{body}");
+    let (s, body) = call(&env, "GET", "/healthz", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(body.contains("not configured"));
+    let (s, body) = call(&env, "GET", "/metrics", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(body.contains("backstop_projections_up 0"), "{body}");
+    // The export reads the ledger, not the projections.
+    let (s, body) = call(&env, "GET", "/api/audit/export", Some(AUDITOR), None).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+}
