@@ -24,7 +24,7 @@ use crate::error::SourceError;
 use crate::pg::conninfo::ConnInfo;
 use crate::pg::logical::row_counts;
 use crate::pg::tools;
-use crate::pg::wal::{Lsn, RECOVERY_FAILED_MARKER};
+use crate::pg::wal::{Lsn, RECOVERY_FAILED_MARKER, RECOVERY_WARNINGS};
 
 /// How to verify.
 #[derive(Debug, Clone)]
@@ -239,6 +239,7 @@ async fn verify_inner(
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .map_err(|e| PhysicalError::io(format!("chmod 0700 {}", dir.display()), e))?;
     let _ = std::fs::remove_file(dir.join(RECOVERY_FAILED_MARKER));
+    let _ = std::fs::remove_file(dir.join(RECOVERY_WARNINGS));
 
     let mut server = Server {
         dir: dir.to_path_buf(),
@@ -298,9 +299,15 @@ async fn verify_inner(
         seen_pid |= alive;
         if !alive && (seen_pid || clock.elapsed() > Duration::from_secs(30)) {
             server.running = false;
-            let marker = std::fs::read_to_string(dir.join(RECOVERY_FAILED_MARKER))
+            let mut marker = std::fs::read_to_string(dir.join(RECOVERY_FAILED_MARKER))
                 .map(|m| m.trim().to_string())
                 .unwrap_or_default();
+            if let Ok(w) = std::fs::read_to_string(dir.join(RECOVERY_WARNINGS)) {
+                if !marker.is_empty() {
+                    marker.push('\n');
+                }
+                marker.push_str(w.trim());
+            }
             let why = if marker.is_empty() {
                 "the server stopped during recovery".to_string()
             } else {

@@ -10,6 +10,14 @@
 //!   unreadable archive), [`FETCH_FATAL_EXIT`], with the reason on stderr (the caller prints it)
 //!   and in [`RECOVERY_FAILED_MARKER`] in the data directory. In standby mode (`standby.signal`),
 //!   an unreadable archive is 1, because a standby retries.
+//! - Except when recovery has an explicit target (`recovery_target*` set in the data directory's
+//!   `postgresql.conf` or `postgresql.auto.conf`): then a damaged segment or a gap is reported
+//!   ([`FetchOutcome::Unusable`], exit 1) as the end of the usable archive. PostgreSQL (13+)
+//!   refuses to finish such a recovery short of its target ("recovery ended before configured
+//!   recovery target was reached"), so nothing ends early silently; and a target before the
+//!   damage stays reachable even though PostgreSQL's WAL read-ahead (`recovery_prefetch`) asks
+//!   for segments beyond it. The reason is also appended to [`RECOVERY_WARNINGS`] in the data
+//!   directory.
 //! - Prefetch: on a segment not in the spool, the next `prefetch - 1` segments of the same
 //!   timeline are fetched beside it, `parallel` at a time, checked, and kept in
 //!   `<spool>/prefetch/` in the stored form; a later call serves from there after checking the
@@ -24,8 +32,8 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    FETCH_FATAL_EXIT, RECOVERY_FAILED_MARKER, StoredWal, WalError, WalFile, WalKind, WalStore,
-    WalStoreError, decode_stored, encode_stored, segment_name, write_atomic,
+    FETCH_FATAL_EXIT, RECOVERY_FAILED_MARKER, RECOVERY_WARNINGS, StoredWal, WalError, WalFile,
+    WalKind, WalStore, WalStoreError, decode_stored, encode_stored, segment_name, write_atomic,
 };
 
 /// How to fetch.
@@ -37,9 +45,12 @@ pub struct FetchOptions {
     pub parallel: usize,
     /// Spool directory; default `backstop/` beside the destination (i.e. `pg_wal/backstop`).
     pub spool_dir: Option<PathBuf>,
-    /// The data directory (for the failure marker and standby detection); default: the current
-    /// directory, which is where PostgreSQL runs `restore_command`.
+    /// The data directory (for the failure marker, standby and target detection); default: the
+    /// current directory, which is where PostgreSQL runs `restore_command`.
     pub data_dir: Option<PathBuf>,
+    /// Whether recovery has an explicit target (see the module docs); `None`: read it from the
+    /// data directory's configuration files.
+    pub recovery_has_target: Option<bool>,
 }
 
 impl Default for FetchOptions {
@@ -49,6 +60,7 @@ impl Default for FetchOptions {
             parallel: 4,
             spool_dir: None,
             data_dir: None,
+            recovery_has_target: None,
         }
     }
 }
@@ -69,6 +81,9 @@ pub enum FetchOutcome {
     },
     /// Not archived: the end of the archive (exit 1, quietly).
     Missing { name: String },
+    /// Damaged, or missing in a gap, while recovery has an explicit target: reported as the end
+    /// of the usable archive (exit 1); the caller prints `reason` on stderr.
+    Unusable { name: String, reason: String },
 }
 
 impl FetchOutcome {
@@ -76,7 +91,7 @@ impl FetchOutcome {
     pub fn exit_code(&self) -> i32 {
         match self {
             FetchOutcome::Restored { .. } => 0,
-            FetchOutcome::Missing { .. } => 1,
+            FetchOutcome::Missing { .. } | FetchOutcome::Unusable { .. } => 1,
         }
     }
 }
@@ -114,6 +129,19 @@ pub fn fetch_failure(opts: &FetchOptions, message: &str, retryable: bool) -> i32
     FETCH_FATAL_EXIT
 }
 
+/// Appends to the data directory's [`RECOVERY_WARNINGS`] (best effort).
+fn note_warning(opts: &FetchOptions, reason: &str) {
+    use std::io::Write;
+    let path = data_dir_of(opts).join(RECOVERY_WARNINGS);
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = writeln!(f, "{} {reason}", chrono::Utc::now().to_rfc3339());
+    }
+}
+
 /// Fetches `name` (`%f`) into `dest` (`%p`, relative to the data directory PostgreSQL runs us in).
 pub async fn fetch(
     name: &str,
@@ -123,12 +151,93 @@ pub async fn fetch(
 ) -> Result<FetchOutcome, FetchError> {
     match fetch_inner(name, dest, opts, store).await {
         Ok(o) => Ok(o),
+        Err(error @ (WalError::Damaged(_) | WalError::Gap { .. }))
+            if opts
+                .recovery_has_target
+                .unwrap_or_else(|| recovery_has_target(&data_dir_of(opts))) =>
+        {
+            let reason = format!(
+                "{error}; treated as the end of the archive because recovery has a target: PostgreSQL stops with \"recovery ended before configured recovery target was reached\" if the target lies beyond it"
+            );
+            note_warning(opts, &reason);
+            Ok(FetchOutcome::Unusable {
+                name: name.to_string(),
+                reason,
+            })
+        }
         Err(error) => {
             let retryable = matches!(error, WalError::Store(WalStoreError::Unavailable { .. }));
             let exit_code = fetch_failure(opts, &error.to_string(), retryable);
             Err(FetchError { error, exit_code })
         }
     }
+}
+
+/// True when the data directory's configuration sets a recovery target. Reads `postgresql.conf`
+/// then `postgresql.auto.conf` (which PostgreSQL reads last), last assignment winning; `include`
+/// directives are not followed.
+pub fn recovery_has_target(data_dir: &Path) -> bool {
+    const KEYS: [&str; 5] = [
+        "recovery_target",
+        "recovery_target_time",
+        "recovery_target_lsn",
+        "recovery_target_xid",
+        "recovery_target_name",
+    ];
+    let mut values: std::collections::HashMap<String, String> = Default::default();
+    for file in ["postgresql.conf", "postgresql.auto.conf"] {
+        let Ok(text) = std::fs::read_to_string(data_dir.join(file)) else {
+            continue;
+        };
+        for line in text.lines() {
+            if let Some((k, v)) = conf_assignment(line)
+                && KEYS.contains(&k.as_str())
+            {
+                values.insert(k, v);
+            }
+        }
+    }
+    values.values().any(|v| !v.is_empty())
+}
+
+/// `key = value` / `key value` from one configuration line (quotes and comments handled).
+fn conf_assignment(line: &str) -> Option<(String, String)> {
+    let line = line.trim();
+    if line.is_empty() || line.starts_with('#') {
+        return None;
+    }
+    let end = line
+        .find(|c: char| c == '=' || c.is_whitespace())
+        .unwrap_or(line.len());
+    let key = line[..end].to_ascii_lowercase();
+    let rest = line[end..].trim_start();
+    let rest = rest.strip_prefix('=').unwrap_or(rest).trim_start();
+    let value = if let Some(q) = rest.strip_prefix('\'') {
+        let mut out = String::new();
+        let mut chars = q.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '\'' if chars.peek() == Some(&'\'') => {
+                    chars.next();
+                    out.push('\'');
+                }
+                '\'' => break,
+                '\\' => {
+                    if let Some(n) = chars.next() {
+                        out.push(n);
+                    }
+                }
+                c => out.push(c),
+            }
+        }
+        out
+    } else {
+        rest.split(|c: char| c == '#' || c.is_whitespace())
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    };
+    Some((key, value))
 }
 
 fn spool_of(dest: &Path, opts: &FetchOptions) -> PathBuf {
@@ -318,5 +427,38 @@ async fn clean_spool(spool: &Path, served: &WalFile, segment_size: u64) {
         if old {
             let _ = tokio::fs::remove_file(e.path()).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recovery_targets_are_read_from_the_configuration() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(!recovery_has_target(d.path()));
+        std::fs::write(
+            d.path().join("postgresql.conf"),
+            "# recovery_target_time = '2026-01-01'\nrecovery_target_time = ''  # none\n",
+        )
+        .unwrap();
+        assert!(!recovery_has_target(d.path()));
+        std::fs::write(
+            d.path().join("postgresql.auto.conf"),
+            "restore_command = 'x %f %p'\nrecovery_target_lsn = '0/3000000'\n",
+        )
+        .unwrap();
+        assert!(recovery_has_target(d.path()));
+        std::fs::write(
+            d.path().join("postgresql.auto.conf"),
+            "recovery_target = 'immediate'\nrecovery_target='' \n",
+        )
+        .unwrap();
+        assert!(!recovery_has_target(d.path()));
+        assert_eq!(
+            conf_assignment("recovery_target_name 'it''s'"),
+            Some(("recovery_target_name".into(), "it's".into()))
+        );
     }
 }

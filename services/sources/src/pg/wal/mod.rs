@@ -27,7 +27,9 @@
 //!   recovery aborts instead of promoting at an earlier point. The reason is also written to
 //!   [`RECOVERY_FAILED_MARKER`] in the data directory, for the restore and verification tools.
 //!   On a standby (`standby.signal` present) an unreadable archive exits 1 instead, since a
-//!   standby retries.
+//!   standby retries. When recovery has an explicit target, damage and gaps exit 1 too, reported
+//!   as the end of the usable archive: PostgreSQL itself then refuses to finish short of the
+//!   target (see [`fetch`](fetch()) for why).
 //!
 //! # Local state (the spool)
 //! Both commands keep a small spool directory, by default `pg_wal/backstop/` of the cluster
@@ -54,7 +56,9 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use sha3::{Digest, Sha3_256};
 
-pub use fetch::{FetchOptions, FetchOutcome, fetch};
+pub use fetch::{
+    FetchError, FetchOptions, FetchOutcome, fetch, fetch_failure, recovery_has_target,
+};
 pub use push::{ArchivedWal, PushOptions, PushReport, already_pushed, push};
 pub use verify::{
     BackupWalRange, TimelineHistory, TimelineReport, WalGap, WalProblem, WalProblemKind,
@@ -70,6 +74,10 @@ pub const FETCH_FATAL_EXIT: i32 = 150;
 
 /// Written by `wal-fetch` into the data directory when it aborted recovery; holds the reason.
 pub const RECOVERY_FAILED_MARKER: &str = "backstop.recovery-failed";
+
+/// Appended to by `wal-fetch` in the data directory when it reported a damaged or missing
+/// segment as the end of the archive (recovery with a target); one line per file.
+pub const RECOVERY_WARNINGS: &str = "backstop.recovery-warnings";
 
 /// A log sequence number (`X/Y` in PostgreSQL's notation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]

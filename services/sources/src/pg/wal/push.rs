@@ -36,6 +36,10 @@ pub struct PushOptions {
     /// Refuse segments whose header names another cluster (the source's system identifier, as
     /// recorded by its base backups). `None`: no check.
     pub expected_system_identifier: Option<u64>,
+    /// Which archive the markers speak for (e.g. the repository location and source name):
+    /// a marker written for another scope is ignored, so pointing `archive_command` at another
+    /// repository never trusts markers of the old one.
+    pub marker_scope: String,
 }
 
 impl Default for PushOptions {
@@ -45,6 +49,7 @@ impl Default for PushOptions {
             batch: 16,
             spool_dir: None,
             expected_system_identifier: None,
+            marker_scope: String::new(),
         }
     }
 }
@@ -122,11 +127,14 @@ async fn read_file(path: &Path) -> Result<Bytes, WalError> {
         })
 }
 
-/// A marker: `<sha3> <object>\n`.
-async fn read_marker(path: &Path) -> Option<(String, String)> {
+/// A marker: `<sha3>\n<object>\n<scope>\n`.
+async fn read_marker(path: &Path) -> Option<(String, String, String)> {
     let text = tokio::fs::read_to_string(path).await.ok()?;
-    let (sha, object) = text.trim().split_once(' ')?;
-    Some((sha.to_string(), object.to_string()))
+    let mut lines = text.split('\n');
+    let sha = lines.next()?.to_string();
+    let object = lines.next()?.to_string();
+    let scope = lines.next()?.to_string();
+    Some((sha, object, scope))
 }
 
 /// The quick path for PostgreSQL's call on a file an earlier call already pushed: if a marker
@@ -139,9 +147,12 @@ pub async fn already_pushed(
     let started = Instant::now();
     let file = parse_path(path)?;
     let marker = spool_of(path, opts).join("pushed").join(&file.name);
-    let Some((marked, object)) = read_marker(&marker).await else {
+    let Some((marked, object, scope)) = read_marker(&marker).await else {
         return Ok(None);
     };
+    if scope != opts.marker_scope {
+        return Ok(None);
+    }
     let data = read_file(path).await?;
     let bytes = data.len() as u64;
     let sha3 = sha3_hex_blocking(data).await;
@@ -209,7 +220,7 @@ pub async fn push(
         }
         match r {
             Ok(a) => {
-                if let Err(e) = write_marker(&spool, &a).await {
+                if let Err(e) = write_marker(&spool, &a, &opts.marker_scope).await {
                     tracing::warn!(file = %a.name, error = %e, "could not write the push marker");
                 }
                 extra.push(a);
@@ -316,11 +327,13 @@ async fn ready_files(wal_dir: &Path, requested: &str, spool: &Path, batch: usize
     found
 }
 
-async fn write_marker(spool: &Path, a: &ArchivedWal) -> std::io::Result<()> {
+async fn write_marker(spool: &Path, a: &ArchivedWal, scope: &str) -> std::io::Result<()> {
     tokio::fs::create_dir_all(spool).await?;
+    // The scope is one line: a newline in it would only make every marker miss.
+    let scope = scope.replace('\n', " ");
     write_atomic(
         &spool.join(&a.name),
-        format!("{} {}\n", a.sha3, a.object).as_bytes(),
+        format!("{}\n{}\n{scope}\n", a.sha3, a.object).as_bytes(),
     )
     .await
 }
