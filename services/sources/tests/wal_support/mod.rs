@@ -243,27 +243,46 @@ fn helper_command(op: &str, store: &Path, args: &str) -> String {
 
 /// `archive_command` running this test binary's `wal_helper` as `wal-push %p`.
 pub fn archive_command(store: &Path) -> String {
-    helper_command("push", store, "BACKSTOP_TEST_WAL_P=%p")
+    archive_command_with(store, "")
+}
+
+/// [`archive_command`] with extra `NAME=value` environment assignments for the helper.
+pub fn archive_command_with(store: &Path, env: &str) -> String {
+    helper_command("push", store, &format!("{env} BACKSTOP_TEST_WAL_P=%p"))
 }
 
 /// `restore_command` running this test binary's `wal_helper` as `wal-fetch %f %p`.
 pub fn restore_command(store: &Path) -> String {
+    restore_command_with(store, "")
+}
+
+/// [`restore_command`] with extra `NAME=value` environment assignments for the helper.
+pub fn restore_command_with(store: &Path, env: &str) -> String {
     helper_command(
         "fetch",
         store,
-        "BACKSTOP_TEST_WAL_F=%f BACKSTOP_TEST_WAL_P=%p",
+        &format!("{env} BACKSTOP_TEST_WAL_F=%f BACKSTOP_TEST_WAL_P=%p"),
     )
 }
 
-/// What `backstop wal-push` / `wal-fetch` do, driven by environment variables; exits the
-/// process with their exit status. Does nothing when the variables are not set.
+/// What `backstop wal-push` / `wal-fetch` do, driven by environment variables, on a
+/// [`DirWalStore`]; exits the process with their exit status. Does nothing when the variables
+/// are not set.
 pub fn helper_main() {
+    helper_main_with(|dir| async move { Box::new(DirWalStore::new(&dir)) as Box<dyn WalStore> });
+}
+
+/// [`helper_main`] on the store `open` makes from `BACKSTOP_TEST_WAL_STORE`.
+pub fn helper_main_with<F, Fut>(open: F)
+where
+    F: FnOnce(PathBuf) -> Fut,
+    Fut: std::future::Future<Output = Box<dyn WalStore>>,
+{
     let Ok(op) = std::env::var("BACKSTOP_TEST_WAL_OP") else {
         return;
     };
-    let store = DirWalStore::new(Path::new(
-        &std::env::var("BACKSTOP_TEST_WAL_STORE").expect("BACKSTOP_TEST_WAL_STORE"),
-    ));
+    let root =
+        PathBuf::from(std::env::var("BACKSTOP_TEST_WAL_STORE").expect("BACKSTOP_TEST_WAL_STORE"));
     let p = PathBuf::from(std::env::var("BACKSTOP_TEST_WAL_P").expect("BACKSTOP_TEST_WAL_P"));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -271,19 +290,21 @@ pub fn helper_main() {
         .build()
         .expect("runtime");
     let code = rt.block_on(async {
+        let store = open(root.clone()).await;
+        let store = store.as_ref();
         match op.as_str() {
             "push" => {
                 let opts = PushOptions::default();
                 let result = match wal::already_pushed(&p, &opts).await {
                     Ok(Some(r)) => Ok(r),
-                    Ok(None) => wal::push(&p, &opts, &store).await,
+                    Ok(None) => wal::push(&p, &opts, store).await,
                     Err(e) => Err(e),
                 };
                 if let Ok(r) = &result
                     && let Ok(mut log) = std::fs::OpenOptions::new()
                         .create(true)
                         .append(true)
-                        .open(store.root.join("push.log"))
+                        .open(root.join("push.log"))
                 {
                     let how = if r.from_marker { "quick" } else { "push" };
                     let _ = writeln!(log, "{how} {} extra={}", r.requested.name, r.extra.len());
@@ -293,7 +314,7 @@ pub fn helper_main() {
                         let mut log = std::fs::OpenOptions::new()
                             .create(true)
                             .append(true)
-                            .open(store.root.join("events.log"))
+                            .open(root.join("events.log"))
                             .expect("events.log");
                         for a in report.newly_stored() {
                             let _ = writeln!(log, "wal.archived {} {}", a.name, a.sha3);
@@ -308,7 +329,7 @@ pub fn helper_main() {
             }
             "fetch" => {
                 let f = std::env::var("BACKSTOP_TEST_WAL_F").expect("BACKSTOP_TEST_WAL_F");
-                match wal::fetch(&f, &p, &FetchOptions::default(), &store).await {
+                match wal::fetch(&f, &p, &FetchOptions::default(), store).await {
                     Ok(wal::FetchOutcome::Unusable { reason, .. }) => {
                         eprintln!("backstop wal-fetch: {reason}");
                         1
@@ -328,10 +349,15 @@ pub fn helper_main() {
 
 /// A cluster archiving through the helper into `store`.
 pub fn archiving_cluster(store: &Path) -> Postgres {
+    archiving_cluster_with(&archive_command(store))
+}
+
+/// A cluster archiving with `archive_command`.
+pub fn archiving_cluster_with(archive_command: &str) -> Postgres {
     Postgres::start_with(
         backstop_testkit::PostgresOptions::new()
             .conf("archive_mode = on")
-            .conf(format!("archive_command = '{}'", archive_command(store)))
+            .conf(format!("archive_command = '{archive_command}'"))
             .conf("log_min_messages = info"),
     )
     .expect("start an archiving cluster")
