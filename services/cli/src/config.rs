@@ -22,6 +22,8 @@ pub struct Config {
     #[serde(default)]
     pub api: ApiSection,
     #[serde(default)]
+    pub projections: ProjectionsSection,
+    #[serde(default)]
     pub workers: WorkersSection,
 }
 
@@ -52,6 +54,31 @@ pub struct NatsSection {
 pub struct ApiSection {
     /// Address the API and dashboard listen on (default 127.0.0.1:8080).
     pub listen: Option<String>,
+    /// Serve the overview and backup pages (and their JSON) without a token (default false).
+    pub public_dashboard: Option<bool>,
+    /// Serve /metrics without a token (default true).
+    pub metrics_public: Option<bool>,
+    /// A file of `NAME ROLE TOKEN` lines (roles: operator, recovery-lead, auditor).
+    pub tokens_file: Option<PathBuf>,
+    /// Tokens by their SHA3-256: `[[api.tokens]] name = "alice", role = "operator", sha3 = "<hex>"`.
+    #[serde(default)]
+    pub tokens: Vec<ApiToken>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiToken {
+    pub name: String,
+    pub role: String,
+    /// SHA3-256 of the token, hex (`printf %s TOKEN | openssl dgst -sha3-256`).
+    pub sha3: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectionsSection {
+    /// PostgreSQL for the read models (postgres://USER@HOST:PORT/DB); absent: projections off.
+    pub database_url: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -2,9 +2,11 @@
 //! over to one module per command group. Errors reach the user through `anyhow` with the context
 //! each layer added; the exit code is 1 for a failure and 2 for a usage error (clap's).
 
+mod audit_cmd;
 mod bench;
 mod config;
 mod ledger_cmd;
+mod projections_cmd;
 mod runtime;
 mod serve;
 
@@ -41,6 +43,12 @@ enum Command {
     /// Inspect and verify the ledger.
     #[command(subcommand)]
     Ledger(ledger_cmd::LedgerCommand),
+    /// Export the audit trail for an auditor, and verify an export offline.
+    #[command(subcommand)]
+    Audit(audit_cmd::AuditCommand),
+    /// Rebuild the read models from the ledger, or show how far behind they are.
+    #[command(subcommand)]
+    Projections(projections_cmd::ProjectionsCommand),
     /// Benchmarks that print a report.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -88,6 +96,8 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Serve(args) => serve::serve(&config, &data_dir, args).await,
         Command::Worker(args) => serve::worker(&config, args).await,
         Command::Ledger(cmd) => ledger_cmd::run(&config, &data_dir, cmd).await,
+        Command::Audit(cmd) => audit_cmd::run(&config, &data_dir, cmd).await,
+        Command::Projections(cmd) => projections_cmd::run(&config, &data_dir, cmd).await,
         Command::Bench(cmd) => bench::run(cmd).await,
     }
 }

@@ -31,6 +31,12 @@ pub struct ServeArgs {
     /// Run only these workers (comma-separated).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// PostgreSQL URL for the read models; overrides projections.database_url.
+    #[arg(long, env = "BACKSTOP_PROJECTIONS_URL")]
+    projections_url: Option<String>,
+    /// Address of the API and dashboard; overrides api.listen (default 127.0.0.1:8080).
+    #[arg(long, env = "BACKSTOP_LISTEN")]
+    listen: Option<String>,
 }
 
 #[derive(Args)]
@@ -65,6 +71,7 @@ pub async fn serve(
     let policy = config.retry_policy();
     let mut tasks = JoinSet::new();
     let nats_url = args.nats.or_else(|| config.nats.url.clone());
+    let publication = nats_url.is_some();
     match nats_url {
         None => {
             tracing::info!(
@@ -105,6 +112,26 @@ pub async fn serve(
                 &shutdown,
             );
         }
+    }
+    // The read side: projectors into PostgreSQL and the API (see projections_cmd).
+    let read_side = crate::projections_cmd::spawn_read_side(
+        crate::projections_cmd::ReadSide {
+            config,
+            ledger: &ledger,
+            appender: Arc::new(ledger.clone()),
+            projections_url: args.projections_url,
+            listen: args.listen,
+            publication,
+            storage: None,
+        },
+        &mut tasks,
+        &shutdown,
+    )
+    .await;
+    if let Err(e) = read_side {
+        tasks.shutdown().await;
+        ledger.close().await;
+        return Err(e);
     }
     let code = wait(tasks, shutdown).await;
     ledger.close().await;

@@ -1,0 +1,322 @@
+//! The dashboard end to end: `backstop serve` with projections in a real PostgreSQL, loaded by
+//! headless Chromium (Debian's `chromium`), checked for what a person would see: each source's
+//! last backup and its verification, a failed verification, the charts drawn with data, and a
+//! backup requested through the API appearing. The screenshot is kept in
+//! `target/artifacts/dashboard.png`.
+
+#[path = "dashboard_support.rs"]
+mod dashboard_support;
+#[path = "../support/mod.rs"]
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use backstop_events::BackupKind;
+use backstop_projections::sample::{self, BackupSpec};
+use backstop_testkit::{Postgres, free_port, require_tool};
+use chrono::Utc;
+use dashboard_support::*;
+use support::Process;
+
+fn chromium(args: &[&str], url: &str) -> std::process::Output {
+    let chromium = require_tool("chromium").expect("chromium");
+    let profile = tempfile::tempdir().unwrap();
+    Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+            "--hide-scrollbars",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("run chromium")
+}
+
+fn count(hay: &str, needle: &str) -> usize {
+    hay.matches(needle).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_shows_the_last_backups_their_verification_and_the_charts() {
+    let pg = Postgres::start().expect("PostgreSQL");
+    pg.create_db("projections").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+
+    // Two weeks of nightly backups of `trading` (verified), and `reference` whose latest
+    // verification failed; storage samples growing day by day.
+    let now = Utc::now();
+    let mut events = Vec::new();
+    for day in 0..14i64 {
+        let at = now - chrono::Duration::days(13 - day) - chrono::Duration::minutes(30);
+        let mut spec = BackupSpec::new("trading", at, 2_000_000_000 + day as u64 * 40_000_000);
+        spec.kind = if day % 7 == 0 {
+            BackupKind::Full
+        } else {
+            BackupKind::Incremental
+        };
+        spec.new_bytes = if day % 7 == 0 {
+            spec.stored_bytes
+        } else {
+            60_000_000
+        };
+        events.extend(sample::backup(&spec).1);
+        events.push(sample::storage_sample(
+            at,
+            3_000_000_000 + day as u64 * 150_000_000,
+            4000 + day as u64 * 90,
+        ));
+    }
+    for day in 0..3i64 {
+        let at = now - chrono::Duration::days(2 - day) - chrono::Duration::minutes(10);
+        let mut spec = BackupSpec::new("reference", at, 300_000_000);
+        spec.verified = Some(day != 2);
+        events.extend(sample::backup(&spec).1);
+    }
+    events.push(sample::alert("verification_failed", "reference", "verification of the latest reference backup failed: row counts differ by more than 1% in public.trades"));
+    fill_ledger(&data, events, 50).await;
+
+    let config = write_config(dir.path(), true);
+    let port = free_port();
+    let url = pg.conninfo("projections");
+    let listen = format!("127.0.0.1:{port}");
+    let mut serve = Process::spawn(
+        &data,
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "serve",
+            "--projections-url",
+            &url,
+            "--listen",
+            &listen,
+        ],
+        &[],
+    );
+    wait_http(port, "/healthz", None, "serve answers", |s, _| s == 200);
+    wait_http(
+        port,
+        "/api/overview",
+        Some(OPERATOR),
+        "projections caught up",
+        |s, b| s == 200 && b.contains("\"reference\"") && b.contains("\"verified_failed_7d\":1"),
+    );
+
+    // Live updates: a client following /api/events/stream sees the next event as it commits.
+    let follower = std::thread::spawn(move || {
+        use std::io::{BufRead, BufReader, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        write!(
+            s,
+            "GET /api/events/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {OPERATOR}\r\n\r\n"
+        )
+        .unwrap();
+        let mut lines = Vec::new();
+        for line in BufReader::new(s).lines() {
+            let line = line.unwrap();
+            let done = line.contains("backup.requested");
+            lines.push(line);
+            if done {
+                break;
+            }
+        }
+        lines
+    });
+    std::thread::sleep(Duration::from_millis(500));
+
+    // A backup requested through the API while the page is open, recorded with the operator.
+    let (s, body) = http(
+        port,
+        "POST",
+        "/api/backups",
+        Some(OPERATOR),
+        Some(r#"{"source":"trading","kind":"incremental"}"#),
+    )
+    .unwrap();
+    assert_eq!(s, 202, "{body}");
+    let requested: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let id = requested["backup_id"].as_str().unwrap().to_string();
+    let streamed = follower.join().unwrap();
+    assert!(
+        streamed.iter().any(|l| l.starts_with("event: ledger")),
+        "{streamed:?}"
+    );
+    assert!(
+        streamed.iter().any(|l| l.contains("operator:alice")),
+        "{streamed:?}"
+    );
+    wait_http(
+        port,
+        "/api/backups?source=trading&limit=5",
+        Some(OPERATOR),
+        "the requested backup is projected",
+        |s, b| s == 200 && b.contains(&id),
+    );
+
+    let page = format!("http://127.0.0.1:{port}/");
+    // No virtual-time budget: the page is rendered on the server, and the live event stream it
+    // opens never finishes, which would hold virtual time (and the dump) until a timeout.
+    let dom = chromium(&["--dump-dom"], &page);
+    assert!(
+        dom.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&dom.stderr)
+    );
+    let dom = String::from_utf8_lossy(&dom.stdout).into_owned();
+    std::fs::write(artifacts_dir().join("dashboard.html"), &dom).unwrap();
+
+    // Each source, its last success, and its verification, as a person reads them.
+    assert!(
+        dom.contains("data-source=\"trading\" data-status=\"ok\""),
+        "trading is ok:\n{dom}"
+    );
+    assert!(
+        dom.contains("data-source=\"reference\" data-status=\"failing\""),
+        "reference is failing"
+    );
+    assert!(
+        dom.contains("data-verification=\"passed\""),
+        "the verified backup shows passed"
+    );
+    assert!(
+        dom.contains("data-verification=\"failed\""),
+        "the failed verification shows"
+    );
+    assert!(
+        dom.contains("min") && dom.contains(" ago"),
+        "ages are shown"
+    );
+    assert!(
+        dom.contains("row counts differ"),
+        "the failure reason and the alert are shown"
+    );
+    // The charts, drawn with data: three bars per completed backup (14 + 3), a point per day
+    // of storage samples, and seven verification days with passes and one failure.
+    assert_eq!(count(&dom, "<rect class=\"bar raw\""), 17, "size bars");
+    assert_eq!(count(&dom, "<rect class=\"bar stored\""), 17);
+    assert!(
+        count(&dom, "<circle class=\"point\"") >= 13,
+        "storage points"
+    );
+    assert_eq!(count(&dom, "<g class=\"day "), 7);
+    assert!(
+        dom.contains("<g class=\"day failed\""),
+        "a day with a failed verification"
+    );
+    assert!(dom.contains("id=\"recovery-estimate\""));
+    assert!(
+        dom.contains("data-seconds="),
+        "a recovery estimate from measured restore speed"
+    );
+    assert!(
+        dom.contains(&id),
+        "the backup requested through the API is listed"
+    );
+    assert!(
+        dom.contains("new EventSource('/api/events/stream')"),
+        "the page follows the live stream"
+    );
+
+    let shot = artifacts_dir().join("dashboard.png");
+    let _ = std::fs::remove_file(&shot);
+    let out = chromium(
+        &[
+            "--window-size=1280,2000",
+            &format!("--screenshot={}", shot.display()),
+        ],
+        &page,
+    );
+    assert!(
+        out.status.success(),
+        "screenshot failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let png = std::fs::read(&shot).expect("the screenshot was written");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 20_000,
+        "a real screenshot ({} bytes)",
+        png.len()
+    );
+
+    // The backup detail page and the audit trail in the browser.
+    let (_, body) = http(port, "GET", "/api/overview", Some(OPERATOR), None).unwrap();
+    let o: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let reference = o["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["source"] == "reference")
+        .unwrap();
+    let bid = reference["last_success"]["backup_id"].as_str().unwrap();
+    let detail = chromium(
+        &["--dump-dom"],
+        &format!("http://127.0.0.1:{port}/backups/{bid}"),
+    );
+    let detail = String::from_utf8_lossy(&detail.stdout);
+    assert!(
+        detail.contains("id=\"verification-state\">failed<"),
+        "{detail}"
+    );
+    assert!(detail.contains("public.trades"));
+    let audit = chromium(
+        &["--dump-dom"],
+        &format!("http://127.0.0.1:{port}/audit?type=verification.failed"),
+    );
+    let audit = String::from_utf8_lossy(&audit.stdout);
+    assert!(
+        audit.contains("/login") || audit.contains("Sign in"),
+        "the audit trail needs a token even on a public dashboard"
+    );
+
+    assert!(
+        serve.terminate().success(),
+        "serve stops cleanly:\n{}",
+        serve.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_projections_serve_explains_and_still_serves_health_and_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = write_config(dir.path(), false);
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut serve = Process::spawn(
+        &data,
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "serve",
+            "--listen",
+            &listen,
+        ],
+        &[],
+    );
+    wait_http(port, "/healthz", None, "serve answers", |s, _| s == 200);
+    let (s, body) = http(port, "GET", "/api/overview", Some(OPERATOR), None).unwrap();
+    assert_eq!(s, 503, "{body}");
+    assert!(body.contains("projections.database_url"), "{body}");
+    let (s, body) = http(port, "GET", "/metrics", None, None).unwrap();
+    assert_eq!(s, 200);
+    assert!(body.contains("backstop_projections_up 0"), "{body}");
+    let (s, _) = http(port, "GET", "/api/overview", None, None).unwrap();
+    assert_eq!(s, 401, "not public by default");
+    assert!(serve.terminate().success(), "{}", serve.log());
+    assert!(
+        serve.log().contains("projections are off"),
+        "{}",
+        serve.log()
+    );
+}
