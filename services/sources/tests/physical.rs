@@ -458,3 +458,42 @@ async fn a_damaged_or_missing_segment_is_named_and_stops_recovery() {
         .unwrap();
     assert_eq!(ok.row_counts()["postgres"]["public.ticks"], 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn base_backups_refuse_servers_whose_backups_could_not_be_restored() {
+    let parts = DirParts::new();
+    // No WAL archiving: a base backup without its WAL restores nothing.
+    let plain = Postgres::start().unwrap();
+    let err = physical::base_backup(
+        &plain.conninfo("postgres"),
+        &parts,
+        &BaseBackupOptions::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, PhysicalError::NotArchiving { .. }), "{err}");
+    assert!(err.to_string().contains("archive_mode is off"), "{err}");
+
+    // A tablespace outside the data directory: refused by name.
+    let store_dir = server_tempdir().unwrap();
+    let pg = support::archiving_cluster(store_dir.path());
+    let space = server_tempdir().unwrap();
+    pg.psql(
+        "postgres",
+        &format!(
+            "CREATE TABLESPACE hot_space LOCATION '{}'",
+            space.path().display()
+        ),
+    )
+    .unwrap();
+    let err = physical::base_backup(
+        &pg.conninfo("postgres"),
+        &parts,
+        &BaseBackupOptions::default(),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, PhysicalError::Tablespaces { .. }), "{err}");
+    assert!(err.to_string().contains("hot_space"), "{err}");
+    assert!(!parts.path(physical::BASE_PART).exists(), "nothing stored");
+}

@@ -537,6 +537,58 @@ mod tests {
         assert!(recovery_settings(&o).contains("recovery_target_name = 'it''s'"));
     }
 
+    fn report(finished_min: i64, stop: u64) -> BaseBackupReport {
+        let t0 = Utc.with_ymd_and_hms(2026, 3, 2, 12, 0, 0).unwrap();
+        BaseBackupReport {
+            format: 1,
+            part: super::super::BASE_PART.into(),
+            server_version: "15.18".into(),
+            server_version_num: 150018,
+            pg_basebackup_version: "15.18".into(),
+            system_identifier: 1,
+            wal_segment_size: 16 << 20,
+            data_checksums: false,
+            label: "x".into(),
+            start_lsn: Lsn(stop - 0x100),
+            checkpoint_lsn: Lsn(stop - 0x100),
+            timeline: 1,
+            stop_lsn: Lsn(stop),
+            stop_timeline: 1,
+            start_segment: String::new(),
+            stop_segment: String::new(),
+            start_time: Some(t0 + chrono::Duration::minutes(finished_min - 1)),
+            started_at: t0 + chrono::Duration::minutes(finished_min - 1),
+            finished_at: t0 + chrono::Duration::minutes(finished_min),
+            duration_ms: 60_000,
+            files: 1,
+            data_bytes: 1,
+            raw_bytes: 1,
+            stored: Default::default(),
+            has_manifest: true,
+        }
+    }
+
+    #[test]
+    fn the_right_base_backup_is_chosen() {
+        let backups = vec![
+            report(10, 0x2000000),
+            report(70, 0x5000000),
+            report(130, 0x9000000),
+        ];
+        let t0 = Utc.with_ymd_and_hms(2026, 3, 2, 12, 0, 0).unwrap();
+        let at = |m: i64| RecoveryTarget::Time(t0 + chrono::Duration::minutes(m));
+        let pick = |t: &RecoveryTarget| choose_base_backup(&backups, t).map(|b| b.stop_lsn.0);
+        assert_eq!(pick(&at(5)), None);
+        assert_eq!(pick(&at(10)), Some(0x2000000));
+        assert_eq!(pick(&at(100)), Some(0x5000000));
+        assert_eq!(pick(&RecoveryTarget::Latest), Some(0x9000000));
+        assert_eq!(pick(&RecoveryTarget::Lsn(Lsn(0x8FFFFFF))), Some(0x5000000));
+        assert_eq!(pick(&RecoveryTarget::Xid(5)), Some(0x2000000));
+        assert!(check_reachable(&backups[1], &at(20)).is_err());
+        assert!(check_reachable(&backups[1], &RecoveryTarget::Lsn(Lsn(0x4000000))).is_err());
+        assert!(check_reachable(&backups[1], &at(80)).is_ok());
+    }
+
     #[test]
     fn waldump_lines_parse() {
         let text = "rmgr: Transaction len (rec/tot):    162/   162, tx:        734, lsn: 0/03039380, prev 0/03039340, desc: COMMIT 2026-11-22 07:00:07.952603 UTC; inval msgs: catcache 63\n\
