@@ -311,13 +311,20 @@ where
                 }
                 match result {
                     Ok(report) => {
+                        // As the CLI appends events: idempotent by a key derived from the file.
+                        let path = root.join("events.log");
+                        let seen = std::fs::read_to_string(&path).unwrap_or_default();
                         let mut log = std::fs::OpenOptions::new()
                             .create(true)
                             .append(true)
-                            .open(root.join("events.log"))
+                            .open(&path)
                             .expect("events.log");
-                        for a in report.newly_stored() {
-                            let _ = writeln!(log, "wal.archived {} {}", a.name, a.sha3);
+                        for a in report.to_announce() {
+                            let line =
+                                format!("wal.archived {} {} {}", a.name, a.sha3, a.event_key());
+                            if !seen.lines().any(|l| l == line) {
+                                let _ = writeln!(log, "{line}");
+                            }
                         }
                         0
                     }

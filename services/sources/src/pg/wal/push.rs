@@ -85,12 +85,33 @@ pub struct PushReport {
 }
 
 impl PushReport {
-    /// Every file this call stored (not those found already archived): one `wal.archived`
-    /// event each.
+    /// Every file this call stored (not those found already archived).
     pub fn newly_stored(&self) -> impl Iterator<Item = &ArchivedWal> {
         std::iter::once(&self.requested)
             .chain(self.extra.iter())
             .filter(|a| a.newly_stored)
+    }
+
+    /// The files to announce with one `wal.archived` event each: those stored now, and the
+    /// requested file when the store already had it (a call killed after storing it and before
+    /// its event was appended). Derive each event's id from [`ArchivedWal::event_key`] so the
+    /// ledger's idempotent append keeps one event per file. Empty on the marker path (the call
+    /// that pushed the file ahead announced it).
+    pub fn to_announce(&self) -> Vec<&ArchivedWal> {
+        if self.from_marker {
+            return Vec::new();
+        }
+        std::iter::once(&self.requested)
+            .chain(self.extra.iter().filter(|a| a.newly_stored))
+            .collect()
+    }
+}
+
+impl ArchivedWal {
+    /// A stable key for this file's `wal.archived` event: the same file with the same content
+    /// always gives the same key.
+    pub fn event_key(&self) -> String {
+        format!("wal.archived/{}/{}", self.name, self.sha3)
     }
 }
 
