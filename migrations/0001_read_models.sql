@@ -17,11 +17,12 @@ CREATE TABLE projector_positions (
 CREATE TABLE audit_events (
     position       bigint PRIMARY KEY,
     id             uuid NOT NULL UNIQUE,
-    event_type     text NOT NULL,
+    -- "C" collation: identifiers compare bytewise, and `LIKE 'prefix%'` can use the index.
+    event_type     text COLLATE "C" NOT NULL,
     schema_version integer NOT NULL,
-    stream         text NOT NULL,
+    stream         text COLLATE "C" NOT NULL,
     version        bigint NOT NULL,
-    actor          text NOT NULL,
+    actor          text COLLATE "C" NOT NULL,
     occurred_at    timestamptz NOT NULL,
     recorded_at    timestamptz NOT NULL,
     correlation_id uuid NOT NULL,

@@ -16,6 +16,8 @@ use clap::Subcommand;
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
+    /// The dashboard and the audit query under load over a ledger of 1,000,000 events.
+    Api(crate::bench_api::BenchApiArgs),
     /// Ledger append throughput and latency, with and without NATS publication.
     Ledger {
         /// Seconds per measurement.
@@ -50,6 +52,7 @@ struct Figures {
 
 pub async fn run(cmd: BenchCommand) -> anyhow::Result<std::process::ExitCode> {
     match cmd {
+        BenchCommand::Api(args) => crate::bench_api::run(args).await,
         BenchCommand::Ledger {
             seconds,
             appenders,

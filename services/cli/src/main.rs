@@ -4,6 +4,7 @@
 
 mod audit_cmd;
 mod bench;
+mod bench_api;
 mod config;
 mod ledger_cmd;
 mod projections_cmd;

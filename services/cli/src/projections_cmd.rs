@@ -98,6 +98,7 @@ pub async fn run(
                     );
                 }
             }
+            projections.analyze().await?;
             ledger.close().await;
             Ok(std::process::ExitCode::SUCCESS)
         }

@@ -239,6 +239,12 @@ impl Projections {
         Ok(at)
     }
 
+    /// Refreshes the planner's statistics (after a rebuild, so that queries pick their indexes).
+    pub async fn analyze(&self) -> Result<(), ProjectionError> {
+        sqlx::query("ANALYZE").execute(&self.pool).await?;
+        Ok(())
+    }
+
     /// Truncates and replays one projector from position 1 up to the ledger's head.
     pub async fn rebuild(
         &self,

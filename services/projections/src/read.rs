@@ -610,7 +610,11 @@ fn audit_sql(f: &AuditFilter) -> (String, Vec<Bind>) {
         .partition(|t| !(t.ends_with('.') || t.ends_with(".*")));
     if !exact.is_empty() || !prefixes.is_empty() {
         let mut parts = Vec::new();
-        if !exact.is_empty() {
+        if exact.len() == 1 {
+            // One type: a plain equality, which the planner matches to the type index.
+            let i = next(&mut binds, Bind::Text(exact[0].clone()));
+            parts.push(format!("event_type = ${i}"));
+        } else if !exact.is_empty() {
             let i = next(
                 &mut binds,
                 Bind::Texts(exact.into_iter().cloned().collect()),
@@ -684,7 +688,7 @@ mod tests {
         };
         let (sql, binds) = audit_sql(&f);
         assert_eq!(binds.len(), 6);
-        assert!(sql.contains("event_type = ANY($1)"), "{sql}");
+        assert!(sql.contains("event_type = $1"), "{sql}");
         assert!(sql.contains("event_type LIKE $2"), "{sql}");
         assert!(sql.contains("actor = $3"), "{sql}");
         assert!(sql.contains("recorded_at >= $4"), "{sql}");
