@@ -25,6 +25,43 @@ pub struct Config {
     pub projections: ProjectionsSection,
     #[serde(default)]
     pub workers: WorkersSection,
+    #[serde(default)]
+    pub repository: RepositorySection,
+    /// Databases to back up, by name.
+    #[serde(default)]
+    pub sources: Vec<SourceSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepositorySection {
+    /// A directory, or s3://BUCKET/PREFIX; default DATA_DIR/repository (`--repo`).
+    pub location: Option<String>,
+    /// S3 endpoint, e.g. http://127.0.0.1:3900 (default: AWS_ENDPOINT_URL or AWS itself).
+    pub endpoint: Option<String>,
+    /// S3 region (default: AWS_REGION, then us-east-1).
+    pub region: Option<String>,
+    /// Static S3 credentials (default: the AWS credential chain: AWS_ACCESS_KEY_ID, ...).
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    /// Path-style addressing (default true: what S3-compatible stores expect).
+    pub path_style: Option<bool>,
+    /// File holding the master key (default: BACKSTOP_MASTER_KEY; `--master-key-file`).
+    pub master_key_file: Option<PathBuf>,
+    /// Brotli quality for new repositories (default 2; see the benchmark).
+    pub brotli_quality: Option<u32>,
+    /// Average chunk size in KiB for new repositories (default 1024).
+    pub chunk_avg_kib: Option<usize>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSection {
+    pub name: String,
+    /// A PostgreSQL connection URL (postgres://user@host:port/db).
+    pub postgres: String,
+    /// Parallel COPY jobs (default 2).
+    pub jobs: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -125,6 +162,28 @@ impl Config {
                 if !(u.starts_with("nats://") || u.starts_with("tls://")) {
                     bail!("nats.url: {u:?} is not a nats:// or tls:// URL");
                 }
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for src in &self.sources {
+            if src.name.is_empty()
+                || !src
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            {
+                bail!(
+                    "sources: name {:?} must be letters, digits, - _ or .",
+                    src.name
+                );
+            }
+            if !names.insert(&src.name) {
+                bail!("sources: the name {:?} is used twice", src.name);
+            }
+            if !(src.postgres.starts_with("postgres://")
+                || src.postgres.starts_with("postgresql://"))
+            {
+                bail!("sources.{}: postgres must be a postgres:// URL", src.name);
             }
         }
         if self.nats.replicas == Some(0) {

@@ -8,6 +8,7 @@ mod bench_api;
 mod config;
 mod ledger_cmd;
 mod projections_cmd;
+mod repo_cmd;
 mod runtime;
 mod serve;
 
@@ -44,6 +45,49 @@ enum Command {
     /// Inspect and verify the ledger.
     #[command(subcommand)]
     Ledger(ledger_cmd::LedgerCommand),
+    /// Create a repository (a directory or s3://BUCKET/PREFIX).
+    Init {
+        #[command(flatten)]
+        repo: repo_cmd::RepoArgs,
+        /// Generate a new master key into this file (mode 0600) instead of reading one.
+        #[arg(long)]
+        generate_key: Option<PathBuf>,
+        /// Average chunk size in KiB, a power of two (default 1024; min and max are a quarter
+        /// and four times it). Smaller finds more duplication in small databases.
+        #[arg(long)]
+        chunk_avg_kib: Option<usize>,
+    },
+    /// Back up a PostgreSQL database.
+    Backup(repo_cmd::BackupArgs),
+    /// List the backups in the repository.
+    List {
+        #[command(flatten)]
+        repo: repo_cmd::RepoArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one backup (an id or `latest`).
+    Show {
+        #[command(flatten)]
+        repo: repo_cmd::RepoArgs,
+        backup: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a backup into a database.
+    Restore(repo_cmd::RestoreArgs),
+    /// Check the repository's consistency; with --read-data, read and verify sealed objects.
+    Check {
+        #[command(flatten)]
+        repo: repo_cmd::RepoArgs,
+        #[arg(long)]
+        read_data: bool,
+        /// With --read-data: the percentage of objects to read (default all).
+        #[arg(long, requires = "read_data")]
+        subset: Option<f64>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Export the audit trail for an auditor, and verify an export offline.
     #[command(subcommand)]
     Audit(audit_cmd::AuditCommand),
@@ -100,5 +144,22 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Audit(cmd) => audit_cmd::run(&config, &data_dir, cmd).await,
         Command::Projections(cmd) => projections_cmd::run(&config, &data_dir, cmd).await,
         Command::Bench(cmd) => bench::run(cmd).await,
+        Command::Init {
+            repo,
+            generate_key,
+            chunk_avg_kib,
+        } => repo_cmd::init(&config, &data_dir, repo, generate_key, chunk_avg_kib).await,
+        Command::Backup(args) => repo_cmd::run_backup(&config, &data_dir, args).await,
+        Command::List { repo, json } => repo_cmd::list(&config, &data_dir, repo, json).await,
+        Command::Show { repo, backup, json } => {
+            repo_cmd::show(&config, &data_dir, repo, backup, json).await
+        }
+        Command::Restore(args) => repo_cmd::restore(&config, &data_dir, args).await,
+        Command::Check {
+            repo,
+            read_data,
+            subset,
+            json,
+        } => repo_cmd::check(&config, &data_dir, repo, read_data, subset, json).await,
     }
 }

@@ -107,7 +107,7 @@ pub struct CompressionParams {
 impl Default for CompressionParams {
     fn default() -> Self {
         CompressionParams {
-            quality: 1,
+            quality: 2,
             lgwin: 22,
         }
     }

@@ -6,7 +6,9 @@
 //! from the event that caused them, so a redelivery stores nothing twice.
 
 pub mod alerts;
+pub mod backup;
 pub mod fault;
+pub mod keys;
 
 use std::sync::Arc;
 

@@ -604,6 +604,53 @@ async fn copy_worker(
 
 type CopyResult = Result<(PartReport, u64, u64), SourceError>;
 
+/// `SELECT <the columns COPY would write> FROM t ORDER BY <primary key>`, for tables with a
+/// primary key.
+///
+/// Why: a plain `COPY t TO STDOUT` writes rows in physical order, and PostgreSQL puts new rows
+/// wherever a page has room, so a day's thousand inserts can land in every page and change every
+/// chunk of the table. In key order, appended rows (rising ids) land at the end and an updated
+/// row stays where it was: the next backup's chunks stay the same except where data really
+/// changed. Restores are unaffected: `COPY FROM` takes rows in any order.
+/// The column list is what `COPY t TO` writes (no dropped or generated columns), in order.
+async fn ordered_select(
+    conn: &mut PgConnection,
+    table: &QualifiedName,
+) -> Result<Option<String>, sqlx::Error> {
+    let columns: Vec<(String,)> = sqlx::query_as(
+        "SELECT a.attname::text FROM pg_catalog.pg_attribute a \
+         WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped \
+           AND a.attgenerated = '' ORDER BY a.attnum",
+    )
+    .bind(table.quoted())
+    .fetch_all(&mut *conn)
+    .await?;
+    let key: Vec<(String,)> = sqlx::query_as(
+        "SELECT a.attname::text FROM pg_catalog.pg_index i \
+         JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey) \
+         WHERE i.indrelid = $1::regclass AND i.indisprimary \
+         ORDER BY array_position(i.indkey::int2[], a.attnum)",
+    )
+    .bind(table.quoted())
+    .fetch_all(&mut *conn)
+    .await?;
+    if key.is_empty() || columns.is_empty() {
+        return Ok(None);
+    }
+    let list = |cols: &[(String,)]| {
+        cols.iter()
+            .map(|(c,)| crate::pg::names::quote_ident(c))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    Ok(Some(format!(
+        "SELECT {} FROM ONLY {} ORDER BY {}",
+        list(&columns),
+        table.quoted(),
+        list(&key)
+    )))
+}
+
 /// Streams one table's COPY output into the sink; gives the connection back when it is reusable.
 async fn copy_table(
     mut conn: PgConnection,
@@ -638,7 +685,20 @@ async fn copy_table(
         }
     }
     let part = data_part_name(table);
-    let statement = format!("COPY {} TO STDOUT", table.quoted());
+    let statement = match ordered_select(&mut conn, table).await {
+        Ok(Some(select)) => format!("COPY ({select}) TO STDOUT"),
+        Ok(None) => format!("COPY {} TO STDOUT", table.quoted()),
+        Err(e) => {
+            return (
+                None,
+                Err(SourceError::query(
+                    format!("reading the columns of {table}"),
+                    ci,
+                    e,
+                )),
+            );
+        }
+    };
     let (writer, reader) = part_stream();
     let ci2 = ci.clone();
     let doing = format!("copying {table}");
