@@ -228,6 +228,8 @@ vocabulary! {
         chunks: u64,
         new_chunks: u64,
         duration_ms: u64,
+        /// 1 for a first attempt; retries after failed verifications count up.
+        #[serde(default = "one")] attempt: u32,
         #[serde(default)] tables: Vec<TableRows>,
     }
     BackupFailed = "backup.failed" v 1 {

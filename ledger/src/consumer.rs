@@ -147,7 +147,8 @@ pub async fn run_embedded(
             return Ok(());
         }
         for event in batch {
-            if handler.wants(&event.event_type) {
+            let handled = handler.wants(&event.event_type);
+            if handled {
                 let mut attempt = 1;
                 loop {
                     match handler.handle(&event, &ledger).await {
@@ -170,6 +171,12 @@ pub async fn run_embedded(
             ledger
                 .store()
                 .set_consumer_cursor(&name, event.position + 1)?;
+            if handled {
+                // Work was done for this event (maybe a long one, like a test restore): make its
+                // cursor durable now so a crash does not repeat it. Skipped events ride on the
+                // next flush.
+                ledger.store().flush().await?;
+            }
         }
     }
 }

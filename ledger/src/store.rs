@@ -281,6 +281,12 @@ impl Store {
         }
     }
 
+    /// Flushes everything written so far (cursors included) to disk.
+    pub async fn flush(&self) -> Result<(), LedgerError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
     /// Every consumer cursor, by name.
     pub fn consumer_cursors(&self) -> Result<Vec<(String, u64)>, LedgerError> {
         let mut out = Vec::new();

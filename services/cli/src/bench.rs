@@ -14,10 +14,17 @@ use backstop_events::{Actor, Event, NewEvent, StorageUsageSampled};
 use backstop_ledger::{Appender, ExpectedVersion, Ledger, LedgerConfig, outbox};
 use clap::Subcommand;
 
+// Declared here rather than in main.rs: the backup benchmark is one more `bench` subcommand.
+#[path = "bench_backup.rs"]
+mod bench_backup;
+
 #[derive(Subcommand)]
 pub enum BenchCommand {
     /// The dashboard and the audit query under load over a ledger of 1,000,000 events.
     Api(crate::bench_api::BenchApiArgs),
+    /// Backstop's logical backups beside pg_dump and restic on the trading dataset: time, stored
+    /// bytes, the second backup after a day's churn, restore time, peak memory.
+    Backup(bench_backup::BenchBackupArgs),
     /// Ledger append throughput and latency, with and without NATS publication.
     Ledger {
         /// Seconds per measurement.
@@ -53,6 +60,7 @@ struct Figures {
 pub async fn run(cmd: BenchCommand) -> anyhow::Result<std::process::ExitCode> {
     match cmd {
         BenchCommand::Api(args) => crate::bench_api::run(args).await,
+        BenchCommand::Backup(args) => bench_backup::run(args).await,
         BenchCommand::Ledger {
             seconds,
             appenders,

@@ -30,6 +30,22 @@ pub struct Config {
     /// Databases to back up, by name.
     #[serde(default)]
     pub sources: Vec<SourceSection>,
+    #[serde(default)]
+    pub verify: VerifySection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifySection {
+    /// A PostgreSQL URL where the verify worker may create and drop test databases; absent:
+    /// no automatic test restores.
+    pub scratch: Option<String>,
+    /// Allowed row-count difference in percent (default 1).
+    pub tolerance_percent: Option<f64>,
+    /// Backups retried after failed verifications, at most (default 2).
+    pub max_retries: Option<u32>,
+    /// Parallel restore jobs (default 2).
+    pub jobs: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -7,6 +7,7 @@ mod bench;
 mod bench_api;
 mod config;
 mod ledger_cmd;
+mod physical_cmd;
 mod projections_cmd;
 mod repo_cmd;
 mod runtime;
@@ -97,6 +98,13 @@ enum Command {
     /// Benchmarks that print a report.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Archive a WAL file: PostgreSQL's archive_command, `backstop wal-push %p`.
+    WalPush(physical_cmd::WalPushArgs),
+    /// Restore a WAL file: PostgreSQL's restore_command, `backstop wal-fetch %f %p`.
+    WalFetch(physical_cmd::WalFetchArgs),
+    /// The WAL archive: continuity and checksums.
+    #[command(subcommand)]
+    Wal(physical_cmd::WalCommand),
 }
 
 fn init_logging(format: &str) {
@@ -135,11 +143,18 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
-    let config = config::Config::load(cli.config.as_deref())?;
+    let config = match config::Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        // wal-fetch must never exit 1 for a failure: PostgreSQL would end recovery early.
+        Err(e) if matches!(cli.command, Command::WalFetch(_)) => {
+            return Ok(physical_cmd::wal_fetch_unconfigured(&e));
+        }
+        Err(e) => return Err(e),
+    };
     let data_dir = config.data_dir(cli.data_dir.as_deref());
     match cli.command {
         Command::Serve(args) => serve::serve(&config, &data_dir, args).await,
-        Command::Worker(args) => serve::worker(&config, args).await,
+        Command::Worker(args) => serve::worker(&config, &data_dir, args).await,
         Command::Ledger(cmd) => ledger_cmd::run(&config, &data_dir, cmd).await,
         Command::Audit(cmd) => audit_cmd::run(&config, &data_dir, cmd).await,
         Command::Projections(cmd) => projections_cmd::run(&config, &data_dir, cmd).await,
@@ -155,6 +170,9 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             repo_cmd::show(&config, &data_dir, repo, backup, json).await
         }
         Command::Restore(args) => repo_cmd::restore(&config, &data_dir, args).await,
+        Command::WalPush(args) => physical_cmd::wal_push(&config, &data_dir, args).await,
+        Command::WalFetch(args) => physical_cmd::wal_fetch(&config, &data_dir, args).await,
+        Command::Wal(cmd) => physical_cmd::wal(&config, &data_dir, cmd).await,
         Command::Check {
             repo,
             read_data,

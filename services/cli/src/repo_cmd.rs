@@ -277,6 +277,9 @@ pub struct BackupArgs {
     /// Print the result as JSON (no progress bar).
     #[arg(long)]
     pub json: bool,
+    /// A physical base backup (pg_basebackup) for point-in-time recovery, instead of a dump.
+    #[arg(long)]
+    pub physical: bool,
 }
 
 pub async fn run_backup(
@@ -284,6 +287,9 @@ pub async fn run_backup(
     data_dir: &Path,
     args: BackupArgs,
 ) -> anyhow::Result<std::process::ExitCode> {
+    if args.physical {
+        return crate::physical_cmd::run_physical_backup(config, data_dir, args).await;
+    }
     let mut sources = source_specs(config);
     let source = match (&args.source, &args.pg) {
         (Some(s), _) => s.clone(),
@@ -562,10 +568,10 @@ pub struct RestoreArgs {
     #[command(flatten)]
     pub repo: RepoArgs,
     /// A backup id, or `latest`.
-    pub backup: String,
+    pub backup: Option<String>,
     /// Target database (postgres:// URL).
     #[arg(long)]
-    pub to: String,
+    pub to: Option<String>,
     /// Restore only these tables (comma-separated, schema.table or table).
     #[arg(long, value_delimiter = ',')]
     pub tables: Vec<String>,
@@ -581,6 +587,11 @@ pub struct RestoreArgs {
     /// Parallel jobs.
     #[arg(long, default_value_t = 2)]
     pub jobs: usize,
+    /// Physical restore: a data directory that recovers to a point in time (see --to-dir).
+    #[arg(long)]
+    pub physical: bool,
+    #[command(flatten)]
+    pub pitr: crate::physical_cmd::PitrArgs,
 }
 
 pub async fn restore(
@@ -588,9 +599,20 @@ pub async fn restore(
     data_dir: &Path,
     args: RestoreArgs,
 ) -> anyhow::Result<std::process::ExitCode> {
+    if args.physical {
+        return crate::physical_cmd::restore(config, data_dir, args).await;
+    }
+    let which = args
+        .backup
+        .clone()
+        .context("say which backup to restore: an id or `latest`")?;
+    let to = args
+        .to
+        .clone()
+        .context("say where to restore: --to postgres://... (or --physical --to-dir DIR)")?;
     let mut events = Events::open(config, data_dir).await?;
     let repo = open_repository(config, data_dir, &args.repo, &mut events).await?;
-    let manifest = backup::resolve_backup(&repo, &args.backup, args.source.as_deref()).await?;
+    let manifest = backup::resolve_backup(&repo, &which, args.source.as_deref()).await?;
     let backup_id = manifest.backup_id;
     if args.dry_run {
         let report = repo.dry_run_restore(&manifest, None).await?;
@@ -619,7 +641,7 @@ pub async fn restore(
         appender: events.appender.clone(),
         sources: Vec::new(),
     };
-    let target_redacted = backstop_sources::pg::ConnInfo::parse(&args.to)
+    let target_redacted = backstop_sources::pg::ConnInfo::parse(&to)
         .map(|c| c.redacted())
         .unwrap_or_else(|_| "<unparsable target>".into());
     let options = backstop_sources::pg::logical::RestoreOptions {
@@ -629,15 +651,8 @@ pub async fn restore(
         dry_run: args.dry_run,
         ..Default::default()
     };
-    let result = backup::run_restore(
-        &dp,
-        manifest,
-        &target_redacted,
-        &args.to,
-        options,
-        &operator(),
-    )
-    .await;
+    let result =
+        backup::run_restore(&dp, manifest, &target_redacted, &to, options, &operator()).await;
     drop(dp);
     events.close().await;
     let report = result?;
@@ -702,4 +717,106 @@ pub async fn check(
     } else {
         std::process::ExitCode::FAILURE
     })
+}
+
+/// Probes the repository's storage by reading its config object's size.
+struct RepoProbe {
+    backend: Arc<dyn backstop_repo::Backend>,
+}
+
+#[async_trait::async_trait]
+impl backstop_api::StorageProbe for RepoProbe {
+    fn describe(&self) -> String {
+        self.backend.describe()
+    }
+
+    async fn probe(&self) -> Result<std::time::Duration, String> {
+        let started = std::time::Instant::now();
+        match self.backend.head("config").await {
+            Ok(Some(_)) => Ok(started.elapsed()),
+            Ok(None) => Err("reachable, but the repository config object is missing".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+/// What a long-running process needs for the data-path workers and the storage probe. Missing
+/// pieces (no repository yet, no master key) leave those workers off with a log line, so that
+/// `serve` still runs the ledger, the alerts and the API.
+pub async fn worker_context(
+    config: &Config,
+    data_dir: &Path,
+    appender: Arc<dyn Appender>,
+) -> (
+    backstop_workers::WorkerContext,
+    Option<Arc<dyn backstop_api::StorageProbe>>,
+) {
+    let none = || backstop_workers::WorkerContext {
+        data_path: None,
+        verify: None,
+    };
+    let loc = match location(config, data_dir, &RepoArgs::default()) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "repository location unusable; data-path workers off");
+            return (none(), None);
+        }
+    };
+    if let Location::Local(path) = &loc {
+        if !path.join("config").exists() {
+            tracing::info!(repository = %loc, "no repository yet (`backstop init`); data-path workers off");
+            return (none(), None);
+        }
+    }
+    let backend = match loc.open(Some(s3_settings(config))).await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot reach the repository; data-path workers off");
+            return (none(), None);
+        }
+    };
+    let probe: Arc<dyn backstop_api::StorageProbe> = Arc::new(RepoProbe {
+        backend: backend.clone(),
+    });
+    let master = match master_key(config, &RepoArgs::default()) {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::warn!(error = %e, "no master key; backup and verify workers off");
+            return (none(), Some(probe));
+        }
+    };
+    let (tx, rx) = unbounded_channel::<KeyAccess>();
+    let repo = match Repository::open(backend, &master, Arc::new(tx)).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot open the repository; backup and verify workers off");
+            return (none(), Some(probe));
+        }
+    };
+    tokio::spawn(backstop_workers::keys::record_key_accesses(
+        rx,
+        appender.clone(),
+    ));
+    let verify =
+        config
+            .verify
+            .scratch
+            .as_ref()
+            .map(|scratch| backstop_workers::verify::VerifySettings {
+                scratch: scratch.clone(),
+                tolerance_percent: config.verify.tolerance_percent.unwrap_or(1.0),
+                max_retries: config.verify.max_retries.unwrap_or(2),
+                jobs: config.verify.jobs.unwrap_or(2),
+            });
+    (
+        backstop_workers::WorkerContext {
+            data_path: Some(DataPath {
+                repo,
+                appender,
+                sources: source_specs(config),
+            }),
+            verify,
+        },
+        Some(probe),
+    )
 }

@@ -63,10 +63,12 @@ pub async fn serve(
         public_key = ledger.public_key(),
         "ledger open"
     );
+    let (context, storage) =
+        crate::repo_cmd::worker_context(config, data_dir, Arc::new(ledger.clone())).await;
     let handlers = if args.no_workers {
         Vec::new()
     } else {
-        backstop_workers::handlers(&args.only).map_err(anyhow::Error::msg)?
+        backstop_workers::handlers(&args.only, context).map_err(anyhow::Error::msg)?
     };
     let policy = config.retry_policy();
     let mut tasks = JoinSet::new();
@@ -122,7 +124,7 @@ pub async fn serve(
             projections_url: args.projections_url,
             listen: args.listen,
             publication,
-            storage: None,
+            storage,
         },
         &mut tasks,
         &shutdown,
@@ -139,16 +141,21 @@ pub async fn serve(
     Ok(code)
 }
 
-pub async fn worker(config: &Config, args: WorkerArgs) -> anyhow::Result<std::process::ExitCode> {
+pub async fn worker(
+    config: &Config,
+    data_dir: &Path,
+    args: WorkerArgs,
+) -> anyhow::Result<std::process::ExitCode> {
     let shutdown = shutdown_signal();
     let url = args
         .nats
         .or_else(|| config.nats.url.clone())
         .context("`backstop worker` needs NATS: pass --nats nats://HOST:PORT or set nats.url")?;
-    let handlers = backstop_workers::handlers(&args.only).map_err(anyhow::Error::msg)?;
     let client = connect_nats(&url).await?;
     let js = async_nats::jetstream::new(client.clone());
     let appender: Arc<dyn Appender> = Arc::new(remote::RemoteLedger::new(client));
+    let (context, _) = crate::repo_cmd::worker_context(config, data_dir, appender.clone()).await;
+    let handlers = backstop_workers::handlers(&args.only, context).map_err(anyhow::Error::msg)?;
     let mut tasks = JoinSet::new();
     let names: Vec<String> = handlers.iter().map(|h| h.name().to_string()).collect();
     spawn_jetstream_workers(

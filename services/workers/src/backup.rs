@@ -86,7 +86,10 @@ async fn record(
         Some(c) => NewEvent::caused_by(c, stream, actor.clone(), &event),
         None => NewEvent::new(stream, actor.clone(), &event),
     };
-    e.id = backstop_events::uuid_v7_derived(backup_id, e.occurred_at, label);
+    // The id must come out the same when a redelivered request runs this again: derive it from
+    // the backup id, the label and the cause's time (not the time of this attempt).
+    let at = cause.map(|c| c.occurred_at).unwrap_or(e.occurred_at);
+    e.id = backstop_events::uuid_v7_derived(backup_id, at, label);
     appender
         .append(stream, ExpectedVersion::Any, vec![e])
         .await?;
@@ -112,9 +115,9 @@ impl DumpSink for WriterSink {
 }
 
 /// Adapts a stored backup to the source's restore input.
-struct ManifestSource {
-    repo: Repository,
-    manifest: Arc<Manifest>,
+pub struct ManifestSource {
+    pub repo: Repository,
+    pub manifest: Arc<Manifest>,
 }
 
 #[async_trait]
@@ -242,6 +245,7 @@ pub async fn run_backup(
                 chunks: result.chunks,
                 new_chunks: result.new_chunks,
                 duration_ms: started.elapsed().as_millis() as u64,
+                attempt: request.attempt,
                 tables: report
                     .tables
                     .iter()
@@ -511,6 +515,62 @@ pub async fn run_restore(
     }
 }
 
+/// Records `backup.completed` for a backup whose manifest exists, from the manifest itself.
+async fn record_completion_from_manifest(
+    dp: &DataPath,
+    request: &BackupRequested,
+    m: &Manifest,
+    cause: &Envelope,
+) -> Result<(), backstop_ledger::LedgerError> {
+    let sealed = dp
+        .repo
+        .backend()
+        .get(&backstop_repo::manifest_key(&m.backup_id))
+        .await
+        .map(|b| hex::encode(<sha3::Sha3_256 as sha3::Digest>::digest(&b)))
+        .unwrap_or_default();
+    let tables = dump_report(m)
+        .map(|r| {
+            r.tables
+                .iter()
+                .filter(|t| t.part.is_some())
+                .map(|t| TableRows {
+                    schema: t.table.schema.clone(),
+                    table: t.table.name.clone(),
+                    rows: t.rows,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let completed = BackupCompleted {
+        backup_id: m.backup_id,
+        source: m.source.clone(),
+        kind: m.kind,
+        parent: m.parent,
+        physical: request.physical,
+        manifest: backstop_repo::manifest_key(&m.backup_id),
+        manifest_sha3: sealed,
+        raw_bytes: m.totals.raw_bytes,
+        stored_bytes: m.totals.stored_bytes,
+        new_bytes: m.totals.new_bytes,
+        chunks: m.totals.chunks,
+        new_chunks: m.totals.new_chunks,
+        duration_ms: m.duration().num_milliseconds().max(0) as u64,
+        attempt: request.attempt,
+        tables,
+    };
+    record(
+        dp.appender.as_ref(),
+        &streams::backup(m.backup_id),
+        &Actor::worker(NAME),
+        Some(cause),
+        "completed",
+        m.backup_id,
+        Event::BackupCompleted(completed),
+    )
+    .await
+}
+
 /// Runs backups requested through the ledger (by the API or a schedule).
 pub struct BackupWorker {
     pub data_path: DataPath,
@@ -539,6 +599,24 @@ impl Handler for BackupWorker {
             return Err(HandlerError::permanent(
                 "physical backups are taken with `backstop backup --physical`; this worker runs logical ones",
             ));
+        }
+        // A redelivered request whose backup already finished: its manifest is in the
+        // repository. Record the completion again (a duplicate id if it was recorded; the
+        // missing event if the process died between the manifest and the event) and stop.
+        match self.data_path.repo.load_manifest(request.backup_id).await {
+            Ok(m) => {
+                return record_completion_from_manifest(&self.data_path, &request, &m, event)
+                    .await
+                    .map_err(HandlerError::from);
+            }
+            Err(RepoError::NotFound { .. }) => {}
+            Err(e) if e.is_transient() => return Err(HandlerError::retryable(e.to_string())),
+            Err(e) => {
+                return Err(HandlerError::permanent(format!(
+                    "backup {} has an unreadable manifest: {e}",
+                    request.backup_id
+                )));
+            }
         }
         match run_backup(
             &self.data_path,

@@ -9,16 +9,25 @@ pub mod alerts;
 pub mod backup;
 pub mod fault;
 pub mod keys;
+pub mod physical;
+pub mod verify;
 
 use std::sync::Arc;
 
 use backstop_ledger::consumer::Handler;
 
 /// The names of the workers `backstop worker --only` accepts.
-pub const KINDS: &[&str] = &[alerts::NAME];
+pub const KINDS: &[&str] = &[alerts::NAME, backup::NAME, verify::NAME];
 
-/// The handlers to run, all of them or the named ones.
-pub fn handlers(only: &[String]) -> Result<Vec<Arc<dyn Handler>>, String> {
+/// What the data-path workers need; without it only the alert worker runs.
+pub struct WorkerContext {
+    pub data_path: Option<backup::DataPath>,
+    pub verify: Option<verify::VerifySettings>,
+}
+
+/// The handlers to run, all of them or the named ones. A worker named explicitly whose
+/// prerequisites are missing is an error; one left out of "all" for that reason is logged.
+pub fn handlers(only: &[String], ctx: WorkerContext) -> Result<Vec<Arc<dyn Handler>>, String> {
     for name in only {
         if !KINDS.contains(&name.as_str()) {
             return Err(format!(
@@ -27,9 +36,33 @@ pub fn handlers(only: &[String]) -> Result<Vec<Arc<dyn Handler>>, String> {
             ));
         }
     }
-    let all: Vec<Arc<dyn Handler>> = vec![Arc::new(alerts::AlertWorker)];
-    Ok(all
-        .into_iter()
-        .filter(|h| only.is_empty() || only.iter().any(|n| n == h.name()))
-        .collect())
+    let wanted = |n: &str| only.is_empty() || only.iter().any(|o| o == n);
+    let mut all: Vec<Arc<dyn Handler>> = Vec::new();
+    if wanted(alerts::NAME) {
+        all.push(Arc::new(alerts::AlertWorker));
+    }
+    match (&ctx.data_path, wanted(backup::NAME)) {
+        (Some(dp), true) => all.push(Arc::new(backup::BackupWorker {
+            data_path: dp.clone(),
+        })),
+        (None, true) if !only.is_empty() => {
+            return Err("the backup worker needs a repository and its master key (see [repository] in the configuration reference)".into());
+        }
+        (None, true) => tracing::warn!("backup worker not started: no repository or master key"),
+        _ => {}
+    }
+    match (&ctx.data_path, &ctx.verify, wanted(verify::NAME)) {
+        (Some(dp), Some(settings), true) => all.push(Arc::new(verify::VerifyWorker {
+            data_path: dp.clone(),
+            settings: settings.clone(),
+        })),
+        (_, _, true) if !only.is_empty() => {
+            return Err("the verify worker needs a repository, its master key and [verify] scratch (a PostgreSQL URL for test restores)".into());
+        }
+        (_, _, true) => tracing::warn!(
+            "verify worker not started: it needs a repository, its master key and [verify] scratch"
+        ),
+        _ => {}
+    }
+    Ok(all)
 }

@@ -89,6 +89,12 @@ impl ConnInfo {
     }
 
     /// The URL form, with or without the password.
+    /// The connection as a `postgres://` URL, password included: for connecting, never for
+    /// printing (use [`ConnInfo::redacted`]).
+    pub fn url(&self) -> String {
+        self.to_url(true)
+    }
+
     fn to_url(&self, with_password: bool) -> String {
         let mut url = String::from("postgres://");
         if let Some(u) = &self.user {

@@ -1,0 +1,1263 @@
+//! `backstop bench backup`: Backstop's logical backups side by side with `pg_dump` and restic, on
+//! the trading dataset, in one run. A report: it measures and prints, it asserts nothing.
+//!
+//! What one invocation does:
+//! 1. Starts a throwaway PostgreSQL 15 in a temporary directory (as the `postgres` system user
+//!    when run as root: PostgreSQL refuses root), loads `bench/trading.sql` with `--rows` rows
+//!    (compiled into the binary, so the bench needs no checkout), then `VACUUM ANALYZE`.
+//!    With `garage` among `--tools`, also starts a throwaway single-node Garage (as
+//!    /work/shared/GARAGE.md describes; the `garage` binary from PATH or ~/.cargo/bin).
+//! 2. Per run (`--runs`), on a fresh copy of the loaded database (`CREATE DATABASE ... TEMPLATE`,
+//!    so every run starts from the same bytes), in this order:
+//!    `pg_dump -Fd -j2 -Z6`; `pg_dump -Fc -Z0` (the floor, and the file the restore reference
+//!    restores); restic backing up `pg_dump -Fc -Z0` from standard input into a fresh restic
+//!    repository; Backstop into a fresh local repository and into a fresh Garage prefix; then
+//!    `bench/churn.sql`; the second backups (restic, Backstop incremental); then the restores,
+//!    each into a new empty database: `pg_restore -j2` of the plain dump, and Backstop's full
+//!    backup (the same data) from each repository.
+//! 3. Prints, per tool, the median of each figure over the runs, and the ratios the issue's
+//!    targets are stated in (against restic and against `pg_restore -j2`).
+//!
+//! How it measures:
+//! - Every tool is a child process of this one (Backstop is this same binary, `current_exe()`),
+//!   timed from spawn to exit; its peak memory is the child's maximum resident set size from
+//!   `wait4` (it includes the child's own reaped children, e.g. `pg_dump -j2`'s workers). For the
+//!   restic pipeline, the time is until both ends exit and the memory is restic's.
+//! - Stored bytes: the apparent size of every file under the repository or dump directory; for
+//!   Garage, the sizes of the objects listed under the run's prefix (what the bucket bills). A
+//!   second backup "adds" the difference before and after it.
+//! - Before each measured step the server checkpoints and the page cache is flushed (`sync`),
+//!   so one step's writeback does not land in the next one's time.
+//! - The server runs with `fsync = off` and `synchronous_commit = off` (a throwaway, as in the
+//!   tests); every tool restores into that same server, so the ratios compare like with like.
+
+use std::io::Read;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use rand::RngCore;
+use serde::Serialize;
+
+const TRADING_SQL: &str = include_str!("../../../bench/trading.sql");
+const CHURN_SQL: &str = include_str!("../../../bench/churn.sql");
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+const RESTIC_PASSWORD: &str = "backstop-bench";
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BenchTool {
+    /// `pg_dump -Fd -j2 -Z6` and `pg_dump -Fc -Z0`.
+    Pgdump,
+    /// restic 0.14 backing up `pg_dump -Fc -Z0` from standard input.
+    Restic,
+    /// Backstop into a local directory.
+    Local,
+    /// Backstop into a throwaway Garage (S3).
+    Garage,
+}
+
+#[derive(Args)]
+pub struct BenchBackupArgs {
+    /// Rows in realtime_prices (the other tables scale from it).
+    #[arg(long, default_value_t = 4_000_000)]
+    rows: u64,
+    /// Runs; the report gives the median of each figure.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// What to measure (comma-separated).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "pgdump,restic,local,garage"
+    )]
+    tools: Vec<BenchTool>,
+    /// Parallel COPY jobs of Backstop's backups and restores.
+    #[arg(long, default_value_t = 2)]
+    jobs: usize,
+    /// Brotli quality of the Backstop repositories (default: the repository default).
+    #[arg(long)]
+    brotli_quality: Option<u32>,
+    /// Average chunk size in KiB of the Backstop repositories (default: the repository default).
+    #[arg(long)]
+    chunk_avg_kib: Option<usize>,
+    /// Skip the restores.
+    #[arg(long)]
+    no_restore: bool,
+    /// Parent of the temporary working directory (default: the system's temporary directory).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Keep the working directory (and print where it is) instead of removing it.
+    #[arg(long)]
+    keep: bool,
+    /// Print every run's figures and the medians as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// One measured child process.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+struct Sample {
+    secs: f64,
+    /// Peak resident set size, bytes.
+    peak_bytes: u64,
+}
+
+/// One tool's figures in one run; `None` where the tool has no such figure.
+#[derive(Clone, Debug, Default, Serialize)]
+struct ToolRun {
+    full_secs: Option<f64>,
+    stored_bytes: Option<u64>,
+    second_secs: Option<f64>,
+    added_bytes: Option<u64>,
+    restore_secs: Option<f64>,
+    /// The highest peak over the tool's steps (backup, second backup, restore).
+    peak_bytes: Option<u64>,
+}
+
+impl ToolRun {
+    fn peak(&mut self, s: &Sample) {
+        self.peak_bytes = Some(self.peak_bytes.unwrap_or(0).max(s.peak_bytes));
+    }
+}
+
+const ROWS: [&str; 6] = [
+    "pg_dump -Fd -j2 -Z6",
+    "pg_dump -Fc -Z0 (floor)",
+    "restic (pg_dump -Fc -Z0 | --stdin)",
+    "backstop -> local",
+    "backstop -> garage",
+    "pg_restore -j2 (plain -Fc -Z0)",
+];
+const PG_DUMP_FD: usize = 0;
+const PG_DUMP_FC: usize = 1;
+const RESTIC: usize = 2;
+const BS_LOCAL: usize = 3;
+const BS_GARAGE: usize = 4;
+const PG_RESTORE: usize = 5;
+
+#[derive(Serialize)]
+struct Report {
+    rows: u64,
+    runs: usize,
+    cores: usize,
+    database_bytes: u64,
+    plain_dump_bytes: Option<u64>,
+    load_secs: f64,
+    brotli_quality: Option<u32>,
+    chunk_avg_kib: Option<usize>,
+    jobs: usize,
+    loadavg_before: String,
+    loadavg_after: String,
+    tools: Vec<&'static str>,
+    per_run: Vec<Vec<ToolRun>>,
+    median: Vec<ToolRun>,
+}
+
+pub async fn run(args: BenchBackupArgs) -> anyhow::Result<std::process::ExitCode> {
+    let loadavg_before = loadavg();
+    let parent = args.work_dir.clone().unwrap_or_else(std::env::temp_dir);
+    std::fs::create_dir_all(&parent)
+        .with_context(|| format!("cannot create {}", parent.display()))?;
+    let work = tempfile::Builder::new()
+        .prefix("backstop-bench-")
+        .tempdir_in(&parent)
+        .with_context(|| format!("cannot create a working directory in {}", parent.display()))?;
+    let dir = work.path().to_path_buf();
+    let result = run_in(&args, &dir, loadavg_before).await;
+    if args.keep {
+        let kept = work.keep();
+        eprintln!("working directory kept: {}", kept.display());
+    }
+    result
+}
+
+async fn run_in(
+    args: &BenchBackupArgs,
+    dir: &Path,
+    loadavg_before: String,
+) -> anyhow::Result<std::process::ExitCode> {
+    let has = |t: BenchTool| args.tools.contains(&t);
+    eprintln!(
+        "starting PostgreSQL 15{} in {}",
+        if has(BenchTool::Garage) {
+            " and Garage"
+        } else {
+            ""
+        },
+        dir.display()
+    );
+    let pg = ThrowawayPg::start(dir)?;
+    let garage = if has(BenchTool::Garage) {
+        Some(ThrowawayGarage::start(dir)?)
+    } else {
+        None
+    };
+    let restic = if has(BenchTool::Restic) {
+        Some(find_tool("restic").context("restic is not installed (apt-get install restic)")?)
+    } else {
+        None
+    };
+
+    // 1. Load.
+    eprintln!("loading bench/trading.sql with rows={}", args.rows);
+    let t = Instant::now();
+    pg.psql("postgres", "CREATE DATABASE bench_source")?;
+    let sql = dir.join("trading.sql");
+    std::fs::write(&sql, TRADING_SQL)?;
+    let churn = dir.join("churn.sql");
+    std::fs::write(&churn, CHURN_SQL)?;
+    pg.psql_file("bench_source", &sql, &[("rows", &args.rows.to_string())])?;
+    pg.psql("bench_source", "VACUUM ANALYZE")?;
+    let load_secs = t.elapsed().as_secs_f64();
+    let database_bytes: u64 = pg
+        .psql(
+            "bench_source",
+            "SELECT pg_database_size(current_database())",
+        )?
+        .trim()
+        .parse()
+        .context("reading the database size")?;
+    eprintln!(
+        "loaded in {load_secs:.0} s: {} database",
+        crate::repo_cmd::human(database_bytes)
+    );
+
+    // 2. Runs.
+    let mut per_run = Vec::new();
+    let mut plain_dump_bytes = None;
+    for run in 0..args.runs.max(1) {
+        eprintln!("run {} of {}", run + 1, args.runs.max(1));
+        let ctx = RunCtx {
+            args,
+            pg: &pg,
+            garage: garage.as_ref(),
+            restic: restic.as_deref(),
+            dir: dir.join(format!("run{run}")),
+            db: format!("run{run}"),
+            churn: churn.clone(),
+        };
+        std::fs::create_dir_all(&ctx.dir)?;
+        pg.psql(
+            "postgres",
+            &format!(
+                "CREATE DATABASE {} TEMPLATE bench_source STRATEGY FILE_COPY",
+                ctx.db
+            ),
+        )?;
+        let (figures, plain) = ctx.measure().await?;
+        plain_dump_bytes = plain.or(plain_dump_bytes);
+        pg.psql("postgres", &format!("DROP DATABASE {}", ctx.db))?;
+        let _ = std::fs::remove_dir_all(&ctx.dir);
+        if !args.json {
+            print_table(&format!("run {}", run + 1), &figures, false);
+        }
+        per_run.push(figures);
+    }
+    let median = medians(&per_run);
+    let report = Report {
+        rows: args.rows,
+        runs: per_run.len(),
+        cores: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        database_bytes,
+        plain_dump_bytes,
+        load_secs,
+        brotli_quality: args.brotli_quality,
+        chunk_avg_kib: args.chunk_avg_kib,
+        jobs: args.jobs,
+        loadavg_before,
+        loadavg_after: loadavg(),
+        tools: ROWS.to_vec(),
+        per_run,
+        median,
+    };
+    drop(garage);
+    drop(pg);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+struct RunCtx<'a> {
+    args: &'a BenchBackupArgs,
+    pg: &'a ThrowawayPg,
+    garage: Option<&'a ThrowawayGarage>,
+    restic: Option<&'a Path>,
+    dir: PathBuf,
+    db: String,
+    churn: PathBuf,
+}
+
+/// A Backstop repository of one run.
+struct BsRepo {
+    label: &'static str,
+    config: PathBuf,
+    data_dir: PathBuf,
+    key: PathBuf,
+    location: String,
+}
+
+impl RunCtx<'_> {
+    fn has(&self, t: BenchTool) -> bool {
+        self.args.tools.contains(&t)
+    }
+
+    /// Checkpoint and flush dirty pages, so that the next step is timed on its own.
+    fn settle(&self) -> anyhow::Result<()> {
+        self.pg.psql("postgres", "CHECKPOINT")?;
+        let _ = Command::new("sync").status();
+        Ok(())
+    }
+
+    async fn measure(&self) -> anyhow::Result<(Vec<ToolRun>, Option<u64>)> {
+        let mut f: Vec<ToolRun> = vec![ToolRun::default(); ROWS.len()];
+        let url = self.pg.url(&self.db);
+        let restore = !self.args.no_restore;
+
+        // Full backups.
+        if self.has(BenchTool::Pgdump) {
+            self.settle()?;
+            let out = self.dir.join("fd");
+            let s = self
+                .pg
+                .tool("pg_dump")
+                .args(["-Fd", "-j2", "-Z6", "-f"])
+                .arg(&out)
+                .arg(&self.db)
+                .measured(&self.dir, "pg_dump -Fd")?;
+            f[PG_DUMP_FD].full_secs = Some(s.secs);
+            f[PG_DUMP_FD].stored_bytes = Some(dir_bytes(&out)?);
+            f[PG_DUMP_FD].peak(&s);
+            let _ = std::fs::remove_dir_all(&out);
+        }
+        let plain = self.dir.join("plain.dump");
+        let mut plain_bytes = None;
+        if self.has(BenchTool::Pgdump) || restore {
+            self.settle()?;
+            let s = self
+                .pg
+                .tool("pg_dump")
+                .args(["-Fc", "-Z0", "-f"])
+                .arg(&plain)
+                .arg(&self.db)
+                .measured(&self.dir, "pg_dump -Fc -Z0")?;
+            let bytes = std::fs::metadata(&plain)?.len();
+            plain_bytes = Some(bytes);
+            if self.has(BenchTool::Pgdump) {
+                f[PG_DUMP_FC].full_secs = Some(s.secs);
+                f[PG_DUMP_FC].stored_bytes = Some(bytes);
+                f[PG_DUMP_FC].peak(&s);
+            }
+        }
+        let restic_repo = self.dir.join("restic");
+        if let Some(restic) = self.restic {
+            let init = Command::new(restic)
+                .arg("-r")
+                .arg(&restic_repo)
+                .args(["init", "--quiet"])
+                .env("RESTIC_PASSWORD", RESTIC_PASSWORD)
+                .output()?;
+            if !init.status.success() {
+                bail!(
+                    "restic init failed: {}",
+                    String::from_utf8_lossy(&init.stderr)
+                );
+            }
+            self.settle()?;
+            let s = self.restic_backup(restic, &restic_repo)?;
+            f[RESTIC].full_secs = Some(s.secs);
+            f[RESTIC].stored_bytes = Some(dir_bytes(&restic_repo)?);
+            f[RESTIC].peak(&s);
+        }
+        let mut repos = Vec::new();
+        if self.has(BenchTool::Local) {
+            repos.push((BS_LOCAL, self.backstop_repo("local")?));
+        }
+        if self.has(BenchTool::Garage) {
+            repos.push((BS_GARAGE, self.backstop_repo("garage")?));
+        }
+        let mut full_ids = Vec::new();
+        for (row, repo) in &repos {
+            self.settle()?;
+            let (s, id) = self.backstop_backup(repo, &url, "full")?;
+            f[*row].full_secs = Some(s.secs);
+            f[*row].stored_bytes = Some(self.repo_bytes(repo).await?);
+            f[*row].peak(&s);
+            full_ids.push(id);
+        }
+
+        // A trading day's change, then the second backups.
+        self.pg.psql_file(&self.db, &self.churn, &[])?;
+        if let Some(restic) = self.restic {
+            let before = dir_bytes(&restic_repo)?;
+            self.settle()?;
+            let s = self.restic_backup(restic, &restic_repo)?;
+            f[RESTIC].second_secs = Some(s.secs);
+            f[RESTIC].added_bytes = Some(dir_bytes(&restic_repo)?.saturating_sub(before));
+            f[RESTIC].peak(&s);
+        }
+        for (row, repo) in &repos {
+            let before = self.repo_bytes(repo).await?;
+            self.settle()?;
+            let (s, _) = self.backstop_backup(repo, &url, "incremental")?;
+            f[*row].second_secs = Some(s.secs);
+            f[*row].added_bytes = Some(self.repo_bytes(repo).await?.saturating_sub(before));
+            f[*row].peak(&s);
+        }
+
+        // Restores of the full backup's data, each into a new empty database.
+        if restore {
+            let target = format!("{}_pg_restore", self.db);
+            self.pg
+                .psql("postgres", &format!("CREATE DATABASE {target}"))?;
+            self.settle()?;
+            let s = self
+                .pg
+                .tool("pg_restore")
+                .args(["-j2", "-d", &target])
+                .arg(&plain)
+                .measured(&self.dir, "pg_restore -j2")?;
+            f[PG_RESTORE].restore_secs = Some(s.secs);
+            f[PG_RESTORE].peak(&s);
+            self.pg
+                .psql("postgres", &format!("DROP DATABASE {target}"))?;
+            for ((row, repo), id) in repos.iter().zip(&full_ids) {
+                let target = format!("{}_{}", self.db, repo.label);
+                self.pg
+                    .psql("postgres", &format!("CREATE DATABASE {target}"))?;
+                self.settle()?;
+                let s = self
+                    .backstop(repo)
+                    .arg("restore")
+                    .arg(id)
+                    .args(["--to", &self.pg.url(&target), "--jobs"])
+                    .arg(self.args.jobs.to_string())
+                    .stdout_to(&self.dir.join(format!("restore-{}.out", repo.label)))
+                    .measured(&self.dir, &format!("backstop restore ({})", repo.label))?;
+                f[*row].restore_secs = Some(s.secs);
+                f[*row].peak(&s);
+                self.pg
+                    .psql("postgres", &format!("DROP DATABASE {target}"))?;
+            }
+        }
+        let _ = std::fs::remove_file(&plain);
+        Ok((f, plain_bytes))
+    }
+
+    /// `pg_dump -Fc -Z0 DB | restic backup --stdin`: time until both exit, restic's peak.
+    fn restic_backup(&self, restic: &Path, repo: &Path) -> anyhow::Result<Sample> {
+        let started = Instant::now();
+        let mut dump = self
+            .pg
+            .tool("pg_dump")
+            .args(["-Fc", "-Z0"])
+            .arg(&self.db)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("starting pg_dump")?;
+        let pipe = dump
+            .stdout
+            .take()
+            .context("pg_dump started without a stdout pipe")?;
+        let log = self.dir.join("restic.log");
+        let mut backup = Command::new(restic)
+            .arg("-r")
+            .arg(repo)
+            .arg("--cache-dir")
+            .arg(self.dir.join("restic-cache"))
+            .args([
+                "backup",
+                "--quiet",
+                "--stdin",
+                "--stdin-filename",
+                "trading.dump",
+            ])
+            .env("RESTIC_PASSWORD", RESTIC_PASSWORD)
+            .stdin(Stdio::from(pipe))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("starting restic")?;
+        let mut dump_err = dump.stderr.take();
+        let (restic_status, restic_peak) = wait_rusage(&mut backup)?;
+        let (dump_status, _) = wait_rusage(&mut dump)?;
+        let secs = started.elapsed().as_secs_f64();
+        if !dump_status.success() {
+            let mut e = String::new();
+            if let Some(err) = dump_err.as_mut() {
+                let _ = err.read_to_string(&mut e);
+            }
+            bail!("pg_dump for restic failed ({dump_status}): {e}");
+        }
+        if !restic_status.success() {
+            bail!(
+                "restic backup failed ({restic_status}): {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        Ok(Sample {
+            secs,
+            peak_bytes: restic_peak,
+        })
+    }
+
+    /// A fresh repository (`backstop init`) with its own data directory and config file.
+    fn backstop_repo(&self, label: &'static str) -> anyhow::Result<BsRepo> {
+        let base = self.dir.join(format!("backstop-{label}"));
+        std::fs::create_dir_all(&base)?;
+        let key = base.join("master.key");
+        let mut config = String::from("[repository]\n");
+        if let Some(q) = self.args.brotli_quality {
+            config.push_str(&format!("brotli_quality = {q}\n"));
+        }
+        if let Some(k) = self.args.chunk_avg_kib {
+            config.push_str(&format!("chunk_avg_kib = {k}\n"));
+        }
+        let location = match label {
+            "garage" => {
+                let g = self
+                    .garage
+                    .context("internal error: no Garage for the garage repository")?;
+                config.push_str(&format!(
+                    "endpoint = \"{}\"\nregion = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
+                    g.endpoint(),
+                    GARAGE_REGION,
+                    g.access_key,
+                    g.secret_key
+                ));
+                format!("s3://{GARAGE_BUCKET}/{}", self.db)
+            }
+            _ => base.join("repo").display().to_string(),
+        };
+        let repo = BsRepo {
+            label,
+            config: base.join("backstop.toml"),
+            data_dir: base.join("data"),
+            key,
+            location,
+        };
+        std::fs::write(&repo.config, config)?;
+        let out = Command::new(std::env::current_exe()?)
+            .arg("--config")
+            .arg(&repo.config)
+            .arg("--data-dir")
+            .arg(&repo.data_dir)
+            .args(["init", "--repo", &repo.location, "--generate-key"])
+            .arg(&repo.key)
+            .env("BACKSTOP_LOG", "warn")
+            .output()
+            .context("running backstop init")?;
+        if !out.status.success() {
+            bail!(
+                "backstop init ({label}) failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(repo)
+    }
+
+    /// `backstop` with the repository's config, data directory, location and key.
+    fn backstop(&self, repo: &BsRepo) -> BsCommand {
+        let mut c = Command::new(std::env::current_exe().unwrap_or_else(|_| "backstop".into()));
+        c.arg("--config")
+            .arg(&repo.config)
+            .arg("--data-dir")
+            .arg(&repo.data_dir)
+            .env("BACKSTOP_LOG", "warn");
+        BsCommand {
+            cmd: c,
+            repo: repo.location.clone(),
+            key: repo.key.clone(),
+        }
+    }
+
+    fn backstop_backup(
+        &self,
+        repo: &BsRepo,
+        url: &str,
+        kind: &str,
+    ) -> anyhow::Result<(Sample, String)> {
+        let out = self
+            .dir
+            .join(format!("backstop-{}-{kind}.json", repo.label));
+        let s = self
+            .backstop(repo)
+            .arg("backup")
+            .args(["--pg", url, "--name", "main", "--json", "--kind", kind])
+            .arg("--jobs")
+            .arg(self.args.jobs.to_string())
+            .stdout_to(&out)
+            .measured(&self.dir, &format!("backstop backup ({})", repo.label))?;
+        let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&out)?)
+            .context("backstop backup --json printed no JSON")?;
+        let id = json
+            .get("backup_id")
+            .and_then(|v| v.as_str())
+            .context("backstop backup --json printed no backup_id")?
+            .to_string();
+        Ok((s, id))
+    }
+
+    /// What the repository occupies: files under the directory, or objects under the prefix.
+    async fn repo_bytes(&self, repo: &BsRepo) -> anyhow::Result<u64> {
+        match self.garage {
+            Some(g) if repo.location.starts_with("s3://") => {
+                let loc = backstop_repo::Location::parse(&repo.location)?;
+                let backend = loc.open(Some(g.s3_settings())).await?;
+                Ok(backend.list("").await?.iter().map(|o| o.size).sum())
+            }
+            _ => dir_bytes(Path::new(&repo.location)),
+        }
+    }
+}
+
+/// A `backstop` command being assembled; `--repo` and `--master-key-file` go after the
+/// subcommand's own arguments.
+struct BsCommand {
+    cmd: Command,
+    repo: String,
+    key: PathBuf,
+}
+
+impl BsCommand {
+    fn arg(mut self, a: impl AsRef<std::ffi::OsStr>) -> Self {
+        self.cmd.arg(a);
+        self
+    }
+    fn args<const N: usize>(mut self, a: [&str; N]) -> Self {
+        self.cmd.args(a);
+        self
+    }
+    fn stdout_to(mut self, path: &Path) -> Self {
+        match std::fs::File::create(path) {
+            Ok(f) => {
+                self.cmd.stdout(f);
+            }
+            Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot create"),
+        }
+        self
+    }
+    fn measured(mut self, dir: &Path, what: &str) -> anyhow::Result<Sample> {
+        self.cmd
+            .args(["--repo", &self.repo, "--master-key-file"])
+            .arg(&self.key);
+        self.cmd.measured(dir, what)
+    }
+}
+
+trait Measured {
+    /// Runs to completion; fails with the tail of its standard error when it fails.
+    fn measured(&mut self, dir: &Path, what: &str) -> anyhow::Result<Sample>;
+}
+
+impl Measured for Command {
+    fn measured(&mut self, dir: &Path, what: &str) -> anyhow::Result<Sample> {
+        let log = dir.join("step.log");
+        self.stderr(std::fs::File::create(&log)?);
+        let started = Instant::now();
+        let mut child = self.spawn().with_context(|| format!("starting {what}"))?;
+        let (status, peak) = wait_rusage(&mut child)?;
+        let secs = started.elapsed().as_secs_f64();
+        if !status.success() {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(30).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            bail!("{what} failed ({status}):\n{}", tail.join("\n"));
+        }
+        Ok(Sample {
+            secs,
+            peak_bytes: peak,
+        })
+    }
+}
+
+/// Waits for the child with `wait4`: its exit status and its peak resident set size in bytes
+/// (the larger of its own and that of any child it reaped).
+fn wait_rusage(child: &mut Child) -> anyhow::Result<(ExitStatus, u64)> {
+    let pid = child.id() as libc::pid_t;
+    let mut status: libc::c_int = 0;
+    // SAFETY: rusage is plain data; all-zero is a valid value.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: valid pointers to locals; `pid` is our own unreaped child (std has not
+        // waited for it).
+        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        if r == pid {
+            break;
+        }
+        let err = std::io::Error::last_os_error();
+        if err.kind() != std::io::ErrorKind::Interrupted {
+            return Err(err).context("waiting for a benchmarked process");
+        }
+    }
+    // ru_maxrss is in KiB on Linux.
+    Ok((
+        ExitStatus::from_raw(status),
+        (usage.ru_maxrss.max(0) as u64) * 1024,
+    ))
+}
+
+/// Apparent size of every file under `path` (a file counts itself).
+fn dir_bytes(path: &Path) -> anyhow::Result<u64> {
+    let meta = std::fs::symlink_metadata(path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    if !meta.is_dir() {
+        return Ok(meta.len());
+    }
+    let mut total = 0;
+    for entry in std::fs::read_dir(path)? {
+        total += dir_bytes(&entry?.path())?;
+    }
+    Ok(total)
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn find_tool(name: &str) -> anyhow::Result<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(PathBuf::from(home).join(".cargo/bin"));
+    }
+    dirs.into_iter()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .with_context(|| format!("{name} not found on PATH or in ~/.cargo/bin"))
+}
+
+fn median_f(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    Some(v[v.len() / 2])
+}
+
+fn median_u(mut v: Vec<u64>) -> Option<u64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort();
+    Some(v[v.len() / 2])
+}
+
+/// The median of each figure separately, per tool.
+fn medians(runs: &[Vec<ToolRun>]) -> Vec<ToolRun> {
+    (0..ROWS.len())
+        .map(|i| {
+            let col_f = |g: fn(&ToolRun) -> Option<f64>| {
+                median_f(runs.iter().filter_map(|r| g(&r[i])).collect())
+            };
+            let col_u = |g: fn(&ToolRun) -> Option<u64>| {
+                median_u(runs.iter().filter_map(|r| g(&r[i])).collect())
+            };
+            ToolRun {
+                full_secs: col_f(|t| t.full_secs),
+                stored_bytes: col_u(|t| t.stored_bytes),
+                second_secs: col_f(|t| t.second_secs),
+                added_bytes: col_u(|t| t.added_bytes),
+                restore_secs: col_f(|t| t.restore_secs),
+                peak_bytes: col_u(|t| t.peak_bytes),
+            }
+        })
+        .collect()
+}
+
+fn mb(b: u64) -> f64 {
+    b as f64 / 1e6
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
+fn cell(v: Option<f64>, prec: usize) -> String {
+    v.map(|v| format!("{v:.prec$}"))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn print_table(title: &str, f: &[ToolRun], with_ratios: bool) {
+    println!("{title}");
+    print!(
+        "  {:<36} {:>7} {:>10} {:>7} {:>9} {:>9} {:>8}",
+        "", "full s", "stored MB", "2nd s", "2nd +MB", "restore s", "peak MB"
+    );
+    if with_ratios {
+        print!(
+            "   {:>7} {:>8} {:>8} {:>10}",
+            "t/restic", "st/restic", "+/restic", "r/pg_rest"
+        );
+    }
+    println!();
+    let restic = &f[RESTIC];
+    let pg_restore = &f[PG_RESTORE];
+    for (i, r) in f.iter().enumerate() {
+        if r.full_secs.is_none() && r.restore_secs.is_none() {
+            continue;
+        }
+        print!(
+            "  {:<36} {:>7} {:>10} {:>7} {:>9} {:>9} {:>8}",
+            ROWS[i],
+            cell(r.full_secs, 2),
+            cell(r.stored_bytes.map(mb), 1),
+            cell(r.second_secs, 2),
+            cell(r.added_bytes.map(mb), 2),
+            cell(r.restore_secs, 2),
+            cell(r.peak_bytes.map(mb), 0),
+        );
+        if with_ratios && i != RESTIC && i != PG_RESTORE {
+            print!(
+                "   {:>7} {:>8} {:>8} {:>10}",
+                cell(ratio(r.full_secs, restic.full_secs), 2),
+                cell(
+                    ratio(
+                        r.stored_bytes.map(|b| b as f64),
+                        restic.stored_bytes.map(|b| b as f64)
+                    ),
+                    2
+                ),
+                cell(
+                    ratio(
+                        r.added_bytes.map(|b| b as f64),
+                        restic.added_bytes.map(|b| b as f64)
+                    ),
+                    2
+                ),
+                cell(ratio(r.restore_secs, pg_restore.restore_secs), 2),
+            );
+        }
+        println!();
+    }
+}
+
+fn print_report(r: &Report) {
+    println!();
+    println!(
+        "backstop bench backup: rows={} ({} MB database{}), median of {} runs, {} cores, load average {} before, {} after",
+        r.rows,
+        format_args!("{:.0}", mb(r.database_bytes)),
+        r.plain_dump_bytes
+            .map(|b| format!(", {:.0} MB plain dump", mb(b)))
+            .unwrap_or_default(),
+        r.runs,
+        r.cores,
+        r.loadavg_before,
+        r.loadavg_after
+    );
+    println!(
+        "backstop: brotli quality {}, average chunk {}, {} COPY jobs; PostgreSQL 15 with fsync=off (a throwaway; every restore targets it)",
+        r.brotli_quality
+            .map(|q| q.to_string())
+            .unwrap_or_else(|| "default".into()),
+        r.chunk_avg_kib
+            .map(|k| format!("{k} KiB"))
+            .unwrap_or_else(|| "default".into()),
+        r.jobs
+    );
+    print_table("median", &r.median, true);
+    let m = &r.median;
+    let restic = &m[RESTIC];
+    let pg_restore = &m[PG_RESTORE];
+    println!("targets:");
+    for (row, name) in [(BS_LOCAL, "local"), (BS_GARAGE, "garage")] {
+        let b = &m[row];
+        if b.full_secs.is_none() {
+            continue;
+        }
+        let verdict = |ok: Option<bool>| match ok {
+            Some(true) => "met",
+            Some(false) => "MISSED",
+            None => "not measured",
+        };
+        let le = |a: Option<f64>, b: Option<f64>, k: f64| a.zip(b).map(|(a, b)| a <= b * k);
+        let as_f = |v: Option<u64>| v.map(|v| v as f64);
+        println!(
+            "  {name:<6} full time <= restic: {}; stored <= restic: {}; second adds <= restic: {}; restore <= 1.3x pg_restore -j2: {}; peak < 300 MB: {}",
+            verdict(le(b.full_secs, restic.full_secs, 1.0)),
+            verdict(le(as_f(b.stored_bytes), as_f(restic.stored_bytes), 1.0)),
+            verdict(le(as_f(b.added_bytes), as_f(restic.added_bytes), 1.0)),
+            verdict(le(b.restore_secs, pg_restore.restore_secs, 1.3)),
+            verdict(b.peak_bytes.map(|p| p < 300_000_000)),
+        );
+    }
+}
+
+/// A PostgreSQL 15 in the working directory for the length of the benchmark. As root it runs as
+/// the `postgres` system user (PostgreSQL refuses to run as root); clients (psql, pg_dump,
+/// pg_restore) run as the caller, over TCP with trust authentication.
+struct ThrowawayPg {
+    data: PathBuf,
+    port: u16,
+    user: Option<String>,
+}
+
+impl ThrowawayPg {
+    fn server_command(&self, prog: &str) -> Command {
+        let path = Path::new(PG_BIN).join(prog);
+        match &self.user {
+            Some(u) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", u, "--"]).arg(path);
+                c
+            }
+            None => Command::new(path),
+        }
+    }
+
+    fn start(work: &Path) -> anyhow::Result<ThrowawayPg> {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let user = root.then(|| "postgres".to_string());
+        let dir = work.join("pg");
+        std::fs::create_dir_all(&dir)?;
+        if let Some(u) = &user {
+            let status = Command::new("chown")
+                .args(["-R", &format!("{u}:{u}")])
+                .arg(&dir)
+                .status()?;
+            if !status.success() {
+                bail!(
+                    "cannot give {} to the {u} user (is there a `postgres` system user?)",
+                    dir.display()
+                );
+            }
+            // The server user must be able to reach its directory.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(work, std::fs::Permissions::from_mode(0o755))?;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let pg = ThrowawayPg {
+            data: dir.join("data"),
+            port,
+            user,
+        };
+        let out = pg
+            .server_command("initdb")
+            .args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "-D",
+            ])
+            .arg(&pg.data)
+            .output()
+            .context("initdb (PostgreSQL 15) is not installed in /usr/lib/postgresql/15/bin")?;
+        if !out.status.success() {
+            bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let opts = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c shared_buffers=256MB \
+             -c max_connections=50 -c fsync=off -c synchronous_commit=off \
+             -c max_wal_size=4GB -c maintenance_work_mem=256MB",
+            dir.display()
+        );
+        let out = pg
+            .server_command("pg_ctl")
+            .arg("-D")
+            .arg(&pg.data)
+            .arg("-l")
+            .arg(dir.join("log"))
+            .args(["-o", &opts, "-w", "-t", "60", "start"])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "PostgreSQL did not start: {}{}",
+                String::from_utf8_lossy(&out.stderr),
+                std::fs::read_to_string(dir.join("log")).unwrap_or_default()
+            );
+        }
+        Ok(pg)
+    }
+
+    fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// A client tool (`pg_dump`, `pg_restore`, `psql`) aimed at this server.
+    fn tool(&self, prog: &str) -> Command {
+        let mut c = Command::new(Path::new(PG_BIN).join(prog));
+        c.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            "postgres",
+        ]);
+        c
+    }
+
+    fn psql(&self, db: &str, sql: &str) -> anyhow::Result<String> {
+        let out = self
+            .tool("psql")
+            .args([
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-d",
+                db,
+                "-c",
+                sql,
+            ])
+            .output()
+            .context("running psql")?;
+        if !out.status.success() {
+            bail!(
+                "psql -c {sql:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn psql_file(&self, db: &str, file: &Path, vars: &[(&str, &str)]) -> anyhow::Result<()> {
+        let mut c = self.tool("psql");
+        c.args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", db]);
+        for (k, v) in vars {
+            c.arg("-v").arg(format!("{k}={v}"));
+        }
+        let out = c
+            .arg("-f")
+            .arg(file)
+            .stdout(Stdio::null())
+            .output()
+            .context("running psql")?;
+        if !out.status.success() {
+            bail!(
+                "psql -f {} failed: {}",
+                file.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ThrowawayPg {
+    fn drop(&mut self) {
+        let _ = self
+            .server_command("pg_ctl")
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+const GARAGE_REGION: &str = "garage";
+const GARAGE_BUCKET: &str = "bench";
+
+/// A single-node Garage in the working directory, set up as /work/shared/GARAGE.md describes:
+/// one access key, one bucket. Killed on drop.
+struct ThrowawayGarage {
+    bin: PathBuf,
+    config: PathBuf,
+    s3_port: u16,
+    access_key: String,
+    secret_key: String,
+    child: Child,
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    rand::thread_rng().fill_bytes(&mut buf);
+    hex::encode(buf)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+impl ThrowawayGarage {
+    fn start(work: &Path) -> anyhow::Result<ThrowawayGarage> {
+        let bin = find_tool("garage")
+            .context("Garage is needed for the garage runs: `cargo install garage --locked`, or leave `garage` out of --tools")?;
+        let dir = work.join("garage");
+        std::fs::create_dir_all(&dir)?;
+        let (s3_port, rpc_port, admin_port) = (free_port()?, free_port()?, free_port()?);
+        let config = dir.join("garage.toml");
+        let text = format!(
+            "metadata_dir = \"{meta}\"\ndata_dir = \"{data}\"\ndb_engine = \"sqlite\"\n\
+             replication_factor = 1\nrpc_bind_addr = \"127.0.0.1:{rpc_port}\"\n\
+             rpc_public_addr = \"127.0.0.1:{rpc_port}\"\nrpc_secret = \"{secret}\"\n\n\
+             [s3_api]\ns3_region = \"{GARAGE_REGION}\"\napi_bind_addr = \"127.0.0.1:{s3_port}\"\n\
+             root_domain = \".s3.garage.localhost\"\n\n\
+             [admin]\napi_bind_addr = \"127.0.0.1:{admin_port}\"\nadmin_token = \"{token}\"\n",
+            meta = dir.join("meta").display(),
+            data = dir.join("data").display(),
+            secret = random_hex(32),
+            token = random_hex(32),
+        );
+        {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            // Garage refuses a config holding secrets that others can read.
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&config)?;
+            f.write_all(text.as_bytes())?;
+        }
+        let log = std::fs::File::create(dir.join("garage.log"))?;
+        let child = Command::new(&bin)
+            .arg("-c")
+            .arg(&config)
+            .arg("server")
+            .env("RUST_LOG", "garage=warn")
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot run {}", bin.display()))?;
+        let g = ThrowawayGarage {
+            bin,
+            config,
+            s3_port,
+            access_key: format!("GK{}", random_hex(12)),
+            secret_key: random_hex(32),
+            child,
+        };
+        g.setup().with_context(|| {
+            format!(
+                "setting up Garage failed; its log is {}",
+                dir.join("garage.log").display()
+            )
+        })?;
+        Ok(g)
+    }
+
+    fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new(&self.bin)
+            .arg("-c")
+            .arg(&self.config)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "garage {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn setup(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while let Err(e) = self.cli(&["status"]) {
+            if Instant::now() > deadline {
+                return Err(e.context("garage did not answer `garage status` within 60 s"));
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        let id = self.cli(&["node", "id", "-q"])?;
+        let node = id.trim().split('@').next().unwrap_or_default().to_string();
+        self.cli(&["layout", "assign", "-z", "dc1", "-c", "10G", &node])?;
+        self.cli(&["layout", "apply", "--version", "1"])?;
+        self.cli(&[
+            "key",
+            "import",
+            "--yes",
+            "-n",
+            "bench",
+            &self.access_key,
+            &self.secret_key,
+        ])?;
+        self.cli(&["bucket", "create", GARAGE_BUCKET])?;
+        self.cli(&[
+            "bucket",
+            "allow",
+            "--read",
+            "--write",
+            "--owner",
+            GARAGE_BUCKET,
+            "--key",
+            &self.access_key,
+        ])?;
+        // The S3 port answers once the layout is live.
+        loop {
+            if let Ok(code) = http_status(self.s3_port)
+                && code < 500
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("Garage's S3 port {} is not answering", self.s3_port);
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.s3_port)
+    }
+
+    fn s3_settings(&self) -> backstop_repo::S3Settings {
+        backstop_repo::S3Settings {
+            endpoint: Some(self.endpoint()),
+            region: Some(GARAGE_REGION.into()),
+            access_key: Some(self.access_key.clone()),
+            secret_key: Some(self.secret_key.clone()),
+            path_style: true,
+            ..Default::default()
+        }
+    }
+}
+
+impl Drop for ThrowawayGarage {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The status code of `GET /` on a loopback port.
+fn http_status(port: u16) -> anyhow::Result<u16> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET / HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("no HTTP status line")
+}
