@@ -273,6 +273,14 @@ async fn damage_is_named_and_a_wrong_key_writes_nothing() {
         "{report}"
     );
     assert_eq!(events_of_type(&repo.data(), "recovery.failed").len(), 1);
+    let out = repo.run(&["verify", &backup_id]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("FAILED verification"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(events_of_type(&repo.data(), "verification.failed").len(), 1);
     std::fs::write(&victim, &saved).unwrap();
 
     // A truncated manifest: a clear error that names the backup.
@@ -285,6 +293,16 @@ async fn damage_is_named_and_a_wrong_key_writes_nothing() {
     std::fs::write(&manifest, &bytes).unwrap();
     let out = repo.run(&["check", "--read-data"]);
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let out = repo.run(&[
+        "verify",
+        &backup_id,
+        "--restore",
+        "--scratch",
+        &pg.conninfo("postgres"),
+    ]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("test restore"), "{}", stdout(&out));
+    assert_eq!(events_of_type(&repo.data(), "verification.passed").len(), 1);
 }
 
 fn list_files(root: &Path) -> Vec<PathBuf> {

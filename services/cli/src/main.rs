@@ -75,6 +75,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Verify a backup now: every object read and checked, or (--restore) a real test restore.
+    Verify(repo_cmd::VerifyArgs),
     /// Restore a backup into a database.
     Restore(repo_cmd::RestoreArgs),
     /// Check the repository's consistency; with --read-data, read and verify sealed objects.
@@ -170,6 +172,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             repo_cmd::show(&config, &data_dir, repo, backup, json).await
         }
         Command::Restore(args) => repo_cmd::restore(&config, &data_dir, args).await,
+        Command::Verify(args) => repo_cmd::verify(&config, &data_dir, args).await,
         Command::WalPush(args) => physical_cmd::wal_push(&config, &data_dir, args).await,
         Command::WalFetch(args) => physical_cmd::wal_fetch(&config, &data_dir, args).await,
         Command::Wal(cmd) => physical_cmd::wal(&config, &data_dir, cmd).await,

@@ -820,3 +820,146 @@ pub async fn worker_context(
         Some(probe),
     )
 }
+
+#[derive(Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    /// A backup id, or `latest`.
+    pub backup: String,
+    /// A real test restore into a scratch database (default: read and check every object).
+    #[arg(long)]
+    pub restore: bool,
+    /// Scratch PostgreSQL for --restore (overrides verify.scratch).
+    #[arg(long)]
+    pub scratch: Option<String>,
+}
+
+/// `backstop verify`: what the verify worker does, by hand, recorded with the operator.
+pub async fn verify(
+    config: &Config,
+    data_dir: &Path,
+    args: VerifyArgs,
+) -> anyhow::Result<std::process::ExitCode> {
+    use backstop_events::{
+        TableCheck, VerificationFailed, VerificationPassed, VerificationStarted, VerifyTier,
+    };
+    let mut events = Events::open(config, data_dir).await?;
+    let repo = open_repository(config, data_dir, &args.repo, &mut events).await?;
+    let manifest = backup::resolve_backup(&repo, &args.backup, None).await?;
+    let backup_id = manifest.backup_id;
+    let actor = Actor::operator(operator());
+    let stream = streams::backup(backup_id);
+    let verification_id = uuid_v7();
+    let tier = if args.restore {
+        VerifyTier::Restore
+    } else {
+        VerifyTier::Checksums
+    };
+    let append = |event: Event| {
+        let e = NewEvent::new(&stream, actor.clone(), &event);
+        let appender = events.appender.clone();
+        let stream = stream.clone();
+        async move {
+            appender
+                .append(&stream, ExpectedVersion::Any, vec![e])
+                .await
+        }
+    };
+    append(Event::VerificationStarted(VerificationStarted {
+        verification_id,
+        backup_id,
+        tier: tier.clone(),
+    }))
+    .await?;
+    type Verdict =
+        Result<(u64, u64, Option<u64>, Option<f64>, Vec<TableCheck>), (String, Vec<TableCheck>)>;
+    let verdict: Verdict = if args.restore {
+        let scratch = args
+            .scratch
+            .clone()
+            .or_else(|| config.verify.scratch.clone())
+            .context(
+                "--restore needs a scratch PostgreSQL: pass --scratch URL or set verify.scratch",
+            )?;
+        let worker = backstop_workers::verify::VerifyWorker {
+            data_path: DataPath {
+                repo: repo.clone(),
+                appender: events.appender.clone(),
+                sources: Vec::new(),
+            },
+            settings: backstop_workers::verify::VerifySettings {
+                scratch,
+                tolerance_percent: config.verify.tolerance_percent.unwrap_or(1.0),
+                max_retries: 0,
+                jobs: config.verify.jobs.unwrap_or(2),
+            },
+        };
+        worker.test_restore(manifest).await.map(|o| {
+            let secs = (o.restore_ms as f64 / 1000.0).max(0.001);
+            (
+                o.objects,
+                o.bytes,
+                Some(o.restore_ms),
+                Some(o.raw_bytes as f64 / secs),
+                o.tables,
+            )
+        })
+    } else {
+        let checker = repo.with_access(
+            actor.to_string(),
+            format!("verification of backup {backup_id}"),
+        );
+        let report = checker.check_backup(&manifest, Some(100.0)).await?;
+        if report.is_ok() {
+            Ok((
+                report.objects_read,
+                report.bytes_read,
+                None,
+                None,
+                Vec::new(),
+            ))
+        } else {
+            let problems: Vec<String> = report.problems.iter().map(|p| p.to_string()).collect();
+            Err((problems.join("; "), Vec::new()))
+        }
+    };
+    let code = match verdict {
+        Ok((objects, bytes, restore_ms, speed, tables)) => {
+            append(Event::VerificationPassed(VerificationPassed {
+                verification_id,
+                backup_id,
+                tier,
+                objects_checked: objects,
+                bytes_checked: bytes,
+                restore_ms,
+                restore_bytes_per_sec: speed,
+                tables,
+            }))
+            .await?;
+            println!(
+                "backup {backup_id} verified: {objects} objects, {} checked{}",
+                human(bytes),
+                restore_ms
+                    .map(|ms| format!(", test restore in {:.1} s", ms as f64 / 1000.0))
+                    .unwrap_or_default()
+            );
+            std::process::ExitCode::SUCCESS
+        }
+        Err((reason, tables)) => {
+            append(Event::VerificationFailed(VerificationFailed {
+                verification_id,
+                backup_id,
+                tier,
+                reason: reason.clone(),
+                tables,
+            }))
+            .await?;
+            eprintln!("backup {backup_id} FAILED verification: {reason}");
+            std::process::ExitCode::FAILURE
+        }
+    };
+    drop(repo);
+    events.close().await;
+    Ok(code)
+}
