@@ -2,6 +2,7 @@
 //! then read the projections or append to the ledger.
 
 use std::io::Write;
+use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Body;
@@ -65,8 +66,33 @@ pub struct Overview {
     pub chart_since: DateTime<Utc>,
 }
 
-pub(crate) async fn overview_data(state: &ApiState) -> Result<Overview, ApiError> {
+/// The overview, from the cache when it is younger than `OVERVIEW_TTL`.
+pub(crate) async fn overview_data(state: &ApiState) -> Result<Arc<Overview>, ApiError> {
     let p = state.projections()?;
+    let mut cache = state.0.overview_cache.lock().await;
+    if let Some((at, o)) = cache.as_ref()
+        && at.elapsed() < crate::OVERVIEW_TTL
+    {
+        return Ok(o.clone());
+    }
+    let o = Arc::new(compute_overview(state, p).await?);
+    *cache = Some((std::time::Instant::now(), o.clone()));
+    Ok(o)
+}
+
+/// Shares a cached overview as a JSON body.
+pub struct SharedOverview(pub Arc<Overview>);
+
+impl Serialize for SharedOverview {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+async fn compute_overview(
+    state: &ApiState,
+    p: &backstop_projections::Projections,
+) -> Result<Overview, ApiError> {
     let now = Utc::now();
     let week = now - Duration::days(7);
     let month = now - Duration::days(30);
@@ -158,10 +184,10 @@ pub async fn overview(
     State(state): State<ApiState>,
     ctx: Ctx,
     params: Params,
-) -> Result<Json<Overview>, ApiError> {
+) -> Result<Json<SharedOverview>, ApiError> {
     params.only(&[])?;
     state.authorize(&ctx, Need::Dashboard).await?;
-    Ok(Json(overview_data(&state).await?))
+    Ok(Json(SharedOverview(overview_data(&state).await?)))
 }
 
 pub async fn backups(

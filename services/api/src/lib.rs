@@ -102,6 +102,9 @@ struct Inner {
     prometheus: Option<PrometheusHandle>,
     templates: minijinja::Environment<'static>,
     probe_cache: Mutex<Option<(Instant, ProbeResult)>>,
+    /// The overview, computed at most once per [`OVERVIEW_TTL`]: under load every request in
+    /// that window shares one computation (the lock also keeps them from computing it at once).
+    overview_cache: tokio::sync::Mutex<Option<(Instant, Arc<handlers::Overview>)>>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -111,6 +114,10 @@ pub struct ApiState(Arc<Inner>);
 
 /// How long a storage probe result is reused: the overview under load must not hammer S3.
 const PROBE_TTL: Duration = Duration::from_secs(10);
+
+/// How long a computed overview is reused. Live updates refresh after a longer pause, so a
+/// person never sees a stale one.
+const OVERVIEW_TTL: Duration = Duration::from_secs(1);
 
 impl ApiState {
     pub fn new(
@@ -129,6 +136,7 @@ impl ApiState {
             prometheus: None,
             templates: pages::templates(),
             probe_cache: Mutex::new(None),
+            overview_cache: tokio::sync::Mutex::new(None),
             shutdown,
         }))
     }

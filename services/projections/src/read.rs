@@ -226,43 +226,53 @@ pub struct Count {
 
 impl Projections {
     /// Every source with a backup, with its last success and its latest attempt.
+    ///
+    /// The source names come from a loose index scan (one index probe per source), and each
+    /// source's rows from index lookups, so the cost follows the number of sources, not backups.
     pub async fn sources(&self) -> Result<Vec<SourceSummary>, ProjectionError> {
-        let latest: Vec<BackupRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT DISTINCT ON (source) {BACKUP_COLUMNS} FROM backups \
-             ORDER BY source, COALESCE(completed_at, failed_at, started_at, requested_at) DESC NULLS LAST, last_position DESC"
-        )))
-        .fetch_all(self.pool())
-        .await?;
-        let success: Vec<BackupRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT DISTINCT ON (source) {BACKUP_COLUMNS} FROM backups WHERE state = 'completed' \
-             ORDER BY source, completed_at DESC"
-        )))
-        .fetch_all(self.pool())
-        .await?;
-        let counts: Vec<(String, i64, i64)> = sqlx::query_as(
-            "SELECT source, count(*) FILTER (WHERE state = 'completed'), \
-               count(*) FILTER (WHERE state = 'failed' AND failed_at > now() - interval '7 days') \
-             FROM backups GROUP BY source",
+        let names: Vec<String> = sqlx::query_scalar(
+            "WITH RECURSIVE s(source) AS ( \
+               SELECT min(source) FROM backups \
+               UNION ALL SELECT (SELECT min(b.source) FROM backups b WHERE b.source > s.source) \
+               FROM s WHERE s.source IS NOT NULL) \
+             SELECT source FROM s WHERE source IS NOT NULL",
         )
         .fetch_all(self.pool())
         .await?;
-        Ok(latest
-            .into_iter()
-            .map(|l| {
-                let (completed, failed_7d) = counts
-                    .iter()
-                    .find(|c| c.0 == l.source)
-                    .map(|c| (c.1, c.2))
-                    .unwrap_or((0, 0));
-                SourceSummary {
-                    last_success: success.iter().find(|s| s.source == l.source).cloned(),
-                    source: l.source.clone(),
-                    latest: l,
-                    completed,
-                    failed_7d,
-                }
-            })
-            .collect())
+        let mut out = Vec::with_capacity(names.len());
+        for source in names {
+            let latest: Option<BackupRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT {BACKUP_COLUMNS} FROM backups WHERE source = $1 \
+                 ORDER BY began_at DESC NULLS LAST, last_position DESC LIMIT 1"
+            )))
+            .bind(&source)
+            .fetch_optional(self.pool())
+            .await?;
+            let Some(latest) = latest else { continue };
+            let last_success: Option<BackupRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT {BACKUP_COLUMNS} FROM backups WHERE source = $1 AND state = 'completed' \
+                 ORDER BY completed_at DESC LIMIT 1"
+            )))
+            .bind(&source)
+            .fetch_optional(self.pool())
+            .await?;
+            let (completed, failed_7d): (i64, i64) = sqlx::query_as(
+                "SELECT (SELECT count(*) FROM backups WHERE source = $1 AND state = 'completed'), \
+                   (SELECT count(*) FROM backups WHERE source = $1 AND state = 'failed' \
+                      AND failed_at > now() - interval '7 days')",
+            )
+            .bind(&source)
+            .fetch_one(self.pool())
+            .await?;
+            out.push(SourceSummary {
+                source,
+                last_success,
+                latest,
+                completed,
+                failed_7d,
+            });
+        }
+        Ok(out)
     }
 
     /// Backups, newest first, optionally of one source; keyset paging on `last_position`.
@@ -399,12 +409,10 @@ impl Projections {
         daily: bool,
     ) -> Result<Vec<StoragePoint>, ProjectionError> {
         let sql = if daily {
-            "SELECT at, sum(bytes)::bigint AS bytes, sum(objects)::bigint AS objects FROM ( \
-               SELECT DISTINCT ON (date_trunc('day', sampled_at), region, storage_class) \
-                 date_trunc('day', sampled_at) AS at, bytes, objects \
-               FROM storage_usage WHERE sampled_at >= $1 \
-               ORDER BY date_trunc('day', sampled_at), region, storage_class, sampled_at DESC, position DESC \
-             ) s GROUP BY at ORDER BY at"
+            // Kept per day by the projector (the day's last sample per region and class).
+            "SELECT day::timestamp AT TIME ZONE 'UTC' AS at, sum(bytes)::bigint AS bytes, \
+               sum(objects)::bigint AS objects \
+             FROM storage_daily WHERE day >= ($1 AT TIME ZONE 'UTC')::date GROUP BY day ORDER BY day"
         } else {
             "SELECT at, sum(bytes)::bigint AS bytes, sum(objects)::bigint AS objects FROM ( \
                SELECT DISTINCT ON (date_trunc('hour', sampled_at), region, storage_class) \

@@ -37,6 +37,7 @@ impl Projector for StateProjector {
             "backup_tables",
             "verifications",
             "storage_usage",
+            "storage_daily",
             "storage_connectivity",
             "health_status",
             "alerts",
@@ -335,6 +336,22 @@ async fn apply_event(
             sqlx::query(
                 "INSERT INTO storage_usage (position, sampled_at, region, storage_class, bytes, objects) \
                  VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (position) DO NOTHING",
+            )
+            .bind(pos)
+            .bind(at)
+            .bind(&e.region)
+            .bind(&e.storage_class)
+            .bind(i(e.bytes))
+            .bind(i(e.objects))
+            .execute(&mut *conn)
+            .await?;
+            // The day's last sample wins (by position: the ledger's order).
+            sqlx::query(
+                "INSERT INTO storage_daily (day, region, storage_class, bytes, objects, sampled_at, position) \
+                 VALUES (($2 AT TIME ZONE 'UTC')::date, $3, $4, $5, $6, $2, $1) \
+                 ON CONFLICT (day, region, storage_class) DO UPDATE SET bytes = EXCLUDED.bytes, \
+                   objects = EXCLUDED.objects, sampled_at = EXCLUDED.sampled_at, position = EXCLUDED.position \
+                 WHERE storage_daily.position < EXCLUDED.position",
             )
             .bind(pos)
             .bind(at)
