@@ -55,9 +55,20 @@ impl std::fmt::Display for BackupKind {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "by", rename_all = "snake_case")]
 pub enum Trigger {
+    /// An operator asked (API or CLI); a backup worker runs it.
     Manual,
-    Schedule { schedule: String },
-    Retry { of: Uuid, reason: String },
+    /// An operator's command runs it in the foreground on `host` (`backstop backup`); workers
+    /// leave it alone.
+    Foreground {
+        host: String,
+    },
+    Schedule {
+        schedule: String,
+    },
+    Retry {
+        of: Uuid,
+        reason: String,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

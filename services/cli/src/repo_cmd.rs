@@ -332,7 +332,9 @@ pub async fn run_backup(
         source: source.clone(),
         kind: args.kind,
         physical: false,
-        trigger: Trigger::Manual,
+        trigger: Trigger::Foreground {
+            host: backup::hostname(),
+        },
         attempt: 1,
     };
     let stream = streams::backup(request.backup_id);
@@ -341,6 +343,7 @@ pub async fn run_backup(
         actor.clone(),
         &Event::BackupRequested(request.clone()),
     );
+    let requested_at = requested.occurred_at;
     dp.appender
         .append(&stream, ExpectedVersion::NoStream, vec![requested])
         .await?;
@@ -363,7 +366,7 @@ pub async fn run_backup(
         });
         f
     });
-    let result = backup::run_backup(&dp, &request, &actor, None, progress).await;
+    let result = backup::run_backup(&dp, &request, requested_at, &actor, None, progress).await;
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }

@@ -73,11 +73,13 @@ pub enum BackupError {
 const LOGICAL_KEY: &str = "logical";
 
 /// Appends one event to a backup's stream, idempotently (ids derived from the backup id).
+#[allow(clippy::too_many_arguments)]
 async fn record(
     appender: &dyn Appender,
     stream: &str,
     actor: &Actor,
     cause: Option<&Envelope>,
+    at: chrono::DateTime<chrono::Utc>,
     label: &str,
     backup_id: Uuid,
     event: Event,
@@ -86,9 +88,8 @@ async fn record(
         Some(c) => NewEvent::caused_by(c, stream, actor.clone(), &event),
         None => NewEvent::new(stream, actor.clone(), &event),
     };
-    // The id must come out the same when a redelivered request runs this again: derive it from
-    // the backup id, the label and the cause's time (not the time of this attempt).
-    let at = cause.map(|c| c.occurred_at).unwrap_or(e.occurred_at);
+    // The id must come out the same whoever records it and however often: derive it from the
+    // backup (or recovery) id, the label and the request's time, never the time of this attempt.
     e.id = backstop_events::uuid_v7_derived(backup_id, at, label);
     appender
         .append(stream, ExpectedVersion::Any, vec![e])
@@ -179,6 +180,7 @@ pub type ProgressFn = Arc<dyn Fn(backstop_repo::Progress) + Send + Sync>;
 pub async fn run_backup(
     dp: &DataPath,
     request: &BackupRequested,
+    requested_at: chrono::DateTime<chrono::Utc>,
     actor: &Actor,
     cause: Option<&Envelope>,
     progress: Option<ProgressFn>,
@@ -201,6 +203,7 @@ pub async fn run_backup(
         &stream,
         actor,
         cause,
+        requested_at,
         "started",
         request.backup_id,
         Event::BackupStarted(BackupStarted {
@@ -222,6 +225,7 @@ pub async fn run_backup(
                 &stream,
                 actor,
                 cause,
+                requested_at,
                 "upload-verified",
                 request.backup_id,
                 Event::UploadVerified(UploadVerified {
@@ -262,6 +266,7 @@ pub async fn run_backup(
                 &stream,
                 actor,
                 cause,
+                requested_at,
                 "completed",
                 request.backup_id,
                 Event::BackupCompleted(completed.clone()),
@@ -276,6 +281,7 @@ pub async fn run_backup(
                 &stream,
                 actor,
                 cause,
+                requested_at,
                 "failed",
                 request.backup_id,
                 Event::BackupFailed(BackupFailed {
@@ -348,7 +354,7 @@ async fn dump_into_repository(
     Ok((result, report))
 }
 
-fn hostname() -> String {
+pub fn hostname() -> String {
     std::env::var("HOSTNAME")
         .ok()
         .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
@@ -408,6 +414,7 @@ pub async fn run_restore(
     operator: &str,
 ) -> Result<RestoreReport, BackupError> {
     let recovery_id = backstop_events::uuid_v7();
+    let requested_at = backstop_events::now_micros();
     let stream = streams::recovery(recovery_id);
     let actor = Actor::operator(operator);
     let scope = RecoveryScope {
@@ -428,6 +435,7 @@ pub async fn run_restore(
         &stream,
         &actor,
         None,
+        requested_at,
         "requested",
         recovery_id,
         requested,
@@ -438,6 +446,7 @@ pub async fn run_restore(
         &stream,
         &actor,
         None,
+        requested_at,
         "started",
         recovery_id,
         Event::RecoveryStarted(RecoveryStarted {
@@ -470,6 +479,7 @@ pub async fn run_restore(
                 &stream,
                 &actor,
                 None,
+                requested_at,
                 "completed",
                 recovery_id,
                 Event::RecoveryCompleted(RecoveryCompleted {
@@ -499,6 +509,7 @@ pub async fn run_restore(
                 &stream,
                 &actor,
                 None,
+                requested_at,
                 "failed",
                 recovery_id,
                 Event::RecoveryFailed(RecoveryFailed {
@@ -564,6 +575,7 @@ async fn record_completion_from_manifest(
         &streams::backup(m.backup_id),
         &Actor::worker(NAME),
         Some(cause),
+        cause.occurred_at,
         "completed",
         m.backup_id,
         Event::BackupCompleted(completed),
@@ -595,6 +607,10 @@ impl Handler for BackupWorker {
                 event.position
             )));
         };
+        if let backstop_events::Trigger::Foreground { .. } = request.trigger {
+            // The operator's command is running this backup itself.
+            return Ok(());
+        }
         if request.physical {
             return Err(HandlerError::permanent(
                 "physical backups are taken with `backstop backup --physical`; this worker runs logical ones",
@@ -621,6 +637,7 @@ impl Handler for BackupWorker {
         match run_backup(
             &self.data_path,
             &request,
+            event.occurred_at,
             &Actor::worker(NAME),
             Some(event),
             None,
