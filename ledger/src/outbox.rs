@@ -222,12 +222,11 @@ pub async fn wait_published(
 ) -> Result<(), LedgerError> {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Ok(mut s) = js.get_stream(stream_name).await {
-            if let Ok(info) = s.info().await {
-                if info.state.last_sequence >= position {
-                    return Ok(());
-                }
-            }
+        if let Ok(mut s) = js.get_stream(stream_name).await
+            && let Ok(info) = s.info().await
+            && info.state.last_sequence >= position
+        {
+            return Ok(());
         }
         if Instant::now() > deadline {
             return Err(LedgerError::Nats(format!(

@@ -125,10 +125,13 @@ impl Writer {
                     None => break,
                 },
                 _ = tick.tick() => {
-                    if self.since_checkpoint > 0 && self.last_checkpoint.elapsed() >= self.config.checkpoint_interval {
-                        if let Err(e) = self.checkpoint_now().and_then(|_| self.store.db.flush().map_err(Into::into)) {
-                            tracing::error!(error = %e, "could not write a timed checkpoint");
-                        }
+                    if self.since_checkpoint > 0
+                        && self.last_checkpoint.elapsed() >= self.config.checkpoint_interval
+                        && let Err(e) = self
+                            .checkpoint_now()
+                            .and_then(|_| self.store.db.flush().map_err(Into::into))
+                    {
+                        tracing::error!(error = %e, "could not write a timed checkpoint");
                     }
                     continue;
                 }
@@ -146,10 +149,10 @@ impl Writer {
             }
             self.commit_group(group).await;
         }
-        if self.since_checkpoint > 0 {
-            if let Err(e) = self.checkpoint_now() {
-                tracing::error!(error = %e, "could not write the final checkpoint");
-            }
+        if self.since_checkpoint > 0
+            && let Err(e) = self.checkpoint_now()
+        {
+            tracing::error!(error = %e, "could not write the final checkpoint");
         }
         if let Err(e) = self.store.db.flush_async().await {
             tracing::error!(error = %e, "final ledger flush failed");
@@ -163,12 +166,11 @@ impl Writer {
                 self.since_checkpoint += written;
                 let mut flushed = Ok(());
                 if written > 0 {
-                    if self.since_checkpoint >= self.config.checkpoint_every
-                        || self.last_checkpoint.elapsed() >= self.config.checkpoint_interval
+                    if (self.since_checkpoint >= self.config.checkpoint_every
+                        || self.last_checkpoint.elapsed() >= self.config.checkpoint_interval)
+                        && let Err(e) = self.checkpoint_now()
                     {
-                        if let Err(e) = self.checkpoint_now() {
-                            tracing::error!(error = %e, "could not write a checkpoint");
-                        }
+                        tracing::error!(error = %e, "could not write a checkpoint");
                     }
                     flushed = self.store.db.flush_async().await.map(|_| ());
                 }

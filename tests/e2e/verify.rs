@@ -56,19 +56,6 @@ max_retries = 1
     config.display().to_string()
 }
 
-fn backup_json(port: u16, id: &str) -> serde_json::Value {
-    let (status, body) = http(
-        port,
-        "GET",
-        &format!("/api/backups/{id}"),
-        Some(OPERATOR),
-        None,
-    )
-    .unwrap();
-    assert_eq!(status, 200, "{body}");
-    serde_json::from_str(&body).unwrap()
-}
-
 fn request_backup(port: u16) -> String {
     let (status, body) = http(
         port,

@@ -59,7 +59,7 @@ enum Command {
         chunk_avg_kib: Option<usize>,
     },
     /// Back up a PostgreSQL database.
-    Backup(repo_cmd::BackupArgs),
+    Backup(Box<repo_cmd::BackupArgs>),
     /// List the backups in the repository.
     List {
         #[command(flatten)]
@@ -78,7 +78,7 @@ enum Command {
     /// Verify a backup now: every object read and checked, or (--restore) a real test restore.
     Verify(repo_cmd::VerifyArgs),
     /// Restore a backup into a database.
-    Restore(repo_cmd::RestoreArgs),
+    Restore(Box<repo_cmd::RestoreArgs>),
     /// Check the repository's consistency; with --read-data, read and verify sealed objects.
     Check {
         #[command(flatten)]
@@ -168,12 +168,12 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             generate_key,
             chunk_avg_kib,
         } => repo_cmd::init(&config, &data_dir, repo, generate_key, chunk_avg_kib).await,
-        Command::Backup(args) => repo_cmd::run_backup(&config, &data_dir, args).await,
+        Command::Backup(args) => repo_cmd::run_backup(&config, &data_dir, *args).await,
         Command::List { repo, json } => repo_cmd::list(&config, &data_dir, repo, json).await,
         Command::Show { repo, backup, json } => {
             repo_cmd::show(&config, &data_dir, repo, backup, json).await
         }
-        Command::Restore(args) => repo_cmd::restore(&config, &data_dir, args).await,
+        Command::Restore(args) => repo_cmd::restore(&config, &data_dir, *args).await,
         Command::Verify(args) => repo_cmd::verify(&config, &data_dir, args).await,
         Command::WalPush(args) => physical_cmd::wal_push(&config, &data_dir, args).await,
         Command::WalFetch(args) => physical_cmd::wal_fetch(&config, &data_dir, args).await,

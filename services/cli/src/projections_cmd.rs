@@ -162,10 +162,10 @@ pub fn tokens(config: &Config) -> anyhow::Result<Tokens> {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            if let Ok(m) = std::fs::metadata(path) {
-                if m.permissions().mode() & 0o077 != 0 {
-                    tracing::warn!(path = %path.display(), "the tokens file is readable by other users; chmod 600 it");
-                }
+            if let Ok(m) = std::fs::metadata(path)
+                && m.permissions().mode() & 0o077 != 0
+            {
+                tracing::warn!(path = %path.display(), "the tokens file is readable by other users; chmod 600 it");
             }
         }
         entries.extend(

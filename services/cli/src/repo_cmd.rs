@@ -475,16 +475,8 @@ pub async fn list(
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         println!(
-            "{:<36}  {:<10} {:<12} {:<19} {:>10} {:>10} {:>10} {:>8}  {}",
-            "backup",
-            "source",
-            "kind",
-            "finished (UTC)",
-            "raw",
-            "stored",
-            "new",
-            "secs",
-            "verification"
+            "{:<36}  {:<10} {:<12} {:<19} {:>10} {:>10} {:>10} {:>8}  verification",
+            "backup", "source", "kind", "finished (UTC)", "raw", "stored", "new", "secs",
         );
         for r in &rows {
             match r {
@@ -765,11 +757,11 @@ pub async fn worker_context(
             return (none(), None);
         }
     };
-    if let Location::Local(path) = &loc {
-        if !path.join("config").exists() {
-            tracing::info!(repository = %loc, "no repository yet (`backstop init`); data-path workers off");
-            return (none(), None);
-        }
+    if let Location::Local(path) = &loc
+        && !path.join("config").exists()
+    {
+        tracing::info!(repository = %loc, "no repository yet (`backstop init`); data-path workers off");
+        return (none(), None);
     }
     let backend = match loc.open(Some(s3_settings(config))).await {
         Ok(b) => b,
