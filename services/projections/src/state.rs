@@ -159,9 +159,9 @@ async fn apply_event(
             let applied = sqlx::query(
                 "INSERT INTO backups (backup_id, source, kind, physical, parent, state, started_at, \
                    completed_at, manifest, manifest_sha3, raw_bytes, stored_bytes, new_bytes, chunks, \
-                   new_chunks, duration_ms, last_position) \
-                 VALUES ($1, $2, $3, $4, $5, 'completed', $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) \
-                 ON CONFLICT (backup_id) DO UPDATE SET kind = EXCLUDED.kind, \
+                   new_chunks, duration_ms, last_position, attempt) \
+                 VALUES ($1, $2, $3, $4, $5, 'completed', $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17) \
+                 ON CONFLICT (backup_id) DO UPDATE SET kind = EXCLUDED.kind, attempt = EXCLUDED.attempt, \
                    physical = EXCLUDED.physical, parent = EXCLUDED.parent, \
                    state = CASE WHEN backups.state = 'deleted' THEN 'deleted' ELSE 'completed' END, \
                    started_at = COALESCE(backups.started_at, EXCLUDED.started_at), \
@@ -189,6 +189,7 @@ async fn apply_event(
             .bind(i(e.new_chunks))
             .bind(i(e.duration_ms))
             .bind(pos)
+            .bind(e.attempt as i32)
             .execute(&mut *conn)
             .await?
             .rows_affected();
