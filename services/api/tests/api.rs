@@ -484,3 +484,75 @@ async fn without_projections_pages_say_what_to_configure_and_health_and_metrics_
     let (s, body) = call(&env, "GET", "/api/audit/export", Some(AUDITOR), None).await;
     assert_eq!(s, StatusCode::OK, "{body}");
 }
+
+async fn raw(env: &Env, req: Request<Body>) -> axum::response::Response {
+    backstop_api::router(env.state.clone())
+        .oneshot(req)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sign_in_cookie_authorizes_reads_but_never_changes() {
+    let env = env(true).await;
+    // A wrong token at sign-in is refused and recorded.
+    let resp = raw(
+        &env,
+        Request::post("/login")
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(Body::from("token=wrong-token-0000000000"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(denials(&env.ledger).len(), 1);
+
+    let resp = raw(
+        &env,
+        Request::post("/login")
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(Body::from(format!("token={OPERATOR}")))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    let cookie = resp
+        .headers()
+        .get("set-cookie")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    let pair = cookie.split(';').next().unwrap().to_string();
+
+    let resp = raw(
+        &env,
+        Request::get("/")
+            .header("cookie", &pair)
+            .body(Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    // Without the cookie, a person is sent to the sign-in page.
+    let resp = raw(&env, Request::get("/").body(Body::empty()).unwrap()).await;
+    assert_eq!(resp.status(), StatusCode::SEE_OTHER);
+    assert_eq!(resp.headers().get("location").unwrap(), "/login");
+    // The cookie never authorizes a change: a page elsewhere cannot request a backup.
+    let resp = raw(
+        &env,
+        Request::post("/api/backups")
+            .header("cookie", &pair)
+            .header("content-type", "application/json")
+            .body(Body::from(r#"{"source":"trading"}"#))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    // Three refusals recorded: the wrong sign-in, the page without a cookie, the cookie POST.
+    assert_eq!(denials(&env.ledger).len(), 3);
+}
