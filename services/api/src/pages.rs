@@ -74,6 +74,15 @@ pub fn templates() -> Environment<'static> {
             None => "–".into(),
         }
     });
+    env.add_filter("dts", |v: Value| -> String {
+        match v
+            .as_str()
+            .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+        {
+            Some(t) => t.with_timezone(&Utc).format("%m-%d %H:%M").to_string(),
+            None => "–".into(),
+        }
+    });
     env.add_filter("short", |v: Value| -> String {
         v.as_str()
             .map(|s| s.chars().take(8).collect())

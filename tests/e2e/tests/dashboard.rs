@@ -163,6 +163,14 @@ async fn chromium_shows_the_last_backups_their_verification_and_the_charts() {
         "the requested backup is projected",
         |s, b| s == 200 && b.contains(&id),
     );
+    // The overview is computed at most once a second: wait for one that includes it.
+    wait_http(
+        port,
+        "/api/overview",
+        Some(OPERATOR),
+        "the overview shows the requested backup",
+        |s, b| s == 200 && b.contains(&id),
+    );
 
     let page = format!("http://127.0.0.1:{port}/");
     // No virtual-time budget: the page is rendered on the server, and the live event stream it
