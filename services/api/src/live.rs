@@ -1,7 +1,8 @@
 //! Live updates: `GET /api/events/stream`, server-sent events fed by a ledger subscription.
 //!
 //! Each committed event is sent as `event: ledger`, `id: <position>`, and a JSON summary
-//! (position, type, stream, actor, recorded_at), never the payload: the stream is for "something
+//! (position, type, stream, actor, recorded_at; position, type and time only for the anonymous
+//! viewers of a public dashboard), never the payload: the stream is for "something
 //! changed, refresh", and the audit trail is where payloads are read. A browser that reconnects
 //! sends `Last-Event-ID` and resumes after it; `?from=POSITION` starts elsewhere. Without either
 //! the stream starts at the next event. The stream ends when the server shuts down.
@@ -34,7 +35,13 @@ pub async fn stream(
                 .ok_or_else(|| ApiError::bad("Last-Event-ID must be a ledger position"))?,
         ),
     };
-    state.authorize(&ctx, Need::Dashboard).await?;
+    // A public dashboard's anonymous viewers get positions and types only: streams and actors
+    // belong to the audit trail, which always needs a token.
+    let full = state
+        .authorize(&ctx, Need::Dashboard)
+        .await?
+        .role()
+        .is_some();
     let start = match (last_seen, from) {
         (Some(p), _) => p + 1,
         (None, Some(f)) => f,
@@ -51,15 +58,23 @@ pub async fn stream(
             _ => None,
         }
     })
-    .flat_map(|batch| {
-        futures::stream::iter(batch.into_iter().map(|e| {
-            let summary = serde_json::json!({
-                "position": e.position,
-                "type": e.event_type,
-                "stream": e.stream,
-                "actor": e.actor.to_string(),
-                "recorded_at": e.recorded_at,
-            });
+    .flat_map(move |batch| {
+        futures::stream::iter(batch.into_iter().map(move |e| {
+            let summary = if full {
+                serde_json::json!({
+                    "position": e.position,
+                    "type": e.event_type,
+                    "stream": e.stream,
+                    "actor": e.actor.to_string(),
+                    "recorded_at": e.recorded_at,
+                })
+            } else {
+                serde_json::json!({
+                    "position": e.position,
+                    "type": e.event_type,
+                    "recorded_at": e.recorded_at,
+                })
+            };
             Ok(Event::default()
                 .event("ledger")
                 .id(e.position.to_string())

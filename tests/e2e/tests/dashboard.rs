@@ -113,26 +113,31 @@ async fn chromium_shows_the_last_backups_their_verification_and_the_charts() {
     );
 
     // Live updates: a client following /api/events/stream sees the next event as it commits.
-    let follower = std::thread::spawn(move || {
-        use std::io::{BufRead, BufReader, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        write!(
-            s,
-            "GET /api/events/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {OPERATOR}\r\n\r\n"
-        )
-        .unwrap();
-        let mut lines = Vec::new();
-        for line in BufReader::new(s).lines() {
-            let line = line.unwrap();
-            let done = line.contains("backup.requested");
-            lines.push(line);
-            if done {
-                break;
+    let follow = move |auth: String| {
+        std::thread::spawn(move || {
+            use std::io::{BufRead, BufReader, Write};
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            write!(
+                s,
+                "GET /api/events/stream HTTP/1.1\r\nHost: x\r\n{auth}\r\n"
+            )
+            .unwrap();
+            let mut lines = Vec::new();
+            for line in BufReader::new(s).lines() {
+                let line = line.unwrap();
+                let done = line.contains("backup.requested");
+                lines.push(line);
+                if done {
+                    break;
+                }
             }
-        }
-        lines
-    });
+            lines
+        })
+    };
+    let follower = follow(format!("Authorization: Bearer {OPERATOR}\r\n"));
+    // An anonymous viewer of this public dashboard gets positions and types, not who did what.
+    let anonymous = follow(String::new());
     std::thread::sleep(Duration::from_millis(500));
 
     // A backup requested through the API while the page is open, recorded with the operator.
@@ -148,6 +153,15 @@ async fn chromium_shows_the_last_backups_their_verification_and_the_charts() {
     let requested: serde_json::Value = serde_json::from_str(&body).unwrap();
     let id = requested["backup_id"].as_str().unwrap().to_string();
     let streamed = follower.join().unwrap();
+    let anonymous = anonymous.join().unwrap();
+    assert!(
+        anonymous.iter().any(|l| l.contains("backup.requested")),
+        "{anonymous:?}"
+    );
+    assert!(
+        !anonymous.iter().any(|l| l.contains("operator:alice")),
+        "{anonymous:?}"
+    );
     assert!(
         streamed.iter().any(|l| l.starts_with("event: ledger")),
         "{streamed:?}"
@@ -466,4 +480,21 @@ async fn serve_killed_while_projecting_resumes_exactly_and_matches_a_rebuild() {
     );
     assert!(out.status.success(), "{}", support::stderr(&out));
     assert_eq!(dump(&pg, "live"), dump(&pg, "rebuilt"));
+    let status = support::run(
+        &data,
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "projections",
+            "status",
+            "--projections-url",
+            &live,
+        ],
+    );
+    assert!(status.status.success(), "{}", support::stderr(&status));
+    let text = support::stdout(&status);
+    assert!(
+        text.contains(&format!("state         {head} (0 behind)")),
+        "{text}"
+    );
 }
