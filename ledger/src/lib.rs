@@ -88,6 +88,8 @@ pub struct Ledger {
     public_key: Arc<str>,
     /// Turns true when the writer has made its last flush and stopped.
     stopped: watch::Receiver<bool>,
+    /// What the outbox reports as published (see `writer::MAX_UNPUBLISHED`).
+    published: Arc<watch::Sender<Option<u64>>>,
 }
 
 impl Ledger {
@@ -102,6 +104,7 @@ impl Ledger {
         let head = store.head()?;
         let (head_tx, head_rx) = watch::channel(head);
         let (tx, rx) = mpsc::channel(8192);
+        let (published_tx, published_rx) = watch::channel(None);
         let w = writer::Writer::new(
             store.clone(),
             signer,
@@ -110,6 +113,7 @@ impl Ledger {
                 checkpoint_interval: config.checkpoint_interval,
             },
             head_tx,
+            published_rx,
         );
         let (stopped_tx, stopped) = watch::channel(false);
         tokio::spawn(async move {
@@ -122,6 +126,7 @@ impl Ledger {
             head: head_rx,
             public_key,
             stopped,
+            published: Arc::new(published_tx),
         })
     }
 
@@ -137,6 +142,12 @@ impl Ledger {
     /// The committed head (after the last flush).
     pub fn head(&self) -> Head {
         *self.head.borrow()
+    }
+
+    /// The outbox reports the last acknowledged position, or `None` when it is not publishing
+    /// (stopped, or NATS unreachable); appends slow down only while it is publishing and behind.
+    pub fn report_published(&self, position: Option<u64>) {
+        self.published.send_replace(position);
     }
 
     /// A receiver that changes whenever a group commits.

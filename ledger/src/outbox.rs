@@ -100,7 +100,11 @@ pub async fn run(
         if *shutdown.borrow() {
             return Ok(());
         }
-        match publish_until_error(&ledger, &js, &config, &mut shutdown, observe.as_ref()).await {
+        let result =
+            publish_until_error(&ledger, &js, &config, &mut shutdown, observe.as_ref()).await;
+        // Not publishing now: appends must not wait for us.
+        ledger.report_published(None);
+        match result {
             Ok(()) => return Ok(()),
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?backoff, "publication to NATS paused");
@@ -136,6 +140,7 @@ async fn publish_until_error(
     }
     let mut next = published + 1;
     ledger.store().set_publication_cursor(next)?;
+    ledger.report_published(Some(published));
     let mut sub = ledger.subscribe(next);
     // Publishing is pipelined: new events go out while earlier acks are still on their way, up
     // to MAX_IN_FLIGHT. Acks are awaited in order, so the cursor only ever moves past a position
@@ -148,6 +153,7 @@ async fn publish_until_error(
             Some(result) = in_flight.next(), if !in_flight.is_empty() => {
                 let (position, recorded_at): (u64, i64) = result?;
                 acked = position;
+                ledger.report_published(Some(acked));
                 if let Some(tx) = observe {
                     let now = chrono::Utc::now().timestamp_micros();
                     let _ = tx.send(Published {

@@ -30,6 +30,14 @@ pub const MAX_GROUP: usize = 4096;
 /// At most this many events per append request.
 pub const MAX_BATCH: usize = 1000;
 
+/// Flow control: while a healthy outbox is more than this many events behind, the writer waits
+/// (up to [`PUBLICATION_PATIENCE`]) before committing more. It keeps the second copy in JetStream
+/// close behind the ledger instead of letting a burst build a backlog of seconds.
+pub const MAX_UNPUBLISHED: u64 = 1024;
+/// How long the writer waits for publication to catch up before committing anyway: a stalled or
+/// absent NATS never stops appends.
+pub const PUBLICATION_PATIENCE: Duration = Duration::from_millis(250);
+
 /// The version a stream must be at for an append to go ahead.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case", tag = "expect", content = "version")]
@@ -93,6 +101,8 @@ pub(crate) struct Writer {
     signer: CheckpointSigner,
     config: WriterConfig,
     head_tx: watch::Sender<Head>,
+    /// The last position the outbox has seen acknowledged; `None` without a healthy outbox.
+    published: watch::Receiver<Option<u64>>,
     since_checkpoint: u64,
     last_checkpoint: Instant,
 }
@@ -103,12 +113,14 @@ impl Writer {
         signer: CheckpointSigner,
         config: WriterConfig,
         head_tx: watch::Sender<Head>,
+        published: watch::Receiver<Option<u64>>,
     ) -> Writer {
         Writer {
             store,
             signer,
             config,
             head_tx,
+            published,
             since_checkpoint: 0,
             last_checkpoint: Instant::now(),
         }
@@ -147,6 +159,7 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            self.await_publication().await;
             self.commit_group(group).await;
         }
         if self.since_checkpoint > 0
@@ -156,6 +169,24 @@ impl Writer {
         }
         if let Err(e) = self.store.db.flush_async().await {
             tracing::error!(error = %e, "final ledger flush failed");
+        }
+    }
+
+    async fn await_publication(&mut self) {
+        let head = self.head_tx.borrow().position;
+        let deadline = tokio::time::Instant::now() + PUBLICATION_PATIENCE;
+        loop {
+            let published = *self.published.borrow_and_update();
+            match published {
+                Some(p) if head.saturating_sub(p) > MAX_UNPUBLISHED => {
+                    match tokio::time::timeout_at(deadline, self.published.changed()).await {
+                        Ok(Ok(())) => continue,
+                        // Publication stalled (or the outbox is gone): commit anyway.
+                        _ => return,
+                    }
+                }
+                _ => return,
+            }
         }
     }
 
