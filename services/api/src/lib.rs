@@ -102,6 +102,8 @@ struct Inner {
     prometheus: Option<PrometheusHandle>,
     templates: minijinja::Environment<'static>,
     probe_cache: Mutex<Option<(Instant, ProbeResult)>>,
+    /// A background probe is running.
+    probing: std::sync::atomic::AtomicBool,
     /// The overview, computed at most once per [`OVERVIEW_TTL`]: under load every request in
     /// that window shares one computation (the lock also keeps them from computing it at once).
     overview_cache: tokio::sync::Mutex<Option<(Instant, Arc<handlers::Overview>)>>,
@@ -136,6 +138,7 @@ impl ApiState {
             prometheus: None,
             templates: pages::templates(),
             probe_cache: Mutex::new(None),
+            probing: std::sync::atomic::AtomicBool::new(false),
             overview_cache: tokio::sync::Mutex::new(None),
             shutdown,
         }))
@@ -166,15 +169,42 @@ impl ApiState {
         })
     }
 
-    /// Runs the storage probe, or returns the result of one run less than [`PROBE_TTL`] ago.
+    /// The storage status for pages and metrics: the last probe's result, refreshed in the
+    /// background once it is older than [`PROBE_TTL`], so a storage outage (probes timing out)
+    /// never slows a page down. Only the very first call waits for a probe.
     pub async fn storage_status(&self, fresh: bool) -> ProbeResult {
-        if !fresh
-            && let Ok(cache) = self.0.probe_cache.lock()
-            && let Some((at, r)) = cache.as_ref()
-            && at.elapsed() < PROBE_TTL
-        {
-            return r.clone();
+        if fresh {
+            return self.probe_now().await;
         }
+        let cached = self
+            .0
+            .probe_cache
+            .lock()
+            .ok()
+            .and_then(|c| c.as_ref().map(|(at, r)| (at.elapsed(), r.clone())));
+        match cached {
+            Some((age, r)) if age < PROBE_TTL => r,
+            Some((_, r)) => {
+                if !self
+                    .0
+                    .probing
+                    .swap(true, std::sync::atomic::Ordering::AcqRel)
+                {
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        me.probe_now().await;
+                        me.0.probing
+                            .store(false, std::sync::atomic::Ordering::Release);
+                    });
+                }
+                r
+            }
+            None => self.probe_now().await,
+        }
+    }
+
+    /// Runs the storage probe now (5 s at most) and caches the result.
+    async fn probe_now(&self) -> ProbeResult {
         let now = backstop_events::now_micros();
         let result = match &self.0.storage {
             None => ProbeResult {

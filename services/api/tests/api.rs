@@ -63,6 +63,10 @@ async fn append_all(ledger: &Ledger, events: Vec<NewEvent>) {
 }
 
 async fn env(with_projections: bool) -> Env {
+    env_with(with_projections, None).await
+}
+
+async fn env_with(with_projections: bool, repository: Option<&str>) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = LedgerConfig::in_data_dir(dir.path());
     cfg.checkpoint_every = 5;
@@ -109,7 +113,10 @@ async fn env(with_projections: bool) -> Env {
         projections,
         stop,
     )
-    .with_storage(Arc::new(DirProbe(dir.path().to_path_buf())));
+    .with_storage(Arc::new(DirProbe(match repository {
+        Some(name) => dir.path().join(name),
+        None => dir.path().to_path_buf(),
+    })));
     Env {
         _pg: pg,
         dir,
@@ -555,4 +562,34 @@ async fn the_sign_in_cookie_authorizes_reads_but_never_changes() {
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     // Three refusals recorded: the wrong sign-in, the page without a cookie, the cookie POST.
     assert_eq!(denials(&env.ledger).len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_storage_is_shown_and_measured() {
+    let env = env_with(true, Some("no-such-repository")).await;
+    let (s, body) = call(
+        &env,
+        "GET",
+        "/api/storage/connectivity",
+        Some(OPERATOR),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["live"]["ok"], false);
+    assert!(
+        v["live"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("no-such-repository"),
+        "{body}"
+    );
+    let (_, html) = call(&env, "GET", "/", Some(OPERATOR), None).await;
+    assert!(
+        html.contains("unreachable") && html.contains("no-such-repository"),
+        "{html}"
+    );
+    let (_, text) = call(&env, "GET", "/metrics", None, None).await;
+    assert!(text.contains("backstop_storage_up 0"), "{text}");
 }
