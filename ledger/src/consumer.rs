@@ -155,6 +155,7 @@ pub async fn run_embedded(
                         Ok(()) => break,
                         Err(e) if e.retryable && attempt < policy.max_deliveries => {
                             tracing::warn!(consumer = %name, position = event.position, attempt, error = %e, "handler failed; retrying");
+                            metrics::counter!("backstop_worker_redeliveries_total", "consumer" => name.clone()).increment(1);
                             tokio::select! {
                                 _ = tokio::time::sleep(policy.delay(attempt)) => {}
                                 _ = shutdown.changed() => return Ok(()),
@@ -274,6 +275,10 @@ async fn consume_until_error(
             _ = shutdown.changed() => return Ok(()),
         };
         let delivered = msg.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
+        if delivered > 1 {
+            metrics::counter!("backstop_worker_redeliveries_total", "consumer" => name.to_string())
+                .increment(1);
+        }
         let ack_err = |e: async_nats::Error| LedgerError::Nats(format!("ack: {e}"));
         let event: Envelope = match serde_json::from_slice(&msg.payload) {
             Ok(e) => e,
