@@ -9,7 +9,7 @@ mod support;
 use std::path::Path;
 
 use backstop_testkit::{Postgres, free_port};
-use dashboard_support::{OPERATOR, http, wait_http};
+use dashboard_support::{AUDITOR, LEAD, OPERATOR, http, wait_http};
 use support::{Process, run, stderr};
 
 fn dataset(name: &str) -> std::path::PathBuf {
@@ -20,7 +20,11 @@ fn dataset(name: &str) -> std::path::PathBuf {
 
 fn write_config(dir: &Path, pg: &Postgres, port: u16) -> String {
     let tokens = dir.join("tokens");
-    std::fs::write(&tokens, format!("alice operator {OPERATOR}\n")).unwrap();
+    std::fs::write(
+        &tokens,
+        format!("alice operator {OPERATOR}\nlee recovery-lead {LEAD}\naudrey auditor {AUDITOR}\n"),
+    )
+    .unwrap();
     let config = dir.join("backstop.toml");
     std::fs::write(
         &config,
@@ -133,6 +137,39 @@ fn backups_are_verified_automatically_and_damage_is_caught_alerted_and_retried()
         |s, _| s == 200,
     );
     assert!(est.contains("main"), "{est}");
+
+    // A restore requested through the API: refused to an operator, run for a recovery lead by
+    // the restore worker, recorded with the lead's identity.
+    let body = format!(
+        r#"{{"backup": "{first}", "target": "{}", "tables": ["live_signals"]}}"#,
+        pg.conninfo("restored")
+    );
+    let (status, _) = http(port, "POST", "/api/restores", Some(OPERATOR), Some(&body)).unwrap();
+    assert_eq!(status, 403);
+    let (status, answer) = http(port, "POST", "/api/restores", Some(LEAD), Some(&body)).unwrap();
+    assert_eq!(status, 202, "{answer}");
+    let done = wait_http(
+        port,
+        "/api/audit?type=recovery.completed",
+        Some(AUDITOR),
+        "API restore completed",
+        |s, b| s == 200 && b.contains(&first),
+    );
+    assert!(done.contains("lee"), "the recovery names the lead: {done}");
+    assert_eq!(
+        pg.psql("restored", "SELECT count(*) FROM live_signals")
+            .unwrap(),
+        pg.psql("trading", "SELECT count(*) FROM live_signals")
+            .unwrap()
+    );
+    assert_eq!(
+        pg.psql(
+            "restored",
+            "SELECT to_regclass('public.realtime_prices') IS NULL"
+        )
+        .unwrap(),
+        "t"
+    );
     drop(serve);
 
     // 2. A second backup taken with the verify worker off, then damaged after upload.

@@ -405,6 +405,17 @@ pub async fn resolve_backup(
 }
 
 /// Restores a logical backup into `target`, recording the recovery events with the operator.
+/// Who runs a recovery and what it covers: the identity of the recovery and its scope.
+pub struct Recovery {
+    pub recovery_id: Uuid,
+    pub requested_at: chrono::DateTime<chrono::Utc>,
+    pub operator: String,
+    pub scope: RecoveryScope,
+}
+
+/// Restores a logical backup into `target` in the foreground (`backstop restore`), recording the
+/// recovery with the operator. `recovery.requested` and `recovery.started` go in one append, so a
+/// restore worker never takes this recovery for one it should run.
 pub async fn run_restore(
     dp: &DataPath,
     manifest: Manifest,
@@ -413,50 +424,61 @@ pub async fn run_restore(
     options: RestoreOptions,
     operator: &str,
 ) -> Result<RestoreReport, BackupError> {
-    let recovery_id = backstop_events::uuid_v7();
-    let requested_at = backstop_events::now_micros();
-    let stream = streams::recovery(recovery_id);
-    let actor = Actor::operator(operator);
-    let scope = RecoveryScope {
-        target: target_redacted.to_string(),
-        tables: options.tables.clone().unwrap_or_default(),
-        point_in_time: None,
-        dry_run: options.dry_run,
-    };
-    let backup_id = manifest.backup_id;
-    let requested = Event::RecoveryRequested(backstop_events::RecoveryRequested {
-        recovery_id,
-        backup_id,
+    let recovery = Recovery {
+        recovery_id: backstop_events::uuid_v7(),
+        requested_at: backstop_events::now_micros(),
         operator: operator.to_string(),
-        scope: scope.clone(),
-    });
-    record(
-        dp.appender.as_ref(),
-        &stream,
-        &actor,
-        None,
-        requested_at,
+        scope: RecoveryScope {
+            target: target_redacted.to_string(),
+            tables: options.tables.clone().unwrap_or_default(),
+            point_in_time: None,
+            dry_run: options.dry_run,
+        },
+    };
+    let stream = streams::recovery(recovery.recovery_id);
+    let actor = Actor::operator(operator);
+    let backup_id = manifest.backup_id;
+    let event = |label: &str, e: Event| {
+        let mut n = NewEvent::new(&stream, actor.clone(), &e);
+        n.id = backstop_events::uuid_v7_derived(recovery.recovery_id, recovery.requested_at, label);
+        n
+    };
+    let requested = event(
         "requested",
-        recovery_id,
-        requested,
-    )
-    .await?;
-    record(
-        dp.appender.as_ref(),
-        &stream,
-        &actor,
-        None,
-        requested_at,
-        "started",
-        recovery_id,
-        Event::RecoveryStarted(RecoveryStarted {
-            recovery_id,
+        Event::RecoveryRequested(backstop_events::RecoveryRequested {
+            recovery_id: recovery.recovery_id,
             backup_id,
             operator: operator.to_string(),
-            scope: scope.clone(),
+            scope: recovery.scope.clone(),
         }),
-    )
-    .await?;
+    );
+    let started = event(
+        "started",
+        Event::RecoveryStarted(RecoveryStarted {
+            recovery_id: recovery.recovery_id,
+            backup_id,
+            operator: operator.to_string(),
+            scope: recovery.scope.clone(),
+        }),
+    );
+    dp.appender
+        .append(&stream, ExpectedVersion::NoStream, vec![requested, started])
+        .await?;
+    execute_restore(dp, manifest, &recovery, target, options, None).await
+}
+
+/// Runs a recovery that is recorded as started, then records its end (completed or failed).
+pub async fn execute_restore(
+    dp: &DataPath,
+    manifest: Manifest,
+    recovery: &Recovery,
+    target: &str,
+    options: RestoreOptions,
+    cause: Option<&Envelope>,
+) -> Result<RestoreReport, BackupError> {
+    let stream = streams::recovery(recovery.recovery_id);
+    let actor = Actor::operator(&recovery.operator);
+    let backup_id = manifest.backup_id;
     let started = Instant::now();
     let repo = dp
         .repo
@@ -472,58 +494,50 @@ pub async fn run_restore(
             .map_err(|e| BackupError::Restore(e.to_string()))
     }
     .await;
-    match outcome {
-        Ok(report) => {
-            record(
-                dp.appender.as_ref(),
-                &stream,
-                &actor,
-                None,
-                requested_at,
-                "completed",
-                recovery_id,
-                Event::RecoveryCompleted(RecoveryCompleted {
-                    recovery_id,
-                    backup_id,
-                    operator: operator.to_string(),
-                    scope,
-                    duration_ms: started.elapsed().as_millis() as u64,
-                    bytes: report.bytes,
-                    tables: report
-                        .tables
-                        .iter()
-                        .map(|t| TableRows {
-                            schema: t.table.schema.clone(),
-                            table: t.table.name.clone(),
-                            rows: t.rows,
-                        })
-                        .collect(),
-                }),
-            )
-            .await?;
-            Ok(report)
-        }
-        Err(e) => {
-            record(
-                dp.appender.as_ref(),
-                &stream,
-                &actor,
-                None,
-                requested_at,
-                "failed",
-                recovery_id,
-                Event::RecoveryFailed(RecoveryFailed {
-                    recovery_id,
-                    backup_id,
-                    operator: operator.to_string(),
-                    scope,
-                    reason: e.to_string(),
-                }),
-            )
-            .await?;
-            Err(e)
-        }
-    }
+    let (label, event) = match &outcome {
+        Ok(report) => (
+            "completed",
+            Event::RecoveryCompleted(RecoveryCompleted {
+                recovery_id: recovery.recovery_id,
+                backup_id,
+                operator: recovery.operator.clone(),
+                scope: recovery.scope.clone(),
+                duration_ms: started.elapsed().as_millis() as u64,
+                bytes: report.bytes,
+                tables: report
+                    .tables
+                    .iter()
+                    .map(|t| TableRows {
+                        schema: t.table.schema.clone(),
+                        table: t.table.name.clone(),
+                        rows: t.rows,
+                    })
+                    .collect(),
+            }),
+        ),
+        Err(e) => (
+            "failed",
+            Event::RecoveryFailed(RecoveryFailed {
+                recovery_id: recovery.recovery_id,
+                backup_id,
+                operator: recovery.operator.clone(),
+                scope: recovery.scope.clone(),
+                reason: e.to_string(),
+            }),
+        ),
+    };
+    record(
+        dp.appender.as_ref(),
+        &stream,
+        &actor,
+        cause,
+        recovery.requested_at,
+        label,
+        recovery.recovery_id,
+        event,
+    )
+    .await?;
+    outcome
 }
 
 /// Records `backup.completed` for a backup whose manifest exists, from the manifest itself.

@@ -10,6 +10,7 @@ pub mod backup;
 pub mod fault;
 pub mod keys;
 pub mod physical;
+pub mod restore;
 pub mod verify;
 
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use std::sync::Arc;
 use backstop_ledger::consumer::Handler;
 
 /// The names of the workers `backstop worker --only` accepts.
-pub const KINDS: &[&str] = &[alerts::NAME, backup::NAME, verify::NAME];
+pub const KINDS: &[&str] = &[alerts::NAME, backup::NAME, verify::NAME, restore::NAME];
 
 /// What the data-path workers need; without it only the alert worker runs.
 pub struct WorkerContext {
@@ -49,6 +50,15 @@ pub fn handlers(only: &[String], ctx: WorkerContext) -> Result<Vec<Arc<dyn Handl
             return Err("the backup worker needs a repository and its master key (see [repository] in the configuration reference)".into());
         }
         (None, true) => tracing::warn!("backup worker not started: no repository or master key"),
+        _ => {}
+    }
+    match (&ctx.data_path, wanted(restore::NAME)) {
+        (Some(dp), true) => all.push(Arc::new(restore::RestoreWorker {
+            data_path: dp.clone(),
+        })),
+        (None, true) if !only.is_empty() => {
+            return Err("the restore worker needs a repository and its master key".into());
+        }
         _ => {}
     }
     match (&ctx.data_path, &ctx.verify, wanted(verify::NAME)) {
