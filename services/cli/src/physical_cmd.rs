@@ -263,7 +263,10 @@ pub async fn run_physical_backup(
         source: source.clone(),
         kind: args.kind,
         physical: true,
-        trigger: Trigger::Manual,
+        // Run here, in the foreground: workers leave it alone.
+        trigger: Trigger::Foreground {
+            host: backstop_workers::backup::hostname(),
+        },
         attempt: 1,
     };
     let stream = streams::backup(request.backup_id);
@@ -697,12 +700,15 @@ pub async fn restore(
     let which = args.backup.clone().unwrap_or_else(|| "latest".into());
 
     let mut events = Events::open(config, data_dir).await?;
-    let repo = open_repository(config, data_dir, &args.repo, &mut events).await?;
     let operator = operator();
-    let repo = repo.with_access(
-        Actor::operator(&operator).to_string(),
-        format!("physical restore into {}", dir.display()),
-    );
+    // Chained, so that no other handle on the repository outlives `drop(repo)` below: the key
+    // access recorder (and so `events.close()`) waits until every handle is gone.
+    let repo = open_repository(config, data_dir, &args.repo, &mut events)
+        .await?
+        .with_access(
+            Actor::operator(&operator).to_string(),
+            format!("physical restore into {}", dir.display()),
+        );
     let result = async {
         let source = if which == "latest" {
             Some(source_in_repo(config, args.source.as_deref(), &repo).await?)
@@ -892,7 +898,11 @@ pub fn parse_time(s: &str) -> anyhow::Result<DateTime<Utc>> {
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Ok(t.with_timezone(&Utc));
     }
-    let t = s.replacen('T', " ", 1);
+    // `2026-03-02T14:29:59` and `2026-03-02 14:29:59` alike.
+    let t = match s.get(10..11) {
+        Some("T") => format!("{} {}", &s[..10], &s[11..]),
+        _ => s.to_string(),
+    };
     for fmt in ["%Y-%m-%d %H:%M:%S%.f%#z", "%Y-%m-%d %H:%M:%S%.f %#z"] {
         if let Ok(t) = DateTime::parse_from_str(&t, fmt) {
             return Ok(t.with_timezone(&Utc));
