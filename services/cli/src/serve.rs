@@ -65,6 +65,8 @@ pub async fn serve(
     );
     let (context, storage) =
         crate::repo_cmd::worker_context(config, data_dir, Arc::new(ledger.clone())).await;
+    // Archived WAL that wal-push could not record itself (see physical_cmd) is recorded here.
+    let wal_repo = context.data_path.as_ref().map(|dp| dp.repo.clone());
     let handlers = if args.no_workers {
         Vec::new()
     } else {
@@ -72,6 +74,15 @@ pub async fn serve(
     };
     let policy = config.retry_policy();
     let mut tasks = JoinSet::new();
+    if let Some(repo) = wal_repo {
+        let every = std::time::Duration::from_secs(60);
+        tasks.spawn(backstop_workers::physical::wal_catch_up_loop(
+            repo,
+            ledger.clone(),
+            every,
+            shutdown.clone(),
+        ));
+    }
     let nats_url = args.nats.or_else(|| config.nats.url.clone());
     let publication = nats_url.is_some();
     match nats_url {
