@@ -274,6 +274,15 @@ fn point_in_time_recovery_through_the_binary() {
     assert_eq!(later_rows(&copy), "100|101|250");
     drop(copy);
 
+    // A real test restore of the physical backup: a temporary cluster replayed to consistency,
+    // pg_amcheck, row counts, all removed afterwards.
+    let out = site.ok(&["verify", "latest", "--restore"]);
+    assert!(out.contains("pg_amcheck: no corruption"), "{out}");
+    assert!(out.contains("trades"), "{out}");
+    let passed = site.events("verification.passed");
+    assert_eq!(passed.len(), 1, "{passed:?}");
+    assert_eq!(passed[0]["payload"]["tier"]["tier"], "restore");
+
     // The operator and the point in time are on record.
     let completed = site.events("recovery.completed");
     assert_eq!(completed.len(), 2, "{completed:?}");

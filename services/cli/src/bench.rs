@@ -17,6 +17,8 @@ use clap::Subcommand;
 // Declared here rather than in main.rs: the backup benchmark is one more `bench` subcommand.
 #[path = "bench_backup.rs"]
 mod bench_backup;
+#[path = "bench_physical.rs"]
+mod bench_physical;
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
@@ -25,6 +27,9 @@ pub enum BenchCommand {
     /// Backstop's logical backups beside pg_dump and restic on the trading dataset: time, stored
     /// bytes, the second backup after a day's churn, restore time, peak memory.
     Backup(bench_backup::BenchBackupArgs),
+    /// Backstop's physical base backups, restores and WAL archiving beside pgBackRest on the
+    /// trading dataset: times, stored bytes, the second backup after a day's churn, segments/s.
+    Physical(bench_physical::BenchPhysicalArgs),
     /// Ledger append throughput and latency, with and without NATS publication.
     Ledger {
         /// Seconds per measurement.
@@ -61,6 +66,7 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<std::process::ExitCode> {
     match cmd {
         BenchCommand::Api(args) => crate::bench_api::run(args).await,
         BenchCommand::Backup(args) => bench_backup::run(args).await,
+        BenchCommand::Physical(args) => bench_physical::run(args).await,
         BenchCommand::Ledger {
             seconds,
             appenders,

@@ -673,6 +673,68 @@ fn print_wal_report(source: &str, backups: usize, r: &WalVerifyReport, read: boo
 }
 
 // ---------------------------------------------------------------------------------------------
+// verify --restore of a physical backup
+
+/// What a test restore of a physical backup found, in the shape `backstop verify` records:
+/// `(objects, bytes, restore_ms, bytes per second)` or the reason it failed.
+pub type PhysicalVerdict = Result<(u64, u64, Option<u64>, Option<f64>), String>;
+
+/// `backstop verify ID --restore` for a physical backup: restores it into a temporary directory
+/// (recovery target immediate), starts a private server on it, waits for consistency, runs
+/// `pg_amcheck`, counts rows, and removes everything (see
+/// [`backstop_workers::physical::verify_physical`]). WAL comes through this binary's
+/// `wal-fetch`, as PostgreSQL's user when run as root.
+pub async fn verify_restore(
+    config: &Config,
+    data_dir: &Path,
+    args: &RepoArgs,
+    repo: &Repository,
+    manifest: &backstop_repo::Manifest,
+) -> Option<PhysicalVerdict> {
+    let report = physical::physical_report(manifest)?;
+    let backup = physical::PhysicalBackup {
+        manifest: manifest.clone(),
+        report,
+    };
+    let command = match self_invocation(config, data_dir, args, &manifest.source, "wal-fetch") {
+        Ok(c) => c,
+        Err(e) => return Some(Err(format!("{e:#}"))),
+    };
+    let opts = physical::VerifyPhysicalOptions::new(command);
+    Some(match physical::verify_physical(repo, &backup, &opts).await {
+        Ok(v) => {
+            let secs = (v.restore.duration_ms + v.verify.recovery_ms) as f64 / 1000.0;
+            println!(
+                "test restore of physical backup {}: {} files laid out, consistent after {:.1} s of recovery (timeline {}, LSN {}); pg_amcheck: {}; {} rows in {} databases",
+                manifest.backup_id,
+                v.restore.files,
+                v.verify.recovery_ms as f64 / 1000.0,
+                v.verify.timeline,
+                v.verify.end_lsn,
+                match v.verify.amcheck_ok {
+                    Some(true) => "no corruption",
+                    _ => "not run",
+                },
+                v.verify.total_rows,
+                v.verify.databases.len()
+            );
+            for d in &v.verify.databases {
+                for t in &d.tables {
+                    println!("  {}.{:<40} {:>12} rows", d.database, t.table, t.rows);
+                }
+            }
+            Ok((
+                v.restore.files,
+                v.restore.bytes,
+                Some(v.restore.duration_ms + v.verify.recovery_ms),
+                Some(v.restore.bytes as f64 / secs.max(0.001)),
+            ))
+        }
+        Err(e) => Err(e.to_string()),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
 // restore --physical
 
 /// `backstop restore --physical ...`.

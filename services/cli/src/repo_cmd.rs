@@ -869,7 +869,18 @@ pub async fn verify(
     .await?;
     type Verdict =
         Result<(u64, u64, Option<u64>, Option<f64>, Vec<TableCheck>), (String, Vec<TableCheck>)>;
-    let verdict: Verdict = if args.restore {
+    // A physical backup is test-restored as a temporary cluster (no scratch database needed).
+    let physical = match args.restore {
+        true => {
+            crate::physical_cmd::verify_restore(config, data_dir, &args.repo, &repo, &manifest)
+                .await
+        }
+        false => None,
+    };
+    let verdict: Verdict = if let Some(v) = physical {
+        v.map(|(objects, bytes, ms, speed)| (objects, bytes, ms, speed, Vec::new()))
+            .map_err(|reason| (reason, Vec::new()))
+    } else if args.restore {
         let scratch = args
             .scratch
             .clone()

@@ -1,0 +1,900 @@
+//! `backstop bench physical`: Backstop's physical backups and WAL archiving beside pgBackRest, in
+//! one run, on one PostgreSQL 15 cluster loaded with `bench/trading.sql`. A report, not a test:
+//! it measures and prints; it asserts nothing.
+//!
+//! What it measures, `--runs` times each (the report gives medians and Backstop/pgBackRest
+//! ratios; the order of the two tools alternates between runs so neither always reads a warm
+//! page cache):
+//! 1. A full base backup into a fresh repository (wall time, bytes stored).
+//! 2. `bench/churn.sql`, a CHECKPOINT, then a second base backup (pgBackRest `--type=incr`):
+//!    time and bytes stored by that backup alone.
+//! 3. A restore of the latest backup into an empty directory (laying out the files and the
+//!    recovery settings; no replay: neither tool replays WAL itself).
+//! 4. WAL archiving throughput under pgbench load: archiving is held (the `archive_command`
+//!    fails) while pgbench builds a backlog of ready segments, then the tool's command is put
+//!    back while pgbench keeps running, and the backlog's draining is timed: segments per second.
+//!
+//! Set-up: the database is loaded, then `CHECKPOINT; VACUUM (FREEZE, ANALYZE); CHECKPOINT`
+//! (a database at rest, its pages hinted and all-visible, as it is between nightly backups; see
+//! `backstop-sources`' physical notes). `archive_command` runs a small script in the working
+//! directory that pushes each segment to both archives during the backup runs (each tool's base
+//! backups need their own archive), and to one tool at a time during the WAL runs. Backstop is
+//! this binary (`wal-push`, `backup --physical`, `restore --physical`), with a local repository
+//! of the default parameters; pgBackRest is Debian's 2.45 with `compress-type=zst`,
+//! `compress-level=3`, `process-max=2`, `start-fast=y`, and asynchronous archiving
+//! (`archive-async=y`, its recommended setting for high WAL volume). As root, PostgreSQL,
+//! pgBackRest and the archive command run as the `postgres` user.
+//!
+//! Run the release build: `cargo build --release -p backstop`, then
+//! `target/release/backstop bench physical`.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+
+const TRADING_SQL: &str = include_str!("../../../bench/trading.sql");
+const CHURN_SQL: &str = include_str!("../../../bench/churn.sql");
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+const STANZA: &str = "bench";
+const SOURCE: &str = "bench";
+
+#[derive(Args)]
+pub struct BenchPhysicalArgs {
+    /// Rows in realtime_prices (the other tables scale from it).
+    #[arg(long, default_value_t = 4_000_000)]
+    rows: u64,
+    /// Runs of every measurement; the report gives medians.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// pgbench scale for the WAL runs.
+    #[arg(long, default_value_t = 10)]
+    pgbench_scale: u32,
+    /// Seconds of pgbench load that build each WAL backlog.
+    #[arg(long, default_value_t = 30)]
+    backlog_seconds: u64,
+    /// Parent of the temporary working directory (default: the system's temporary directory).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Keep the working directory (and print where it is).
+    #[arg(long)]
+    keep: bool,
+    /// Skip the WAL archiving runs.
+    #[arg(long)]
+    no_wal: bool,
+    /// Print every run's figures and the medians as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Tool {
+    Backstop,
+    Pgbackrest,
+}
+
+impl Tool {
+    fn name(self) -> &'static str {
+        match self {
+            Tool::Backstop => "backstop",
+            Tool::Pgbackrest => "pgbackrest",
+        }
+    }
+}
+
+/// One tool's figures in one run.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+struct Figures {
+    full_secs: Option<f64>,
+    full_bytes: Option<u64>,
+    incr_secs: Option<f64>,
+    incr_bytes: Option<u64>,
+    restore_secs: Option<f64>,
+    wal_segments: Option<u64>,
+    wal_secs: Option<f64>,
+    wal_segments_per_sec: Option<f64>,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct Report {
+    rows: u64,
+    database_bytes: u64,
+    cores: usize,
+    pgbackrest_version: String,
+    runs: Vec<[(Tool, Figures); 2]>,
+    backstop: Figures,
+    pgbackrest: Figures,
+}
+
+pub async fn run(args: BenchPhysicalArgs) -> anyhow::Result<std::process::ExitCode> {
+    let parent = args.work_dir.clone().unwrap_or_else(std::env::temp_dir);
+    std::fs::create_dir_all(&parent)
+        .with_context(|| format!("cannot create {}", parent.display()))?;
+    let work = tempfile::Builder::new()
+        .prefix("backstop-bench-physical-")
+        .tempdir_in(&parent)
+        .with_context(|| format!("cannot create a working directory in {}", parent.display()))?;
+    // Everything in it is reached by PostgreSQL's user too.
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755))?;
+    let result = run_in(&args, work.path()).await;
+    if args.keep {
+        let kept = work.keep();
+        eprintln!("working directory kept: {}", kept.display());
+    }
+    let report = result?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report, &args);
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+async fn run_in(args: &BenchPhysicalArgs, w: &Path) -> anyhow::Result<Report> {
+    let pgbackrest =
+        which("pgbackrest").context("pgBackRest is not installed (apt-get install pgbackrest)")?;
+    let pgbackrest_version = String::from_utf8_lossy(
+        &Command::new(&pgbackrest)
+            .arg("version")
+            .output()
+            .context("running pgbackrest version")?
+            .stdout,
+    )
+    .trim()
+    .to_string();
+    let user = is_root().then(|| "postgres".to_string());
+    let bench = Bench {
+        w: w.to_path_buf(),
+        exe: std::env::current_exe().context("cannot find this binary")?,
+        pgbackrest,
+        user,
+        pg: None,
+    };
+    let mut bench = bench;
+    eprintln!("starting PostgreSQL 15 in {}", w.display());
+    bench.start_pg()?;
+
+    eprintln!("loading bench/trading.sql with rows={}", args.rows);
+    let t = Instant::now();
+    let sql = w.join("trading.sql");
+    std::fs::write(&sql, TRADING_SQL)?;
+    let churn = w.join("churn.sql");
+    std::fs::write(&churn, CHURN_SQL)?;
+    bench.psql("postgres", "CREATE DATABASE trading")?;
+    bench.psql_file("trading", &sql, &[("rows", &args.rows.to_string())])?;
+    // A database at rest: commits flushed (hint bits are set only for flushed commits), then
+    // every page hinted, frozen and all-visible, then flushed again.
+    bench.psql("trading", "CHECKPOINT")?;
+    bench.psql("trading", "VACUUM (FREEZE, ANALYZE)")?;
+    bench.psql("trading", "CHECKPOINT")?;
+    let database_bytes: u64 = bench
+        .psql("trading", "SELECT pg_database_size('trading')")?
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    eprintln!(
+        "loaded in {:.0} s: trading is {:.0} MiB",
+        t.elapsed().as_secs_f64(),
+        mib(database_bytes)
+    );
+
+    let mut runs = Vec::new();
+    for r in 0..args.runs.max(1) {
+        eprintln!("run {} of {}: base backups and restores", r + 1, args.runs);
+        let order = if r % 2 == 0 {
+            [Tool::Backstop, Tool::Pgbackrest]
+        } else {
+            [Tool::Pgbackrest, Tool::Backstop]
+        };
+        let site = bench.new_site(&format!("run{r}"))?;
+        bench.set_archive(&site, ArchiveMode::Both)?;
+        bench.pgbackrest_cmd(&site, &["stanza-create"])?;
+        let mut figs = [Figures::default(), Figures::default()];
+        for tool in order {
+            let i = tool as usize;
+            let (secs, bytes) = bench.full(&site, tool)?;
+            eprintln!(
+                "  {:<10} full base backup: {secs:.1} s, {:.1} MiB stored",
+                tool.name(),
+                mib(bytes)
+            );
+            figs[i].full_secs = Some(secs);
+            figs[i].full_bytes = Some(bytes);
+        }
+        bench.psql_file("trading", &churn, &[])?;
+        bench.psql("trading", "CHECKPOINT")?;
+        for tool in order {
+            let i = tool as usize;
+            let (secs, bytes) = bench.incr(&site, tool)?;
+            eprintln!(
+                "  {:<10} second base backup after churn.sql: {secs:.1} s, {:.1} MiB stored",
+                tool.name(),
+                mib(bytes)
+            );
+            figs[i].incr_secs = Some(secs);
+            figs[i].incr_bytes = Some(bytes);
+        }
+        for tool in order {
+            let i = tool as usize;
+            let secs = bench.restore(&site, tool)?;
+            eprintln!("  {:<10} restore: {secs:.1} s", tool.name());
+            figs[i].restore_secs = Some(secs);
+        }
+        bench.set_archive(&site, ArchiveMode::Hold)?;
+        let _ = std::fs::remove_dir_all(&site.dir);
+        runs.push(figs);
+    }
+
+    if !args.no_wal {
+        eprintln!(
+            "pgbench -i -s {} for the WAL archiving runs",
+            args.pgbench_scale
+        );
+        bench.psql("postgres", "CREATE DATABASE pgbench")?;
+        let out = bench
+            .pg_tool("pgbench")
+            .args(["-i", "-q", "-s", &args.pgbench_scale.to_string(), "pgbench"])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "pgbench -i failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        for r in 0..args.runs.max(1) {
+            let order = if r % 2 == 0 {
+                [Tool::Backstop, Tool::Pgbackrest]
+            } else {
+                [Tool::Pgbackrest, Tool::Backstop]
+            };
+            for tool in order {
+                let site = bench.new_site(&format!("wal{r}-{}", tool.name()))?;
+                if tool == Tool::Pgbackrest {
+                    bench.pgbackrest_cmd(&site, &["stanza-create"])?;
+                }
+                let (segments, secs) = bench.wal_run(&site, tool, args.backlog_seconds).await?;
+                let rate = segments as f64 / secs.max(0.001);
+                eprintln!(
+                    "  {:<10} WAL: {segments} ready segments archived in {secs:.1} s under pgbench load: {rate:.1} segments/s",
+                    tool.name()
+                );
+                let f = &mut runs[r][tool as usize];
+                f.wal_segments = Some(segments);
+                f.wal_secs = Some(secs);
+                f.wal_segments_per_sec = Some(rate);
+                bench.set_archive(&site, ArchiveMode::Hold)?;
+                let _ = std::fs::remove_dir_all(&site.dir);
+            }
+        }
+    }
+
+    let med = |tool: Tool| {
+        let all: Vec<&Figures> = runs.iter().map(|r| &r[tool as usize]).collect();
+        let f = |g: fn(&Figures) -> Option<f64>| median(all.iter().filter_map(|x| g(x)).collect());
+        let u = |g: fn(&Figures) -> Option<u64>| {
+            median(all.iter().filter_map(|x| g(x)).map(|v| v as f64).collect()).map(|v| v as u64)
+        };
+        Figures {
+            full_secs: f(|x| x.full_secs),
+            full_bytes: u(|x| x.full_bytes),
+            incr_secs: f(|x| x.incr_secs),
+            incr_bytes: u(|x| x.incr_bytes),
+            restore_secs: f(|x| x.restore_secs),
+            wal_segments: u(|x| x.wal_segments),
+            wal_secs: f(|x| x.wal_secs),
+            wal_segments_per_sec: f(|x| x.wal_segments_per_sec),
+        }
+    };
+    Ok(Report {
+        rows: args.rows,
+        database_bytes,
+        cores: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        pgbackrest_version,
+        backstop: med(Tool::Backstop),
+        pgbackrest: med(Tool::Pgbackrest),
+        runs: runs
+            .into_iter()
+            .map(|[a, b]| [(Tool::Backstop, a), (Tool::Pgbackrest, b)])
+            .collect(),
+    })
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1024.0 * 1024.0)
+}
+
+fn print_report(r: &Report, args: &BenchPhysicalArgs) {
+    println!(
+        "backstop bench physical: bench/trading.sql at {} rows (database {:.0} MiB), {} runs (medians), {} cores; {}",
+        r.rows,
+        mib(r.database_bytes),
+        r.runs.len(),
+        r.cores,
+        r.pgbackrest_version
+    );
+    println!(
+        "{:<44} {:>14} {:>14} {:>10}",
+        "", "Backstop", "pgBackRest", "ratio"
+    );
+    let (b, p) = (&r.backstop, &r.pgbackrest);
+    let row = |label: &str, x: Option<f64>, y: Option<f64>, unit: &str, prec: usize| {
+        let cell = |v: Option<f64>| {
+            v.map(|v| format!("{v:.prec$} {unit}"))
+                .unwrap_or_else(|| "-".into())
+        };
+        let ratio = match (x, y) {
+            (Some(x), Some(y)) if y > 0.0 => format!("{:.2}", x / y),
+            _ => "-".into(),
+        };
+        println!("{label:<44} {:>14} {:>14} {:>10}", cell(x), cell(y), ratio);
+    };
+    let m = |v: Option<u64>| v.map(mib);
+    row("full base backup: time", b.full_secs, p.full_secs, "s", 1);
+    row(
+        "full base backup: stored",
+        m(b.full_bytes),
+        m(p.full_bytes),
+        "MiB",
+        1,
+    );
+    row(
+        "second base backup after churn.sql: time",
+        b.incr_secs,
+        p.incr_secs,
+        "s",
+        1,
+    );
+    row(
+        "second base backup after churn.sql: stored",
+        m(b.incr_bytes),
+        m(p.incr_bytes),
+        "MiB",
+        1,
+    );
+    let share = |f: &Figures| match (f.incr_bytes, f.full_bytes) {
+        (Some(i), Some(f)) if f > 0 => Some(100.0 * i as f64 / f as f64),
+        _ => None,
+    };
+    row("  as a share of the full", share(b), share(p), "%", 1);
+    row(
+        "restore (lay out the latest)",
+        b.restore_secs,
+        p.restore_secs,
+        "s",
+        1,
+    );
+    if !args.no_wal {
+        row(
+            "WAL archiving under pgbench (higher better)",
+            b.wal_segments_per_sec,
+            p.wal_segments_per_sec,
+            "seg/s",
+            1,
+        );
+        row(
+            "  backlog drained (segments)",
+            b.wal_segments.map(|v| v as f64),
+            p.wal_segments.map(|v| v as f64),
+            "",
+            0,
+        );
+    }
+    println!(
+        "ratio = Backstop / pgBackRest: below 1 is better for times and bytes, above 1 for segments/s"
+    );
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ArchiveMode {
+    /// Fail every call: segments pile up as `.ready`.
+    Hold,
+    Both,
+    Only(Tool),
+}
+
+/// One run's repositories: Backstop's (with its configuration, key and ledger) and pgBackRest's.
+struct Site {
+    dir: PathBuf,
+    config: PathBuf,
+    pgbr_config: PathBuf,
+}
+
+struct Bench {
+    w: PathBuf,
+    exe: PathBuf,
+    pgbackrest: PathBuf,
+    user: Option<String>,
+    pg: Option<Pg>,
+}
+
+struct Pg {
+    data: PathBuf,
+    sock: PathBuf,
+    port: u16,
+}
+
+impl Bench {
+    fn pg(&self) -> anyhow::Result<&Pg> {
+        self.pg.as_ref().context("PostgreSQL is not running")
+    }
+
+    /// A command running as PostgreSQL's user (when root).
+    fn as_server(&self, program: &Path) -> Command {
+        match &self.user {
+            Some(u) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", u, "--"]).arg(program);
+                c
+            }
+            None => Command::new(program),
+        }
+    }
+
+    fn give(&self, path: &Path) -> anyhow::Result<()> {
+        if let Some(u) = &self.user {
+            let ok = Command::new("chown")
+                .args(["-R", &format!("{u}:{u}")])
+                .arg(path)
+                .status()?
+                .success();
+            if !ok {
+                bail!("cannot give {} to {u}", path.display());
+            }
+        }
+        Ok(())
+    }
+
+    fn start_pg(&mut self) -> anyhow::Result<()> {
+        let dir = self.w.join("pg");
+        std::fs::create_dir_all(&dir)?;
+        self.give(&dir)?;
+        let data = dir.join("data");
+        let out = self
+            .as_server(&Path::new(PG_BIN).join("initdb"))
+            .args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "-D",
+            ])
+            .arg(&data)
+            .output()
+            .context("initdb (PostgreSQL 15) is not installed in /usr/lib/postgresql/15/bin")?;
+        if !out.status.success() {
+            bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let script = self.w.join("archive.sh");
+        std::fs::write(&script, "#!/bin/sh\nexit 1\n")?;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
+        let conf = format!(
+            "\n# backstop bench physical\nlisten_addresses = '127.0.0.1'\nport = {port}\n\
+             unix_socket_directories = '{sock}'\nshared_buffers = 256MB\nmax_connections = 50\n\
+             fsync = off\nsynchronous_commit = off\nmax_wal_size = 4GB\n\
+             maintenance_work_mem = 256MB\nautovacuum = off\nwal_level = replica\n\
+             archive_mode = on\narchive_command = '{script} %p'\nmax_wal_senders = 5\n",
+            sock = dir.display(),
+            script = script.display()
+        );
+        let mut text = std::fs::read_to_string(data.join("postgresql.conf"))?;
+        text.push_str(&conf);
+        std::fs::write(data.join("postgresql.conf"), text)?;
+        let out = self
+            .as_server(&Path::new(PG_BIN).join("pg_ctl"))
+            .arg("-D")
+            .arg(&data)
+            .arg("-l")
+            .arg(dir.join("log"))
+            .args(["-w", "-t", "60", "start"])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "PostgreSQL did not start: {}{}",
+                String::from_utf8_lossy(&out.stderr),
+                std::fs::read_to_string(dir.join("log")).unwrap_or_default()
+            );
+        }
+        self.pg = Some(Pg {
+            data,
+            sock: dir,
+            port,
+        });
+        Ok(())
+    }
+
+    fn url(&self) -> anyhow::Result<String> {
+        Ok(format!(
+            "postgres://postgres@127.0.0.1:{}/postgres",
+            self.pg()?.port
+        ))
+    }
+
+    /// A PostgreSQL client aimed at the server (as the caller: trust authentication on TCP).
+    fn pg_tool(&self, prog: &str) -> Command {
+        let mut c = Command::new(Path::new(PG_BIN).join(prog));
+        let port = self.pg.as_ref().map(|p| p.port).unwrap_or(5432);
+        c.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"]);
+        c
+    }
+
+    fn psql(&self, db: &str, sql: &str) -> anyhow::Result<String> {
+        let out = self
+            .pg_tool("psql")
+            .args([
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-d",
+                db,
+                "-c",
+                sql,
+            ])
+            .output()
+            .context("running psql")?;
+        if !out.status.success() {
+            bail!(
+                "psql -c {sql:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    fn psql_file(&self, db: &str, file: &Path, vars: &[(&str, &str)]) -> anyhow::Result<()> {
+        let mut c = self.pg_tool("psql");
+        c.args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", db]);
+        for (k, v) in vars {
+            c.arg("-v").arg(format!("{k}={v}"));
+        }
+        let out = c
+            .arg("-f")
+            .arg(file)
+            .stdout(Stdio::null())
+            .output()
+            .context("running psql")?;
+        if !out.status.success() {
+            bail!(
+                "psql -f {} failed: {}",
+                file.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// Fresh repositories for both tools.
+    fn new_site(&self, name: &str) -> anyhow::Result<Site> {
+        let dir = self.w.join(name);
+        std::fs::create_dir_all(&dir)?;
+        let config = dir.join("backstop.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = {:?}\n[repository]\nlocation = {:?}\nmaster_key_file = {:?}\n\n[[sources]]\nname = {SOURCE:?}\npostgres = {:?}\n",
+                dir.join("backstop-data"),
+                dir.join("backstop-repo"),
+                dir.join("master.key"),
+                self.url()?
+            ),
+        )?;
+        let out = self
+            .backstop(&config)
+            .args(["init", "--generate-key"])
+            .arg(dir.join("master.key"))
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "backstop init failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let pg = self.pg()?;
+        let pgbr_config = dir.join("pgbackrest.conf");
+        std::fs::write(
+            &pgbr_config,
+            format!(
+                "[global]\nrepo1-path={repo}\nrepo1-retention-full=10\ncompress-type=zst\ncompress-level=3\n\
+                 process-max=2\nstart-fast=y\narchive-async=y\nspool-path={d}/pgbr-spool\n\
+                 lock-path={d}/pgbr-lock\nlog-path={d}/pgbr-log\nlog-level-console=warn\n\
+                 log-level-file=off\n\n[{STANZA}]\npg1-path={data}\npg1-port={port}\n\
+                 pg1-socket-path={sock}\npg1-user=postgres\n",
+                repo = dir.join("pgbr-repo").display(),
+                d = dir.display(),
+                data = pg.data.display(),
+                port = pg.port,
+                sock = pg.sock.display(),
+            ),
+        )?;
+        std::fs::create_dir_all(dir.join("pgbr-repo"))?;
+        // wal-push and pgBackRest run as PostgreSQL's user: its configuration, key and
+        // repositories must be its own.
+        self.give(&dir)?;
+        Ok(Site {
+            dir,
+            config,
+            pgbr_config,
+        })
+    }
+
+    fn backstop(&self, config: &Path) -> Command {
+        let mut c = Command::new(&self.exe);
+        c.arg("--config")
+            .arg(config)
+            .env("BACKSTOP_LOG", "warn")
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn pgbackrest_command(&self, site: &Site, args: &[&str]) -> Command {
+        let mut c = self.as_server(&self.pgbackrest);
+        c.arg(format!("--config={}", site.pgbr_config.display()))
+            .arg(format!("--stanza={STANZA}"))
+            .args(args)
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn pgbackrest_cmd(&self, site: &Site, args: &[&str]) -> anyhow::Result<String> {
+        let out = self.pgbackrest_command(site, args).output()?;
+        if !out.status.success() {
+            bail!(
+                "pgbackrest {args:?} failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Rewrites the archive script (PostgreSQL runs it anew for every segment).
+    fn set_archive(&self, site: &Site, mode: ArchiveMode) -> anyhow::Result<()> {
+        let bs = format!(
+            "{} --config {} wal-push --source {SOURCE} \"$1\"",
+            self.exe.display(),
+            site.config.display()
+        );
+        let br = format!(
+            "{} --config={} --stanza={STANZA} archive-push \"$1\"",
+            self.pgbackrest.display(),
+            site.pgbr_config.display()
+        );
+        let body = match mode {
+            ArchiveMode::Hold => "exit 1".to_string(),
+            ArchiveMode::Both => format!("BACKSTOP_LOG=warn {bs} && exec {br}"),
+            ArchiveMode::Only(Tool::Backstop) => format!("BACKSTOP_LOG=warn exec {bs}"),
+            ArchiveMode::Only(Tool::Pgbackrest) => format!("exec {br}"),
+        };
+        let script = self.w.join("archive.sh");
+        let tmp = self.w.join(".archive.sh.tmp");
+        std::fs::write(&tmp, format!("#!/bin/sh\n{body}\n"))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+        // Renamed into place: PostgreSQL never runs half a script.
+        std::fs::rename(&tmp, &script)?;
+        Ok(())
+    }
+
+    fn full(&self, site: &Site, tool: Tool) -> anyhow::Result<(f64, u64)> {
+        match tool {
+            Tool::Backstop => self.backstop_backup(site, "full"),
+            Tool::Pgbackrest => self.pgbackrest_backup(site, "full"),
+        }
+    }
+
+    fn incr(&self, site: &Site, tool: Tool) -> anyhow::Result<(f64, u64)> {
+        match tool {
+            Tool::Backstop => self.backstop_backup(site, "incremental"),
+            Tool::Pgbackrest => self.pgbackrest_backup(site, "incr"),
+        }
+    }
+
+    fn backstop_backup(&self, site: &Site, kind: &str) -> anyhow::Result<(f64, u64)> {
+        let t = Instant::now();
+        let out = self
+            .backstop(&site.config)
+            .args([
+                "backup",
+                "--physical",
+                "--source",
+                SOURCE,
+                "--kind",
+                kind,
+                "--json",
+            ])
+            .output()?;
+        let secs = t.elapsed().as_secs_f64();
+        if !out.status.success() {
+            bail!(
+                "backstop backup --physical failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .context("backstop backup --json printed no JSON")?;
+        let new = v["new_bytes"]
+            .as_u64()
+            .context("backstop backup --json has no new_bytes")?;
+        Ok((secs, new))
+    }
+
+    fn pgbackrest_backup(&self, site: &Site, kind: &str) -> anyhow::Result<(f64, u64)> {
+        let t = Instant::now();
+        self.pgbackrest_cmd(site, &[&format!("--type={kind}"), "backup"])?;
+        let secs = t.elapsed().as_secs_f64();
+        let info: serde_json::Value =
+            serde_json::from_str(&self.pgbackrest_cmd(site, &["--output=json", "info"])?)
+                .context("pgbackrest info printed no JSON")?;
+        let delta = info[0]["backup"]
+            .as_array()
+            .and_then(|b| b.last())
+            .and_then(|b| b["info"]["repository"]["delta"].as_u64())
+            .context("pgbackrest info has no repository delta for the last backup")?;
+        Ok((secs, delta))
+    }
+
+    fn restore(&self, site: &Site, tool: Tool) -> anyhow::Result<f64> {
+        let dir = site.dir.join(format!("restore-{}", tool.name()));
+        let t = Instant::now();
+        match tool {
+            Tool::Backstop => {
+                let out = self
+                    .backstop(&site.config)
+                    .args(["restore", "latest", "--physical", "--source", SOURCE])
+                    .arg("--to-dir")
+                    .arg(&dir)
+                    .output()?;
+                if !out.status.success() {
+                    bail!(
+                        "backstop restore --physical failed: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+            }
+            Tool::Pgbackrest => {
+                std::fs::create_dir_all(&dir)?;
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+                self.give(&dir)?;
+                self.pgbackrest_cmd(site, &[&format!("--pg1-path={}", dir.display()), "restore"])?;
+            }
+        }
+        let secs = t.elapsed().as_secs_f64();
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(secs)
+    }
+
+    /// Holds archiving while pgbench builds a backlog, then times the tool draining it while
+    /// pgbench keeps running. Returns (segments in the backlog, seconds).
+    async fn wal_run(
+        &self,
+        site: &Site,
+        tool: Tool,
+        backlog_seconds: u64,
+    ) -> anyhow::Result<(u64, f64)> {
+        self.set_archive(site, ArchiveMode::Hold)?;
+        let mut load = self.pgbench(backlog_seconds)?;
+        let status = load.wait()?;
+        if !status.success() {
+            bail!("pgbench failed ({status})");
+        }
+        let ready = self.psql(
+            "postgres",
+            "SELECT count(*) || '|' || coalesce(max(left(name, 24)), '') FROM pg_ls_archive_statusdir() \
+             WHERE name ~ '^[0-9A-F]{24}\\.ready$'",
+        )?;
+        let (count, last) = ready.split_once('|').unwrap_or(("0", ""));
+        let count: u64 = count.parse().unwrap_or(0);
+        if count == 0 || last.is_empty() {
+            bail!("pgbench produced no WAL backlog; raise --backlog-seconds");
+        }
+        let last = last.to_string();
+        let mut load = ChildGuard(self.pgbench(3600)?);
+        self.set_archive(site, ArchiveMode::Only(tool))?;
+        let t = Instant::now();
+        // Wakes the archiver, which backs off after failures.
+        self.psql("postgres", "SELECT pg_switch_wal()")?;
+        loop {
+            let archived = self.psql(
+                "postgres",
+                "SELECT coalesce(left(last_archived_wal, 24), '') FROM pg_stat_archiver",
+            )?;
+            if archived.len() == 24 && archived >= last {
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(1800) {
+                bail!(
+                    "{} did not drain the WAL backlog in 30 minutes",
+                    tool.name()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let secs = t.elapsed().as_secs_f64();
+        let _ = load.0.kill();
+        let _ = load.0.wait();
+        Ok((count, secs))
+    }
+
+    fn pgbench(&self, seconds: u64) -> anyhow::Result<Child> {
+        self.pg_tool("pgbench")
+            .args([
+                "-n",
+                "-c",
+                "4",
+                "-j",
+                "2",
+                "-T",
+                &seconds.to_string(),
+                "pgbench",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting pgbench")
+    }
+}
+
+/// Kills a background process when dropped (pgbench on an error path).
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Bench {
+    fn drop(&mut self) {
+        if let Some(pg) = &self.pg {
+            let _ = self
+                .as_server(&Path::new(PG_BIN).join("pg_ctl"))
+                .arg("-D")
+                .arg(&pg.data)
+                .args(["-m", "immediate", "-w", "stop"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain(["/usr/bin".into(), "/usr/local/bin".into()])
+        .map(|d: PathBuf| d.join(name))
+        .find(|p| p.is_file())
+}
