@@ -387,7 +387,11 @@ mod tests {
         ));
 
         let text = String::from_utf8(bytes.clone()).unwrap();
-        let edited = text.replace("\"quality\": 1", "\"quality\": 5");
+        let quality = RepoParams::default().compression.quality;
+        let edited = text.replace(
+            &format!("\"quality\": {quality}"),
+            &format!("\"quality\": {}", quality + 3),
+        );
         assert_ne!(edited, text);
         assert!(matches!(
             RepoConfig::open(edited.as_bytes(), &wk),

@@ -21,6 +21,7 @@ pub mod bench;
 pub mod check;
 pub mod chunk;
 pub mod config;
+mod cpu;
 pub mod error;
 pub mod keys;
 pub mod manifest;

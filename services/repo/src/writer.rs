@@ -214,6 +214,7 @@ struct WriterInner {
     index: Mutex<HashMap<ChunkId, Entry>>,
     upload_sem: Semaphore,
     cpu_sem: Semaphore,
+    cpu_pool: crate::cpu::CpuPool,
     stats: Stats,
     streams: Mutex<Vec<StreamRecord>>,
     names: Mutex<HashSet<String>>,
@@ -338,6 +339,7 @@ impl Repository {
             inner: Arc::new(WriterInner {
                 upload_sem: Semaphore::new(opts.upload_concurrency.max(1)),
                 cpu_sem: Semaphore::new(opts.cpu_jobs.max(1)),
+                cpu_pool: crate::cpu::CpuPool::new(opts.cpu_jobs.max(1)),
                 repo,
                 meta,
                 opts,
@@ -734,7 +736,11 @@ async fn cpu<T: Send + 'static>(
         .acquire()
         .await
         .map_err(|_| RepoError::Usage("writer closed".into()))?;
-    tokio::task::spawn_blocking(f).await.map_err(join_err)
+    inner
+        .cpu_pool
+        .run(f)
+        .await
+        .map_err(|_| RepoError::Usage("a CPU job of the backup writer failed (panicked)".into()))
 }
 
 fn claim(inner: &Arc<WriterInner>, id: ChunkId) -> Claim {
