@@ -218,5 +218,7 @@ async fn an_event_that_exhausts_its_deliveries_is_dead_lettered() {
     assert_eq!(handler.calls.load(std::sync::atomic::Ordering::SeqCst), 3);
     stop_tx.send(true).unwrap();
     task.await.unwrap().unwrap();
-    assert_eq!(ledger.store().consumer_cursor("failing").unwrap(), 3);
+    // The dead-lettered event is behind the consumer for good (whether the consumer also passed
+    // the dead-letter event itself before it stopped depends on timing).
+    assert!(ledger.store().consumer_cursor("failing").unwrap() >= 2);
 }
