@@ -28,8 +28,14 @@
 //!   second backup "adds" the difference before and after it.
 //! - Before each measured step the server checkpoints and the page cache is flushed (`sync`),
 //!   so one step's writeback does not land in the next one's time.
+//! - CPU seconds: the tool's own (user + system, from `wait4`) plus those of the PostgreSQL
+//!   backends that served it (the postmaster's account of its reaped children, read from /proc
+//!   before and after; autovacuum is off so nothing else lands there). Wall time on a shared
+//!   2-core machine swings with whatever else runs; CPU seconds hardly do, so the report gives
+//!   both. Garage's own CPU is recorded separately (`store_cpu_secs`) and left out of the total.
 //! - The server runs with `fsync = off` and `synchronous_commit = off` (a throwaway, as in the
-//!   tests); every tool restores into that same server, so the ratios compare like with like.
+//!   tests) unless `--fsync`; every tool restores into that same server, so the ratios compare
+//!   like with like.
 
 use std::io::Read;
 use std::os::unix::process::ExitStatusExt;
@@ -87,6 +93,10 @@ pub struct BenchBackupArgs {
     /// Skip the restores.
     #[arg(long)]
     no_restore: bool,
+    /// Run the throwaway PostgreSQL durably (fsync and synchronous_commit on, as a production
+    /// restore target would be) instead of with both off.
+    #[arg(long)]
+    fsync: bool,
     /// Parent of the temporary working directory (default: the system's temporary directory).
     #[arg(long)]
     work_dir: Option<PathBuf>,
@@ -109,6 +119,9 @@ struct Sample {
     cpu_secs: f64,
     /// CPU time of the PostgreSQL backends that served the step.
     server_cpu_secs: f64,
+    /// CPU time of the Garage server during the step (Garage runs only): the object store's
+    /// share of the machine, not counted in [`Sample::total_cpu`] (S3 is usually elsewhere).
+    store_cpu_secs: f64,
 }
 
 impl Sample {
@@ -166,6 +179,7 @@ struct Report {
     brotli_quality: Option<u32>,
     chunk_avg_kib: Option<usize>,
     jobs: usize,
+    fsync: bool,
     loadavg_before: String,
     loadavg_after: String,
     tools: Vec<&'static str>,
@@ -206,7 +220,7 @@ async fn run_in(
         },
         dir.display()
     );
-    let pg = ThrowawayPg::start(dir)?;
+    let pg = ThrowawayPg::start(dir, args.fsync)?;
     let garage = if has(BenchTool::Garage) {
         Some(ThrowawayGarage::start(dir)?)
     } else {
@@ -286,6 +300,7 @@ async fn run_in(
         brotli_quality: args.brotli_quality,
         chunk_avg_kib: args.chunk_avg_kib,
         jobs: args.jobs,
+        fsync: args.fsync,
         loadavg_before,
         loadavg_after: loadavg(),
         tools: ROWS.to_vec(),
@@ -327,20 +342,27 @@ impl RunCtx<'_> {
     }
 
     /// Before a measured step: checkpoint and flush dirty pages, so that the step is timed on
-    /// its own; returns the server's CPU time so far.
-    fn begin(&self) -> anyhow::Result<f64> {
+    /// its own; returns the servers' CPU times so far (PostgreSQL, Garage).
+    fn begin(&self) -> anyhow::Result<(f64, f64)> {
         self.pg.psql("postgres", "CHECKPOINT")?;
         let _ = Command::new("sync").status();
-        self.pg.server_cpu()
+        Ok((self.pg.server_cpu()?, self.store_cpu()))
     }
 
-    /// After a measured step: adds the CPU time of the backends that served it.
-    fn end(&self, server_before: f64, mut s: Sample) -> anyhow::Result<Sample> {
+    /// After a measured step: adds the CPU time of the backends that served it, and Garage's.
+    fn end(&self, before: (f64, f64), mut s: Sample) -> anyhow::Result<Sample> {
         // A backend's time reaches the postmaster's account once it has exited and been reaped,
         // a moment after its client disconnected.
         std::thread::sleep(Duration::from_millis(300));
-        s.server_cpu_secs = (self.pg.server_cpu()? - server_before).max(0.0);
+        s.server_cpu_secs = (self.pg.server_cpu()? - before.0).max(0.0);
+        s.store_cpu_secs = (self.store_cpu() - before.1).max(0.0);
         Ok(s)
+    }
+
+    fn store_cpu(&self) -> f64 {
+        self.garage
+            .and_then(|g| proc_cpu_secs(g.child.id(), false).ok())
+            .unwrap_or(0.0)
     }
 
     async fn measure(&self) -> anyhow::Result<(Vec<ToolRun>, Option<u64>)> {
@@ -528,6 +550,7 @@ impl RunCtx<'_> {
             peak_bytes: restic_peak,
             cpu_secs: restic_cpu + dump_cpu,
             server_cpu_secs: 0.0,
+            store_cpu_secs: 0.0,
         })
     }
 
@@ -699,6 +722,7 @@ impl Measured for Command {
             peak_bytes: peak,
             cpu_secs: cpu,
             server_cpu_secs: 0.0,
+            store_cpu_secs: 0.0,
         })
     }
 }
@@ -730,6 +754,27 @@ fn wait_rusage(child: &mut Child) -> anyhow::Result<(ExitStatus, u64, f64)> {
         (usage.ru_maxrss.max(0) as u64) * 1024,
         secs(usage.ru_utime) + secs(usage.ru_stime),
     ))
+}
+
+/// CPU seconds of process `pid` (all its threads) from /proc, with those of its reaped children
+/// when `children`.
+fn proc_cpu_secs(pid: u32, children: bool) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
+    // Fields after the command name's closing parenthesis start at field 3 (state);
+    // utime, stime, cutime and cstime are fields 14 to 17.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let wanted = if children { 11..15 } else { 11..13 };
+    let ticks: u64 = fields
+        .get(wanted)
+        .context("unexpected /proc/PID/stat layout")?
+        .iter()
+        .map(|f| f.parse::<u64>().unwrap_or(0))
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+    Ok(ticks as f64 / hz as f64)
 }
 
 /// Apparent size of every file under `path` (a file counts itself).
@@ -790,6 +835,7 @@ fn medians(runs: &[Vec<ToolRun>]) -> Vec<ToolRun> {
             peak_bytes: median_u(all.iter().map(|s| s.peak_bytes).collect())?,
             cpu_secs: col(|s| s.cpu_secs)?,
             server_cpu_secs: col(|s| s.server_cpu_secs)?,
+            store_cpu_secs: col(|s| s.store_cpu_secs)?,
         })
     };
     (0..ROWS.len())
@@ -902,16 +948,31 @@ fn print_report(r: &Report) {
         r.loadavg_after
     );
     println!(
-        "backstop: brotli quality {}, average chunk {}, {} COPY jobs; PostgreSQL 15 with fsync=off, autovacuum=off (a throwaway; every restore targets it)",
+        "backstop: brotli quality {}, average chunk {}, {} COPY jobs; PostgreSQL 15 with {}, autovacuum=off (a throwaway; every restore targets it)",
         r.brotli_quality
             .map(|q| q.to_string())
             .unwrap_or_else(|| "default".into()),
         r.chunk_avg_kib
             .map(|k| format!("{k} KiB"))
             .unwrap_or_else(|| "default".into()),
-        r.jobs
+        r.jobs,
+        if r.fsync {
+            "fsync=on"
+        } else {
+            "fsync=off, synchronous_commit=off"
+        }
     );
     print_table("median", &r.median, true);
+    let g = &r.median[BS_GARAGE];
+    if g.full.is_some() {
+        let store = |s: Option<Sample>| cell(s.map(|s| s.store_cpu_secs), 1);
+        println!(
+            "  (Garage's own CPU, not in the figures above: full {} s, 2nd {} s, restore {} s)",
+            store(g.full),
+            store(g.second),
+            store(g.restore)
+        );
+    }
     let m = &r.median;
     let restic = &m[RESTIC];
     let pg_restore = &m[PG_RESTORE];
@@ -965,7 +1026,7 @@ impl ThrowawayPg {
         }
     }
 
-    fn start(work: &Path) -> anyhow::Result<ThrowawayPg> {
+    fn start(work: &Path, durable: bool) -> anyhow::Result<ThrowawayPg> {
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
         let user = root.then(|| "postgres".to_string());
@@ -1011,10 +1072,15 @@ impl ThrowawayPg {
         if !out.status.success() {
             bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
         }
+        let durability = if durable {
+            ""
+        } else {
+            " -c fsync=off -c synchronous_commit=off"
+        };
         let opts = format!(
             "-p {port} -k {} -c listen_addresses=127.0.0.1 -c shared_buffers=256MB \
-             -c max_connections=50 -c fsync=off -c synchronous_commit=off \
-             -c max_wal_size=4GB -c maintenance_work_mem=256MB -c autovacuum=off",
+             -c max_connections=50 -c max_wal_size=4GB -c maintenance_work_mem=256MB \
+             -c autovacuum=off{durability}",
             dir.display()
         );
         let out = pg
@@ -1041,22 +1107,14 @@ impl ThrowawayPg {
         let pidfile = self.data.join("postmaster.pid");
         let text = std::fs::read_to_string(&pidfile)
             .with_context(|| format!("cannot read {}", pidfile.display()))?;
-        let pid = text.lines().next().unwrap_or_default().trim();
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
-        // Fields after the command name's closing parenthesis start at field 3 (state);
-        // utime, stime, cutime and cstime are fields 14 to 17.
-        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: u64 = fields
-            .get(11..15)
-            .context("unexpected /proc/PID/stat layout")?
-            .iter()
-            .map(|f| f.parse::<u64>().unwrap_or(0))
-            .sum();
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
-        Ok(ticks as f64 / hz as f64)
+        let pid: u32 = text
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .parse()
+            .with_context(|| format!("{} holds no process id", pidfile.display()))?;
+        proc_cpu_secs(pid, true)
     }
 
     fn url(&self, db: &str) -> String {
