@@ -10,6 +10,12 @@
 //!    time and bytes stored by that backup alone.
 //! 3. A restore of the latest backup into an empty directory (laying out the files and the
 //!    recovery settings; no replay: neither tool replays WAL itself).
+//!
+//! Each backup and restore is timed (wall clock) and charged CPU seconds: the tool's processes
+//! and their children (`wait4`), plus the server backends that served them (the postmaster's
+//! reaped children: `pg_basebackup`'s walsender). On a shared machine the CPU figure moves
+//! less than the wall time; the report prints the load average before and after.
+//!
 //! 4. WAL archiving throughput under pgbench load: archiving is held (the `archive_command`
 //!    fails) while pgbench builds a backlog of ready segments, then the tool's command is put
 //!    back while pgbench keeps running, and the backlog's draining is timed: segments per second.
@@ -41,6 +47,9 @@ const CHURN_SQL: &str = include_str!("../../../bench/churn.sql");
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 const STANZA: &str = "bench";
 const SOURCE: &str = "bench";
+/// The archive script's name: pgBackRest refuses to back up unless `archive_command` contains
+/// "pgbackrest".
+const ARCHIVE_SCRIPT: &str = "archive-backstop-or-pgbackrest.sh";
 
 #[derive(Args)]
 pub struct BenchPhysicalArgs {
@@ -90,10 +99,15 @@ impl Tool {
 #[derive(Clone, Debug, Default, serde::Serialize)]
 struct Figures {
     full_secs: Option<f64>,
+    /// CPU seconds: the tool's processes and the server backends serving it (a figure less
+    /// sensitive than wall time to what else the machine runs).
+    full_cpu: Option<f64>,
     full_bytes: Option<u64>,
     incr_secs: Option<f64>,
+    incr_cpu: Option<f64>,
     incr_bytes: Option<u64>,
     restore_secs: Option<f64>,
+    restore_cpu: Option<f64>,
     wal_segments: Option<u64>,
     wal_secs: Option<f64>,
     wal_segments_per_sec: Option<f64>,
@@ -105,6 +119,7 @@ struct Report {
     database_bytes: u64,
     cores: usize,
     pgbackrest_version: String,
+    loadavg: String,
     runs: Vec<[(Tool, Figures); 2]>,
     backstop: Figures,
     pgbackrest: Figures,
@@ -135,6 +150,7 @@ pub async fn run(args: BenchPhysicalArgs) -> anyhow::Result<std::process::ExitCo
 }
 
 async fn run_in(args: &BenchPhysicalArgs, w: &Path) -> anyhow::Result<Report> {
+    let loadavg_before = loadavg();
     let pgbackrest =
         which("pgbackrest").context("pgBackRest is not installed (apt-get install pgbackrest)")?;
     let pgbackrest_version = String::from_utf8_lossy(
@@ -193,36 +209,44 @@ async fn run_in(args: &BenchPhysicalArgs, w: &Path) -> anyhow::Result<Report> {
         let site = bench.new_site(&format!("run{r}"))?;
         bench.set_archive(&site, ArchiveMode::Both)?;
         bench.pgbackrest_cmd(&site, &["stanza-create"])?;
+        // Whatever piled up while archiving was held is archived before anything is timed.
+        bench.drain_archive().await?;
         let mut figs = [Figures::default(), Figures::default()];
         for tool in order {
             let i = tool as usize;
-            let (secs, bytes) = bench.full(&site, tool)?;
+            let (Measured { secs, cpu }, bytes) = bench.full(&site, tool)?;
             eprintln!(
-                "  {:<10} full base backup: {secs:.1} s, {:.1} MiB stored",
+                "  {:<10} full base backup: {secs:.1} s ({cpu:.1} s CPU), {:.1} MiB stored",
                 tool.name(),
                 mib(bytes)
             );
             figs[i].full_secs = Some(secs);
+            figs[i].full_cpu = Some(cpu);
             figs[i].full_bytes = Some(bytes);
         }
         bench.psql_file("trading", &churn, &[])?;
         bench.psql("trading", "CHECKPOINT")?;
         for tool in order {
             let i = tool as usize;
-            let (secs, bytes) = bench.incr(&site, tool)?;
+            let (Measured { secs, cpu }, bytes) = bench.incr(&site, tool)?;
             eprintln!(
-                "  {:<10} second base backup after churn.sql: {secs:.1} s, {:.1} MiB stored",
+                "  {:<10} second base backup after churn.sql: {secs:.1} s ({cpu:.1} s CPU), {:.1} MiB stored",
                 tool.name(),
                 mib(bytes)
             );
             figs[i].incr_secs = Some(secs);
+            figs[i].incr_cpu = Some(cpu);
             figs[i].incr_bytes = Some(bytes);
         }
         for tool in order {
             let i = tool as usize;
-            let secs = bench.restore(&site, tool)?;
-            eprintln!("  {:<10} restore: {secs:.1} s", tool.name());
+            let Measured { secs, cpu } = bench.restore(&site, tool)?;
+            eprintln!(
+                "  {:<10} restore: {secs:.1} s ({cpu:.1} s CPU)",
+                tool.name()
+            );
             figs[i].restore_secs = Some(secs);
+            figs[i].restore_cpu = Some(cpu);
         }
         bench.set_archive(&site, ArchiveMode::Hold)?;
         let _ = std::fs::remove_dir_all(&site.dir);
@@ -280,10 +304,13 @@ async fn run_in(args: &BenchPhysicalArgs, w: &Path) -> anyhow::Result<Report> {
         };
         Figures {
             full_secs: f(|x| x.full_secs),
+            full_cpu: f(|x| x.full_cpu),
             full_bytes: u(|x| x.full_bytes),
             incr_secs: f(|x| x.incr_secs),
+            incr_cpu: f(|x| x.incr_cpu),
             incr_bytes: u(|x| x.incr_bytes),
             restore_secs: f(|x| x.restore_secs),
+            restore_cpu: f(|x| x.restore_cpu),
             wal_segments: u(|x| x.wal_segments),
             wal_secs: f(|x| x.wal_secs),
             wal_segments_per_sec: f(|x| x.wal_segments_per_sec),
@@ -296,6 +323,7 @@ async fn run_in(args: &BenchPhysicalArgs, w: &Path) -> anyhow::Result<Report> {
             .map(|n| n.get())
             .unwrap_or(1),
         pgbackrest_version,
+        loadavg: format!("{loadavg_before} / {}", loadavg()),
         backstop: med(Tool::Backstop),
         pgbackrest: med(Tool::Pgbackrest),
         runs: runs
@@ -349,6 +377,7 @@ fn print_report(r: &Report, args: &BenchPhysicalArgs) {
     };
     let m = |v: Option<u64>| v.map(mib);
     row("full base backup: time", b.full_secs, p.full_secs, "s", 1);
+    row("full base backup: CPU", b.full_cpu, p.full_cpu, "s", 1);
     row(
         "full base backup: stored",
         m(b.full_bytes),
@@ -360,6 +389,13 @@ fn print_report(r: &Report, args: &BenchPhysicalArgs) {
         "second base backup after churn.sql: time",
         b.incr_secs,
         p.incr_secs,
+        "s",
+        1,
+    );
+    row(
+        "second base backup after churn.sql: CPU",
+        b.incr_cpu,
+        p.incr_cpu,
         "s",
         1,
     );
@@ -382,6 +418,7 @@ fn print_report(r: &Report, args: &BenchPhysicalArgs) {
         "s",
         1,
     );
+    row("restore: CPU", b.restore_cpu, p.restore_cpu, "s", 1);
     if !args.no_wal {
         row(
             "WAL archiving under pgbench (higher better)",
@@ -400,6 +437,10 @@ fn print_report(r: &Report, args: &BenchPhysicalArgs) {
     }
     println!(
         "ratio = Backstop / pgBackRest: below 1 is better for times and bytes, above 1 for segments/s"
+    );
+    println!(
+        "CPU = user+system seconds of the tool's processes and of the server backends that served it; load average before / after: {}",
+        r.loadavg
     );
 }
 
@@ -488,7 +529,7 @@ impl Bench {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
-        let script = self.w.join("archive.sh");
+        let script = self.w.join(ARCHIVE_SCRIPT);
         std::fs::write(&script, "#!/bin/sh\nexit 1\n")?;
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
         let conf = format!(
@@ -691,8 +732,8 @@ impl Bench {
             ArchiveMode::Only(Tool::Backstop) => format!("BACKSTOP_LOG=warn exec {bs}"),
             ArchiveMode::Only(Tool::Pgbackrest) => format!("exec {br}"),
         };
-        let script = self.w.join("archive.sh");
-        let tmp = self.w.join(".archive.sh.tmp");
+        let script = self.w.join(ARCHIVE_SCRIPT);
+        let tmp = self.w.join(format!(".{ARCHIVE_SCRIPT}.tmp"));
         std::fs::write(&tmp, format!("#!/bin/sh\n{body}\n"))?;
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
         // Renamed into place: PostgreSQL never runs half a script.
@@ -700,53 +741,115 @@ impl Bench {
         Ok(())
     }
 
-    fn full(&self, site: &Site, tool: Tool) -> anyhow::Result<(f64, u64)> {
+    /// Runs `cmd` to completion with its output in files; wall time and CPU seconds (its own and
+    /// its waited-for children's, with the server's reaped backends).
+    fn measured(&self, mut cmd: Command, what: &str) -> anyhow::Result<(Measured, String)> {
+        let out_path = self.w.join("measured.out");
+        let err_path = self.w.join("measured.err");
+        cmd.stdout(std::fs::File::create(&out_path)?)
+            .stderr(std::fs::File::create(&err_path)?);
+        let server_before = self.server_cpu()?;
+        let t = Instant::now();
+        let mut child = cmd.spawn().with_context(|| format!("starting {what}"))?;
+        let (ok, cpu) = wait_rusage(&mut child)?;
+        let secs = t.elapsed().as_secs_f64();
+        let server = self.server_cpu()? - server_before;
+        let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
+        if !ok {
+            bail!(
+                "{what} failed: {}{}",
+                stdout,
+                std::fs::read_to_string(&err_path).unwrap_or_default()
+            );
+        }
+        Ok((
+            Measured {
+                secs,
+                cpu: cpu + server,
+            },
+            stdout,
+        ))
+    }
+
+    /// CPU seconds of the postmaster's reaped children (backends, walsenders) from /proc.
+    fn server_cpu(&self) -> anyhow::Result<f64> {
+        let pidfile = self.pg()?.data.join("postmaster.pid");
+        let text = std::fs::read_to_string(&pidfile)
+            .with_context(|| format!("cannot read {}", pidfile.display()))?;
+        let pid = text.lines().next().unwrap_or_default().trim().to_string();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
+        // After the command name's closing parenthesis, fields start at 3 (state); cutime and
+        // cstime are fields 16 and 17.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: u64 = fields
+            .get(13..15)
+            .context("unexpected /proc/PID/stat layout")?
+            .iter()
+            .map(|f| f.parse::<u64>().unwrap_or(0))
+            .sum();
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+        Ok(ticks as f64 / hz as f64)
+    }
+
+    /// Switches to a new segment and waits until it is archived: nothing queued behind.
+    async fn drain_archive(&self) -> anyhow::Result<()> {
+        let name = self.psql("postgres", "SELECT pg_walfile_name(pg_switch_wal())")?;
+        let t = Instant::now();
+        loop {
+            let archived = self.psql(
+                "postgres",
+                "SELECT coalesce(left(last_archived_wal, 24), '') FROM pg_stat_archiver",
+            )?;
+            if archived.len() == 24 && archived >= name {
+                return Ok(());
+            }
+            if t.elapsed() > Duration::from_secs(1800) {
+                bail!("the WAL backlog was not archived within 30 minutes");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn full(&self, site: &Site, tool: Tool) -> anyhow::Result<(Measured, u64)> {
         match tool {
             Tool::Backstop => self.backstop_backup(site, "full"),
             Tool::Pgbackrest => self.pgbackrest_backup(site, "full"),
         }
     }
 
-    fn incr(&self, site: &Site, tool: Tool) -> anyhow::Result<(f64, u64)> {
+    fn incr(&self, site: &Site, tool: Tool) -> anyhow::Result<(Measured, u64)> {
         match tool {
             Tool::Backstop => self.backstop_backup(site, "incremental"),
             Tool::Pgbackrest => self.pgbackrest_backup(site, "incr"),
         }
     }
 
-    fn backstop_backup(&self, site: &Site, kind: &str) -> anyhow::Result<(f64, u64)> {
-        let t = Instant::now();
-        let out = self
-            .backstop(&site.config)
-            .args([
-                "backup",
-                "--physical",
-                "--source",
-                SOURCE,
-                "--kind",
-                kind,
-                "--json",
-            ])
-            .output()?;
-        let secs = t.elapsed().as_secs_f64();
-        if !out.status.success() {
-            bail!(
-                "backstop backup --physical failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-            .context("backstop backup --json printed no JSON")?;
+    fn backstop_backup(&self, site: &Site, kind: &str) -> anyhow::Result<(Measured, u64)> {
+        let mut cmd = self.backstop(&site.config);
+        cmd.args([
+            "backup",
+            "--physical",
+            "--source",
+            SOURCE,
+            "--kind",
+            kind,
+            "--json",
+        ]);
+        let (m, stdout) = self.measured(cmd, "backstop backup --physical")?;
+        let v: serde_json::Value =
+            serde_json::from_str(&stdout).context("backstop backup --json printed no JSON")?;
         let new = v["new_bytes"]
             .as_u64()
             .context("backstop backup --json has no new_bytes")?;
-        Ok((secs, new))
+        Ok((m, new))
     }
 
-    fn pgbackrest_backup(&self, site: &Site, kind: &str) -> anyhow::Result<(f64, u64)> {
-        let t = Instant::now();
-        self.pgbackrest_cmd(site, &[&format!("--type={kind}"), "backup"])?;
-        let secs = t.elapsed().as_secs_f64();
+    fn pgbackrest_backup(&self, site: &Site, kind: &str) -> anyhow::Result<(Measured, u64)> {
+        let cmd = self.pgbackrest_command(site, &[&format!("--type={kind}"), "backup"]);
+        let (m, _) = self.measured(cmd, "pgbackrest backup")?;
         let info: serde_json::Value =
             serde_json::from_str(&self.pgbackrest_cmd(site, &["--output=json", "info"])?)
                 .context("pgbackrest info printed no JSON")?;
@@ -755,37 +858,33 @@ impl Bench {
             .and_then(|b| b.last())
             .and_then(|b| b["info"]["repository"]["delta"].as_u64())
             .context("pgbackrest info has no repository delta for the last backup")?;
-        Ok((secs, delta))
+        Ok((m, delta))
     }
 
-    fn restore(&self, site: &Site, tool: Tool) -> anyhow::Result<f64> {
+    fn restore(&self, site: &Site, tool: Tool) -> anyhow::Result<Measured> {
         let dir = site.dir.join(format!("restore-{}", tool.name()));
-        let t = Instant::now();
-        match tool {
+        let m = match tool {
             Tool::Backstop => {
-                let out = self
-                    .backstop(&site.config)
-                    .args(["restore", "latest", "--physical", "--source", SOURCE])
+                let mut cmd = self.backstop(&site.config);
+                cmd.args(["restore", "latest", "--physical", "--source", SOURCE])
                     .arg("--to-dir")
-                    .arg(&dir)
-                    .output()?;
-                if !out.status.success() {
-                    bail!(
-                        "backstop restore --physical failed: {}",
-                        String::from_utf8_lossy(&out.stderr)
-                    );
-                }
+                    .arg(&dir);
+                self.measured(cmd, "backstop restore --physical")?.0
             }
             Tool::Pgbackrest => {
+                // pgBackRest wants the empty directory to exist: made beforehand, untimed.
                 std::fs::create_dir_all(&dir)?;
                 std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
                 self.give(&dir)?;
-                self.pgbackrest_cmd(site, &[&format!("--pg1-path={}", dir.display()), "restore"])?;
+                let cmd = self.pgbackrest_command(
+                    site,
+                    &[&format!("--pg1-path={}", dir.display()), "restore"],
+                );
+                self.measured(cmd, "pgbackrest restore")?.0
             }
-        }
-        let secs = t.elapsed().as_secs_f64();
+        };
         let _ = std::fs::remove_dir_all(&dir);
-        Ok(secs)
+        Ok(m)
     }
 
     /// Holds archiving while pgbench builds a backlog, then times the tool draining it while
@@ -857,6 +956,42 @@ impl Bench {
             .spawn()
             .context("starting pgbench")
     }
+}
+
+/// Wall and CPU seconds of one measured command.
+#[derive(Clone, Copy, Debug)]
+struct Measured {
+    secs: f64,
+    cpu: f64,
+}
+
+/// Waits for `child`; whether it succeeded, and the CPU seconds it and its waited-for
+/// descendants used (`wait4`).
+fn wait_rusage(child: &mut Child) -> anyhow::Result<(bool, f64)> {
+    let pid = child.id() as libc::pid_t;
+    let mut status: libc::c_int = 0;
+    // SAFETY: rusage is plain data; all-zero is a valid value.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: pointers to locals; `pid` is our own child, not yet reaped.
+        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        if r == pid {
+            break;
+        }
+        let err = std::io::Error::last_os_error();
+        if err.kind() != std::io::ErrorKind::Interrupted {
+            return Err(err).context("waiting for a measured process");
+        }
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+    Ok((ok, secs(usage.ru_utime) + secs(usage.ru_stime)))
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 /// Kills a background process when dropped (pgbench on an error path).

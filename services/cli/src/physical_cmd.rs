@@ -11,7 +11,7 @@
 //!   operator runs), and a `wal-push` holding it even briefly, once per segment, would make
 //!   those fail. `wal-push` appends its `wal.archived` events (and key accesses) through NATS
 //!   when `[nats] url` is configured; otherwise, or if that fails, the catch-up records them
-//!   from the repository later (`backstop serve` periodically, `wal verify`, `backup --physical`).
+//!   from the repository later (`backstop serve` every minute, and `wal verify`).
 //!   A segment is safe once it is in the repository: archiving never fails for want of a ledger.
 //! - `wal-push`'s quick path (a file an earlier call already pushed ahead) opens nothing.
 //! - `wal-fetch` exits 0 (restored), 1 (not archived: the end of the archive), or 150 (abort
@@ -300,10 +300,8 @@ pub async fn run_physical_backup(
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    if result.is_ok() {
-        // The base backup returned once its WAL was archived: record what wal-push could not.
-        catch_up(&repo, &events).await;
-    }
+    // Archived WAL is recorded by `serve` and `wal verify`, not here: reading every segment
+    // archived since the last catch-up would make the backup wait for it.
     drop(dp);
     drop(repo);
     events.close().await;
