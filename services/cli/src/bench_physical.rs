@@ -10,15 +10,14 @@
 //!    time and bytes stored by that backup alone.
 //! 3. A restore of the latest backup into an empty directory (laying out the files and the
 //!    recovery settings; no replay: neither tool replays WAL itself).
+//! 4. WAL archiving throughput under pgbench load: archiving is held (the `archive_command`
+//!    fails) while pgbench builds a backlog of ready segments, then the tool's command is put
+//!    back while pgbench keeps running, and the backlog's draining is timed: segments per second.
 //!
 //! Each backup and restore is timed (wall clock) and charged CPU seconds: the tool's processes
 //! and their children (`wait4`), plus the server backends that served them (the postmaster's
 //! reaped children: `pg_basebackup`'s walsender). On a shared machine the CPU figure moves
 //! less than the wall time; the report prints the load average before and after.
-//!
-//! 4. WAL archiving throughput under pgbench load: archiving is held (the `archive_command`
-//!    fails) while pgbench builds a backlog of ready segments, then the tool's command is put
-//!    back while pgbench keeps running, and the backlog's draining is timed: segments per second.
 //!
 //! Set-up: the database is loaded, then `CHECKPOINT; VACUUM (FREEZE, ANALYZE); CHECKPOINT`
 //! (a database at rest, its pages hinted and all-visible, as it is between nightly backups; see
