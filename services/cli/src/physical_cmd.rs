@@ -699,37 +699,39 @@ pub async fn verify_restore(
         Err(e) => return Some(Err(format!("{e:#}"))),
     };
     let opts = physical::VerifyPhysicalOptions::new(command);
-    Some(match physical::verify_physical(repo, &backup, &opts).await {
-        Ok(v) => {
-            let secs = (v.restore.duration_ms + v.verify.recovery_ms) as f64 / 1000.0;
-            println!(
-                "test restore of physical backup {}: {} files laid out, consistent after {:.1} s of recovery (timeline {}, LSN {}); pg_amcheck: {}; {} rows in {} databases",
-                manifest.backup_id,
-                v.restore.files,
-                v.verify.recovery_ms as f64 / 1000.0,
-                v.verify.timeline,
-                v.verify.end_lsn,
-                match v.verify.amcheck_ok {
-                    Some(true) => "no corruption",
-                    _ => "not run",
-                },
-                v.verify.total_rows,
-                v.verify.databases.len()
-            );
-            for d in &v.verify.databases {
-                for t in &d.tables {
-                    println!("  {}.{:<40} {:>12} rows", d.database, t.table, t.rows);
+    Some(
+        match physical::verify_physical(repo, &backup, &opts).await {
+            Ok(v) => {
+                let secs = (v.restore.duration_ms + v.verify.recovery_ms) as f64 / 1000.0;
+                println!(
+                    "test restore of physical backup {}: {} files laid out, consistent after {:.1} s of recovery (timeline {}, LSN {}); pg_amcheck: {}; {} rows in {} databases",
+                    manifest.backup_id,
+                    v.restore.files,
+                    v.verify.recovery_ms as f64 / 1000.0,
+                    v.verify.timeline,
+                    v.verify.end_lsn,
+                    match v.verify.amcheck_ok {
+                        Some(true) => "no corruption",
+                        _ => "not run",
+                    },
+                    v.verify.total_rows,
+                    v.verify.databases.len()
+                );
+                for d in &v.verify.databases {
+                    for t in &d.tables {
+                        println!("  {}.{:<40} {:>12} rows", d.database, t.table, t.rows);
+                    }
                 }
+                Ok((
+                    v.restore.files,
+                    v.restore.bytes,
+                    Some(v.restore.duration_ms + v.verify.recovery_ms),
+                    Some(v.restore.bytes as f64 / secs.max(0.001)),
+                ))
             }
-            Ok((
-                v.restore.files,
-                v.restore.bytes,
-                Some(v.restore.duration_ms + v.verify.recovery_ms),
-                Some(v.restore.bytes as f64 / secs.max(0.001)),
-            ))
-        }
-        Err(e) => Err(e.to_string()),
-    })
+            Err(e) => Err(e.to_string()),
+        },
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
