@@ -165,7 +165,9 @@ fn wal_helper() {
 /// Test data: the benchmark datasets live once, in the repository's `bench/`; the rest in
 /// `tests/data/`.
 fn data(name: &str) -> PathBuf {
-    let bench = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench").join(name);
+    let bench = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../bench")
+        .join(name);
     if bench.exists() {
         return bench;
     }
