@@ -1,7 +1,8 @@
 //! Point-in-time recovery end to end: the `backstop` binary as PostgreSQL 15's `archive_command`
 //! and `restore_command`, physical base backups into a local repository, restores to a moment
 //! between two commits and to the latest archived point (each started as a real server), the
-//! restorable window, `wal verify` on an intact and on a damaged archive, and a restore that
+//! restorable window, a restored copy that becomes the new production (timeline 2) and a later
+//! restore that follows it, `wal verify` on an intact and on a damaged archive, and a restore that
 //! needs a missing segment stopping with the reason instead of ending early.
 //!
 //! When the tests run as root, PostgreSQL (and so `wal-push` / `wal-fetch`) runs as the
@@ -250,9 +251,22 @@ fn point_in_time_recovery_through_the_binary() {
     let between_t: chrono::DateTime<chrono::Utc> = between.parse().unwrap();
     assert!(latest > between_t, "{w}");
 
-    // To the moment between the batches: exactly the rows committed before it.
+    // To the latest archived point: every committed row.
+    let latest_dir = site.path("latest");
+    restore(&site, &latest_dir, &[]);
+    let copy = Postgres::from_data_dir(&latest_dir, PostgresOptions::new()).unwrap();
+    wait_promoted(&copy);
+    assert_eq!(later_rows(&copy), "100|101|250");
+    drop(copy);
+
+    // To the moment between the batches: exactly the rows committed before it. This copy keeps
+    // archiving (it becomes the new production, on timeline 2).
     let pitr = site.path("pitr");
-    let out = restore(&site, &pitr, &["--target-time", &between]);
+    let out = restore(
+        &site,
+        &pitr,
+        &["--target-time", &between, "--keep-archiving"],
+    );
     assert!(out.contains("recovery target: time"), "{out}");
     let auto = std::fs::read_to_string(pitr.join("postgresql.auto.conf")).unwrap();
     assert!(auto.contains("wal-fetch --source main"), "{auto}");
@@ -264,14 +278,25 @@ fn point_in_time_recovery_through_the_binary() {
         query(&copy, "SELECT count(*) FROM trades WHERE id <= 100"),
         "100"
     );
+    assert_eq!(
+        query(&copy, "SELECT timeline_id FROM pg_control_checkpoint()"),
+        "2"
+    );
+    query(
+        &copy,
+        "INSERT INTO trades (id, note) SELECT g, 'after the branch' FROM generate_series(301, 310) g",
+    );
+    let seg_tl2 = switch_and_wait(&copy);
+    assert!(seg_tl2.starts_with("00000002"), "{seg_tl2}");
     drop(copy);
 
-    // To the latest archived point: every committed row.
-    let latest_dir = site.path("latest");
-    restore(&site, &latest_dir, &[]);
-    let copy = Postgres::from_data_dir(&latest_dir, PostgresOptions::new()).unwrap();
+    // The latest point now follows the new timeline: the branch's rows, not batch b, which
+    // lives only on the abandoned end of timeline 1.
+    let branch_dir = site.path("branch");
+    restore(&site, &branch_dir, &[]);
+    let copy = Postgres::from_data_dir(&branch_dir, PostgresOptions::new()).unwrap();
     wait_promoted(&copy);
-    assert_eq!(later_rows(&copy), "100|101|250");
+    assert_eq!(later_rows(&copy), "60|101|310");
     drop(copy);
 
     // A real test restore of the physical backup: a temporary cluster replayed to consistency,
@@ -285,9 +310,9 @@ fn point_in_time_recovery_through_the_binary() {
 
     // The operator and the point in time are on record.
     let completed = site.events("recovery.completed");
-    assert_eq!(completed.len(), 2, "{completed:?}");
-    assert_eq!(completed[0]["payload"]["operator"], "dr-lead");
-    let scope = &completed[0]["payload"]["scope"];
+    assert_eq!(completed.len(), 3, "{completed:?}");
+    assert_eq!(completed[1]["payload"]["operator"], "dr-lead");
+    let scope = &completed[1]["payload"]["scope"];
     assert_eq!(scope["target"], pitr.to_str().unwrap());
     assert!(
         scope["point_in_time"]
@@ -308,7 +333,11 @@ fn point_in_time_recovery_through_the_binary() {
         .iter()
         .map(|e| e["payload"]["segment"].as_str().unwrap().to_string())
         .collect();
-    for seg in [&seg_a, &seg_b] {
+    assert!(
+        out.contains("timeline 2, branched from timeline 1"),
+        "{out}"
+    );
+    for seg in [&seg_a, &seg_b, &seg_tl2] {
         assert_eq!(
             archived.iter().filter(|s| *s == seg).count(),
             1,
