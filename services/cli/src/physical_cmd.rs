@@ -465,9 +465,7 @@ async fn push_inner(config: &Config, data_dir: &Path, args: &WalPushArgs) -> any
         source.clone(),
     );
     let report = wal::push(&args.path, &opts, &store).await?;
-    for (name, why) in &report.extra_failed {
-        tracing::warn!(file = %name, reason = %why, "could not push ahead; PostgreSQL will ask again");
-    }
+    // Files that could not be pushed ahead were logged by the push; PostgreSQL asks again.
     drop(store);
     if let Some(a) = &appender {
         match tokio::time::timeout(
