@@ -796,7 +796,10 @@ impl Bench {
     /// Switches to a new segment and waits until it is archived: nothing queued behind.
     async fn drain_archive(&self) -> anyhow::Result<()> {
         // A record first: a switch with nothing written since the last one does nothing.
-        self.psql("postgres", "SELECT pg_logical_emit_message(false, 'bench', 'x')")?;
+        self.psql(
+            "postgres",
+            "SELECT pg_logical_emit_message(false, 'bench', 'x')",
+        )?;
         let name = self.psql("postgres", "SELECT pg_walfile_name(pg_switch_wal())")?;
         let t = Instant::now();
         loop {
