@@ -163,7 +163,11 @@ pub async fn choose_parent(
     let mut best: Option<(chrono::DateTime<chrono::Utc>, Uuid)> = None;
     for listed in repo.list_backups().await? {
         let Ok(m) = listed.manifest else { continue };
-        if m.source != source || (kind == BackupKind::Differential && m.kind != BackupKind::Full) {
+        // A physical backup is never a logical one's parent.
+        if m.source != source
+            || m.extra.get("physical").is_some()
+            || (kind == BackupKind::Differential && m.kind != BackupKind::Full)
+        {
             continue;
         }
         if best.is_none_or(|(t, _)| m.finished_at > t) {
