@@ -74,7 +74,7 @@ const LOGICAL_KEY: &str = "logical";
 
 /// Appends one event to a backup's stream, idempotently (ids derived from the backup id).
 #[allow(clippy::too_many_arguments)]
-async fn record(
+pub(crate) async fn record(
     appender: &dyn Appender,
     stream: &str,
     actor: &Actor,
@@ -97,8 +97,8 @@ async fn record(
     Ok(())
 }
 
-/// Adapts the repository's backup writer to the source's sink.
-struct WriterSink(Arc<backstop_repo::BackupWriter>);
+/// Adapts the repository's backup writer to the source's sink (logical and physical backups).
+pub(crate) struct WriterSink(pub(crate) Arc<backstop_repo::BackupWriter>);
 
 #[async_trait]
 impl DumpSink for WriterSink {
@@ -107,7 +107,7 @@ impl DumpSink for WriterSink {
             .0
             .add_stream(name, reader)
             .await
-            .map_err(|e| SinkError::new(e.to_string()))?;
+            .map_err(|e| SinkError::with_source(e.to_string(), e))?;
         Ok(PartStored {
             stored_bytes: summary.new_bytes,
             new_bytes: summary.new_bytes,

@@ -47,7 +47,6 @@ use backstop_ledger::{Appender, ExpectedVersion, Ledger, LedgerError};
 use backstop_repo::{
     BackupMeta, BackupResult, KeyPurpose, Manifest, RepoError, Repository, WriterOptions,
 };
-use backstop_sources::pg::logical::{DumpSink, DumpSource, PartReader, PartStored, SinkError};
 use backstop_sources::pg::physical::{
     self, BaseBackupOptions, BaseBackupReport, PhysicalRestoreOptions, PhysicalRestoreReport,
     PhysicalVerifyOptions, PhysicalVerifyReport, RecoveryTarget,
@@ -60,7 +59,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::backup::{BackupError, DataPath, ProgressFn, SourceSpec};
+use crate::backup::{BackupError, DataPath, ManifestSource, ProgressFn, SourceSpec, WriterSink};
 
 /// The key of the base backup report inside a physical backup's manifest `extra`.
 pub const PHYSICAL_KEY: &str = "physical";
@@ -275,51 +274,17 @@ async fn record(
     label: &str,
     event: Event,
 ) -> Result<(), LedgerError> {
-    let mut e = match cause {
-        Some(c) => NewEvent::caused_by(c, stream, actor.clone(), &event),
-        None => NewEvent::new(stream, actor.clone(), &event),
-    };
-    e.id = backstop_events::uuid_v7_derived(id, uuid_time(id), label);
-    appender
-        .append(stream, ExpectedVersion::Any, vec![e])
-        .await?;
-    Ok(())
-}
-
-/// The repository writer as the base backup's sink.
-struct WriterSink(Arc<backstop_repo::BackupWriter>);
-
-#[async_trait]
-impl DumpSink for WriterSink {
-    async fn put_part(&self, name: &str, reader: PartReader) -> Result<PartStored, SinkError> {
-        let s = self
-            .0
-            .add_stream(name, reader)
-            .await
-            .map_err(|e| SinkError::with_source(e.to_string(), e))?;
-        Ok(PartStored {
-            stored_bytes: s.new_bytes,
-            new_bytes: s.new_bytes,
-        })
-    }
-}
-
-/// A stored physical backup as the restore's source.
-struct ManifestPart {
-    repo: Repository,
-    manifest: Manifest,
-}
-
-#[async_trait]
-impl DumpSource for ManifestPart {
-    async fn open_part(&self, name: &str) -> Result<PartReader, SinkError> {
-        let s = self
-            .repo
-            .open_stream(&self.manifest, name)
-            .await
-            .map_err(|e| SinkError::with_source(e.to_string(), e))?;
-        Ok(Box::pin(s))
-    }
+    crate::backup::record(
+        appender,
+        stream,
+        actor,
+        cause,
+        uuid_time(id),
+        label,
+        id,
+        event,
+    )
+    .await
 }
 
 /// What a physical backup produced.
@@ -845,7 +810,7 @@ pub async fn run_physical_restore(
     )
     .await?;
     let started = Instant::now();
-    let source = ManifestPart {
+    let source = ManifestSource {
         repo: repo.with_access(
             actor.to_string(),
             format!(
@@ -853,7 +818,7 @@ pub async fn run_physical_restore(
                 dir.display()
             ),
         ),
-        manifest: backup.manifest.clone(),
+        manifest: Arc::new(backup.manifest.clone()),
     };
     let outcome = physical::restore_physical(&source, &backup.report, dir, opts).await;
     match outcome {
@@ -973,7 +938,7 @@ pub async fn verify_physical(
             .clone()
             .unwrap_or_else(|| "postgres".into()),
     );
-    let source = ManifestPart {
+    let source = ManifestSource {
         repo: repo.with_access(
             "worker:verify",
             format!(
@@ -981,7 +946,7 @@ pub async fn verify_physical(
                 backup.manifest.backup_id
             ),
         ),
-        manifest: backup.manifest.clone(),
+        manifest: Arc::new(backup.manifest.clone()),
     };
     let result = async {
         let restore = physical::restore_physical(&source, &backup.report, &dir, &restore_opts)
