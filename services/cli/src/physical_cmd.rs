@@ -37,7 +37,7 @@ use backstop_sources::pg::wal::{
     self, FetchOptions, FetchOutcome, Lsn, PushOptions, WalProblemKind, WalVerifyOptions,
     WalVerifyReport,
 };
-use backstop_workers::backup::{DataPath, ProgressFn, SourceSpec};
+use backstop_workers::backup::{DataPath, ProgressFn};
 use backstop_workers::physical::{
     self, PhysicalBackupOptions, RepoWalStore, WAL_PREFIX, parse_wal_object_key,
 };
@@ -226,29 +226,7 @@ pub async fn run_physical_backup(
     data_dir: &Path,
     args: BackupArgs,
 ) -> anyhow::Result<ExitCode> {
-    let mut sources = repo_cmd::source_specs(config);
-    let source = match (&args.source, &args.pg) {
-        (Some(s), _) => s.clone(),
-        (None, Some(url)) => {
-            let name = args.name.clone().unwrap_or_else(|| ADHOC.into());
-            sources.retain(|s| s.name != name);
-            sources.push(SourceSpec {
-                name: name.clone(),
-                conninfo: url.clone(),
-                jobs: 1,
-            });
-            name
-        }
-        (None, None) => match sources.as_slice() {
-            [only] => only.name.clone(),
-            _ => bail!(
-                "say what to back up: --source NAME (from the configuration file) or --pg postgres://..."
-            ),
-        },
-    };
-    if !sources.iter().any(|s| s.name == source) {
-        bail!("unknown source `{source}`; configure it under [[sources]] or pass --pg");
-    }
+    let (source, sources) = repo_cmd::resolve_source(config, &args, 1)?;
     let mut events = Events::open(config, data_dir).await?;
     let repo = open_repository(config, data_dir, &args.repo, &mut events).await?;
     let dp = DataPath {

@@ -282,14 +282,13 @@ pub struct BackupArgs {
     pub physical: bool,
 }
 
-pub async fn run_backup(
+/// What `backstop backup` backs up: the source's name and every source spec, with an ad-hoc
+/// one (`--pg URL [--name N]`, `adhoc_jobs` COPY jobs) added when asked; checks the name.
+pub fn resolve_source(
     config: &Config,
-    data_dir: &Path,
-    args: BackupArgs,
-) -> anyhow::Result<std::process::ExitCode> {
-    if args.physical {
-        return crate::physical_cmd::run_physical_backup(config, data_dir, args).await;
-    }
+    args: &BackupArgs,
+    adhoc_jobs: usize,
+) -> anyhow::Result<(String, Vec<SourceSpec>)> {
     let mut sources = source_specs(config);
     let source = match (&args.source, &args.pg) {
         (Some(s), _) => s.clone(),
@@ -299,7 +298,7 @@ pub async fn run_backup(
             sources.push(SourceSpec {
                 name: name.clone(),
                 conninfo: url.clone(),
-                jobs: 2,
+                jobs: adhoc_jobs,
             });
             name
         }
@@ -310,13 +309,25 @@ pub async fn run_backup(
             ),
         },
     };
+    if !sources.iter().any(|s| s.name == source) {
+        bail!("unknown source `{source}`; configure it under [[sources]] or pass --pg");
+    }
+    Ok((source, sources))
+}
+
+pub async fn run_backup(
+    config: &Config,
+    data_dir: &Path,
+    args: BackupArgs,
+) -> anyhow::Result<std::process::ExitCode> {
+    if args.physical {
+        return crate::physical_cmd::run_physical_backup(config, data_dir, args).await;
+    }
+    let (source, mut sources) = resolve_source(config, &args, 2)?;
     if let Some(j) = args.jobs {
         for s in &mut sources {
             s.jobs = j;
         }
-    }
-    if !sources.iter().any(|s| s.name == source) {
-        bail!("unknown source `{source}`; configure it under [[sources]] or pass --pg");
     }
     let mut events = Events::open(config, data_dir).await?;
     let repo = open_repository(config, data_dir, &args.repo, &mut events).await?;
