@@ -12,6 +12,10 @@
 //! `dc1` layout and apply it, import a random access key (`GK` + 24 hex, secret 64 hex), create the
 //! bucket and give the key read, write and owner rights on it, then wait until the S3 port answers
 //! HTTP. The S3 region is `garage`; clients must use path-style addressing.
+//!
+//! [`GarageOptions`] may name the bucket, turn off Garage's zstd pass over stored blocks
+//! (`compression_level = "none"`, as a store of encrypted, incompressible backups is configured)
+//! and put the temporary directory under a given parent.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -29,6 +33,52 @@ use crate::process;
 /// The S3 region every test Garage uses (`s3_region` in garage.toml).
 const REGION: &str = "garage";
 
+/// Settings for [`Garage::start_with`].
+#[derive(Clone, Debug)]
+pub struct GarageOptions {
+    /// The bucket created at start (default `backups`).
+    pub bucket: String,
+    /// Store blocks uncompressed (`compression_level = "none"`; Garage's default is zstd level 1).
+    pub uncompressed: bool,
+    /// Where the temporary directory is created (default: the system's temporary directory).
+    pub parent_dir: Option<PathBuf>,
+}
+
+impl Default for GarageOptions {
+    fn default() -> Self {
+        GarageOptions {
+            bucket: "backups".into(),
+            uncompressed: false,
+            parent_dir: None,
+        }
+    }
+}
+
+impl GarageOptions {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Names the bucket created at start.
+    pub fn bucket(mut self, name: impl Into<String>) -> Self {
+        self.bucket = name.into();
+        self
+    }
+
+    /// `compression_level = "none"`: Garage's zstd pass over sealed, incompressible objects
+    /// only spends CPU (which a benchmark would otherwise charge to the machine it measures on).
+    pub fn uncompressed(mut self) -> Self {
+        self.uncompressed = true;
+        self
+    }
+
+    /// Creates the temporary directory under `parent`.
+    pub fn in_dir(mut self, parent: impl Into<PathBuf>) -> Self {
+        self.parent_dir = Some(parent.into());
+        self
+    }
+}
+
 /// A running single-node Garage with one access key and one bucket. Killed on drop.
 pub struct Garage {
     bin: PathBuf,
@@ -41,6 +91,7 @@ pub struct Garage {
     access_key: String,
     secret_key: String,
     bucket: String,
+    uncompressed: bool,
     child: Option<Child>,
     // Last: removed after `Drop::drop` has killed the server.
     tmp: TempDir,
@@ -67,11 +118,20 @@ impl Garage {
 
     /// Starts Garage with a bucket named `bucket`.
     pub fn start_with_bucket(bucket: &str) -> anyhow::Result<Garage> {
+        Self::start_with(GarageOptions::new().bucket(bucket))
+    }
+
+    /// Starts Garage with the given options.
+    pub fn start_with(options: GarageOptions) -> anyhow::Result<Garage> {
+        let bucket = options.bucket.as_str();
         let bin = garage_bin()?;
-        let tmp = tempfile::Builder::new()
-            .prefix("backstop-garage-")
-            .tempdir()
-            .context("could not create a temporary directory for Garage")?;
+        let mut builder = tempfile::Builder::new();
+        builder.prefix("backstop-garage-");
+        let tmp = match &options.parent_dir {
+            Some(parent) => builder.tempdir_in(parent),
+            None => builder.tempdir(),
+        }
+        .context("could not create a temporary directory for Garage")?;
         let mut g = Garage {
             bin,
             config_path: tmp.path().join("garage.toml"),
@@ -83,6 +143,7 @@ impl Garage {
             access_key: format!("GK{}", random_hex(12)),
             secret_key: random_hex(32),
             bucket: bucket.to_string(),
+            uncompressed: options.uncompressed,
             child: None,
             tmp,
         };
@@ -131,7 +192,7 @@ metadata_dir = "{meta}"
 data_dir = "{data}"
 db_engine = "sqlite"
 replication_factor = 1
-rpc_bind_addr = "{rpc}"
+{compression}rpc_bind_addr = "{rpc}"
 rpc_public_addr = "{rpc}"
 rpc_secret = "{secret}"
 
@@ -150,6 +211,11 @@ admin_token = "{token}"
             s3 = self.s3_port,
             admin = self.admin_port,
             token = self.admin_token,
+            compression = if self.uncompressed {
+                "compression_level = \"none\"\n"
+            } else {
+                ""
+            },
         );
         // Garage refuses a config holding secrets that others can read.
         let mut f = OpenOptions::new()
@@ -338,6 +404,11 @@ admin_token = "{token}"
 
     pub fn is_running(&self) -> bool {
         self.child.is_some()
+    }
+
+    /// The server's process id while it runs (for reading its CPU time in /proc).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// Stops the server (SIGTERM, SIGKILL after the deadline); data stays for [`Self::start_again`].

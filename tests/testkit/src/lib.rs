@@ -34,10 +34,12 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-pub use garage::Garage;
+pub use garage::{Garage, GarageOptions};
 pub use nats::Nats;
 pub use postgres::{Postgres, PostgresOptions};
-pub use user::{give_to_server_user, server_tempdir, server_user};
+pub use user::{
+    give_to_server_user, server_tempdir, server_tempdir_in, server_user, server_user_command,
+};
 
 /// How long to wait for a server to become ready or to stop: 60 s unless
 /// `BACKSTOP_TESTKIT_TIMEOUT_SECS` says otherwise. Generous because the machines are slow and shared.

@@ -11,8 +11,10 @@
 //! the postgres command line (`pg_ctl -o`), which outranks postgresql.conf and
 //! postgresql.auto.conf, so a restored data directory can't make it listen elsewhere. The
 //! superuser is `postgres` with trust authentication (local and 127.0.0.1, replication included).
-//! Speed settings: `fsync = off`, `synchronous_commit = off`; `full_page_writes` stays on because
-//! online base backups need it.
+//! Speed settings: `fsync = off`, `synchronous_commit = off` (both on with
+//! [`PostgresOptions::durable`]); `full_page_writes` stays on because online base backups need it.
+//! With [`PostgresOptions::in_dir`] the temporary directory is made under the given parent instead
+//! of the system's temporary directory.
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -36,6 +38,10 @@ pub struct PostgresOptions {
     pub extra_conf: Vec<String>,
     /// Archive WAL into [`Postgres::wal_archive_dir`] (`archive_mode = on`).
     pub archive_wal: bool,
+    /// Where the cluster's temporary directory is created (default: the system's temporary
+    /// directory). Benchmarks put big clusters beside their working files; the server user must
+    /// be able to traverse it.
+    pub parent_dir: Option<PathBuf>,
 }
 
 impl PostgresOptions {
@@ -56,6 +62,24 @@ impl PostgresOptions {
         self.archive_wal = true;
         self
     }
+
+    /// A durable server, as a production restore target is: `fsync = on` and
+    /// `synchronous_commit = on` instead of the kit's speed settings.
+    pub fn durable(self) -> Self {
+        self.conf("fsync = on").conf("synchronous_commit = on")
+    }
+
+    /// `autovacuum = off`: nothing runs in the background, so the server's CPU time is all spent
+    /// on behalf of its clients (what benchmarks charge to the tool they measure).
+    pub fn autovacuum_off(self) -> Self {
+        self.conf("autovacuum = off")
+    }
+
+    /// Creates the cluster's temporary directory under `parent` (see [`Self::parent_dir`]).
+    pub fn in_dir(mut self, parent: impl Into<PathBuf>) -> Self {
+        self.parent_dir = Some(parent.into());
+        self
+    }
 }
 
 /// A running PostgreSQL 15 server on a free loopback port. Stopped (`pg_ctl stop -m immediate`)
@@ -69,6 +93,8 @@ pub struct Postgres {
     wal_archive: Option<PathBuf>,
     user: Option<ServerUser>,
     running: bool,
+    /// Limit for one psql run (default: five times the kit's deadline).
+    command_timeout: Option<Duration>,
     // Last: dropped after `Drop::drop` has stopped the server.
     tmp: TempDir,
 }
@@ -123,7 +149,10 @@ impl Postgres {
     pub fn start_with(options: PostgresOptions) -> anyhow::Result<Postgres> {
         let bin_dir = pg_bin_dir()?;
         let user = user::current()?;
-        let tmp = user::server_tempdir()?;
+        let tmp = match &options.parent_dir {
+            Some(parent) => user::server_tempdir_in(parent)?,
+            None => user::server_tempdir()?,
+        };
         let data_dir = tmp.path().join("data");
         let mut pg = Self::new_in(tmp, data_dir, bin_dir, user)?;
 
@@ -218,6 +247,7 @@ impl Postgres {
             wal_archive: None,
             user,
             running: false,
+            command_timeout: None,
             tmp,
         })
     }
@@ -433,7 +463,7 @@ impl Postgres {
     pub fn psql(&self, db: &str, sql: &str) -> anyhow::Result<String> {
         let mut cmd = self.psql_command(db);
         cmd.args(["-f", "-"]);
-        let out = process::run(&mut cmd, Some(sql.as_bytes()), crate::deadline() * 5)?;
+        let out = process::run(&mut cmd, Some(sql.as_bytes()), self.command_timeout())?;
         if !out.status.success() {
             bail!(
                 "psql on database {db:?} (port {}) failed ({}): {}\nSQL: {}",
@@ -458,7 +488,7 @@ impl Postgres {
             cmd.arg("-v").arg(format!("{k}={v}"));
         }
         cmd.arg("-f").arg(path);
-        let out = process::run(&mut cmd, None, crate::deadline() * 5)?;
+        let out = process::run(&mut cmd, None, self.command_timeout())?;
         if !out.status.success() {
             bail!(
                 "psql -f {} on database {db:?} (port {}) failed ({}): {}",
@@ -469,6 +499,42 @@ impl Postgres {
             );
         }
         Ok(out.stdout.trim().to_string())
+    }
+
+    fn command_timeout(&self) -> Duration {
+        self.command_timeout.unwrap_or(crate::deadline() * 5)
+    }
+
+    /// Raises (or lowers) the limit on one [`Self::psql`] or [`Self::psql_file`] run, e.g. for
+    /// a benchmark loading millions of rows. Default: five times the kit's deadline.
+    pub fn set_command_timeout(&mut self, timeout: Duration) {
+        self.command_timeout = Some(timeout);
+    }
+
+    /// A PostgreSQL client program of the server's version (`pg_dump`, `pg_restore`, `pgbench`,
+    /// `psql`, ...) aimed at this server: `-h 127.0.0.1 -p PORT -U postgres`, run as the caller
+    /// (trust authentication over TCP). Add the database and the program's own arguments.
+    pub fn client(&self, program: &str) -> Command {
+        let mut cmd = Command::new(self.bin(program));
+        cmd.args(["-h", "127.0.0.1"])
+            .arg("-p")
+            .arg(self.port.to_string())
+            .args(["-U", SUPERUSER])
+            .env_remove("PGOPTIONS")
+            .env_remove("PGSERVICE");
+        cmd
+    }
+
+    /// The postmaster's process id, from `postmaster.pid` (for reading its CPU account in
+    /// /proc: the postmaster reaps every backend, so its children's times are theirs).
+    pub fn postmaster_pid(&self) -> anyhow::Result<u32> {
+        let path = self.data_dir.join("postmaster.pid");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}; is the server running?", path.display()))?;
+        text.lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .with_context(|| format!("{} does not start with a process id", path.display()))
     }
 
     fn psql_command(&self, db: &str) -> Command {

@@ -153,6 +153,30 @@ pub fn server_tempdir() -> anyhow::Result<tempfile::TempDir> {
         .prefix("backstop-test-")
         .tempdir()
         .context("could not create a temporary directory (is TMPDIR writable?)")?;
+    hand_over(dir)
+}
+
+/// Like [`server_tempdir`], but under `parent`, which the server user must be able to traverse.
+pub fn server_tempdir_in(parent: &Path) -> anyhow::Result<tempfile::TempDir> {
+    let dir = tempfile::Builder::new()
+        .prefix("backstop-test-")
+        .tempdir_in(parent)
+        .with_context(|| {
+            format!(
+                "could not create a temporary directory in {}",
+                parent.display()
+            )
+        })?;
+    hand_over(dir)
+}
+
+/// A command that runs `program` as the server user when running as root (how PostgreSQL's own
+/// helpers, an `archive_command` script or pgBackRest must run), else directly.
+pub fn server_user_command(program: &Path) -> anyhow::Result<Command> {
+    Ok(server_command(&current()?, program))
+}
+
+fn hand_over(dir: tempfile::TempDir) -> anyhow::Result<tempfile::TempDir> {
     give_to_server_user(dir.path())?;
     // 0700 owned by the server user: root can still use it; nobody else needs to.
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
