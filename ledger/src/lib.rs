@@ -14,15 +14,19 @@
 //!   writer only orders and stores.
 //! - [`Appender`] is what workers append through. [`Ledger`] implements it in-process and
 //!   [`remote::RemoteLedger`] implements it over NATS request/reply, so the same handler code runs
-//!   embedded and distributed.
+//!   embedded and distributed. [`local::LocalLedger`] implements it over the serve's Unix control
+//!   socket, so the CLI works beside a running serve; remote and local appends share one
+//!   server-side path ([`requests`]).
 //! - [`verify`] walks the chain and the checkpoints; [`outbox`] publishes every committed event
 //!   to JetStream exactly once; [`consumer`] drives workers from either source.
 
 pub mod checkpoint;
 pub mod consumer;
 mod error;
+pub mod local;
 pub mod outbox;
 pub mod remote;
+pub mod requests;
 pub mod store;
 pub mod subscribe;
 pub mod verify;

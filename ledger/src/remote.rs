@@ -7,8 +7,9 @@
 //! reply:   {"ok": Appended} | {"error": {"kind": "conflict"|"invalid"|"malformed"|..., "message": "..."}}
 //! ```
 //!
-//! The server validates everything a local append validates; a malformed request gets an error
-//! reply and never reaches the writer. The client retries timeouts and transport errors with
+//! The shapes and the server-side handling are shared with the control socket
+//! ([`crate::local`]) in [`crate::requests`]: the server validates everything a local append
+//! validates; a malformed request gets an error reply and never reaches the writer. The client retries timeouts and transport errors with
 //! the same event ids, which is safe because appends are idempotent by event id.
 
 use std::sync::Arc;
@@ -17,44 +18,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 use backstop_events::NewEvent;
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
 use crate::error::LedgerError;
-use crate::{Appended, Appender, ExpectedVersion, Ledger};
+pub use crate::requests::{AppendReply, AppendRequest};
+use crate::{Appended, Appender, ExpectedVersion, Ledger, requests};
 
 pub const APPEND_SUBJECT: &str = "backstop.ledger.append";
 const QUEUE_GROUP: &str = "ledger";
-
-#[derive(Serialize, Deserialize)]
-pub struct AppendRequest {
-    pub stream: String,
-    pub expected: ExpectedVersion,
-    pub events: Vec<NewEvent>,
-}
-
-#[derive(Serialize, Deserialize, Debug)]
-#[serde(rename_all = "snake_case")]
-pub enum AppendReply {
-    Ok(Appended),
-    Error {
-        kind: String,
-        message: String,
-        /// The stream's version, on a conflict.
-        #[serde(default)]
-        actual: Option<u64>,
-    },
-}
-
-fn error_kind(e: &LedgerError) -> &'static str {
-    match e {
-        LedgerError::Conflict { .. } => "conflict",
-        LedgerError::IdReused { .. } => "id_reused",
-        LedgerError::Invalid(_) | LedgerError::BadBatch { .. } => "invalid",
-        LedgerError::Closed => "closed",
-        _ => "storage",
-    }
-}
 
 /// Serves remote appends until `shutdown` fires. Requests are handled concurrently (bounded), so
 /// many remote workers share the writer's group commits.
@@ -83,29 +54,7 @@ pub async fn serve(
         let ledger = ledger.clone();
         let client = client.clone();
         tokio::spawn(async move {
-            let reply = match serde_json::from_slice::<AppendRequest>(&msg.payload) {
-                Err(e) => AppendReply::Error {
-                    kind: "malformed".into(),
-                    message: format!(
-                        "the append request is not valid JSON of the expected shape: {e}"
-                    ),
-                    actual: None,
-                },
-                Ok(req) => match ledger.append(&req.stream, req.expected, req.events).await {
-                    Ok(a) => AppendReply::Ok(a),
-                    Err(e) => AppendReply::Error {
-                        kind: error_kind(&e).into(),
-                        actual: match &e {
-                            LedgerError::Conflict { actual, .. } => Some(*actual),
-                            _ => None,
-                        },
-                        message: e.to_string(),
-                    },
-                },
-            };
-            if let AppendReply::Error { kind, message, .. } = &reply {
-                tracing::warn!(%kind, %message, "remote append refused");
-            }
+            let reply = requests::answer_bytes(&ledger, &msg.payload, "nats").await;
             let body = serde_json::to_vec(&reply).unwrap_or_default();
             if let Err(e) = client.publish(reply_to, body.into()).await {
                 tracing::warn!(error = %e, "could not answer a remote append");
@@ -158,35 +107,13 @@ impl Appender for RemoteLedger {
         expected: ExpectedVersion,
         events: Vec<NewEvent>,
     ) -> Result<Appended, LedgerError> {
-        // Validate here too, so a bad event fails fast with the same error as a local append.
-        for e in &events {
-            e.validate()?;
-        }
-        let body = serde_json::to_vec(&AppendRequest {
-            stream: stream.to_string(),
-            expected,
-            events,
-        })
-        .map_err(|e| LedgerError::Remote(format!("cannot encode request: {e}")))?;
+        let body = serde_json::to_vec(&requests::request(stream, expected, events)?)
+            .map_err(|e| LedgerError::Remote(format!("cannot encode request: {e}")))?;
         let mut delay = Duration::from_millis(200);
         let mut last = None;
         for _ in 0..self.attempts {
             match self.request_raw(body.clone()).await {
-                Ok(AppendReply::Ok(a)) => return Ok(a),
-                Ok(AppendReply::Error {
-                    kind,
-                    message,
-                    actual,
-                }) => {
-                    return Err(match (kind.as_str(), actual) {
-                        ("conflict", Some(actual)) => LedgerError::Conflict {
-                            stream: stream.to_string(),
-                            expected: expected.to_string(),
-                            actual,
-                        },
-                        _ => LedgerError::Remote(format!("{kind}: {message}")),
-                    });
-                }
+                Ok(reply) => return reply.into_result(stream, expected),
                 Err(e) => {
                     tracing::warn!(error = %e, "remote append failed; retrying");
                     last = Some(e);
