@@ -24,6 +24,11 @@
 //! other characters as themselves); numbers as `serde_json` prints them (integers in decimal,
 //! floats in their shortest round-trip form).
 //!
+//! This is the only canonical JSON in the workspace: event payloads here, and the MAC input of
+//! the repository `config` object (`backstop-repo`) both use [`json_bytes`], so existing ledgers
+//! and repositories keep verifying only as long as these bytes never change. The golden vectors
+//! in `tests/vectors/` (`canonical-json.*`, `ledger-excerpt.*`, `repository/config`) pin them.
+//!
 //! The hash of an envelope is SHA3-256 of these bytes. It covers the previous hash, so changing,
 //! removing or reordering any event changes every hash after it.
 
@@ -63,10 +68,15 @@ pub fn encode(e: &Envelope) -> Vec<u8> {
 
 /// The canonical JSON text of a value.
 pub fn json(v: &Value) -> String {
+    // Only valid UTF-8 is ever written: keys and strings come from `String`s.
+    String::from_utf8(json_bytes(v)).unwrap_or_default()
+}
+
+/// The canonical JSON of a value, as bytes (UTF-8).
+pub fn json_bytes(v: &Value) -> Vec<u8> {
     let mut out = Vec::new();
     write_json(&mut out, v);
-    // Only valid UTF-8 is ever written: keys and strings come from `String`s.
-    String::from_utf8(out).unwrap_or_default()
+    out
 }
 
 /// The length in bytes of a value's canonical JSON.

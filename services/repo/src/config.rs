@@ -26,8 +26,9 @@
 //!   as such, before anything is read further or written.
 //! - `mac` = the same construction over AD = ["backstop/v1/config", canonical JSON of the
 //!   document without `mac`] (canonical: object keys sorted by byte order, no whitespace,
-//!   serde_json's escaping and number forms). Changing any field, including the chunker
-//!   parameters, is detected at open.
+//!   serde_json's escaping and number forms: `backstop_events::canonical::json_bytes`, the one
+//!   canonical JSON of the workspace, shared with the ledger). Changing any field, including the
+//!   chunker parameters, is detected at open.
 //! - `chunk_id.wrapped_key` = AES-256-SIV(wrap key, AD = ["backstop/v1/chunk-id-key",
 //!   repository id], 32 random bytes): the key of the keyed chunk-id hash.
 //!
@@ -175,48 +176,12 @@ pub struct RepoConfig {
     pub mac: String,
 }
 
-/// Canonical JSON: object keys sorted, no whitespace. Independent of serde_json's map order.
-pub(crate) fn canonical_json(v: &Value, out: &mut Vec<u8>) {
-    match v {
-        Value::Object(map) => {
-            let mut entries: Vec<_> = map.iter().collect();
-            entries.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-            out.push(b'{');
-            for (i, (k, val)) in entries.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                // Serializing a string or a Value into a Vec cannot fail.
-                let _ = serde_json::to_writer(&mut *out, k);
-                out.push(b':');
-                canonical_json(val, out);
-            }
-            out.push(b'}');
-        }
-        Value::Array(items) => {
-            out.push(b'[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                canonical_json(item, out);
-            }
-            out.push(b']');
-        }
-        scalar => {
-            let _ = serde_json::to_writer(&mut *out, scalar);
-        }
-    }
-}
-
 fn mac_input(doc: &Value) -> Vec<u8> {
     let mut without = doc.clone();
     if let Value::Object(m) = &mut without {
         m.remove("mac");
     }
-    let mut out = Vec::new();
-    canonical_json(&without, &mut out);
-    out
+    backstop_events::canonical::json_bytes(&without)
 }
 
 fn key_check(wrap_key: &[u8; 64], repository_id: &Uuid) -> [u8; 16] {
@@ -429,13 +394,5 @@ mod tests {
             .validate()
             .is_err()
         );
-    }
-
-    #[test]
-    fn canonical_sorts_keys() {
-        let v: Value = serde_json::from_str(r#"{"b":1,"a":{"d":[1,"x"],"c":null}}"#).unwrap();
-        let mut out = Vec::new();
-        canonical_json(&v, &mut out);
-        assert_eq!(out, br#"{"a":{"c":null,"d":[1,"x"]},"b":1}"#);
     }
 }
