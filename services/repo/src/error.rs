@@ -40,6 +40,18 @@ pub enum RepoError {
         check: String,
     },
 
+    /// The store refused to delete an object because it is locked (S3 object lock: a retention
+    /// date not reached yet, or a legal hold). Retrying now fails the same way, so it is not
+    /// transient; garbage collection keeps the object listed and tries again on a later run.
+    #[error(
+        "object {key} in {location} is locked and cannot be deleted yet ({detail}); it stays listed for garbage collection and is retried after its retention date"
+    )]
+    Locked {
+        key: String,
+        location: String,
+        detail: String,
+    },
+
     /// An object's SHA3-256 does not match the one recorded for it.
     #[error(
         "corrupt object {key}{}: expected SHA3-256 {expected}, found {actual}; the stored copy is damaged, restore it from a replica or take a new backup",
@@ -167,6 +179,7 @@ impl RepoError {
             RepoError::NotFound { key, .. }
             | RepoError::Corrupt { key, .. }
             | RepoError::Damaged { key, .. }
+            | RepoError::Locked { key, .. }
             | RepoError::Format { key, .. } => Some(key),
             _ => None,
         }

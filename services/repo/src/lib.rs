@@ -10,7 +10,8 @@
 //! - [`writer`]: the streaming, deduplicating, parallel backup writer.
 //! - [`reader`]: manifests, restore streams, dry runs.
 //! - [`check`]: consistency and data checks.
-//! - [`bench`]: a micro-benchmark of the data path.
+//! - [`gc`]: garbage collection (`prune`): mark, then sweep after a grace period.
+//! - [`bench`]: a micro-benchmark of the data path; [`gc_bench`]: the prune benchmark.
 //!
 //! The format is documented in `docs/FORMAT.md` ("Repository"). This crate does not depend on
 //! the ledger: it reports key accesses to a [`KeyAccessObserver`] and returns figures; the caller
@@ -23,6 +24,8 @@ pub mod chunk;
 pub mod config;
 mod cpu;
 pub mod error;
+pub mod gc;
+pub mod gc_bench;
 pub mod keys;
 pub mod manifest;
 pub mod reader;
@@ -36,6 +39,8 @@ pub use check::{CheckOptions, CheckReport, Problem, ProblemKind};
 pub use chunk::{ChunkId, Chunker, Hash32};
 pub use config::{ChunkerParams, CompressionParams, RepoConfig, RepoParams};
 pub use error::{RepoError, Result};
+pub use gc::{PruneOptions, PruneReport};
+pub use gc_bench::{PruneBenchFigures, bench_prune};
 pub use keys::{
     DataKey, KeyAccess, KeyAccessLog, KeyAccessObserver, KeyInfo, KeyPurpose, MASTER_KEY_ENV,
     MasterKey,

@@ -277,6 +277,70 @@ impl Backend for LocalBackend {
         .await
     }
 
+    async fn delete_many(&self, keys: &[String]) -> Vec<Result<()>> {
+        let mut paths = Vec::with_capacity(keys.len());
+        for k in keys {
+            paths.push(self.path(k).map(|p| (k.clone(), p)));
+        }
+        let res = self
+            .blocking(move || {
+                // Unlink everything first, then fsync each directory once: garbage collection
+                // deletes thousands of objects per batch, mostly in the same directories.
+                let mut results: Vec<Result<Option<PathBuf>>> = Vec::with_capacity(paths.len());
+                for p in paths {
+                    results.push(p.and_then(|(key, path)| match fs::remove_file(&path) {
+                        Ok(()) => Ok(path.parent().map(Path::to_path_buf)),
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                        Err(e) => Err(RepoError::io(
+                            format!("cannot delete object {key} at {}", path.display()),
+                            e,
+                        )),
+                    }));
+                }
+                let mut dirs: Vec<PathBuf> = results
+                    .iter()
+                    .filter_map(|r| r.as_ref().ok().cloned().flatten())
+                    .collect();
+                dirs.sort();
+                dirs.dedup();
+                let mut failed_dirs = std::collections::HashMap::new();
+                for d in dirs {
+                    if let Err(e) = fsync_dir(&d) {
+                        failed_dirs.insert(d, e.to_string());
+                    }
+                }
+                Ok(results
+                    .into_iter()
+                    .map(|r| match r {
+                        Ok(Some(dir)) => match failed_dirs.get(&dir) {
+                            Some(e) => Err(RepoError::io(
+                                format!("cannot make a delete in {} durable", dir.display()),
+                                io::Error::other(e.clone()),
+                            )),
+                            None => Ok(()),
+                        },
+                        Ok(None) => Ok(()),
+                        Err(e) => Err(e),
+                    })
+                    .collect::<Vec<_>>())
+            })
+            .await;
+        match res {
+            Ok(v) => v,
+            Err(e) => {
+                let msg = e.to_string();
+                keys.iter()
+                    .map(|_| {
+                        Err(RepoError::io(
+                            "local storage task failed",
+                            io::Error::other(msg.clone()),
+                        ))
+                    })
+                    .collect()
+            }
+        }
+    }
+
     fn describe(&self) -> String {
         self.root.display().to_string()
     }
@@ -326,6 +390,19 @@ mod tests {
         );
         b.delete("a/d").await.unwrap();
         b.delete("a/d").await.unwrap();
+        b.put("a/f", Bytes::from_static(b"1")).await.unwrap();
+        let res = b
+            .delete_many(&[
+                "a/e".into(),
+                "a/f".into(),
+                "a/missing".into(),
+                "../x".into(),
+            ])
+            .await;
+        assert!(res[0].is_ok() && res[1].is_ok() && res[2].is_ok());
+        assert!(res[3].is_err(), "an escaping key is refused");
+        assert_eq!(b.head("a/e").await.unwrap(), None);
+        assert_eq!(b.head("a/f").await.unwrap(), None);
         assert!(matches!(
             b.get("a/d").await,
             Err(RepoError::NotFound { .. })

@@ -8,7 +8,9 @@
 //!   the process is killed mid-write (the local backend writes a temporary file, fsyncs it and
 //!   renames it; S3 objects appear only when the upload completes).
 //! - `list` returns every object under the prefix (all pages), sorted by key, with its size.
-//! - `delete` of a missing object succeeds (deletes are idempotent).
+//! - `delete` (and `delete_many`) of a missing object succeeds (deletes are idempotent); a
+//!   backend that can tell that a refused delete is due to an object lock reports
+//!   [`RepoError::Locked`].
 //! - Keys are validated: no empty, `.` or `..` segment, no leading `/`, no NUL: a key can never
 //!   escape the repository root.
 
@@ -68,6 +70,18 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Removes an object; succeeds when it is already gone.
     async fn delete(&self, key: &str) -> Result<()>;
+
+    /// Removes several objects, with one result per key, in order (garbage collection deletes
+    /// in batches). The default deletes them one by one, a few at a time; backends that can
+    /// batch (the local one fsyncs each directory once per batch) override it.
+    async fn delete_many(&self, keys: &[String]) -> Vec<Result<()>> {
+        let mut out = Vec::with_capacity(keys.len());
+        for batch in keys.chunks(16) {
+            let deletes: Vec<_> = batch.iter().map(|k| self.delete(k)).collect();
+            out.extend(futures::future::join_all(deletes).await);
+        }
+        out
+    }
 
     /// Where this backend stores objects, for messages (`/srv/backups`, `s3://bucket/prefix at
     /// http://host:3900`).
