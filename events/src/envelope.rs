@@ -358,7 +358,7 @@ mod tests {
                 backup_id: uuid_v7(),
                 source: "main".into(),
                 kind: BackupKind::Full,
-                physical: false,
+                method: BackupMethod::Logical,
                 trigger: Trigger::Manual,
                 attempt: 1,
             }),

@@ -52,6 +52,46 @@ impl std::fmt::Display for BackupKind {
     }
 }
 
+/// How a backup reads its source. Every handler matches it exhaustively, so a new method cannot
+/// be accepted by the API and then silently refused by a worker.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackupMethod {
+    /// `pg_dump`'s schema plus parallel `COPY` streams from one exported snapshot.
+    #[default]
+    Logical,
+    /// A base backup (`pg_basebackup`), restored with archived WAL to a point in time.
+    Physical,
+}
+
+impl BackupMethod {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            BackupMethod::Logical => "logical",
+            BackupMethod::Physical => "physical",
+        }
+    }
+}
+
+impl std::str::FromStr for BackupMethod {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "logical" => Ok(BackupMethod::Logical),
+            "physical" => Ok(BackupMethod::Physical),
+            other => Err(format!(
+                "unknown backup method {other:?}: expected logical or physical"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for BackupMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "by", rename_all = "snake_case")]
 pub enum Trigger {
@@ -188,14 +228,32 @@ pub fn current_version(event_type: &str) -> Option<u16> {
 
 /// Rewrites a payload of an older schema version into the current shape, one version at a time.
 ///
-/// Every type is at version 1 today, so there is no step yet. When a type moves to version 2, its
-/// step goes here as `("type.name", 1) => { ...rewrite...; 2 }`, and the tests below gain a
-/// stored version-1 payload that must still decode.
-pub fn upcast(event_type: &str, mut version: u16, payload: Value) -> Value {
+/// Steps:
+/// - `backup.requested`, `backup.started`, `backup.completed` 1 -> 2: the boolean `physical`
+///   became `method` (`"logical"` or `"physical"`); a version-1 payload without the field was
+///   logical.
+///
+/// A step is `("type.name", n) => { ...rewrite...; n + 1 }`, and the tests below keep a stored
+/// version-n payload that must still decode.
+pub fn upcast(event_type: &str, mut version: u16, mut payload: Value) -> Value {
     let current = current_version(event_type).unwrap_or(version);
     while version < current {
-        #[allow(clippy::match_single_binding)]
         match (event_type, version) {
+            ("backup.requested" | "backup.started" | "backup.completed", 1) => {
+                if let Value::Object(fields) = &mut payload {
+                    let physical = fields
+                        .remove("physical")
+                        .and_then(|v| v.as_bool())
+                        .unwrap_or(false);
+                    let method = if physical {
+                        BackupMethod::Physical
+                    } else {
+                        BackupMethod::Logical
+                    };
+                    fields.insert("method".into(), Value::String(method.as_str().into()));
+                }
+                version = 2;
+            }
             _ => version = current,
         }
     }
@@ -209,23 +267,23 @@ vocabulary! {
     }
 
     /// Someone asked for a backup: an operator, a schedule, or a retry after a failure.
-    BackupRequested = "backup.requested" v 1 {
+    BackupRequested = "backup.requested" v 2 {
         backup_id: Uuid, source: String, kind: BackupKind,
-        #[serde(default)] physical: bool,
+        #[serde(default)] method: BackupMethod,
         trigger: Trigger,
         #[serde(default = "one")] attempt: u32,
     }
-    BackupStarted = "backup.started" v 1 {
+    BackupStarted = "backup.started" v 2 {
         backup_id: Uuid, source: String, kind: BackupKind,
         parent: Option<Uuid>,
-        #[serde(default)] physical: bool,
+        #[serde(default)] method: BackupMethod,
         host: String,
     }
     /// A backup is complete: its manifest is sealed, uploaded and read back intact.
-    BackupCompleted = "backup.completed" v 1 {
+    BackupCompleted = "backup.completed" v 2 {
         backup_id: Uuid, source: String, kind: BackupKind,
         parent: Option<Uuid>,
-        #[serde(default)] physical: bool,
+        #[serde(default)] method: BackupMethod,
         /// Object key of the sealed manifest in the repository.
         manifest: String,
         /// SHA3-256 of the sealed manifest object.
@@ -402,6 +460,28 @@ mod tests {
             panic!("wrong variant")
         };
         assert_eq!(p.attempt, 1);
+    }
+
+    #[test]
+    fn version_1_backup_events_read_as_methods() {
+        // Stored before `method` replaced the boolean `physical`: both shapes still decode.
+        let requested = json!({"backup_id": Uuid::nil(), "source": "main", "kind": "full",
+            "physical": true, "trigger": {"by": "manual"}});
+        let Event::BackupRequested(r) = Event::decode("backup.requested", 1, &requested).unwrap()
+        else {
+            panic!("wrong variant")
+        };
+        assert_eq!(r.method, BackupMethod::Physical);
+        let started = json!({"backup_id": Uuid::nil(), "source": "main", "kind": "full",
+            "parent": null, "host": "db1"});
+        let Event::BackupStarted(s) = Event::decode("backup.started", 1, &started).unwrap() else {
+            panic!("wrong variant")
+        };
+        assert_eq!(s.method, BackupMethod::Logical);
+        // The current version writes `method` and no `physical`.
+        let payload = Event::BackupRequested(r).payload();
+        assert_eq!(payload["method"], "physical");
+        assert!(payload.get("physical").is_none());
     }
 
     #[test]

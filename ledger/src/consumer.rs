@@ -26,13 +26,17 @@ use crate::error::LedgerError;
 use crate::outbox::SUBJECT_PREFIX;
 use crate::{Appender, ExpectedVersion, Ledger};
 
-/// Why a handler could not handle an event.
+/// Why a handler could not handle an event. The message carries the whole chain of causes (it
+/// is what a dead letter records); `source` keeps the original error for callers that inspect
+/// it by type.
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
 pub struct HandlerError {
     pub message: String,
     /// Whether trying again later may succeed.
     pub retryable: bool,
+    #[source]
+    pub source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
 impl HandlerError {
@@ -40,22 +44,44 @@ impl HandlerError {
         HandlerError {
             message: message.into(),
             retryable: true,
+            source: None,
         }
     }
     pub fn permanent(message: impl Into<String>) -> HandlerError {
         HandlerError {
             message: message.into(),
             retryable: false,
+            source: None,
+        }
+    }
+    /// Wraps `error`, keeping it as the source and its whole chain in the message. Whether to
+    /// retry is the caller's decision, taken from the error's variant.
+    pub fn from_error(
+        error: impl std::error::Error + Send + Sync + 'static,
+        retryable: bool,
+    ) -> HandlerError {
+        let mut message = error.to_string();
+        let mut cause = error.source();
+        while let Some(c) = cause {
+            let text = c.to_string();
+            if !message.contains(&text) {
+                message.push_str(": ");
+                message.push_str(&text);
+            }
+            cause = c.source();
+        }
+        HandlerError {
+            message,
+            retryable,
+            source: Some(Box::new(error)),
         }
     }
 }
 
 impl From<LedgerError> for HandlerError {
     fn from(e: LedgerError) -> Self {
-        HandlerError {
-            retryable: e.is_transient(),
-            message: e.to_string(),
-        }
+        let retryable = e.is_transient();
+        HandlerError::from_error(e, retryable)
     }
 }
 
@@ -67,6 +93,18 @@ pub trait Handler: Send + Sync + 'static {
     /// Whether this handler acts on events of this type (others are skipped and acknowledged).
     fn wants(&self, event_type: &str) -> bool;
     async fn handle(&self, event: &Envelope, appender: &dyn Appender) -> Result<(), HandlerError>;
+    /// Called once when the consumer stops trying an event (its deliveries are exhausted, or the
+    /// error was permanent), just before the `worker.dead_lettered` event: the handler records
+    /// what it owes for the work it could not do (a backup retried on transient failures is
+    /// recorded as failed here). The default records nothing.
+    async fn give_up(
+        &self,
+        _event: &Envelope,
+        _error: &HandlerError,
+        _appender: &dyn Appender,
+    ) -> Result<(), LedgerError> {
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -163,6 +201,7 @@ pub async fn run_embedded(
                             attempt += 1;
                         }
                         Err(e) => {
+                            handler.give_up(&event, &e, &ledger).await?;
                             dead_letter(&ledger, &name, &event, attempt, &e.message).await?;
                             break;
                         }
@@ -322,6 +361,7 @@ async fn consume_until_error(
                     .map_err(ack_err)?;
             }
             Err(e) => {
+                handler.give_up(&event, &e, appender).await?;
                 dead_letter(appender, name, &event, delivered, &e.message).await?;
                 msg.ack_with(AckKind::Term).await.map_err(ack_err)?;
             }

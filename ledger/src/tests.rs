@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
-use backstop_events::{Actor, BackupKind, BackupRequested, Event, NewEvent, Trigger, uuid_v7};
+use backstop_events::{
+    Actor, BackupKind, BackupMethod, BackupRequested, Event, NewEvent, Trigger, uuid_v7,
+};
 
 use super::*;
 
@@ -21,7 +23,7 @@ fn event(stream: &str) -> NewEvent {
             backup_id: uuid_v7(),
             source: "main".into(),
             kind: BackupKind::Full,
-            physical: false,
+            method: BackupMethod::Logical,
             trigger: Trigger::Manual,
             attempt: 1,
         }),

@@ -3,7 +3,8 @@
 //! Wire format (JSON): `{"error": "<what is wrong and what to do>", "status": <code>}`. HTML pages
 //! wrap the same error in a page ([`PageError`]). Nothing user-caused is a 500: malformed
 //! parameters are 400, unknown ids 404; a 500 means a bug or a broken database, and its message
-//! says which.
+//! says which. A 503 for something that will pass by itself (the read models still being
+//! prepared at start-up) carries `Retry-After` in seconds, on JSON and HTML answers alike.
 
 use axum::Json;
 use axum::http::StatusCode;
@@ -24,6 +25,10 @@ pub enum ApiError {
     /// A dependency is absent or down (projections not configured, database unreachable).
     #[error("{0}")]
     Unavailable(String),
+    /// Not ready yet, and will be without anyone doing anything (the read models are being
+    /// migrated at start-up): 503 with `Retry-After`.
+    #[error("{0}")]
+    NotReady(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -36,7 +41,7 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -44,12 +49,32 @@ impl ApiError {
     pub fn bad(msg: impl Into<String>) -> ApiError {
         ApiError::BadRequest(msg.into())
     }
+
+    /// Seconds a client should wait before retrying, for errors that pass by themselves.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            ApiError::NotReady(_) => Some(crate::READ_MODELS_RETRY_AFTER_SECS),
+            _ => None,
+        }
+    }
+
+    /// Adds `Retry-After` when the error passes by itself.
+    fn add_retry_after(&self, resp: &mut Response) {
+        if let Some(secs) = self.retry_after() {
+            resp.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(secs),
+            );
+        }
+    }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        if status.is_server_error() {
+        // Not being ready at start-up is expected; logging every refused request would flood
+        // the log while a dashboard polls.
+        if status.is_server_error() && !matches!(self, ApiError::NotReady(_)) {
             tracing::warn!(status = status.as_u16(), error = %self, "request failed");
         }
         let mut resp = (
@@ -63,6 +88,7 @@ impl IntoResponse for ApiError {
                 axum::http::HeaderValue::from_static("Bearer realm=\"backstop\""),
             );
         }
+        self.add_retry_after(&mut resp);
         resp
     }
 }
@@ -124,7 +150,9 @@ impl IntoResponse for PageError {
             reason = status.canonical_reason().unwrap_or(""),
             msg = escape(&self.0.to_string()),
         );
-        (status, Html(body)).into_response()
+        let mut resp = (status, Html(body)).into_response();
+        self.0.add_retry_after(&mut resp);
+        resp
     }
 }
 

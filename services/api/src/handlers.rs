@@ -10,8 +10,8 @@ use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use backstop_events::{
-    Actor, BackupKind, BackupRequested, Event, NewEvent, RecoveryRequested, RecoveryScope, Trigger,
-    streams, uuid_v7,
+    Actor, BackupKind, BackupMethod, BackupRequested, Event, NewEvent, RecoveryRequested,
+    RecoveryScope, Trigger, streams, uuid_v7,
 };
 use backstop_ledger::ExpectedVersion;
 use backstop_projections::read::{
@@ -160,6 +160,7 @@ async fn compute_overview(
 pub async fn healthz(State(state): State<ApiState>) -> Response {
     let projections = match state.0.projections.as_ref() {
         None => "not configured",
+        Some(_) if *state.0.read_models.borrow() != crate::ReadModels::Ready => "starting",
         Some(p) => match sqlx::query("SELECT 1").execute(p.pool()).await {
             Ok(_) => "ok",
             Err(_) => "unreachable",
@@ -527,6 +528,10 @@ pub struct BackupRequest {
     pub source: String,
     #[serde(default)]
     pub kind: Option<String>,
+    /// `logical` (the default) or `physical`.
+    #[serde(default)]
+    pub method: Option<String>,
+    /// Older clients' spelling of `"method": "physical"`.
     #[serde(default)]
     pub physical: bool,
 }
@@ -562,6 +567,19 @@ pub async fn request_backup(
         .unwrap_or("full")
         .parse()
         .map_err(ApiError::BadRequest)?;
+    let method: BackupMethod = match (req.method.as_deref(), req.physical) {
+        (None, false) => BackupMethod::Logical,
+        (None, true) => BackupMethod::Physical,
+        (Some(m), physical) => {
+            let m: BackupMethod = m.parse().map_err(ApiError::BadRequest)?;
+            if physical && m != BackupMethod::Physical {
+                return Err(ApiError::bad(
+                    "`physical: true` contradicts `method`; send `method` alone",
+                ));
+            }
+            m
+        }
+    };
     let name = operator_name(&caller)?;
     let backup_id = uuid_v7();
     let stream = streams::backup(backup_id);
@@ -572,7 +590,7 @@ pub async fn request_backup(
             backup_id,
             source: req.source.clone(),
             kind,
-            physical: req.physical,
+            method,
             trigger: Trigger::Manual,
             attempt: 1,
         }),
@@ -586,7 +604,7 @@ pub async fn request_backup(
     Ok((
         StatusCode::ACCEPTED,
         Json(serde_json::json!({
-            "backup_id": backup_id, "source": req.source, "kind": kind,
+            "backup_id": backup_id, "source": req.source, "kind": kind, "method": method,
             "requested_by": name, "position": position,
         })),
     ))

@@ -15,6 +15,10 @@
 //!   is sent ([`auth`] has the role matrix).
 //! - Without a projections database the API still serves `/healthz`, `/metrics` (ledger figures)
 //!   and the live event stream; pages that need projections answer 503 with what to configure.
+//! - Until the read models are ready ([`ReadModels`]: `serve` listens before the projections'
+//!   migrations have run, and PostgreSQL may still be starting), pages that need projections
+//!   answer 503 with the reason and `Retry-After`, never a 500 about a table that is not there
+//!   yet.
 //! - Live streams end when the shutdown watch fires, so a graceful shutdown never waits on a
 //!   browser.
 
@@ -82,6 +86,20 @@ impl Default for ApiConfig {
     }
 }
 
+/// Whether the read models can be queried yet; told to the API by whoever migrates them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReadModels {
+    /// The schema migrations are running (or waiting for another instance's to finish).
+    Migrating,
+    /// The projections database has not accepted the migrations yet; they are retried.
+    Waiting { error: String },
+    /// Migrated: queries find every table they read.
+    Ready,
+}
+
+/// What a client is told to wait before asking again while the read models are not ready.
+pub const READ_MODELS_RETRY_AFTER_SECS: u64 = 2;
+
 /// The result of a storage probe, as shown and cached.
 #[derive(Clone, Debug, Serialize)]
 pub struct ProbeResult {
@@ -107,6 +125,8 @@ struct Inner {
     /// The overview, computed at most once per [`OVERVIEW_TTL`]: under load every request in
     /// that window shares one computation (the lock also keeps them from computing it at once).
     overview_cache: tokio::sync::Mutex<Option<(Instant, Arc<handlers::Overview>)>>,
+    /// Ready unless [`ApiState::with_read_models`] says otherwise.
+    read_models: watch::Receiver<ReadModels>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -140,8 +160,19 @@ impl ApiState {
             probe_cache: Mutex::new(None),
             probing: std::sync::atomic::AtomicBool::new(false),
             overview_cache: tokio::sync::Mutex::new(None),
+            // A receiver keeps the last value after its sender is gone: ready for good.
+            read_models: watch::channel(ReadModels::Ready).1,
             shutdown,
         }))
+    }
+
+    /// Follows the read models' readiness (call before serving): until it turns
+    /// [`ReadModels::Ready`], whatever needs the projections answers 503 with the reason.
+    pub fn with_read_models(mut self, readiness: watch::Receiver<ReadModels>) -> ApiState {
+        if let Some(inner) = Arc::get_mut(&mut self.0) {
+            inner.read_models = readiness;
+        }
+        self
     }
 
     /// Adds the live storage check (call before serving).
@@ -161,12 +192,22 @@ impl ApiState {
         self
     }
 
+    /// The projections, once they are configured and their read models ready.
     fn projections(&self) -> Result<&Projections, ApiError> {
-        self.0.projections.as_ref().ok_or_else(|| {
+        let projections = self.0.projections.as_ref().ok_or_else(|| {
             ApiError::Unavailable(
                 "projections are not configured: set projections.database_url (or --projections-url / BACKSTOP_PROJECTIONS_URL) to a PostgreSQL database Backstop may create tables in, and restart `backstop serve`".into(),
             )
-        })
+        })?;
+        match &*self.0.read_models.borrow() {
+            ReadModels::Ready => Ok(projections),
+            ReadModels::Migrating => Err(ApiError::NotReady(
+                "the read models are not ready yet: `backstop serve` is applying the projections' database migrations; retry in a few seconds".into(),
+            )),
+            ReadModels::Waiting { error } => Err(ApiError::NotReady(format!(
+                "the read models are not ready yet: the projections database has not accepted the migrations ({error}); `backstop serve` keeps retrying, check that the database is up and projections.database_url is right"
+            ))),
+        }
     }
 
     /// The storage status for pages and metrics: the last probe's result, refreshed in the

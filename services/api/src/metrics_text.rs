@@ -106,7 +106,8 @@ pub async fn metrics(State(state): State<ApiState>, ctx: Ctx) -> Result<Response
         "gauge",
         "1 if the projections database answered this scrape.",
     );
-    match state.0.projections.as_ref() {
+    // Not configured, or its read models not ready yet (start-up): nothing to read.
+    match state.projections().ok() {
         None => {
             let _ = writeln!(out, "backstop_projections_up 0");
         }

@@ -4,8 +4,8 @@
 //!    1,000,000): backups with their verifications, key accesses, storage samples, WAL segments,
 //!    health checks, alerts.
 //! 2. Projects them into PostgreSQL (`--projections-url`, or a throwaway PostgreSQL 15 started
-//!    here) and reports the projection speed.
-//! 3. Starts `backstop serve` on that ledger, prints the plans (`EXPLAIN`) of the audit queries,
+//!    through the testkit with `shared_buffers = 256MB`) and reports the projection speed.
+//! 3. Starts `backstop serve` (the `backstop` binary, as a child process) on that ledger, prints the plans (`EXPLAIN`) of the audit queries,
 //!    and drives each target from this process over loopback: `wrk -t2 -c8 --latency` at full
 //!    speed (saturation throughput and its p99), then a paced run at `--rate` requests per second
 //!    whose latencies are measured from each request's scheduled time (so a stall counts against
@@ -13,7 +13,7 @@
 //!
 //! It measures and prints; it asserts nothing.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -45,14 +45,19 @@ pub struct BenchApiArgs {
 
 const TOKEN: &str = "bench-operator-token-0123456789abcdef";
 
-pub async fn run(args: BenchApiArgs) -> anyhow::Result<std::process::ExitCode> {
+pub async fn run(args: BenchApiArgs, backstop: &Path) -> anyhow::Result<()> {
     let work = tempfile::tempdir()?;
     let mut throwaway = None;
     let url = match args.projections_url.clone() {
         Some(u) => u,
         None => {
-            let pg = ThrowawayPg::start(work.path())?;
-            let u = pg.url();
+            let options = backstop_testkit::PostgresOptions::new()
+                .conf("shared_buffers = 256MB")
+                .conf("max_connections = 50");
+            let pg = backstop_testkit::Postgres::start_with(options).context(
+                "starting PostgreSQL 15 for the projections (or pass --projections-url)",
+            )?;
+            let u = pg.conninfo("postgres");
             throwaway = Some(pg);
             u
         }
@@ -61,7 +66,7 @@ pub async fn run(args: BenchApiArgs) -> anyhow::Result<std::process::ExitCode> {
     println!(
         "backstop bench api: {} events, {} cores",
         args.events,
-        cores()
+        crate::shared::cores()
     );
 
     // 1. Fill.
@@ -108,11 +113,10 @@ pub async fn run(args: BenchApiArgs) -> anyhow::Result<std::process::ExitCode> {
         &config,
         format!("[api]\ntokens_file = \"{}\"\n", tokens.display()),
     )?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let log = std::fs::File::create(work.path().join("serve.log"))?;
-    let mut serve = Command::new(std::env::current_exe()?)
+    let port = backstop_testkit::try_free_port()?;
+    let log_path = work.path().join("serve.log");
+    let log = std::fs::File::create(&log_path)?;
+    let mut serve = Command::new(backstop)
         .arg("--data-dir")
         .arg(&data)
         .arg("--config")
@@ -129,21 +133,19 @@ pub async fn run(args: BenchApiArgs) -> anyhow::Result<std::process::ExitCode> {
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
-        .context("start backstop serve")?;
+        .with_context(|| format!("starting {} serve", backstop.display()))?;
     let result = load(&args, port, &projections).await;
     let _ = Command::new("kill")
         .args(["-TERM", &serve.id().to_string()])
         .status();
     let _ = serve.wait();
     drop(throwaway);
-    result?;
-    Ok(std::process::ExitCode::SUCCESS)
-}
-
-fn cores() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
+    result.with_context(|| {
+        format!(
+            "backstop serve's log ends:\n{}",
+            backstop_testkit::log_tail(&log_path, 20)
+        )
+    })
 }
 
 /// Appends `target` events with 8 concurrent appenders, each append a batch on one stream.
@@ -504,115 +506,4 @@ async fn exchange(c: &mut tokio::net::TcpStream, port: u16, path: &str) -> anyho
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
-}
-
-/// A PostgreSQL 15 in a temporary directory for the length of the benchmark. As root it runs as
-/// the `postgres` system user (PostgreSQL refuses to run as root).
-struct ThrowawayPg {
-    data: PathBuf,
-    port: u16,
-    user: Option<String>,
-}
-
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
-
-impl ThrowawayPg {
-    fn command(&self, prog: &str) -> Command {
-        pg_command(self.user.as_deref(), prog)
-    }
-
-    fn start(work: &Path) -> anyhow::Result<ThrowawayPg> {
-        let root = Command::new("id")
-            .arg("-u")
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-            .unwrap_or(false);
-        let user = root.then(|| "postgres".to_string());
-        let dir = work.join("pg");
-        std::fs::create_dir_all(&dir)?;
-        if let Some(u) = &user {
-            let status = Command::new("chown")
-                .args(["-R", &format!("{u}:{u}")])
-                .arg(&dir)
-                .status()?;
-            if !status.success() {
-                anyhow::bail!("cannot give {} to the {u} user", dir.display());
-            }
-            // The parent must be traversable by that user.
-            let _ = Command::new("chmod").arg("755").arg(work).status();
-        }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let pg = ThrowawayPg {
-            data: dir.join("data"),
-            port,
-            user,
-        };
-        let out = pg
-            .command("initdb")
-            .args([
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--no-sync",
-                "-D",
-            ])
-            .arg(&pg.data)
-            .output()
-            .context("initdb (PostgreSQL 15) is not installed, or pass --projections-url")?;
-        if !out.status.success() {
-            anyhow::bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        let opts = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c shared_buffers=256MB -c max_connections=50",
-            dir.display()
-        );
-        let out = pg
-            .command("pg_ctl")
-            .arg("-D")
-            .arg(&pg.data)
-            .arg("-l")
-            .arg(dir.join("log"))
-            .args(["-o", &opts, "-w", "start"])
-            .output()?;
-        if !out.status.success() {
-            anyhow::bail!(
-                "PostgreSQL did not start: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(pg)
-    }
-
-    fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
-    }
-}
-
-fn pg_command(user: Option<&str>, prog: &str) -> Command {
-    let path = Path::new(PG_BIN).join(prog);
-    match user {
-        Some(u) => {
-            let mut c = Command::new("runuser");
-            c.args(["-u", u, "--"]).arg(path);
-            c
-        }
-        None => Command::new(path),
-    }
-}
-
-impl Drop for ThrowawayPg {
-    fn drop(&mut self) {
-        let _ = self
-            .command("pg_ctl")
-            .arg("-D")
-            .arg(&self.data)
-            .args(["-m", "immediate", "stop"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
 }

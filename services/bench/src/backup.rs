@@ -2,11 +2,15 @@
 //! the trading dataset, in one run. A report: it measures and prints, it asserts nothing.
 //!
 //! What one invocation does:
-//! 1. Starts a throwaway PostgreSQL 15 in a temporary directory (as the `postgres` system user
-//!    when run as root: PostgreSQL refuses root), loads `bench/trading.sql` with `--rows` rows
-//!    (compiled into the binary, so the bench needs no checkout), then `VACUUM ANALYZE`.
-//!    With `garage` among `--tools`, also starts a throwaway single-node Garage (as
-//!    /work/shared/GARAGE.md describes; the `garage` binary from PATH or ~/.cargo/bin).
+//! 1. Starts a throwaway PostgreSQL 15 in the working directory through the testkit (as the
+//!    `postgres` system user when run as root: PostgreSQL refuses root) with `shared_buffers =
+//!    256MB`, `max_wal_size = 4GB`, `maintenance_work_mem = 256MB` and autovacuum off, loads
+//!    `bench/trading.sql` with `--rows` rows (compiled into the binary, so the bench needs no
+//!    checkout), then `VACUUM ANALYZE`. With `garage` among `--tools`, also starts a throwaway
+//!    single-node Garage through the testkit, storing blocks uncompressed (`compression_level =
+//!    "none"`, as a store of encrypted backups is configured: Garage's default zstd pass over
+//!    sealed, incompressible objects only burns the CPU the machine shares with the tools
+//!    measured).
 //! 2. Per run (`--runs`), on a fresh copy of the loaded database (`CREATE DATABASE ... TEMPLATE`,
 //!    so every run starts from the same bytes), in this order:
 //!    `pg_dump -Fd -j2 -Z6`; `pg_dump -Fc -Z0` (the floor, and the file the restore reference
@@ -19,7 +23,7 @@
 //!    targets are stated in (against restic and against `pg_restore -j2`).
 //!
 //! How it measures:
-//! - Every tool is a child process of this one (Backstop is this same binary, `current_exe()`),
+//! - Every tool is a child process of this one (Backstop is the `backstop` binary, see main.rs),
 //!   timed from spawn to exit; its peak memory is the child's maximum resident set size from
 //!   `wait4` (it includes the child's own reaped children, e.g. `pg_dump -j2`'s workers). For the
 //!   restic pipeline, the time is until both ends exit and the memory is restic's.
@@ -29,8 +33,8 @@
 //! - Before each measured step the server checkpoints and the page cache is flushed (`sync`),
 //!   so one step's writeback does not land in the next one's time.
 //! - CPU seconds: the tool's own (user + system, from `wait4`) plus those of the PostgreSQL
-//!   backends that served it (the postmaster's account of its reaped children, read from /proc
-//!   before and after; autovacuum is off so nothing else lands there). Wall time on a shared
+//!   backends that served it (the postmaster's own and its reaped children's account, read from
+//!   /proc before and after; autovacuum is off so nothing else lands there). Wall time on a shared
 //!   2-core machine swings with whatever else runs; CPU seconds hardly do, so the report gives
 //!   both. Garage's own CPU is recorded separately (`store_cpu_secs`) and left out of the total.
 //! - The server runs with `fsync = off` and `synchronous_commit = off` (a throwaway, as in the
@@ -38,19 +42,21 @@
 //!   like with like.
 
 use std::io::Read;
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use backstop_testkit::{Garage, GarageOptions, Postgres, PostgresOptions};
 use clap::{Args, ValueEnum};
-use rand::RngCore;
 use serde::Serialize;
 
-const TRADING_SQL: &str = include_str!("../../../bench/trading.sql");
-const CHURN_SQL: &str = include_str!("../../../bench/churn.sql");
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+use crate::shared::{CHURN_SQL, TRADING_SQL, dir_bytes, loadavg, proc_cpu_secs, wait_rusage};
+
+/// The bucket the Garage repositories live in (one prefix per run).
+const GARAGE_BUCKET: &str = "bench";
+/// psql runs that load or churn the dataset may take long at full size.
+const LOAD_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 const RESTIC_PASSWORD: &str = "backstop-bench";
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -187,17 +193,11 @@ struct Report {
     median: Vec<ToolRun>,
 }
 
-pub async fn run(args: BenchBackupArgs) -> anyhow::Result<std::process::ExitCode> {
+pub async fn run(args: BenchBackupArgs, backstop: &Path) -> anyhow::Result<()> {
     let loadavg_before = loadavg();
-    let parent = args.work_dir.clone().unwrap_or_else(std::env::temp_dir);
-    std::fs::create_dir_all(&parent)
-        .with_context(|| format!("cannot create {}", parent.display()))?;
-    let work = tempfile::Builder::new()
-        .prefix("backstop-bench-")
-        .tempdir_in(&parent)
-        .with_context(|| format!("cannot create a working directory in {}", parent.display()))?;
+    let work = crate::shared::work_dir(args.work_dir.as_deref(), "backstop-bench-")?;
     let dir = work.path().to_path_buf();
-    let result = run_in(&args, &dir, loadavg_before).await;
+    let result = run_in(&args, backstop, &dir, loadavg_before).await;
     if args.keep {
         let kept = work.keep();
         eprintln!("working directory kept: {}", kept.display());
@@ -207,9 +207,10 @@ pub async fn run(args: BenchBackupArgs) -> anyhow::Result<std::process::ExitCode
 
 async fn run_in(
     args: &BenchBackupArgs,
+    backstop: &Path,
     dir: &Path,
     loadavg_before: String,
-) -> anyhow::Result<std::process::ExitCode> {
+) -> anyhow::Result<()> {
     let has = |t: BenchTool| args.tools.contains(&t);
     eprintln!(
         "starting PostgreSQL 15{} in {}",
@@ -220,14 +221,32 @@ async fn run_in(
         },
         dir.display()
     );
-    let pg = ThrowawayPg::start(dir, args.fsync)?;
-    let garage = if has(BenchTool::Garage) {
-        Some(ThrowawayGarage::start(dir)?)
-    } else {
-        None
-    };
+    let mut options = PostgresOptions::new()
+        .in_dir(dir)
+        .conf("shared_buffers = 256MB")
+        .conf("max_connections = 50")
+        .conf("max_wal_size = 4GB")
+        .conf("maintenance_work_mem = 256MB")
+        .autovacuum_off();
+    if args.fsync {
+        options = options.durable();
+    }
+    let mut pg = Postgres::start_with(options).context("starting PostgreSQL 15")?;
+    pg.set_command_timeout(LOAD_TIMEOUT);
+    let garage =
+        if has(BenchTool::Garage) {
+            let options = GarageOptions::new()
+                .bucket(GARAGE_BUCKET)
+                .uncompressed()
+                .in_dir(dir);
+            Some(Garage::start_with(options).context(
+                "starting Garage for the garage runs (or leave `garage` out of --tools)",
+            )?)
+        } else {
+            None
+        };
     let restic = if has(BenchTool::Restic) {
-        Some(find_tool("restic").context("restic is not installed (apt-get install restic)")?)
+        Some(backstop_testkit::require_tool("restic")?)
     } else {
         None
     };
@@ -253,7 +272,7 @@ async fn run_in(
         .context("reading the database size")?;
     eprintln!(
         "loaded in {load_secs:.0} s: {} database",
-        crate::repo_cmd::human(database_bytes)
+        crate::shared::human(database_bytes)
     );
 
     // 2. Runs.
@@ -263,6 +282,7 @@ async fn run_in(
         eprintln!("run {} of {}", run + 1, args.runs.max(1));
         let ctx = RunCtx {
             args,
+            backstop,
             pg: &pg,
             garage: garage.as_ref(),
             restic: restic.as_deref(),
@@ -291,9 +311,7 @@ async fn run_in(
     let report = Report {
         rows: args.rows,
         runs: per_run.len(),
-        cores: std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
+        cores: crate::shared::cores(),
         database_bytes,
         plain_dump_bytes,
         load_secs,
@@ -314,13 +332,14 @@ async fn run_in(
     } else {
         print_report(&report);
     }
-    Ok(std::process::ExitCode::SUCCESS)
+    Ok(())
 }
 
 struct RunCtx<'a> {
     args: &'a BenchBackupArgs,
-    pg: &'a ThrowawayPg,
-    garage: Option<&'a ThrowawayGarage>,
+    backstop: &'a Path,
+    pg: &'a Postgres,
+    garage: Option<&'a Garage>,
     restic: Option<&'a Path>,
     dir: PathBuf,
     db: String,
@@ -346,7 +365,7 @@ impl RunCtx<'_> {
     fn begin(&self) -> anyhow::Result<(f64, f64)> {
         self.pg.psql("postgres", "CHECKPOINT")?;
         let _ = Command::new("sync").status();
-        Ok((self.pg.server_cpu()?, self.store_cpu()))
+        Ok((crate::shared::server_cpu(self.pg)?, self.store_cpu()))
     }
 
     /// After a measured step: adds the CPU time of the backends that served it, and Garage's.
@@ -354,20 +373,21 @@ impl RunCtx<'_> {
         // A backend's time reaches the postmaster's account once it has exited and been reaped,
         // a moment after its client disconnected.
         std::thread::sleep(Duration::from_millis(300));
-        s.server_cpu_secs = (self.pg.server_cpu()? - before.0).max(0.0);
+        s.server_cpu_secs = (crate::shared::server_cpu(self.pg)? - before.0).max(0.0);
         s.store_cpu_secs = (self.store_cpu() - before.1).max(0.0);
         Ok(s)
     }
 
     fn store_cpu(&self) -> f64 {
         self.garage
-            .and_then(|g| proc_cpu_secs(g.child.id(), false).ok())
+            .and_then(Garage::pid)
+            .and_then(|pid| proc_cpu_secs(pid, false).ok())
             .unwrap_or(0.0)
     }
 
     async fn measure(&self) -> anyhow::Result<(Vec<ToolRun>, Option<u64>)> {
         let mut f: Vec<ToolRun> = vec![ToolRun::default(); ROWS.len()];
-        let url = self.pg.url(&self.db);
+        let url = self.pg.conninfo(&self.db);
         let restore = !self.args.no_restore;
 
         // Full backups.
@@ -376,7 +396,7 @@ impl RunCtx<'_> {
             let out = self.dir.join("fd");
             let s = self
                 .pg
-                .tool("pg_dump")
+                .client("pg_dump")
                 .args(["-Fd", "-j2", "-Z6", "-f"])
                 .arg(&out)
                 .arg(&self.db)
@@ -391,7 +411,7 @@ impl RunCtx<'_> {
             let mark = self.begin()?;
             let s = self
                 .pg
-                .tool("pg_dump")
+                .client("pg_dump")
                 .args(["-Fc", "-Z0", "-f"])
                 .arg(&plain)
                 .arg(&self.db)
@@ -464,7 +484,7 @@ impl RunCtx<'_> {
             let mark = self.begin()?;
             let s = self
                 .pg
-                .tool("pg_restore")
+                .client("pg_restore")
                 .args(["-j2", "-d", &target])
                 .arg(&plain)
                 .measured(&self.dir, "pg_restore -j2")?;
@@ -480,7 +500,7 @@ impl RunCtx<'_> {
                     .backstop(repo)
                     .arg("restore")
                     .arg(id)
-                    .args(["--to", &self.pg.url(&target), "--jobs"])
+                    .args(["--to", &self.pg.conninfo(&target), "--jobs"])
                     .arg(self.args.jobs.to_string())
                     .stdout_to(&self.dir.join(format!("restore-{}.out", repo.label)))
                     .measured(&self.dir, &format!("backstop restore ({})", repo.label))?;
@@ -498,7 +518,7 @@ impl RunCtx<'_> {
         let started = Instant::now();
         let mut dump = self
             .pg
-            .tool("pg_dump")
+            .client("pg_dump")
             .args(["-Fc", "-Z0"])
             .arg(&self.db)
             .stdout(Stdio::piped())
@@ -529,8 +549,14 @@ impl RunCtx<'_> {
             .spawn()
             .context("starting restic")?;
         let mut dump_err = dump.stderr.take();
-        let (restic_status, restic_peak, restic_cpu) = wait_rusage(&mut backup)?;
-        let (dump_status, _, dump_cpu) = wait_rusage(&mut dump)?;
+        let restic_usage = wait_rusage(&mut backup)?;
+        let dump_usage = wait_rusage(&mut dump)?;
+        let (restic_status, restic_peak, restic_cpu) = (
+            restic_usage.status,
+            restic_usage.peak_bytes,
+            restic_usage.cpu_secs,
+        );
+        let (dump_status, dump_cpu) = (dump_usage.status, dump_usage.cpu_secs);
         let secs = started.elapsed().as_secs_f64();
         if !dump_status.success() {
             let mut e = String::new();
@@ -574,9 +600,9 @@ impl RunCtx<'_> {
                 config.push_str(&format!(
                     "endpoint = \"{}\"\nregion = \"{}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n",
                     g.endpoint(),
-                    GARAGE_REGION,
-                    g.access_key,
-                    g.secret_key
+                    g.region(),
+                    g.access_key(),
+                    g.secret_key()
                 ));
                 format!("s3://{GARAGE_BUCKET}/{}", self.db)
             }
@@ -590,7 +616,7 @@ impl RunCtx<'_> {
             location,
         };
         std::fs::write(&repo.config, config)?;
-        let out = Command::new(std::env::current_exe()?)
+        let out = Command::new(self.backstop)
             .arg("--config")
             .arg(&repo.config)
             .arg("--data-dir")
@@ -599,7 +625,7 @@ impl RunCtx<'_> {
             .arg(&repo.key)
             .env("BACKSTOP_LOG", "warn")
             .output()
-            .context("running backstop init")?;
+            .with_context(|| format!("running {} init", self.backstop.display()))?;
         if !out.status.success() {
             bail!(
                 "backstop init ({label}) failed: {}",
@@ -611,7 +637,7 @@ impl RunCtx<'_> {
 
     /// `backstop` with the repository's config, data directory, location and key.
     fn backstop(&self, repo: &BsRepo) -> BsCommand {
-        let mut c = Command::new(std::env::current_exe().unwrap_or_else(|_| "backstop".into()));
+        let mut c = Command::new(self.backstop);
         c.arg("--config")
             .arg(&repo.config)
             .arg("--data-dir")
@@ -656,7 +682,15 @@ impl RunCtx<'_> {
         match self.garage {
             Some(g) if repo.location.starts_with("s3://") => {
                 let loc = backstop_repo::Location::parse(&repo.location)?;
-                let backend = loc.open(Some(g.s3_settings())).await?;
+                let settings = backstop_repo::S3Settings {
+                    endpoint: Some(g.endpoint()),
+                    region: Some(g.region().into()),
+                    access_key: Some(g.access_key().into()),
+                    secret_key: Some(g.secret_key().into()),
+                    path_style: true,
+                    ..Default::default()
+                };
+                let backend = loc.open(Some(settings)).await?;
                 Ok(backend.list("").await?.iter().map(|o| o.size).sum())
             }
             _ => dir_bytes(Path::new(&repo.location)),
@@ -709,7 +743,11 @@ impl Measured for Command {
         self.stderr(std::fs::File::create(&log)?);
         let started = Instant::now();
         let mut child = self.spawn().with_context(|| format!("starting {what}"))?;
-        let (status, peak, cpu) = wait_rusage(&mut child)?;
+        let crate::shared::Usage {
+            status,
+            peak_bytes: peak,
+            cpu_secs: cpu,
+        } = wait_rusage(&mut child)?;
         let secs = started.elapsed().as_secs_f64();
         if !status.success() {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -725,89 +763,6 @@ impl Measured for Command {
             store_cpu_secs: 0.0,
         })
     }
-}
-
-/// Waits for the child with `wait4`: its exit status, its peak resident set size in bytes (the
-/// larger of its own and that of any child it reaped) and its CPU seconds (with its reaped
-/// children's).
-fn wait_rusage(child: &mut Child) -> anyhow::Result<(ExitStatus, u64, f64)> {
-    let pid = child.id() as libc::pid_t;
-    let mut status: libc::c_int = 0;
-    // SAFETY: rusage is plain data; all-zero is a valid value.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    loop {
-        // SAFETY: valid pointers to locals; `pid` is our own unreaped child (std has not
-        // waited for it).
-        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-        if r == pid {
-            break;
-        }
-        let err = std::io::Error::last_os_error();
-        if err.kind() != std::io::ErrorKind::Interrupted {
-            return Err(err).context("waiting for a benchmarked process");
-        }
-    }
-    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    // ru_maxrss is in KiB on Linux.
-    Ok((
-        ExitStatus::from_raw(status),
-        (usage.ru_maxrss.max(0) as u64) * 1024,
-        secs(usage.ru_utime) + secs(usage.ru_stime),
-    ))
-}
-
-/// CPU seconds of process `pid` (all its threads) from /proc, with those of its reaped children
-/// when `children`.
-fn proc_cpu_secs(pid: u32, children: bool) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
-    // Fields after the command name's closing parenthesis start at field 3 (state);
-    // utime, stime, cutime and cstime are fields 14 to 17.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let wanted = if children { 11..15 } else { 11..13 };
-    let ticks: u64 = fields
-        .get(wanted)
-        .context("unexpected /proc/PID/stat layout")?
-        .iter()
-        .map(|f| f.parse::<u64>().unwrap_or(0))
-        .sum();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
-    Ok(ticks as f64 / hz as f64)
-}
-
-/// Apparent size of every file under `path` (a file counts itself).
-fn dir_bytes(path: &Path) -> anyhow::Result<u64> {
-    let meta = std::fs::symlink_metadata(path)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    if !meta.is_dir() {
-        return Ok(meta.len());
-    }
-    let mut total = 0;
-    for entry in std::fs::read_dir(path)? {
-        total += dir_bytes(&entry?.path())?;
-    }
-    Ok(total)
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
-
-fn find_tool(name: &str) -> anyhow::Result<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
-    if let Some(home) = std::env::var_os("HOME") {
-        dirs.push(PathBuf::from(home).join(".cargo/bin"));
-    }
-    dirs.into_iter()
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
-        .with_context(|| format!("{name} not found on PATH or in ~/.cargo/bin"))
 }
 
 fn median_f(mut v: Vec<f64>) -> Option<f64> {
@@ -1002,392 +957,4 @@ fn print_report(r: &Report) {
             verdict(b.peak_bytes().map(|p| p < 300_000_000)),
         );
     }
-}
-
-/// A PostgreSQL 15 in the working directory for the length of the benchmark. As root it runs as
-/// the `postgres` system user (PostgreSQL refuses to run as root); clients (psql, pg_dump,
-/// pg_restore) run as the caller, over TCP with trust authentication.
-struct ThrowawayPg {
-    data: PathBuf,
-    port: u16,
-    user: Option<String>,
-}
-
-impl ThrowawayPg {
-    fn server_command(&self, prog: &str) -> Command {
-        let path = Path::new(PG_BIN).join(prog);
-        match &self.user {
-            Some(u) => {
-                let mut c = Command::new("runuser");
-                c.args(["-u", u, "--"]).arg(path);
-                c
-            }
-            None => Command::new(path),
-        }
-    }
-
-    fn start(work: &Path, durable: bool) -> anyhow::Result<ThrowawayPg> {
-        // SAFETY: geteuid has no preconditions.
-        let root = unsafe { libc::geteuid() } == 0;
-        let user = root.then(|| "postgres".to_string());
-        let dir = work.join("pg");
-        std::fs::create_dir_all(&dir)?;
-        if let Some(u) = &user {
-            let status = Command::new("chown")
-                .args(["-R", &format!("{u}:{u}")])
-                .arg(&dir)
-                .status()?;
-            if !status.success() {
-                bail!(
-                    "cannot give {} to the {u} user (is there a `postgres` system user?)",
-                    dir.display()
-                );
-            }
-            // The server user must be able to reach its directory.
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(work, std::fs::Permissions::from_mode(0o755))?;
-        }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let pg = ThrowawayPg {
-            data: dir.join("data"),
-            port,
-            user,
-        };
-        let out = pg
-            .server_command("initdb")
-            .args([
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--no-sync",
-                "-D",
-            ])
-            .arg(&pg.data)
-            .output()
-            .context("initdb (PostgreSQL 15) is not installed in /usr/lib/postgresql/15/bin")?;
-        if !out.status.success() {
-            bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        let durability = if durable {
-            ""
-        } else {
-            " -c fsync=off -c synchronous_commit=off"
-        };
-        let opts = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c shared_buffers=256MB \
-             -c max_connections=50 -c max_wal_size=4GB -c maintenance_work_mem=256MB \
-             -c autovacuum=off{durability}",
-            dir.display()
-        );
-        let out = pg
-            .server_command("pg_ctl")
-            .arg("-D")
-            .arg(&pg.data)
-            .arg("-l")
-            .arg(dir.join("log"))
-            .args(["-o", &opts, "-w", "-t", "60", "start"])
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "PostgreSQL did not start: {}{}",
-                String::from_utf8_lossy(&out.stderr),
-                std::fs::read_to_string(dir.join("log")).unwrap_or_default()
-            );
-        }
-        Ok(pg)
-    }
-
-    /// CPU seconds the server's postmaster has accumulated, its reaped children (the backends
-    /// of finished connections, parallel workers) included, from /proc.
-    fn server_cpu(&self) -> anyhow::Result<f64> {
-        let pidfile = self.data.join("postmaster.pid");
-        let text = std::fs::read_to_string(&pidfile)
-            .with_context(|| format!("cannot read {}", pidfile.display()))?;
-        let pid: u32 = text
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .parse()
-            .with_context(|| format!("{} holds no process id", pidfile.display()))?;
-        proc_cpu_secs(pid, true)
-    }
-
-    fn url(&self, db: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
-    }
-
-    /// A client tool (`pg_dump`, `pg_restore`, `psql`) aimed at this server.
-    fn tool(&self, prog: &str) -> Command {
-        let mut c = Command::new(Path::new(PG_BIN).join(prog));
-        c.args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &self.port.to_string(),
-            "-U",
-            "postgres",
-        ]);
-        c
-    }
-
-    fn psql(&self, db: &str, sql: &str) -> anyhow::Result<String> {
-        let out = self
-            .tool("psql")
-            .args([
-                "-X",
-                "-q",
-                "-A",
-                "-t",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-d",
-                db,
-                "-c",
-                sql,
-            ])
-            .output()
-            .context("running psql")?;
-        if !out.status.success() {
-            bail!(
-                "psql -c {sql:?} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    fn psql_file(&self, db: &str, file: &Path, vars: &[(&str, &str)]) -> anyhow::Result<()> {
-        let mut c = self.tool("psql");
-        c.args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", db]);
-        for (k, v) in vars {
-            c.arg("-v").arg(format!("{k}={v}"));
-        }
-        let out = c
-            .arg("-f")
-            .arg(file)
-            .stdout(Stdio::null())
-            .output()
-            .context("running psql")?;
-        if !out.status.success() {
-            bail!(
-                "psql -f {} failed: {}",
-                file.display(),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(())
-    }
-}
-
-impl Drop for ThrowawayPg {
-    fn drop(&mut self) {
-        let _ = self
-            .server_command("pg_ctl")
-            .arg("-D")
-            .arg(&self.data)
-            .args(["-m", "immediate", "stop"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
-const GARAGE_REGION: &str = "garage";
-const GARAGE_BUCKET: &str = "bench";
-
-/// A single-node Garage in the working directory, set up as /work/shared/GARAGE.md describes:
-/// one access key, one bucket. Killed on drop. One change from that file: `compression_level =
-/// "none"`, as a store of encrypted backups is configured (Garage's default zstd pass over
-/// sealed, incompressible objects only burns the CPU this machine's two cores share with the
-/// tools measured).
-struct ThrowawayGarage {
-    bin: PathBuf,
-    config: PathBuf,
-    s3_port: u16,
-    access_key: String,
-    secret_key: String,
-    child: Child,
-}
-
-fn random_hex(bytes: usize) -> String {
-    let mut buf = vec![0u8; bytes];
-    rand::thread_rng().fill_bytes(&mut buf);
-    hex::encode(buf)
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-impl ThrowawayGarage {
-    fn start(work: &Path) -> anyhow::Result<ThrowawayGarage> {
-        let bin = find_tool("garage")
-            .context("Garage is needed for the garage runs: `cargo install garage --locked`, or leave `garage` out of --tools")?;
-        let dir = work.join("garage");
-        std::fs::create_dir_all(&dir)?;
-        let (s3_port, rpc_port, admin_port) = (free_port()?, free_port()?, free_port()?);
-        let config = dir.join("garage.toml");
-        let text = format!(
-            "metadata_dir = \"{meta}\"\ndata_dir = \"{data}\"\ndb_engine = \"sqlite\"\n\
-             replication_factor = 1\ncompression_level = \"none\"\n\
-             rpc_bind_addr = \"127.0.0.1:{rpc_port}\"\n\
-             rpc_public_addr = \"127.0.0.1:{rpc_port}\"\nrpc_secret = \"{secret}\"\n\n\
-             [s3_api]\ns3_region = \"{GARAGE_REGION}\"\napi_bind_addr = \"127.0.0.1:{s3_port}\"\n\
-             root_domain = \".s3.garage.localhost\"\n\n\
-             [admin]\napi_bind_addr = \"127.0.0.1:{admin_port}\"\nadmin_token = \"{token}\"\n",
-            meta = dir.join("meta").display(),
-            data = dir.join("data").display(),
-            secret = random_hex(32),
-            token = random_hex(32),
-        );
-        {
-            use std::io::Write;
-            use std::os::unix::fs::OpenOptionsExt;
-            // Garage refuses a config holding secrets that others can read.
-            let mut f = std::fs::OpenOptions::new()
-                .create(true)
-                .write(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&config)?;
-            f.write_all(text.as_bytes())?;
-        }
-        let log = std::fs::File::create(dir.join("garage.log"))?;
-        let child = Command::new(&bin)
-            .arg("-c")
-            .arg(&config)
-            .arg("server")
-            .env("RUST_LOG", "garage=warn")
-            .current_dir(&dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("cannot run {}", bin.display()))?;
-        let g = ThrowawayGarage {
-            bin,
-            config,
-            s3_port,
-            access_key: format!("GK{}", random_hex(12)),
-            secret_key: random_hex(32),
-            child,
-        };
-        g.setup().with_context(|| {
-            format!(
-                "setting up Garage failed; its log is {}",
-                dir.join("garage.log").display()
-            )
-        })?;
-        Ok(g)
-    }
-
-    fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
-        let out = Command::new(&self.bin)
-            .arg("-c")
-            .arg(&self.config)
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "garage {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    }
-
-    fn setup(&self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while let Err(e) = self.cli(&["status"]) {
-            if Instant::now() > deadline {
-                return Err(e.context("garage did not answer `garage status` within 60 s"));
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
-        let id = self.cli(&["node", "id", "-q"])?;
-        let node = id.trim().split('@').next().unwrap_or_default().to_string();
-        self.cli(&["layout", "assign", "-z", "dc1", "-c", "10G", &node])?;
-        self.cli(&["layout", "apply", "--version", "1"])?;
-        self.cli(&[
-            "key",
-            "import",
-            "--yes",
-            "-n",
-            "bench",
-            &self.access_key,
-            &self.secret_key,
-        ])?;
-        self.cli(&["bucket", "create", GARAGE_BUCKET])?;
-        self.cli(&[
-            "bucket",
-            "allow",
-            "--read",
-            "--write",
-            "--owner",
-            GARAGE_BUCKET,
-            "--key",
-            &self.access_key,
-        ])?;
-        // The S3 port answers once the layout is live.
-        loop {
-            if let Ok(code) = http_status(self.s3_port)
-                && code < 500
-            {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("Garage's S3 port {} is not answering", self.s3_port);
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.s3_port)
-    }
-
-    fn s3_settings(&self) -> backstop_repo::S3Settings {
-        backstop_repo::S3Settings {
-            endpoint: Some(self.endpoint()),
-            region: Some(GARAGE_REGION.into()),
-            access_key: Some(self.access_key.clone()),
-            secret_key: Some(self.secret_key.clone()),
-            path_style: true,
-            ..Default::default()
-        }
-    }
-}
-
-impl Drop for ThrowawayGarage {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The status code of `GET /` on a loopback port.
-fn http_status(port: u16) -> anyhow::Result<u16> {
-    use std::io::Write;
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET / HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf)?;
-    let text = String::from_utf8_lossy(&buf);
-    text.split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .context("no HTTP status line")
 }

@@ -1,10 +1,9 @@
-//! `backstop bench ...`: benchmarks that print a report. They measure; they assert nothing.
-//!
-//! `bench ledger`: durable appends per second and p50/p99 append latency with 1, 16 and 256
-//! concurrent appenders, each appending single events in a loop on a fresh ledger in a
+//! `backstop bench ledger`: durable appends per second and p50/p99 append latency with 1, 16 and
+//! 256 concurrent appenders, each appending single events in a loop on a fresh ledger in a
 //! temporary directory, without and with NATS publication; with NATS, also the publication lag
 //! (JetStream's ack time minus the event's recorded-at). Each configuration runs `--runs` times;
-//! the report gives the median run.
+//! the report gives the median run. Without `--nats`, a nats-server is started through the
+//! testkit for the publication runs (skipped, with a note, if none is installed).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,42 +11,25 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use backstop_events::{Actor, Event, NewEvent, StorageUsageSampled};
 use backstop_ledger::{Appender, ExpectedVersion, Ledger, LedgerConfig, outbox};
-use clap::Subcommand;
+use clap::Args;
 
-// Declared here rather than in main.rs: the backup benchmark is one more `bench` subcommand.
-#[path = "bench_backup.rs"]
-mod bench_backup;
-#[path = "bench_physical.rs"]
-mod bench_physical;
-
-#[derive(Subcommand)]
-pub enum BenchCommand {
-    /// The dashboard and the audit query under load over a ledger of 1,000,000 events.
-    Api(crate::bench_api::BenchApiArgs),
-    /// Backstop's logical backups beside pg_dump and restic on the trading dataset: time, stored
-    /// bytes, the second backup after a day's churn, restore time, peak memory.
-    Backup(bench_backup::BenchBackupArgs),
-    /// Backstop's physical base backups, restores and WAL archiving beside pgBackRest on the
-    /// trading dataset: times, stored bytes, the second backup after a day's churn, segments/s.
-    Physical(bench_physical::BenchPhysicalArgs),
-    /// Ledger append throughput and latency, with and without NATS publication.
-    Ledger {
-        /// Seconds per measurement.
-        #[arg(long, default_value_t = 5)]
-        seconds: u64,
-        /// Concurrent appenders to measure (comma-separated).
-        #[arg(long, value_delimiter = ',', default_value = "1,16,256")]
-        appenders: Vec<usize>,
-        /// Runs per configuration; the median run is reported.
-        #[arg(long, default_value_t = 3)]
-        runs: usize,
-        /// NATS URL for the publication runs; default: start a throwaway nats-server if one is
-        /// installed; `none` skips them.
-        #[arg(long)]
-        nats: Option<String>,
-        #[arg(long)]
-        json: bool,
-    },
+#[derive(Args)]
+pub struct BenchLedgerArgs {
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Concurrent appenders to measure (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,16,256")]
+    appenders: Vec<usize>,
+    /// Runs per configuration; the median run is reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// NATS URL for the publication runs; default: start a throwaway nats-server if one is
+    /// installed; `none` skips them.
+    #[arg(long)]
+    nats: Option<String>,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -62,82 +44,66 @@ struct Figures {
     lag_p99_ms: Option<f64>,
 }
 
-pub async fn run(cmd: BenchCommand) -> anyhow::Result<std::process::ExitCode> {
-    match cmd {
-        BenchCommand::Api(args) => crate::bench_api::run(args).await,
-        BenchCommand::Backup(args) => bench_backup::run(args).await,
-        BenchCommand::Physical(args) => bench_physical::run(args).await,
-        BenchCommand::Ledger {
-            seconds,
-            appenders,
-            runs,
-            nats,
-            json,
-        } => {
-            let duration = Duration::from_secs(seconds.max(1));
-            let mut throwaway = None;
-            let nats_url = match nats.as_deref() {
-                Some("none") => None,
-                Some(url) => Some(url.to_string()),
-                None => match ThrowawayNats::start() {
-                    Ok(n) => {
-                        let url = n.url.clone();
-                        throwaway = Some(n);
-                        Some(url)
-                    }
-                    Err(e) => {
-                        eprintln!("skipping the NATS runs: {e:#}");
-                        None
-                    }
-                },
-            };
-            let mut rows = Vec::new();
-            for &n in &appenders {
-                rows.push(median(measure_runs(n, None, duration, runs).await?));
-                if let Some(url) = &nats_url {
-                    rows.push(median(measure_runs(n, Some(url), duration, runs).await?));
-                }
+pub async fn run(args: BenchLedgerArgs) -> anyhow::Result<()> {
+    let BenchLedgerArgs {
+        seconds,
+        appenders,
+        runs,
+        nats,
+        json,
+    } = args;
+    let duration = Duration::from_secs(seconds.max(1));
+    let mut throwaway = None;
+    let nats_url = match nats.as_deref() {
+        Some("none") => None,
+        Some(url) => Some(url.to_string()),
+        None => match backstop_testkit::Nats::start() {
+            Ok(n) => {
+                let url = n.url();
+                throwaway = Some(n);
+                Some(url)
             }
-            drop(throwaway);
-            if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
-            } else {
-                println!(
-                    "backstop bench ledger: {seconds} s per run, median of {runs} runs, {} cores",
-                    std::thread::available_parallelism()
-                        .map(|n| n.get())
-                        .unwrap_or(1)
-                );
-                println!(
-                    "{:>9} {:>5} {:>10} {:>12} {:>9} {:>9} {:>11} {:>11}",
-                    "appenders",
-                    "nats",
-                    "appends",
-                    "appends/s",
-                    "p50 ms",
-                    "p99 ms",
-                    "lag p50 ms",
-                    "lag p99 ms"
-                );
-                for r in &rows {
-                    let f =
-                        |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
-                    println!(
-                        "{:>9} {:>5} {:>10} {:>12.0} {:>9.2} {:>9.2} {:>11} {:>11}",
-                        r.appenders,
-                        if r.nats { "yes" } else { "no" },
-                        r.appends,
-                        r.appends_per_sec,
-                        r.p50_ms,
-                        r.p99_ms,
-                        f(r.lag_p50_ms),
-                        f(r.lag_p99_ms)
-                    );
-                }
+            Err(e) => {
+                eprintln!("skipping the NATS runs (or pass --nats URL): {e:#}");
+                None
             }
-            Ok(std::process::ExitCode::SUCCESS)
+        },
+    };
+    let mut rows = Vec::new();
+    for &n in &appenders {
+        rows.push(median(measure_runs(n, None, duration, runs).await?));
+        if let Some(url) = &nats_url {
+            rows.push(median(measure_runs(n, Some(url), duration, runs).await?));
         }
     }
+    drop(throwaway);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "backstop bench ledger: {seconds} s per run, median of {runs} runs, {} cores",
+        crate::shared::cores()
+    );
+    println!(
+        "{:>9} {:>5} {:>10} {:>12} {:>9} {:>9} {:>11} {:>11}",
+        "appenders", "nats", "appends", "appends/s", "p50 ms", "p99 ms", "lag p50 ms", "lag p99 ms"
+    );
+    for r in &rows {
+        let f = |v: Option<f64>| v.map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
+        println!(
+            "{:>9} {:>5} {:>10} {:>12.0} {:>9.2} {:>9.2} {:>11} {:>11}",
+            r.appenders,
+            if r.nats { "yes" } else { "no" },
+            r.appends,
+            r.appends_per_sec,
+            r.p50_ms,
+            r.p99_ms,
+            f(r.lag_p50_ms),
+            f(r.lag_p99_ms)
+        );
+    }
+    Ok(())
 }
 
 fn median(mut runs: Vec<Figures>) -> Figures {
@@ -178,7 +144,7 @@ async fn measure(
     let mut outbox_task = None;
     let stream_name = format!("BENCH_{}", uuid::Uuid::new_v4().simple());
     if let Some(url) = nats {
-        let client = crate::runtime::connect_nats(url).await?;
+        let client = crate::shared::connect_nats(url).await?;
         let js = async_nats::jetstream::new(client);
         let config = outbox::OutboxConfig {
             stream: stream_name.clone(),
@@ -262,48 +228,4 @@ async fn measure(
         lag_p50_ms: lag_p50,
         lag_p99_ms: lag_p99,
     })
-}
-
-/// A nats-server with JetStream in a temporary directory, for the benchmark only.
-struct ThrowawayNats {
-    child: std::process::Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl ThrowawayNats {
-    fn start() -> anyhow::Result<ThrowawayNats> {
-        let dir = tempfile::tempdir()?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let child = std::process::Command::new("nats-server")
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(dir.path())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .context(
-                "nats-server is not installed (apt-get install nats-server), or pass --nats URL",
-            )?;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if Instant::now() > deadline {
-                anyhow::bail!("nats-server did not start within 20 s");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(ThrowawayNats {
-            child,
-            url: format!("nats://127.0.0.1:{port}"),
-            _dir: dir,
-        })
-    }
-}
-
-impl Drop for ThrowawayNats {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }

@@ -23,14 +23,16 @@
 //! (a database at rest, its pages hinted and all-visible, as it is between nightly backups; see
 //! `backstop-sources`' physical notes). `archive_command` runs a small script in the working
 //! directory that pushes each segment to both archives during the backup runs (each tool's base
-//! backups need their own archive), and to one tool at a time during the WAL runs. Backstop is
-//! this binary (`wal-push`, `backup --physical`, `restore --physical`), with a local repository
+//! backups need their own archive), and to one tool at a time during the WAL runs. The cluster is
+//! started through the testkit (`shared_buffers = 256MB`, `max_wal_size = 4GB`, autovacuum off,
+//! `fsync = off` as in the tests). Backstop is the `backstop` binary (`wal-push`, `backup
+//! --physical`, `restore --physical`; see main.rs for how it is found), with a local repository
 //! of the default parameters; pgBackRest is Debian's 2.45 with `compress-type=zst`,
 //! `compress-level=3`, `process-max=2`, `start-fast=y`, and asynchronous archiving
 //! (`archive-async=y`, its recommended setting for high WAL volume). As root, PostgreSQL,
 //! pgBackRest and the archive command run as the `postgres` user.
 //!
-//! Run the release build: `cargo build --release -p backstop`, then
+//! Run the release builds: `cargo build --release -p backstop -p backstop-bench`, then
 //! `target/release/backstop bench physical`.
 
 use std::os::unix::fs::PermissionsExt;
@@ -39,11 +41,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use backstop_testkit::{Postgres, PostgresOptions, give_to_server_user, server_user_command};
 use clap::Args;
 
-const TRADING_SQL: &str = include_str!("../../../bench/trading.sql");
-const CHURN_SQL: &str = include_str!("../../../bench/churn.sql");
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+use crate::shared::{CHURN_SQL, ChildGuard, TRADING_SQL, loadavg, wait_rusage};
+
+/// psql runs that load the dataset may take long at full size.
+const LOAD_TIMEOUT: Duration = Duration::from_secs(6 * 3600);
 const STANZA: &str = "bench";
 const SOURCE: &str = "bench";
 /// The archive script's name: pgBackRest refuses to back up unless `archive_command` contains
@@ -124,17 +128,10 @@ struct Report {
     pgbackrest: Figures,
 }
 
-pub async fn run(args: BenchPhysicalArgs) -> anyhow::Result<std::process::ExitCode> {
-    let parent = args.work_dir.clone().unwrap_or_else(std::env::temp_dir);
-    std::fs::create_dir_all(&parent)
-        .with_context(|| format!("cannot create {}", parent.display()))?;
-    let work = tempfile::Builder::new()
-        .prefix("backstop-bench-physical-")
-        .tempdir_in(&parent)
-        .with_context(|| format!("cannot create a working directory in {}", parent.display()))?;
-    // Everything in it is reached by PostgreSQL's user too.
-    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755))?;
-    let result = run_in(&args, work.path()).await;
+pub async fn run(args: BenchPhysicalArgs, backstop: &Path) -> anyhow::Result<()> {
+    // Everything in it is reached by PostgreSQL's user too (work_dir makes it 0755).
+    let work = crate::shared::work_dir(args.work_dir.as_deref(), "backstop-bench-physical-")?;
+    let result = run_in(&args, backstop, work.path()).await;
     if args.keep {
         let kept = work.keep();
         eprintln!("working directory kept: {}", kept.display());
@@ -145,13 +142,12 @@ pub async fn run(args: BenchPhysicalArgs) -> anyhow::Result<std::process::ExitCo
     } else {
         print_report(&report, &args);
     }
-    Ok(std::process::ExitCode::SUCCESS)
+    Ok(())
 }
 
-async fn run_in(args: &BenchPhysicalArgs, w: &Path) -> anyhow::Result<Report> {
+async fn run_in(args: &BenchPhysicalArgs, backstop: &Path, w: &Path) -> anyhow::Result<Report> {
     let loadavg_before = loadavg();
-    let pgbackrest =
-        which("pgbackrest").context("pgBackRest is not installed (apt-get install pgbackrest)")?;
+    let pgbackrest = backstop_testkit::require_tool("pgbackrest")?;
     let pgbackrest_version = String::from_utf8_lossy(
         &Command::new(&pgbackrest)
             .arg("version")
@@ -161,17 +157,13 @@ async fn run_in(args: &BenchPhysicalArgs, w: &Path) -> anyhow::Result<Report> {
     )
     .trim()
     .to_string();
-    let user = is_root().then(|| "postgres".to_string());
+    eprintln!("starting PostgreSQL 15 in {}", w.display());
     let bench = Bench {
         w: w.to_path_buf(),
-        exe: std::env::current_exe().context("cannot find this binary")?,
+        exe: backstop.to_path_buf(),
         pgbackrest,
-        user,
-        pg: None,
+        pg: start_pg(w)?,
     };
-    let mut bench = bench;
-    eprintln!("starting PostgreSQL 15 in {}", w.display());
-    bench.start_pg()?;
 
     eprintln!("loading bench/trading.sql with rows={}", args.rows);
     let t = Instant::now();
@@ -318,9 +310,7 @@ async fn run_in(args: &BenchPhysicalArgs, w: &Path) -> anyhow::Result<Report> {
     Ok(Report {
         rows: args.rows,
         database_bytes,
-        cores: std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
+        cores: crate::shared::cores(),
         pgbackrest_version,
         loadavg: format!("{loadavg_before} / {}", loadavg()),
         backstop: med(Tool::Backstop),
@@ -462,171 +452,50 @@ struct Bench {
     w: PathBuf,
     exe: PathBuf,
     pgbackrest: PathBuf,
-    user: Option<String>,
-    pg: Option<Pg>,
+    pg: Postgres,
 }
 
-struct Pg {
-    data: PathBuf,
-    sock: PathBuf,
-    port: u16,
+/// The cluster, archiving into the archive script (which fails, holding WAL, until a run sets
+/// it).
+fn start_pg(w: &Path) -> anyhow::Result<Postgres> {
+    let script = w.join(ARCHIVE_SCRIPT);
+    std::fs::write(&script, "#!/bin/sh\nexit 1\n")?;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
+    let options = PostgresOptions::new()
+        .in_dir(w)
+        .conf("shared_buffers = 256MB")
+        .conf("max_connections = 50")
+        .conf("max_wal_size = 4GB")
+        .conf("maintenance_work_mem = 256MB")
+        .autovacuum_off()
+        .conf("archive_mode = on")
+        .conf(format!("archive_command = '{} %p'", script.display()));
+    let mut pg = Postgres::start_with(options).context("starting PostgreSQL 15")?;
+    pg.set_command_timeout(LOAD_TIMEOUT);
+    Ok(pg)
 }
 
 impl Bench {
-    fn pg(&self) -> anyhow::Result<&Pg> {
-        self.pg.as_ref().context("PostgreSQL is not running")
-    }
-
     /// A command running as PostgreSQL's user (when root).
-    fn as_server(&self, program: &Path) -> Command {
-        match &self.user {
-            Some(u) => {
-                let mut c = Command::new("runuser");
-                c.args(["-u", u, "--"]).arg(program);
-                c
-            }
-            None => Command::new(program),
-        }
+    fn as_server(&self, program: &Path) -> anyhow::Result<Command> {
+        server_user_command(program)
     }
 
-    fn give(&self, path: &Path) -> anyhow::Result<()> {
-        if let Some(u) = &self.user {
-            let ok = Command::new("chown")
-                .args(["-R", &format!("{u}:{u}")])
-                .arg(path)
-                .status()?
-                .success();
-            if !ok {
-                bail!("cannot give {} to {u}", path.display());
-            }
-        }
-        Ok(())
-    }
-
-    fn start_pg(&mut self) -> anyhow::Result<()> {
-        let dir = self.w.join("pg");
-        std::fs::create_dir_all(&dir)?;
-        self.give(&dir)?;
-        let data = dir.join("data");
-        let out = self
-            .as_server(&Path::new(PG_BIN).join("initdb"))
-            .args([
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--no-sync",
-                "-D",
-            ])
-            .arg(&data)
-            .output()
-            .context("initdb (PostgreSQL 15) is not installed in /usr/lib/postgresql/15/bin")?;
-        if !out.status.success() {
-            bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let script = self.w.join(ARCHIVE_SCRIPT);
-        std::fs::write(&script, "#!/bin/sh\nexit 1\n")?;
-        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
-        let conf = format!(
-            "\n# backstop bench physical\nlisten_addresses = '127.0.0.1'\nport = {port}\n\
-             unix_socket_directories = '{sock}'\nshared_buffers = 256MB\nmax_connections = 50\n\
-             fsync = off\nsynchronous_commit = off\nmax_wal_size = 4GB\n\
-             maintenance_work_mem = 256MB\nautovacuum = off\nwal_level = replica\n\
-             archive_mode = on\narchive_command = '{script} %p'\nmax_wal_senders = 5\n",
-            sock = dir.display(),
-            script = script.display()
-        );
-        let mut text = std::fs::read_to_string(data.join("postgresql.conf"))?;
-        text.push_str(&conf);
-        std::fs::write(data.join("postgresql.conf"), text)?;
-        let out = self
-            .as_server(&Path::new(PG_BIN).join("pg_ctl"))
-            .arg("-D")
-            .arg(&data)
-            .arg("-l")
-            .arg(dir.join("log"))
-            .args(["-w", "-t", "60", "start"])
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "PostgreSQL did not start: {}{}",
-                String::from_utf8_lossy(&out.stderr),
-                std::fs::read_to_string(dir.join("log")).unwrap_or_default()
-            );
-        }
-        self.pg = Some(Pg {
-            data,
-            sock: dir,
-            port,
-        });
-        Ok(())
-    }
-
-    fn url(&self) -> anyhow::Result<String> {
-        Ok(format!(
-            "postgres://postgres@127.0.0.1:{}/postgres",
-            self.pg()?.port
-        ))
+    fn url(&self) -> String {
+        self.pg.conninfo("postgres")
     }
 
     /// A PostgreSQL client aimed at the server (as the caller: trust authentication on TCP).
     fn pg_tool(&self, prog: &str) -> Command {
-        let mut c = Command::new(Path::new(PG_BIN).join(prog));
-        let port = self.pg.as_ref().map(|p| p.port).unwrap_or(5432);
-        c.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"]);
-        c
+        self.pg.client(prog)
     }
 
     fn psql(&self, db: &str, sql: &str) -> anyhow::Result<String> {
-        let out = self
-            .pg_tool("psql")
-            .args([
-                "-X",
-                "-q",
-                "-A",
-                "-t",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-d",
-                db,
-                "-c",
-                sql,
-            ])
-            .output()
-            .context("running psql")?;
-        if !out.status.success() {
-            bail!(
-                "psql -c {sql:?} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        self.pg.psql(db, sql)
     }
 
     fn psql_file(&self, db: &str, file: &Path, vars: &[(&str, &str)]) -> anyhow::Result<()> {
-        let mut c = self.pg_tool("psql");
-        c.args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", db]);
-        for (k, v) in vars {
-            c.arg("-v").arg(format!("{k}={v}"));
-        }
-        let out = c
-            .arg("-f")
-            .arg(file)
-            .stdout(Stdio::null())
-            .output()
-            .context("running psql")?;
-        if !out.status.success() {
-            bail!(
-                "psql -f {} failed: {}",
-                file.display(),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(())
+        self.pg.psql_file(db, file, vars).map(|_| ())
     }
 
     /// Fresh repositories for both tools.
@@ -641,7 +510,7 @@ impl Bench {
                 dir.join("backstop-data"),
                 dir.join("backstop-repo"),
                 dir.join("master.key"),
-                self.url()?
+                self.url()
             ),
         )?;
         let out = self
@@ -655,7 +524,7 @@ impl Bench {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        let pg = self.pg()?;
+        let pg = &self.pg;
         let pgbr_config = dir.join("pgbackrest.conf");
         std::fs::write(
             &pgbr_config,
@@ -667,15 +536,15 @@ impl Bench {
                  pg1-socket-path={sock}\npg1-user=postgres\n",
                 repo = dir.join("pgbr-repo").display(),
                 d = dir.display(),
-                data = pg.data.display(),
-                port = pg.port,
-                sock = pg.sock.display(),
+                data = pg.data_dir().display(),
+                port = pg.port(),
+                sock = pg.socket_dir().display(),
             ),
         )?;
         std::fs::create_dir_all(dir.join("pgbr-repo"))?;
         // wal-push and pgBackRest run as PostgreSQL's user: its configuration, key and
         // repositories must be its own.
-        self.give(&dir)?;
+        give_to_server_user(&dir)?;
         Ok(Site {
             dir,
             config,
@@ -692,17 +561,17 @@ impl Bench {
         c
     }
 
-    fn pgbackrest_command(&self, site: &Site, args: &[&str]) -> Command {
-        let mut c = self.as_server(&self.pgbackrest);
+    fn pgbackrest_command(&self, site: &Site, args: &[&str]) -> anyhow::Result<Command> {
+        let mut c = self.as_server(&self.pgbackrest)?;
         c.arg(format!("--config={}", site.pgbr_config.display()))
             .arg(format!("--stanza={STANZA}"))
             .args(args)
             .stdin(Stdio::null());
-        c
+        Ok(c)
     }
 
     fn pgbackrest_cmd(&self, site: &Site, args: &[&str]) -> anyhow::Result<String> {
-        let out = self.pgbackrest_command(site, args).output()?;
+        let out = self.pgbackrest_command(site, args)?.output()?;
         if !out.status.success() {
             bail!(
                 "pgbackrest {args:?} failed: {}{}",
@@ -747,12 +616,13 @@ impl Bench {
         let err_path = self.w.join("measured.err");
         cmd.stdout(std::fs::File::create(&out_path)?)
             .stderr(std::fs::File::create(&err_path)?);
-        let server_before = self.server_cpu()?;
+        let server_before = crate::shared::server_cpu(&self.pg)?;
         let t = Instant::now();
         let mut child = cmd.spawn().with_context(|| format!("starting {what}"))?;
-        let (ok, cpu) = wait_rusage(&mut child)?;
+        let usage = wait_rusage(&mut child)?;
+        let (ok, cpu) = (usage.status.success(), usage.cpu_secs);
         let secs = t.elapsed().as_secs_f64();
-        let server = self.server_cpu()? - server_before;
+        let server = crate::shared::server_cpu(&self.pg)? - server_before;
         let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
         if !ok {
             bail!(
@@ -768,29 +638,6 @@ impl Bench {
             },
             stdout,
         ))
-    }
-
-    /// CPU seconds of the postmaster's reaped children (backends, walsenders) from /proc.
-    fn server_cpu(&self) -> anyhow::Result<f64> {
-        let pidfile = self.pg()?.data.join("postmaster.pid");
-        let text = std::fs::read_to_string(&pidfile)
-            .with_context(|| format!("cannot read {}", pidfile.display()))?;
-        let pid = text.lines().next().unwrap_or_default().trim().to_string();
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
-        // After the command name's closing parenthesis, fields start at 3 (state); cutime and
-        // cstime are fields 16 and 17.
-        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: u64 = fields
-            .get(13..15)
-            .context("unexpected /proc/PID/stat layout")?
-            .iter()
-            .map(|f| f.parse::<u64>().unwrap_or(0))
-            .sum();
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
-        Ok(ticks as f64 / hz as f64)
     }
 
     /// Switches to a new segment and waits until it is archived: nothing queued behind.
@@ -852,7 +699,7 @@ impl Bench {
     }
 
     fn pgbackrest_backup(&self, site: &Site, kind: &str) -> anyhow::Result<(Measured, u64)> {
-        let cmd = self.pgbackrest_command(site, &[&format!("--type={kind}"), "backup"]);
+        let cmd = self.pgbackrest_command(site, &[&format!("--type={kind}"), "backup"])?;
         let (m, _) = self.measured(cmd, "pgbackrest backup")?;
         let info: serde_json::Value =
             serde_json::from_str(&self.pgbackrest_cmd(site, &["--output=json", "info"])?)
@@ -879,11 +726,11 @@ impl Bench {
                 // pgBackRest wants the empty directory to exist: made beforehand, untimed.
                 std::fs::create_dir_all(&dir)?;
                 std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
-                self.give(&dir)?;
+                give_to_server_user(&dir)?;
                 let cmd = self.pgbackrest_command(
                     site,
                     &[&format!("--pg1-path={}", dir.display()), "restore"],
-                );
+                )?;
                 self.measured(cmd, "pgbackrest restore")?.0
             }
         };
@@ -905,6 +752,8 @@ impl Bench {
         if !status.success() {
             bail!("pgbench failed ({status})");
         }
+        // The segment being written is closed too, so that a short load still leaves a backlog.
+        self.psql("postgres", "SELECT pg_switch_wal()")?;
         let ready = self.psql(
             "postgres",
             "SELECT count(*) || '|' || coalesce(max(left(name, 24)), '') FROM pg_ls_archive_statusdir() \
@@ -967,73 +816,4 @@ impl Bench {
 struct Measured {
     secs: f64,
     cpu: f64,
-}
-
-/// Waits for `child`; whether it succeeded, and the CPU seconds it and its waited-for
-/// descendants used (`wait4`).
-fn wait_rusage(child: &mut Child) -> anyhow::Result<(bool, f64)> {
-    let pid = child.id() as libc::pid_t;
-    let mut status: libc::c_int = 0;
-    // SAFETY: rusage is plain data; all-zero is a valid value.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    loop {
-        // SAFETY: pointers to locals; `pid` is our own child, not yet reaped.
-        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-        if r == pid {
-            break;
-        }
-        let err = std::io::Error::last_os_error();
-        if err.kind() != std::io::ErrorKind::Interrupted {
-            return Err(err).context("waiting for a measured process");
-        }
-    }
-    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
-    Ok((ok, secs(usage.ru_utime) + secs(usage.ru_stime)))
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
-
-/// Kills a background process when dropped (pgbench on an error path).
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Bench {
-    fn drop(&mut self) {
-        if let Some(pg) = &self.pg {
-            let _ = self
-                .as_server(&Path::new(PG_BIN).join("pg_ctl"))
-                .arg("-D")
-                .arg(&pg.data)
-                .args(["-m", "immediate", "-w", "stop"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .unwrap_or_default()
-        .into_iter()
-        .chain(["/usr/bin".into(), "/usr/local/bin".into()])
-        .map(|d: PathBuf| d.join(name))
-        .find(|p| p.is_file())
 }

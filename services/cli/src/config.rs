@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use serde::Deserialize;
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Where the ledger, keys and local state live.
@@ -34,7 +34,7 @@ pub struct Config {
     pub verify: VerifySection,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VerifySection {
     /// A PostgreSQL URL where the verify worker may create and drop test databases; absent:
@@ -48,7 +48,7 @@ pub struct VerifySection {
     pub jobs: Option<usize>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RepositorySection {
     /// A directory, or s3://BUCKET/PREFIX; default DATA_DIR/repository (`--repo`).
@@ -80,7 +80,7 @@ pub struct SourceSection {
     pub jobs: Option<usize>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LedgerSection {
     /// Checkpoint signing key file; default DATA_DIR/keys/ledger-signing.key.
@@ -91,7 +91,7 @@ pub struct LedgerSection {
     pub checkpoint_seconds: Option<u64>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NatsSection {
     /// nats://host:port[,nats://host2:port...]; absent means the embedded mode.
@@ -102,7 +102,7 @@ pub struct NatsSection {
     pub replicas: Option<usize>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiSection {
     /// Address the API and dashboard listen on (default 127.0.0.1:8080).
@@ -118,7 +118,7 @@ pub struct ApiSection {
     pub tokens: Vec<ApiToken>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiToken {
     pub name: String,
@@ -127,14 +127,14 @@ pub struct ApiToken {
     pub sha3: String,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProjectionsSection {
     /// PostgreSQL for the read models (postgres://USER@HOST:PORT/DB); absent: projections off.
     pub database_url: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WorkersSection {
     /// Deliveries before an event is dead-lettered (default 5).

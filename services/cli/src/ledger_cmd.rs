@@ -1,13 +1,13 @@
 //! `backstop ledger ...`: tail, verify, stats, pubkey, append.
 //!
-//! These open the ledger directly, so they need the serving process stopped (sled holds an
-//! exclusive lock); the error says so when it is running.
+//! These open the ledger directly; while a `backstop serve` holds it, tail and append go through
+//! its control socket (`crate::control`), and verify, stats and pubkey say to stop it.
 
 use std::path::Path;
 
 use anyhow::Context;
 use backstop_events::{Actor, Envelope, NewEvent, now_micros, uuid_v7};
-use backstop_ledger::{Appender, ExpectedVersion, Ledger, verify};
+use backstop_ledger::{ExpectedVersion, verify};
 use clap::Subcommand;
 
 use crate::config::Config;
@@ -54,8 +54,8 @@ pub enum LedgerCommand {
         /// Expected stream version (default: any).
         #[arg(long)]
         expected: Option<u64>,
-        /// Who is appending, recorded as operator:NAME (default: $USER).
-        #[arg(long, env = "USER", default_value = "unknown")]
+        /// Who is appending, recorded as operator:NAME (default: $BACKSTOP_OPERATOR, $USER, or the uid's login name).
+        #[arg(long, default_value_t = crate::identity::operator())]
         operator: String,
     },
 }
@@ -72,8 +72,7 @@ pub async fn run(
             ledger_config.path.display()
         );
     }
-    let ledger = Ledger::open(&ledger_config)
-        .with_context(|| format!("cannot open the ledger in {}", data_dir.display()))?;
+    let ledger = crate::control::open_ledger(&ledger_config, data_dir).await?;
     let code = match cmd {
         LedgerCommand::Tail {
             follow,
@@ -85,7 +84,8 @@ pub async fn run(
             std::process::ExitCode::SUCCESS
         }
         LedgerCommand::Verify { json } => {
-            let report = verify::verify(ledger.store(), ledger.public_key())?;
+            let opened = ledger.opened("verify")?;
+            let report = verify::verify(opened.store(), opened.public_key())?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else if report.ok() {
@@ -118,7 +118,7 @@ pub async fn run(
             }
         }
         LedgerCommand::Stats { json } => {
-            let s = ledger.stats()?;
+            let s = ledger.opened("stats")?.stats()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
@@ -148,7 +148,7 @@ pub async fn run(
             std::process::ExitCode::SUCCESS
         }
         LedgerCommand::Pubkey => {
-            println!("{}", ledger.public_key());
+            println!("{}", ledger.opened("pubkey")?.public_key());
             std::process::ExitCode::SUCCESS
         }
         LedgerCommand::Append {
@@ -181,7 +181,7 @@ pub async fn run(
             let expected = expected
                 .map(ExpectedVersion::Exact)
                 .unwrap_or(ExpectedVersion::Any);
-            let appended = ledger.append(&stream, expected, vec![e]).await?;
+            let appended = ledger.appender().append(&stream, expected, vec![e]).await?;
             println!(
                 "appended at position {} (stream {stream} version {})",
                 appended.last_position(),
@@ -195,13 +195,13 @@ pub async fn run(
 }
 
 async fn tail(
-    ledger: &Ledger,
+    ledger: &crate::control::LedgerAccess,
     follow: bool,
     json: bool,
     from: Option<u64>,
     stream: Option<&str>,
 ) -> anyhow::Result<()> {
-    let head = ledger.head().position;
+    let head = ledger.head().await?;
     let from = from.unwrap_or_else(|| head.saturating_sub(19).max(1));
     let print = |e: &Envelope| -> anyhow::Result<()> {
         if stream.is_some_and(|s| s != e.stream) {
@@ -222,30 +222,28 @@ async fn tail(
         }
         Ok(())
     };
-    let mut sub = ledger.subscribe(from);
-    if !follow {
-        let mut next = from;
-        while next <= head {
-            let batch = ledger.read(next, 1000)?;
-            let Some(last) = batch.last() else { break };
-            next = last.position + 1;
-            for e in batch.iter().filter(|e| e.position <= head) {
-                print(e)?;
-            }
-        }
+    if !follow && from > head {
         return Ok(());
     }
+    // Without --follow, the events up to the head as it was when the command started.
+    let mut events = ledger.follow(from).await?;
     let mut shutdown = crate::runtime::shutdown_signal();
     loop {
         let batch = tokio::select! {
-            b = sub.next_batch(1000) => b?,
+            b = events.next_batch() => b?,
             _ = shutdown.changed() => return Ok(()),
         };
         if batch.is_empty() {
             return Ok(());
         }
         for e in &batch {
+            if !follow && e.position > head {
+                return Ok(());
+            }
             print(e)?;
+        }
+        if !follow && batch.last().is_some_and(|e| e.position >= head) {
+            return Ok(());
         }
     }
 }

@@ -3,15 +3,23 @@
 //! each layer added; the exit code is 1 for a failure and 2 for a usage error (clap's).
 
 mod audit_cmd;
+mod backup_cmd;
 mod bench;
-mod bench_api;
+mod catalog_cmd;
+mod check_cmd;
 mod config;
+mod control;
+mod identity;
+mod init_cmd;
 mod ledger_cmd;
-mod physical_cmd;
 mod projections_cmd;
-mod repo_cmd;
+mod restore_cmd;
 mod runtime;
 mod serve;
+mod serve_context;
+mod verify_cmd;
+mod wal_cmd;
+mod wiring;
 
 use std::path::PathBuf;
 
@@ -49,7 +57,7 @@ enum Command {
     /// Create a repository (a directory or s3://BUCKET/PREFIX).
     Init {
         #[command(flatten)]
-        repo: repo_cmd::RepoArgs,
+        repo: wiring::RepoArgs,
         /// Generate a new master key into this file (mode 0600) instead of reading one.
         #[arg(long)]
         generate_key: Option<PathBuf>,
@@ -59,30 +67,30 @@ enum Command {
         chunk_avg_kib: Option<usize>,
     },
     /// Back up a PostgreSQL database.
-    Backup(Box<repo_cmd::BackupArgs>),
+    Backup(Box<backup_cmd::BackupArgs>),
     /// List the backups in the repository.
     List {
         #[command(flatten)]
-        repo: repo_cmd::RepoArgs,
+        repo: wiring::RepoArgs,
         #[arg(long)]
         json: bool,
     },
     /// Show one backup (an id or `latest`).
     Show {
         #[command(flatten)]
-        repo: repo_cmd::RepoArgs,
+        repo: wiring::RepoArgs,
         backup: String,
         #[arg(long)]
         json: bool,
     },
     /// Verify a backup now: every object read and checked, or (--restore) a real test restore.
-    Verify(repo_cmd::VerifyArgs),
+    Verify(verify_cmd::VerifyArgs),
     /// Restore a backup into a database.
-    Restore(Box<repo_cmd::RestoreArgs>),
+    Restore(Box<restore_cmd::RestoreArgs>),
     /// Check the repository's consistency; with --read-data, read and verify sealed objects.
     Check {
         #[command(flatten)]
-        repo: repo_cmd::RepoArgs,
+        repo: wiring::RepoArgs,
         #[arg(long)]
         read_data: bool,
         /// With --read-data: the percentage of objects to read (default all).
@@ -97,16 +105,16 @@ enum Command {
     /// Rebuild the read models from the ledger, or show how far behind they are.
     #[command(subcommand)]
     Projections(projections_cmd::ProjectionsCommand),
-    /// Benchmarks that print a report.
-    #[command(subcommand)]
-    Bench(bench::BenchCommand),
+    /// Benchmarks that print a report: runs the separate `backstop-bench` binary (ledger, api,
+    /// backup, physical; `backstop bench --help`).
+    Bench(bench::BenchArgs),
     /// Archive a WAL file: PostgreSQL's archive_command, `backstop wal-push %p`.
-    WalPush(physical_cmd::WalPushArgs),
+    WalPush(wal_cmd::WalPushArgs),
     /// Restore a WAL file: PostgreSQL's restore_command, `backstop wal-fetch %f %p`.
-    WalFetch(physical_cmd::WalFetchArgs),
+    WalFetch(wal_cmd::WalFetchArgs),
     /// The WAL archive: continuity and checksums.
     #[command(subcommand)]
-    Wal(physical_cmd::WalCommand),
+    Wal(wal_cmd::WalCommand),
 }
 
 fn init_logging(format: &str) {
@@ -151,7 +159,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Ok(c) => c,
         // wal-fetch must never exit 1 for a failure: PostgreSQL would end recovery early.
         Err(e) if matches!(cli.command, Command::WalFetch(_)) => {
-            return Ok(physical_cmd::wal_fetch_unconfigured(&e));
+            return Ok(wal_cmd::wal_fetch_unconfigured(&e));
         }
         Err(e) => return Err(e),
     };
@@ -162,27 +170,27 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Ledger(cmd) => ledger_cmd::run(&config, &data_dir, cmd).await,
         Command::Audit(cmd) => audit_cmd::run(&config, &data_dir, cmd).await,
         Command::Projections(cmd) => projections_cmd::run(&config, &data_dir, cmd).await,
-        Command::Bench(cmd) => bench::run(cmd).await,
+        Command::Bench(args) => bench::run(args),
         Command::Init {
             repo,
             generate_key,
             chunk_avg_kib,
-        } => repo_cmd::init(&config, &data_dir, repo, generate_key, chunk_avg_kib).await,
-        Command::Backup(args) => repo_cmd::run_backup(&config, &data_dir, *args).await,
-        Command::List { repo, json } => repo_cmd::list(&config, &data_dir, repo, json).await,
+        } => init_cmd::init(&config, &data_dir, repo, generate_key, chunk_avg_kib).await,
+        Command::Backup(args) => backup_cmd::run_backup(&config, &data_dir, *args).await,
+        Command::List { repo, json } => catalog_cmd::list(&config, &data_dir, repo, json).await,
         Command::Show { repo, backup, json } => {
-            repo_cmd::show(&config, &data_dir, repo, backup, json).await
+            catalog_cmd::show(&config, &data_dir, repo, backup, json).await
         }
-        Command::Restore(args) => repo_cmd::restore(&config, &data_dir, *args).await,
-        Command::Verify(args) => repo_cmd::verify(&config, &data_dir, args).await,
-        Command::WalPush(args) => physical_cmd::wal_push(&config, &data_dir, args).await,
-        Command::WalFetch(args) => physical_cmd::wal_fetch(&config, &data_dir, args).await,
-        Command::Wal(cmd) => physical_cmd::wal(&config, &data_dir, cmd).await,
+        Command::Restore(args) => restore_cmd::restore(&config, &data_dir, *args).await,
+        Command::Verify(args) => verify_cmd::verify(&config, &data_dir, args).await,
+        Command::WalPush(args) => wal_cmd::wal_push(&config, &data_dir, args).await,
+        Command::WalFetch(args) => wal_cmd::wal_fetch(&config, &data_dir, args).await,
+        Command::Wal(cmd) => wal_cmd::wal(&config, &data_dir, cmd).await,
         Command::Check {
             repo,
             read_data,
             subset,
             json,
-        } => repo_cmd::check(&config, &data_dir, repo, read_data, subset, json).await,
+        } => check_cmd::check(&config, &data_dir, repo, read_data, subset, json).await,
     }
 }

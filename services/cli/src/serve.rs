@@ -1,7 +1,8 @@
 //! `backstop serve` and `backstop worker`: the long-running processes.
 //!
-//! `serve` owns the ledger. Embedded (no NATS URL) it runs every worker on an in-process
-//! subscription. With NATS it also publishes every committed event to JetStream (the outbox),
+//! `serve` owns the ledger, and serves `DATA_DIR/control.sock` so the CLI can append and follow
+//! beside it (`backstop_ledger::local`). Embedded (no NATS URL) it runs every worker on an
+//! in-process subscription. With NATS it also publishes every committed event to JetStream (the outbox),
 //! answers remote appends, and runs its own workers as JetStream durable consumers, sharing the
 //! work with `backstop worker` processes that use the same consumer names.
 //!
@@ -13,6 +14,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use backstop_ledger::consumer::{self, Handler};
+use backstop_ledger::local::{ControlServer, socket_path};
 use backstop_ledger::{Appender, Ledger, outbox, remote};
 use clap::Args;
 use tokio::task::JoinSet;
@@ -63,9 +65,11 @@ pub async fn serve(
         public_key = ledger.public_key(),
         "ledger open"
     );
+    let control = ControlServer::bind(&socket_path(data_dir), ledger.clone())
+        .context("cannot create the control socket (the CLI's way to this serve)")?;
     let (context, storage) =
-        crate::repo_cmd::worker_context(config, data_dir, Arc::new(ledger.clone())).await;
-    // Archived WAL that wal-push could not record itself (see physical_cmd) is recorded here.
+        crate::serve_context::worker_context(config, data_dir, Arc::new(ledger.clone())).await;
+    // Archived WAL that wal-push could not record itself (see wal_cmd) is recorded here.
     let wal_repo = context.data_path.as_ref().map(|dp| dp.repo.clone());
     let handlers = if args.no_workers {
         Vec::new()
@@ -74,9 +78,10 @@ pub async fn serve(
     };
     let policy = config.retry_policy();
     let mut tasks = JoinSet::new();
+    tasks.spawn(control.run(shutdown.clone()));
     if let Some(repo) = wal_repo {
         let every = std::time::Duration::from_secs(60);
-        tasks.spawn(backstop_workers::physical::wal_catch_up_loop(
+        tasks.spawn(backstop_ops::wal::wal_catch_up_loop(
             repo,
             ledger.clone(),
             every,
@@ -165,7 +170,8 @@ pub async fn worker(
     let client = connect_nats(&url).await?;
     let js = async_nats::jetstream::new(client.clone());
     let appender: Arc<dyn Appender> = Arc::new(remote::RemoteLedger::new(client));
-    let (context, _) = crate::repo_cmd::worker_context(config, data_dir, appender.clone()).await;
+    let (context, _) =
+        crate::serve_context::worker_context(config, data_dir, appender.clone()).await;
     let handlers = backstop_workers::handlers(&args.only, context).map_err(anyhow::Error::msg)?;
     let mut tasks = JoinSet::new();
     let names: Vec<String> = handlers.iter().map(|h| h.name().to_string()).collect();

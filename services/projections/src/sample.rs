@@ -5,9 +5,9 @@
 //! the ledger like any other appender.
 
 use backstop_events::{
-    Actor, AlertRaised, BackupKind, BackupRequested, BackupStarted, Event, KeyAccessed, NewEvent,
-    Severity, StorageUsageSampled, TableCheck, TableRows, Trigger, VerificationFailed,
-    VerificationPassed, VerificationStarted, VerifyTier, streams, uuid_v7,
+    Actor, AlertRaised, BackupKind, BackupMethod, BackupRequested, BackupStarted, Event,
+    KeyAccessed, NewEvent, Severity, StorageUsageSampled, TableCheck, TableRows, Trigger,
+    VerificationFailed, VerificationPassed, VerificationStarted, VerifyTier, streams, uuid_v7,
 };
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
@@ -87,7 +87,7 @@ pub fn backup(spec: &BackupSpec) -> (Uuid, Vec<NewEvent>) {
                     backup_id: id,
                     source: spec.source.clone(),
                     kind: spec.kind,
-                    physical: false,
+                    method: BackupMethod::Logical,
                     trigger: Trigger::Manual,
                     attempt: 1,
                 }),
@@ -103,7 +103,7 @@ pub fn backup(spec: &BackupSpec) -> (Uuid, Vec<NewEvent>) {
                     source: spec.source.clone(),
                     kind: spec.kind,
                     parent: None,
-                    physical: false,
+                    method: BackupMethod::Logical,
                     host: "db1".into(),
                 }),
             ),
@@ -118,7 +118,7 @@ pub fn backup(spec: &BackupSpec) -> (Uuid, Vec<NewEvent>) {
                     "source": spec.source,
                     "kind": spec.kind,
                     "parent": null,
-                    "physical": false,
+                    "method": "logical",
                     "manifest": format!("manifests/{id}"),
                     "manifest_sha3": "0".repeat(64),
                     "raw_bytes": spec.raw_bytes,

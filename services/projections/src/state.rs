@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
-use backstop_events::{Envelope, Event, VerifyTier};
+use backstop_events::{BackupMethod, Envelope, Event, VerifyTier};
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 
@@ -122,7 +122,7 @@ async fn apply_event(
             .bind(e.backup_id)
             .bind(&e.source)
             .bind(e.kind.as_str())
-            .bind(e.physical)
+            .bind(e.method == BackupMethod::Physical)
             .bind(e.attempt as i32)
             .bind(serde_json::to_value(&e.trigger).unwrap_or_default())
             .bind(&actor)
@@ -146,7 +146,7 @@ async fn apply_event(
             .bind(e.backup_id)
             .bind(&e.source)
             .bind(e.kind.as_str())
-            .bind(e.physical)
+            .bind(e.method == BackupMethod::Physical)
             .bind(e.parent)
             .bind(at)
             .bind(&e.host)
@@ -176,7 +176,7 @@ async fn apply_event(
             .bind(e.backup_id)
             .bind(&e.source)
             .bind(e.kind.as_str())
-            .bind(e.physical)
+            .bind(e.method == BackupMethod::Physical)
             .bind(e.parent)
             .bind(started)
             .bind(at)

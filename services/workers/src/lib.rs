@@ -1,15 +1,16 @@
-//! Workers: one handler per concern, each reacting to events and appending its results.
+//! Workers: one thin handler per concern, each reacting to events and calling the use case in
+//! `backstop-ops` that does the work.
 //!
 //! Every handler implements [`backstop_ledger::consumer::Handler`] and runs unchanged in both
 //! modes: embedded (subscribed to the local ledger) and distributed (a JetStream durable consumer,
-//! appending through NATS). Handlers are idempotent: the events they append carry ids derived
-//! from the event that caused them, so a redelivery stores nothing twice.
+//! appending through NATS). A handler decodes its event, calls the use case, and maps the use
+//! case's typed failure to the consumer's decision (retry when `is_transient()`, otherwise done or
+//! dead-lettered). Handlers are idempotent: the events they append carry ids derived from the
+//! event that caused them, so a redelivery stores nothing twice.
 
 pub mod alerts;
 pub mod backup;
 pub mod fault;
-pub mod keys;
-pub mod physical;
 pub mod restore;
 pub mod verify;
 
@@ -22,8 +23,8 @@ pub const KINDS: &[&str] = &[alerts::NAME, backup::NAME, verify::NAME, restore::
 
 /// What the data-path workers need; without it only the alert worker runs.
 pub struct WorkerContext {
-    pub data_path: Option<backup::DataPath>,
-    pub verify: Option<verify::VerifySettings>,
+    pub data_path: Option<backstop_ops::DataPath>,
+    pub verify: Option<backstop_ops::verify::VerifySettings>,
 }
 
 /// The handlers to run, all of them or the named ones. A worker named explicitly whose

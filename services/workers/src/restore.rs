@@ -1,24 +1,25 @@
 //! The restore worker: runs the restores a recovery lead requests through the API.
 //!
 //! `POST /api/restores` (recovery-lead role) records `recovery.requested` with the lead's
-//! identity and the scope. This worker claims the recovery by appending `recovery.started` at
-//! stream version 1: exactly one claimant wins (a second worker, or a foreground
-//! `backstop restore`, which appends requested and started together, gets a conflict and leaves
-//! it). It then restores the logical backup into the target and records `recovery.completed` or
-//! `recovery.failed`.
+//! identity and the scope. This worker claims the recovery ([`backstop_ops::restore::claim`]:
+//! `recovery.started` at stream version 1, so exactly one claimant wins), then restores the
+//! backup into the target and records `recovery.completed` or `recovery.failed`.
 //!
 //! Credentials for the target never travel in events: the API refuses a target with a password,
 //! and the worker's environment supplies it (`PGPASSWORD`, `PGPASSFILE` or `~/.pgpass`).
-//! Point-in-time (physical) restores lay out a data directory on a machine and are run there with
-//! `backstop restore --physical`; this worker records them as failed with that instruction.
+//! Physical (point-in-time) restores lay out a data directory on the machine that will run it,
+//! with `backstop restore --physical`; this worker records such a request as failed with that
+//! instruction.
 
 use async_trait::async_trait;
-use backstop_events::{Actor, Envelope, Event, NewEvent, RecoveryFailed, RecoveryStarted, streams};
+use backstop_events::{Actor, BackupMethod, Envelope, Event, RecoveryFailed, streams};
 use backstop_ledger::consumer::{Handler, HandlerError};
-use backstop_ledger::{Appender, ExpectedVersion, LedgerError};
+use backstop_ledger::{Appender, ExpectedVersion};
+use backstop_ops::restore::{Claim, Recovery, claim, execute_logical};
+use backstop_ops::{DataPath, catalog};
 use backstop_sources::pg::logical::RestoreOptions;
 
-use crate::backup::{DataPath, Recovery, execute_restore};
+use crate::backup::handler_error;
 
 pub const NAME: &str = "restore";
 
@@ -43,47 +44,24 @@ impl Handler for RestoreWorker {
                 event.position
             )));
         };
-        let stream = streams::recovery(r.recovery_id);
         let actor = Actor::worker(NAME);
-        let started = NewEvent::caused_by(
-            event,
-            &stream,
-            actor.clone(),
-            &Event::RecoveryStarted(RecoveryStarted {
-                recovery_id: r.recovery_id,
-                backup_id: r.backup_id,
-                operator: r.operator.clone(),
-                scope: r.scope.clone(),
-            }),
-        )
-        .with_derived_id(event, "restore-claim");
-        match appender
-            .append(&stream, ExpectedVersion::Exact(1), vec![started])
+        match claim(appender, event, &r, &actor)
             .await
+            .map_err(handler_error)?
         {
-            Ok(a) if a.events.iter().all(|c| c.duplicate) => {
-                // Claimed before by this worker, which then stopped: whether the restore got
-                // anywhere is unknown, and running it again over a half-restored target would
-                // fail or mislead. Leave it to the recovery lead (the stream shows it started).
+            Claim::Won => {}
+            Claim::Lost => return Ok(()),
+            Claim::ClaimedBefore => {
                 tracing::warn!(recovery = %r.recovery_id, "recovery was claimed before and not finished; not running it twice");
                 return Ok(());
             }
-            Ok(_) => {}
-            Err(LedgerError::Conflict { .. }) => return Ok(()),
-            Err(e) => return Err(e.into()),
         }
-        let recovery = Recovery {
-            recovery_id: r.recovery_id,
-            requested_at: event.occurred_at,
-            operator: r.operator.clone(),
-            scope: r.scope.clone(),
-        };
-        if r.scope.point_in_time.is_some() || !r.scope.target.starts_with("postgres") {
-            let reason = "point-in-time and directory restores run on the target machine: `backstop restore --physical --to-dir DIR --target-time T`".to_string();
-            let failed = NewEvent::caused_by(
+        let refuse = |reason: String| {
+            let stream = streams::recovery(r.recovery_id);
+            let failed = backstop_events::NewEvent::caused_by(
                 event,
                 &stream,
-                actor,
+                actor.clone(),
                 &Event::RecoveryFailed(RecoveryFailed {
                     recovery_id: r.recovery_id,
                     backup_id: r.backup_id,
@@ -93,20 +71,35 @@ impl Handler for RestoreWorker {
                 }),
             )
             .with_derived_id(event, "restore-refused");
-            appender
-                .append(&stream, ExpectedVersion::Any, vec![failed])
-                .await?;
-            return Ok(());
-        }
-        let manifest = match self.data_path.repo.load_manifest(r.backup_id).await {
-            Ok(m) => m,
-            Err(e) if e.is_transient() => return Err(HandlerError::retryable(e.to_string())),
-            Err(e) => {
-                return Err(HandlerError::permanent(format!(
-                    "backup {} cannot be read: {e}",
-                    r.backup_id
-                )));
+            async move {
+                appender
+                    .append(&stream, ExpectedVersion::Any, vec![failed])
+                    .await
+                    .map(drop)
             }
+        };
+        let manifest = match catalog::load_manifest(&self.data_path.repo, r.backup_id).await {
+            Ok(m) => m,
+            Err(e) if e.is_transient() => return Err(handler_error(e)),
+            Err(e) => {
+                refuse(e.chain()).await?;
+                return Ok(());
+            }
+        };
+        let directory_target =
+            r.scope.point_in_time.is_some() || !r.scope.target.starts_with("postgres");
+        match (catalog::method_of(&manifest), directory_target) {
+            (BackupMethod::Logical, false) => {}
+            (BackupMethod::Logical, true) | (BackupMethod::Physical, _) => {
+                refuse("point-in-time and directory restores run on the target machine: `backstop restore --physical --to-dir DIR --target-time T`".into()).await?;
+                return Ok(());
+            }
+        }
+        let recovery = Recovery {
+            recovery_id: r.recovery_id,
+            requested_at: event.occurred_at,
+            operator: r.operator.clone(),
+            scope: r.scope.clone(),
         };
         let options = RestoreOptions {
             tables: (!r.scope.tables.is_empty()).then(|| r.scope.tables.clone()),
@@ -115,7 +108,7 @@ impl Handler for RestoreWorker {
             ..Default::default()
         };
         // The outcome is recorded either way; a failed restore is not a failed handler.
-        let _ = execute_restore(
+        let _ = execute_logical(
             &self.data_path,
             manifest,
             &recovery,

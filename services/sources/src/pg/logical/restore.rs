@@ -598,7 +598,9 @@ impl PgRestore<'_> {
 /// A part reader that remembers its first error, to tell a damaged part from a failed COPY.
 struct Watched {
     inner: PartReader,
-    error: Arc<Mutex<Option<String>>>,
+    /// The part's own read error, kept whole (a repository error inside stays recoverable, so
+    /// callers can tell damage from an outage by its variant); COPY gets a copy of its text.
+    error: Arc<Mutex<Option<std::io::Error>>>,
     bytes: Arc<std::sync::atomic::AtomicU64>,
 }
 
@@ -609,21 +611,24 @@ impl AsyncRead for Watched {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
-        let r = self.inner.as_mut().poll_read(cx, buf);
-        match &r {
+        match self.inner.as_mut().poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 let n = (buf.filled().len() - before) as u64;
                 self.bytes
                     .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(e)) => {
-                if let Ok(mut slot) = self.error.lock() {
-                    slot.get_or_insert_with(|| e.to_string());
+                let copy = std::io::Error::new(e.kind(), e.to_string());
+                if let Ok(mut slot) = self.error.lock()
+                    && slot.is_none()
+                {
+                    *slot = Some(e);
                 }
+                Poll::Ready(Err(copy))
             }
-            Poll::Pending => {}
+            Poll::Pending => Poll::Pending,
         }
-        r
     }
 }
 
@@ -747,9 +752,9 @@ async fn copy_in_table(
             let _ = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
             let part_error = error.lock().ok().and_then(|mut s| s.take());
             return Err(match part_error {
-                Some(msg) => SourceError::Source {
+                Some(e) => SourceError::Source {
                     part,
-                    source: SinkError::new(msg),
+                    source: SinkError::from(e),
                 },
                 None => SourceError::query(&doing, ci, e),
             });

@@ -19,7 +19,7 @@ use super::{
     BaseBackupReport, PhysicalError, RecoveryTarget, RecoveryTimeline, TargetAction, os, tar,
 };
 use crate::error::SourceError;
-use crate::pg::logical::DumpSource;
+use crate::pg::logical::{DumpSource, SinkError};
 use crate::pg::tools;
 use crate::pg::wal::{Lsn, WalFile, WalKind, WalStore};
 
@@ -227,12 +227,16 @@ async fn lay_out(
             part: backup.part.clone(),
             source,
         })?;
-    let stats = tar::extract(reader, dir)
-        .await
-        .map_err(|why| PhysicalError::Extract {
+    let stats = tar::extract(reader, dir).await.map_err(|e| match e {
+        tar::ExtractError::Read(e) => PhysicalError::Source(SourceError::Source {
+            part: backup.part.clone(),
+            source: SinkError::from(e),
+        }),
+        tar::ExtractError::Other(why) => PhysicalError::Extract {
             dir: dir.to_path_buf(),
             why,
-        })?;
+        },
+    })?;
 
     let label = tokio::fs::read_to_string(dir.join("backup_label"))
         .await

@@ -295,21 +295,32 @@ fn safe_join(dir: &Path, name: &str) -> Result<PathBuf, String> {
     Ok(out)
 }
 
+/// Why an extraction stopped: the stream could not be read (the error kept whole, so a damaged
+/// repository object is told from a full disk by its type), or anything else.
+#[derive(Debug)]
+pub(crate) enum ExtractError {
+    Read(std::io::Error),
+    Other(String),
+}
+
+impl From<String> for ExtractError {
+    fn from(why: String) -> ExtractError {
+        ExtractError::Other(why)
+    }
+}
+
 /// Extracts a tar stream into `dir` (which must exist), streaming each file to disk. Files get
 /// mode 0600 and directories 0700, as PostgreSQL wants its data directory.
 pub(crate) async fn extract<R: AsyncRead + Unpin>(
     mut reader: R,
     dir: &Path,
-) -> Result<Extracted, String> {
+) -> Result<Extracted, ExtractError> {
     let mut scanner = TarScanner::new();
     let mut buf = vec![0u8; 256 * 1024];
     let mut stats = Extracted::default();
     let mut current: Option<(tokio::fs::File, PathBuf)> = None;
     loop {
-        let n = reader
-            .read(&mut buf)
-            .await
-            .map_err(|e| format!("reading the base backup failed: {e}"))?;
+        let n = reader.read(&mut buf).await.map_err(ExtractError::Read)?;
         if n == 0 {
             break;
         }
@@ -349,16 +360,16 @@ pub(crate) async fn extract<R: AsyncRead + Unpin>(
                             stats.files += 1;
                         }
                         EntryKind::Symlink => {
-                            return Err(format!(
+                            return Err(ExtractError::Other(format!(
                                 "the base backup holds a link {} -> {}: tablespaces outside the data directory are not supported",
                                 e.path, e.link
-                            ));
+                            )));
                         }
                         EntryKind::Other(flag) => {
-                            return Err(format!(
+                            return Err(ExtractError::Other(format!(
                                 "the base backup holds {} of tar type {:?}, which a PostgreSQL base backup never has",
                                 e.path, flag as char
-                            ));
+                            )));
                         }
                     }
                 }

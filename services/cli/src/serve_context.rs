@@ -1,0 +1,121 @@
+//! What `backstop serve` and `backstop worker` wire from the configuration: the data path
+//! their workers run on (repository, appender, sources), the verification settings (a scratch
+//! server for logical test restores; this binary's `wal-fetch` for physical ones), and the
+//! storage probe of the dashboard.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use backstop_ledger::Appender;
+use backstop_ops::DataPath;
+use backstop_ops::verify::VerifySettings;
+use backstop_repo::{KeyAccess, Location, Repository};
+use backstop_workers::WorkerContext;
+use tokio::sync::mpsc::unbounded_channel;
+
+use crate::config::Config;
+use crate::wiring::{
+    RepoArgs, location, master_key, physical_verify_settings, s3_settings, source_specs,
+};
+
+struct RepoProbe {
+    backend: Arc<dyn backstop_repo::Backend>,
+}
+
+#[async_trait::async_trait]
+impl backstop_api::StorageProbe for RepoProbe {
+    fn describe(&self) -> String {
+        self.backend.describe()
+    }
+
+    async fn probe(&self) -> Result<std::time::Duration, String> {
+        let started = std::time::Instant::now();
+        match self.backend.head("config").await {
+            Ok(Some(_)) => Ok(started.elapsed()),
+            Ok(None) => Err("reachable, but the repository config object is missing".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+/// What a long-running process needs for the data-path workers and the storage probe. Missing
+/// pieces (no repository yet, no master key) leave those workers off with a log line, so that
+/// `serve` still runs the ledger, the alerts and the API.
+pub async fn worker_context(
+    config: &Config,
+    data_dir: &Path,
+    appender: Arc<dyn Appender>,
+) -> (WorkerContext, Option<Arc<dyn backstop_api::StorageProbe>>) {
+    let none = || WorkerContext {
+        data_path: None,
+        verify: None,
+    };
+    let loc = match location(config, data_dir, &RepoArgs::default()) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "repository location unusable; data-path workers off");
+            return (none(), None);
+        }
+    };
+    if let Location::Local(path) = &loc
+        && !path.join("config").exists()
+    {
+        tracing::info!(repository = %loc, "no repository yet (`backstop init`); data-path workers off");
+        return (none(), None);
+    }
+    let backend = match loc.open(Some(s3_settings(config))).await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot reach the repository; data-path workers off");
+            return (none(), None);
+        }
+    };
+    let probe: Arc<dyn backstop_api::StorageProbe> = Arc::new(RepoProbe {
+        backend: backend.clone(),
+    });
+    let master = match master_key(config, &RepoArgs::default()) {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::warn!(error = %e, "no master key; backup and verify workers off");
+            return (none(), Some(probe));
+        }
+    };
+    let (tx, rx) = unbounded_channel::<KeyAccess>();
+    let repo = match Repository::open(backend, &master, Arc::new(tx)).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot open the repository; backup and verify workers off");
+            return (none(), Some(probe));
+        }
+    };
+    tokio::spawn(backstop_ops::keys::record_key_accesses(
+        rx,
+        appender.clone(),
+    ));
+    let verify = config
+        .verify
+        .scratch
+        .as_ref()
+        .map(|scratch| VerifySettings {
+            scratch: Some(scratch.clone()),
+            tolerance_percent: config.verify.tolerance_percent.unwrap_or(1.0),
+            max_retries: config.verify.max_retries.unwrap_or(2),
+            jobs: config.verify.jobs.unwrap_or(2),
+            physical: Some(physical_verify_settings(
+                config,
+                data_dir,
+                &RepoArgs::default(),
+            )),
+        });
+    (
+        WorkerContext {
+            data_path: Some(DataPath {
+                repo,
+                appender,
+                sources: source_specs(config),
+            }),
+            verify,
+        },
+        Some(probe),
+    )
+}

@@ -1,0 +1,433 @@
+//! Continuous WAL archiving on the command line: `wal-push %p`, `wal-fetch %f %p` and
+//! `wal verify` (base backups are `backup --physical`, point-in-time restores
+//! `restore --physical`).
+//!
+//! `wal-push` and `wal-fetch` run as PostgreSQL's `archive_command` and `restore_command`, as
+//! the server's user, with the data directory as their working directory:
+//! - They read the configuration file, the master key file and the repository (local: a
+//!   directory that user can write; S3: its credentials), so those must be readable by it and
+//!   every path in the configuration absolute.
+//! - They never open the sled ledger: it belongs to `backstop serve` (or to whichever command an
+//!   operator runs), and a `wal-push` holding it even briefly, once per segment, would make
+//!   those fail. `wal-push` appends its `wal.archived` events (and key accesses) through NATS
+//!   when `[nats] url` is configured; otherwise, or if that fails, the catch-up records them
+//!   from the repository later (`backstop serve` every minute, and `wal verify`).
+//!   A segment is safe once it is in the repository: archiving never fails for want of a ledger.
+//! - `wal-push`'s quick path (a file an earlier call already pushed ahead) opens nothing.
+//! - `wal-fetch` exits 0 (restored), 1 (not archived: the end of the archive), or 150 (abort
+//!   recovery: a damaged segment, a gap, an unreadable repository), never 1 for a failure, since
+//!   PostgreSQL would take it for the end of the archive and finish recovery early. A
+//!   configuration that cannot be read is such a failure too (see `main`).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backstop_events::Actor;
+use backstop_ledger::Appender;
+use backstop_ops::catalog;
+use backstop_ops::wal::{self as repo_wal, RepoWalStore};
+use backstop_repo::{KeyAccess, Location, Repository};
+use backstop_sources::pg::wal::{
+    self, FetchOptions, FetchOutcome, PushOptions, WalProblemKind, WalVerifyOptions,
+    WalVerifyReport,
+};
+use clap::{Args, Subcommand};
+use tokio::sync::mpsc::unbounded_channel;
+
+use crate::config::Config;
+use crate::wiring::{
+    self, Events, RepoArgs, configured_source, human, open_repository, operator, source_in_repo,
+};
+
+/// How long `wal-push` and `wal-fetch` give NATS to take their events before leaving them to
+/// the catch-up.
+const EVENT_BUDGET: Duration = Duration::from_secs(5);
+
+#[derive(Args)]
+pub struct WalPushArgs {
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    /// The source this cluster is (default: the only source in the configuration file, or
+    /// `adhoc` when there is none).
+    #[arg(long)]
+    pub source: Option<String>,
+    /// Files pushed at once.
+    #[arg(long, default_value_t = 4)]
+    pub parallel: usize,
+    /// Other ready files pushed ahead per call, at most.
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// PostgreSQL's %p: the file to archive, relative to the data directory.
+    pub path: PathBuf,
+}
+
+#[derive(Args)]
+pub struct WalFetchArgs {
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    /// The source whose archive to read (as for wal-push).
+    #[arg(long)]
+    pub source: Option<String>,
+    /// Segments fetched per round trip, the requested one included (1: no prefetch).
+    #[arg(long, default_value_t = 8)]
+    pub prefetch: usize,
+    /// Fetches at once.
+    #[arg(long, default_value_t = 4)]
+    pub parallel: usize,
+    /// PostgreSQL's %f: the file wanted.
+    pub name: String,
+    /// PostgreSQL's %p: where to put it.
+    pub dest: PathBuf,
+}
+
+#[derive(Subcommand)]
+pub enum WalCommand {
+    /// Check the WAL archive: continuity per timeline from the oldest base backup to now, and
+    /// every file's checksum. Exits non-zero on a gap or a damaged file, naming them.
+    Verify(WalVerifyArgs),
+}
+
+#[derive(Args)]
+pub struct WalVerifyArgs {
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    /// The source whose archive to check (default: the only one).
+    #[arg(long)]
+    pub source: Option<String>,
+    /// Check presence only; do not read the files.
+    #[arg(long)]
+    pub presence_only: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+async fn catch_up(repo: &Repository, events: &Events) {
+    let actor = Actor::worker("wal-catch-up");
+    let repo = repo.with_access(actor.to_string(), "recording archived WAL files");
+    let result = match &events.ledger {
+        Some(ledger) => repo_wal::catch_up_with_ledger(&repo, ledger, &actor).await,
+        None => {
+            repo_wal::record_archived_wal(
+                &repo,
+                events.appender.as_ref(),
+                &mut HashSet::new(),
+                &actor,
+            )
+            .await
+        }
+    };
+    match result {
+        Ok(r) if r.recorded > 0 => {
+            tracing::info!(recorded = r.recorded, "recorded archived WAL files")
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "could not record archived WAL files; a later catch-up will")
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// wal-push / wal-fetch
+
+/// An appender through NATS when one is configured and answers quickly; `None` otherwise.
+async fn remote_appender(config: &Config) -> Option<Arc<dyn Appender>> {
+    let url = config.nats.url.as_deref()?;
+    let connect = async_nats::ConnectOptions::new()
+        .name("backstop-wal")
+        .connection_timeout(Duration::from_secs(2))
+        .connect(url);
+    match tokio::time::timeout(Duration::from_secs(3), connect).await {
+        Ok(Ok(client)) => Some(Arc::new(backstop_ledger::remote::RemoteLedger::new(client))),
+        Ok(Err(e)) => {
+            tracing::warn!(%url, error = %e, "NATS unreachable; events left to the catch-up");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(%url, "NATS did not answer; events left to the catch-up");
+            None
+        }
+    }
+}
+
+/// Opens the repository for `wal-push` / `wal-fetch`: key accesses go to `appender` when there
+/// is one (recorded in the background; see [`finish_key_accesses`]), else to the log.
+async fn open_for_wal(
+    config: &Config,
+    data_dir: &Path,
+    args: &RepoArgs,
+    appender: Option<Arc<dyn Appender>>,
+) -> anyhow::Result<(Repository, tokio::task::JoinHandle<()>)> {
+    let master = wiring::master_key(config, args)?;
+    let loc = wiring::location(config, data_dir, args)?;
+    let backend = loc.open(Some(wiring::s3_settings(config))).await?;
+    let (tx, mut rx) = unbounded_channel::<KeyAccess>();
+    let repo = Repository::open(backend, &master, Arc::new(tx)).await?;
+    let recorder = match appender {
+        Some(a) => tokio::spawn(backstop_ops::keys::record_key_accesses(rx, a)),
+        None => tokio::spawn(async move {
+            while let Some(access) = rx.recv().await {
+                tracing::debug!(
+                    actor = %access.actor, key = %access.key_id, reason = %access.reason,
+                    "key access (no ledger reachable from here: not recorded)"
+                );
+            }
+        }),
+    };
+    Ok((repo, recorder))
+}
+
+/// Waits (within the budget) for the key accesses to be recorded.
+async fn finish_key_accesses(repo: Repository, recorder: tokio::task::JoinHandle<()>) {
+    // The channel closes when the last handle on the repository is gone.
+    drop(repo);
+    if tokio::time::timeout(EVENT_BUDGET, recorder).await.is_err() {
+        tracing::warn!("key accesses not recorded in time; giving up on them");
+    }
+}
+
+fn push_scope(loc: &Location, source: &str) -> String {
+    format!("{loc}#{source}")
+}
+
+pub async fn wal_push(
+    config: &Config,
+    data_dir: &Path,
+    args: WalPushArgs,
+) -> anyhow::Result<ExitCode> {
+    match push_inner(config, data_dir, &args).await {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            // PostgreSQL keeps the file and retries; its log shows this line.
+            eprintln!("backstop wal-push {}: {e:#}", args.path.display());
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+async fn push_inner(config: &Config, data_dir: &Path, args: &WalPushArgs) -> anyhow::Result<()> {
+    let source = configured_source(config, args.source.as_deref())?;
+    let loc = wiring::location(config, data_dir, &args.repo)?;
+    let opts = PushOptions {
+        parallel: args.parallel.max(1),
+        batch: args.batch,
+        marker_scope: push_scope(&loc, &source),
+        ..PushOptions::default()
+    };
+    // Pushed ahead by an earlier call: nothing to open, nothing to announce.
+    if wal::already_pushed(&args.path, &opts).await?.is_some() {
+        return Ok(());
+    }
+    let appender = remote_appender(config).await;
+    let actor = Actor::worker("wal-push");
+    let (repo, recorder) = open_for_wal(config, data_dir, &args.repo, appender.clone()).await?;
+    let store = RepoWalStore::new(
+        repo.with_access(actor.to_string(), format!("archiving WAL of {source}")),
+        source.clone(),
+    );
+    let report = wal::push(&args.path, &opts, &store).await?;
+    // Files that could not be pushed ahead were logged by the push; PostgreSQL asks again.
+    drop(store);
+    if let Some(a) = &appender {
+        match tokio::time::timeout(
+            EVENT_BUDGET,
+            repo_wal::announce_push(a.as_ref(), &report, &actor),
+        )
+        .await
+        {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "wal.archived not recorded now; the catch-up will")
+            }
+            Err(_) => tracing::warn!("wal.archived not recorded in time; the catch-up will"),
+        }
+    }
+    finish_key_accesses(repo, recorder).await;
+    Ok(())
+}
+
+pub async fn wal_fetch(
+    config: &Config,
+    data_dir: &Path,
+    args: WalFetchArgs,
+) -> anyhow::Result<ExitCode> {
+    let opts = FetchOptions {
+        prefetch: args.prefetch.max(1),
+        parallel: args.parallel.max(1),
+        ..FetchOptions::default()
+    };
+    let code = fetch_inner(config, data_dir, &args, &opts).await;
+    Ok(ExitCode::from(code.clamp(0, 255) as u8))
+}
+
+async fn fetch_inner(
+    config: &Config,
+    data_dir: &Path,
+    args: &WalFetchArgs,
+    opts: &FetchOptions,
+) -> i32 {
+    let source = match configured_source(config, args.source.as_deref()) {
+        Ok(s) => s,
+        Err(e) => return fatal_fetch(opts, &format!("{e:#}"), false),
+    };
+    let appender = remote_appender(config).await;
+    let (repo, recorder) = match open_for_wal(config, data_dir, &args.repo, appender).await {
+        Ok(r) => r,
+        // A standby retries an unreachable repository; recovery otherwise aborts.
+        Err(e) => {
+            return fatal_fetch(opts, &format!("cannot open the repository: {e:#}"), true);
+        }
+    };
+    let store = RepoWalStore::new(
+        repo.with_access(
+            Actor::worker("wal-fetch").to_string(),
+            format!("recovery from the WAL of {source}"),
+        ),
+        source,
+    );
+    let code = match wal::fetch(&args.name, &args.dest, opts, &store).await {
+        Ok(FetchOutcome::Unusable { reason, .. }) => {
+            eprintln!("backstop wal-fetch {}: {reason}", args.name);
+            1
+        }
+        Ok(o) => o.exit_code(),
+        Err(e) => {
+            eprintln!("backstop wal-fetch {}: {e}", args.name);
+            e.exit_code
+        }
+    };
+    drop(store);
+    finish_key_accesses(repo, recorder).await;
+    code
+}
+
+fn fatal_fetch(opts: &FetchOptions, message: &str, retryable: bool) -> i32 {
+    eprintln!("backstop wal-fetch: {message}");
+    wal::fetch_failure(opts, message, retryable)
+}
+
+/// For `main`: `wal-fetch` could not even read its configuration. Exiting 1 would tell
+/// PostgreSQL the archive ends here; abort recovery instead.
+pub fn wal_fetch_unconfigured(error: &anyhow::Error) -> ExitCode {
+    let code = fatal_fetch(
+        &FetchOptions::default(),
+        &format!("cannot read the configuration: {error:#}"),
+        false,
+    );
+    ExitCode::from(code.clamp(0, 255) as u8)
+}
+
+// ---------------------------------------------------------------------------------------------
+// wal verify
+
+pub async fn wal(config: &Config, data_dir: &Path, cmd: WalCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        WalCommand::Verify(args) => wal_verify(config, data_dir, args).await,
+    }
+}
+
+async fn wal_verify(
+    config: &Config,
+    data_dir: &Path,
+    args: WalVerifyArgs,
+) -> anyhow::Result<ExitCode> {
+    let mut events = Events::open(config, data_dir).await?;
+    let repo = open_repository(config, data_dir, &args.repo, &mut events)
+        .await?
+        .with_access(
+            Actor::operator(operator()).to_string(),
+            "checking the WAL archive",
+        );
+    let result = async {
+        let source = source_in_repo(config, args.source.as_deref(), &repo).await?;
+        catch_up(&repo, &events).await;
+        let backups = catalog::physical_backups(&repo, Some(&source)).await?;
+        let store = RepoWalStore::new(
+            repo.with_access(
+                Actor::operator(operator()).to_string(),
+                format!("checking the WAL archive of {source}"),
+            ),
+            source.clone(),
+        );
+        let report = wal::wal_verify(
+            &store,
+            &WalVerifyOptions {
+                backups: backups.iter().map(|b| b.report.wal_range()).collect(),
+                read_data: !args.presence_only,
+                ..WalVerifyOptions::default()
+            },
+        )
+        .await?;
+        anyhow::Ok((source, backups.len(), report))
+    }
+    .await;
+    drop(repo);
+    events.close().await;
+    let (source, backups, report) = result?;
+    if args.json {
+        let mut v = serde_json::to_value(&report)?;
+        v["source"] = source.clone().into();
+        v["ok"] = report.is_ok().into();
+        v["missing_segments"] = serde_json::to_value(report.missing_segments())?;
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print_wal_report(&source, backups, &report, !args.presence_only);
+    }
+    Ok(if report.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn print_wal_report(source: &str, backups: usize, r: &WalVerifyReport, read: bool) {
+    println!(
+        "WAL archive of `{source}`: {} files, {} read and checked ({}); {backups} base backups; segment size {}",
+        r.files,
+        r.files_checked,
+        human(r.bytes_checked),
+        human(r.segment_size)
+    );
+    for t in &r.timelines {
+        let parent = t
+            .parent
+            .map(|p| format!(", branched from timeline {p}"))
+            .unwrap_or_default();
+        println!(
+            "  timeline {}{parent}: {} segments, {} .. {}; required {} .. {}; {}",
+            t.timeline,
+            t.segments,
+            t.first.as_deref().unwrap_or("-"),
+            t.last.as_deref().unwrap_or("-"),
+            t.required_from.as_deref().unwrap_or("-"),
+            t.required_to.as_deref().unwrap_or("-"),
+            if t.gaps.is_empty() {
+                "continuous".to_string()
+            } else {
+                format!("{} gaps", t.gaps.len())
+            }
+        );
+    }
+    for p in &r.problems {
+        let kind = match p.kind {
+            WalProblemKind::Missing => "MISSING",
+            WalProblemKind::Damaged => "DAMAGED",
+            WalProblemKind::HistoryMissing => "HISTORY MISSING",
+            WalProblemKind::Unreadable => "UNREADABLE",
+        };
+        println!("{kind} {}: {}", p.name, p.detail);
+    }
+    if r.is_ok() && read {
+        println!("WAL archive intact: no gap, every checksum matches");
+    } else if r.is_ok() {
+        println!("WAL archive continuous: no gap (checksums not read: --presence-only)");
+    } else {
+        eprintln!(
+            "WAL archive has {} problems: restores cannot pass them. Take a new base backup now (restores then start after them) and restore to moments before them.",
+            r.problems.len()
+        );
+    }
+}

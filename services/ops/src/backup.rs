@@ -1,0 +1,358 @@
+//! The backup use case: one source read through the data path into the repository, wrapped in
+//! events. One function, [`run_backup`], takes logical and physical backups alike: the CLI calls
+//! it in the foreground (with a progress bar), the backup worker when a `backup.requested` event
+//! arrives (from the API, a schedule or a retry). Events, all on the stream `backup-<id>`:
+//!
+//! ```text
+//! backup.requested -> backup.started -> upload.verified -> backup.completed
+//!                                    \-> backup.failed (with the reason)
+//! ```
+//!
+//! Invariants:
+//! - `backup.completed` is appended only after the manifest is sealed, uploaded and read back
+//!   intact (`BackupWriter::finish`), so no backup is marked good that is not. A process killed
+//!   half-way leaves chunks but no manifest and no `backup.completed`; the next backup finds those
+//!   chunks in the repository and does not upload them again.
+//! - Event ids derive from the backup id, the step and the request's time ([`crate::record`]), so
+//!   a retried or redelivered backup appends nothing twice; a request whose manifest exists only
+//!   (re)records its completion ([`complete_from_manifest`]).
+//! - The source's report (tables and row counts in the snapshot, or the base backup's label and
+//!   WAL range) is stored in the manifest: a restore needs only the repository and the master key.
+//! - A failure is recorded as `backup.failed` unless the caller asked to retry transient ones
+//!   ([`FailureRecording::UnlessTransient`]: the worker, which retries the event and records the
+//!   failure with [`record_failure`] when it gives up).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backstop_events::{
+    Actor, BackupCompleted, BackupFailed, BackupMethod, BackupRequested, BackupStarted, Envelope,
+    Event, TableRows, UploadVerified, streams,
+};
+use backstop_repo::{BackupMeta, BackupResult, KeyPurpose, Manifest, Repository, WriterOptions};
+use backstop_sources::pg::logical::{self, DumpOptions, DumpReport};
+use backstop_sources::pg::physical::{self, BaseBackupOptions, BaseBackupReport};
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::catalog::{self, LOGICAL_KEY, PHYSICAL_KEY};
+use crate::context::{DataPath, SourceSpec, hostname};
+use crate::error::OpsError;
+use crate::parts::WriterSink;
+use crate::record::record;
+
+/// Figures a caller can show while a backup runs.
+pub type ProgressFn = Arc<dyn Fn(backstop_repo::Progress) + Send + Sync>;
+
+/// Whether [`run_backup`] records a transient failure as `backup.failed`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FailureRecording {
+    /// Every failure is recorded (a foreground backup: the operator sees it end).
+    #[default]
+    Always,
+    /// A transient failure (storage or source briefly unreachable) is returned unrecorded, for
+    /// the caller to retry the same backup.
+    UnlessTransient,
+}
+
+/// How to take a backup, beyond what the request says.
+#[derive(Clone, Default)]
+pub struct BackupOptions {
+    pub progress: Option<ProgressFn>,
+    pub writer: Option<WriterOptions>,
+    /// Physical: passed to `pg_basebackup --max-rate` to spare a busy primary's disks.
+    pub max_rate: Option<String>,
+    /// Physical: a spread checkpoint instead of an immediate one.
+    pub spread_checkpoint: bool,
+    /// Logical: parallel `COPY` streams instead of the source's configured number.
+    pub jobs: Option<usize>,
+    pub failures: FailureRecording,
+}
+
+/// What the source reported about a finished backup.
+#[derive(Debug, Clone)]
+pub enum SourceReport {
+    Logical(DumpReport),
+    Physical(BaseBackupReport),
+}
+
+/// A finished backup: its completion event and the source's report.
+#[derive(Debug, Clone)]
+pub struct BackupDone {
+    pub completed: BackupCompleted,
+    pub report: SourceReport,
+}
+
+/// Takes one backup of `request.source` by `request.method` and records it (see the module docs).
+/// `backup.requested` is the caller's: the CLI appends it, or it is the event being handled.
+pub async fn run_backup(
+    dp: &DataPath,
+    request: &BackupRequested,
+    requested_at: DateTime<Utc>,
+    actor: &Actor,
+    cause: Option<&Envelope>,
+    opts: &BackupOptions,
+) -> Result<BackupDone, OpsError> {
+    let spec = dp.source(&request.source)?;
+    let stream = streams::backup(request.backup_id);
+    let appender = dp.appender.as_ref();
+    let repo = dp.repo.with_access(
+        actor.to_string(),
+        format!(
+            "{} backup {} of {}",
+            request.method, request.backup_id, request.source
+        ),
+    );
+    let manifests: Vec<Manifest> = repo
+        .list_backups()
+        .await?
+        .into_iter()
+        .filter_map(|l| l.manifest.ok())
+        .collect();
+    let parent = catalog::choose_parent(&manifests, &request.source, request.method, request.kind);
+    record(
+        appender,
+        &stream,
+        actor,
+        cause,
+        requested_at,
+        "started",
+        request.backup_id,
+        Event::BackupStarted(BackupStarted {
+            backup_id: request.backup_id,
+            source: request.source.clone(),
+            kind: request.kind,
+            parent,
+            method: request.method,
+            host: hostname(),
+        }),
+    )
+    .await?;
+    let started = Instant::now();
+    let taken = take(&repo, spec, request, parent, actor, opts).await;
+    let (result, report) = match taken {
+        Ok(done) => done,
+        Err(e) => {
+            if opts.failures == FailureRecording::UnlessTransient && e.is_transient() {
+                tracing::warn!(backup = %request.backup_id, source = %request.source, error = %e.chain(), "backup interrupted by a transient failure; it will be retried");
+                return Err(e);
+            }
+            record_failure(dp, request, requested_at, actor, cause, &e).await?;
+            return Err(e);
+        }
+    };
+    record(
+        appender,
+        &stream,
+        actor,
+        cause,
+        requested_at,
+        "upload-verified",
+        request.backup_id,
+        Event::UploadVerified(UploadVerified {
+            backup_id: request.backup_id,
+            objects: result.objects_verified,
+            bytes: result.bytes_verified,
+        }),
+    )
+    .await?;
+    let completed = BackupCompleted {
+        backup_id: request.backup_id,
+        source: request.source.clone(),
+        kind: request.kind,
+        parent,
+        method: request.method,
+        manifest: result.manifest_key.clone(),
+        manifest_sha3: result.manifest_sha3.to_hex(),
+        raw_bytes: result.raw_bytes,
+        stored_bytes: result.stored_bytes,
+        new_bytes: result.new_bytes,
+        chunks: result.chunks,
+        new_chunks: result.new_chunks,
+        duration_ms: started.elapsed().as_millis() as u64,
+        attempt: request.attempt,
+        tables: match &report {
+            SourceReport::Logical(r) => table_rows(r),
+            SourceReport::Physical(_) => Vec::new(),
+        },
+    };
+    record(
+        appender,
+        &stream,
+        actor,
+        cause,
+        requested_at,
+        "completed",
+        request.backup_id,
+        Event::BackupCompleted(completed.clone()),
+    )
+    .await?;
+    Ok(BackupDone { completed, report })
+}
+
+/// Records `backup.failed` for `request` with the error's whole chain as the reason.
+pub async fn record_failure(
+    dp: &DataPath,
+    request: &BackupRequested,
+    requested_at: DateTime<Utc>,
+    actor: &Actor,
+    cause: Option<&Envelope>,
+    error: &OpsError,
+) -> Result<(), OpsError> {
+    let reason = error.chain();
+    tracing::error!(backup = %request.backup_id, source = %request.source, class = error.class().as_str(), %reason, "backup failed");
+    record(
+        dp.appender.as_ref(),
+        &streams::backup(request.backup_id),
+        actor,
+        cause,
+        requested_at,
+        "failed",
+        request.backup_id,
+        Event::BackupFailed(BackupFailed {
+            backup_id: request.backup_id,
+            source: request.source.clone(),
+            reason,
+            attempt: request.attempt,
+        }),
+    )
+    .await?;
+    Ok(())
+}
+
+fn table_rows(report: &DumpReport) -> Vec<TableRows> {
+    report
+        .tables
+        .iter()
+        .filter(|t| t.part.is_some())
+        .map(|t| TableRows {
+            schema: t.table.schema.clone(),
+            table: t.table.name.clone(),
+            rows: t.rows,
+        })
+        .collect()
+}
+
+/// The data path proper: the source's parts through the writer, then the manifest.
+async fn take(
+    repo: &Repository,
+    spec: &SourceSpec,
+    request: &BackupRequested,
+    parent: Option<Uuid>,
+    actor: &Actor,
+    opts: &BackupOptions,
+) -> Result<(BackupResult, SourceReport), OpsError> {
+    let meta = BackupMeta {
+        backup_id: request.backup_id,
+        kind: request.kind,
+        parent,
+        source: request.source.clone(),
+        purpose: KeyPurpose::Database,
+        actor: actor.to_string(),
+    };
+    let writer = Arc::new(
+        repo.start_backup_with(meta, opts.writer.clone().unwrap_or_default())
+            .await?,
+    );
+    let ticker = opts.progress.clone().map(|f| {
+        let w = writer.clone();
+        tokio::spawn(async move {
+            loop {
+                f(w.progress());
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    });
+    let sink = Arc::new(WriterSink(writer.clone()));
+    let report = match request.method {
+        BackupMethod::Logical => {
+            let options = DumpOptions {
+                jobs: opts.jobs.unwrap_or(spec.jobs).max(1),
+                ..Default::default()
+            };
+            logical::dump(&spec.conninfo, &options, sink.clone())
+                .await
+                .map(SourceReport::Logical)
+                .map_err(OpsError::from)
+        }
+        BackupMethod::Physical => {
+            let options = BaseBackupOptions {
+                fast_checkpoint: !opts.spread_checkpoint,
+                label: format!("backstop {}", request.backup_id),
+                max_rate: opts.max_rate.clone(),
+                ..BaseBackupOptions::default()
+            };
+            physical::base_backup(&spec.conninfo, sink.as_ref(), &options)
+                .await
+                .map(SourceReport::Physical)
+                .map_err(OpsError::from)
+        }
+    };
+    if let Some(t) = ticker {
+        t.abort();
+        // The ticker holds a handle on the writer: wait until it is gone.
+        let _ = t.await;
+    }
+    drop(sink);
+    let report = report?;
+    let writer = Arc::try_unwrap(writer).map_err(|_| OpsError::Abandoned {
+        what: format!("backup {}", request.backup_id),
+        why: "internal error: the backup writer is still shared after the source finished".into(),
+    })?;
+    let extra = match &report {
+        SourceReport::Logical(r) => serde_json::json!({ LOGICAL_KEY: r }),
+        SourceReport::Physical(r) => serde_json::json!({ PHYSICAL_KEY: r }),
+    };
+    let result = writer.finish(extra).await?;
+    Ok((result, report))
+}
+
+/// Records `backup.completed` for a backup whose manifest is in the repository, from the
+/// manifest itself: a redelivered request whose backup finished (the completion may or may not
+/// have been recorded before the process died) records it once and takes nothing again.
+pub async fn complete_from_manifest(
+    dp: &DataPath,
+    request: &BackupRequested,
+    manifest: &Manifest,
+    actor: &Actor,
+    cause: &Envelope,
+) -> Result<(), OpsError> {
+    let key = backstop_repo::manifest_key(&manifest.backup_id);
+    let sealed = dp.repo.backend().get(&key).await?;
+    let sha3 = hex::encode(<sha3::Sha3_256 as sha3::Digest>::digest(&sealed));
+    let tables = match catalog::method_of(manifest) {
+        BackupMethod::Logical => catalog::dump_report(manifest)
+            .map(|r| table_rows(&r))
+            .unwrap_or_default(),
+        BackupMethod::Physical => Vec::new(),
+    };
+    let completed = BackupCompleted {
+        backup_id: manifest.backup_id,
+        source: manifest.source.clone(),
+        kind: manifest.kind,
+        parent: manifest.parent,
+        method: catalog::method_of(manifest),
+        manifest: key,
+        manifest_sha3: sha3,
+        raw_bytes: manifest.totals.raw_bytes,
+        stored_bytes: manifest.totals.stored_bytes,
+        new_bytes: manifest.totals.new_bytes,
+        chunks: manifest.totals.chunks,
+        new_chunks: manifest.totals.new_chunks,
+        duration_ms: manifest.duration().num_milliseconds().max(0) as u64,
+        attempt: request.attempt,
+        tables,
+    };
+    record(
+        dp.appender.as_ref(),
+        &streams::backup(manifest.backup_id),
+        actor,
+        Some(cause),
+        cause.occurred_at,
+        "completed",
+        manifest.backup_id,
+        Event::BackupCompleted(completed),
+    )
+    .await?;
+    Ok(())
+}

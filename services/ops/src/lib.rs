@@ -1,0 +1,39 @@
+//! backstop-ops: the typed use cases of Backstop.
+//!
+//! Every capability an operator can ask for (a backup, a restore, a verification, a schedule's
+//! firing, a retention decision) is one function here, called alike by the CLI (in the
+//! foreground), the workers (when an event asks for it) and the API. The crate sits between the
+//! data path (`backstop-repo`, `backstop-sources`) and the thin handlers of `backstop-workers`:
+//!
+//! ```text
+//! events -> ledger -> (NATS) -> workers (thin handlers) -> ops (use cases) -> repo, sources
+//!                                 cli, api ---------------^
+//! ```
+//!
+//! Failures come back typed ([`error::OpsError`]): a caller decides retries and alerts by variant
+//! (`is_transient()`, `is_data()`), never by the text of a message.
+//!
+//! Modules, one use case (or one shared concern) each:
+//! - [`error`]: the failure policy ([`error::FailureClass`]) and the one error type;
+//! - [`context`]: what every use case needs ([`DataPath`]: repository, appender, sources);
+//! - [`record`]: appending a use case's events with ids derived from what they are about;
+//! - [`parts`]: the sources' parts to and from the repository;
+//! - [`catalog`]: the backups a repository holds, their methods, parents, and `latest`;
+//! - [`backup`], [`restore`], [`verify`]: the data path's use cases, logical and physical;
+//! - [`wal`]: the WAL archive's layout, its store, and `wal.archived` events;
+//! - [`keys`]: every data-key unwrap recorded as `key.accessed`.
+
+pub mod backup;
+pub mod catalog;
+pub mod context;
+pub mod error;
+pub mod keys;
+pub mod parts;
+pub mod record;
+pub mod restore;
+pub mod schedule;
+pub mod verify;
+pub mod wal;
+
+pub use context::{DataPath, SourceSpec};
+pub use error::{FailureClass, OpsError};

@@ -1,0 +1,347 @@
+//! The restore use cases: a logical backup into a database, a physical one into a data
+//! directory that PostgreSQL recovers to a point in time. Events, on the stream `recovery-<id>`:
+//!
+//! ```text
+//! recovery.requested -> recovery.started -> recovery.completed | recovery.failed
+//! ```
+//!
+//! with the operator and the scope (the target redacted of any password; the tables; the
+//! recovery target). A foreground restore appends requested and started together, so no restore
+//! worker takes it for one it should run; a worker claims a requested recovery by appending
+//! started at stream version 1 ([`claim`]).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use backstop_events::{
+    Actor, Envelope, Event, NewEvent, RecoveryCompleted, RecoveryFailed, RecoveryRequested,
+    RecoveryScope, RecoveryStarted, TableRows, streams,
+};
+use backstop_ledger::{Appender, ExpectedVersion, LedgerError};
+use backstop_repo::{Manifest, Repository};
+use backstop_sources::pg::logical::{self, RestoreOptions, RestoreReport};
+use backstop_sources::pg::physical::{
+    self, BaseBackupReport, PhysicalRestoreOptions, PhysicalRestoreReport, RecoveryTarget,
+};
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::catalog::{self, PhysicalBackup, Selector};
+use crate::context::DataPath;
+use crate::error::OpsError;
+use crate::parts::ManifestSource;
+use crate::record::record;
+
+/// Who runs a recovery and what it covers.
+pub struct Recovery {
+    pub recovery_id: Uuid,
+    pub requested_at: DateTime<Utc>,
+    pub operator: String,
+    pub scope: RecoveryScope,
+}
+
+impl Recovery {
+    /// A new recovery, requested now.
+    pub fn new(operator: &str, scope: RecoveryScope) -> Recovery {
+        Recovery {
+            recovery_id: backstop_events::uuid_v7(),
+            requested_at: backstop_events::now_micros(),
+            operator: operator.to_string(),
+            scope,
+        }
+    }
+
+    fn stream(&self) -> String {
+        streams::recovery(self.recovery_id)
+    }
+
+    fn event(&self, label: &str, event: Event) -> NewEvent {
+        let mut n = NewEvent::new(self.stream(), Actor::operator(&self.operator), &event);
+        n.id = backstop_events::uuid_v7_derived(self.recovery_id, self.requested_at, label);
+        n
+    }
+
+    /// Records `recovery.requested` and `recovery.started` in one append (a foreground restore).
+    pub async fn begin(&self, appender: &dyn Appender, backup_id: Uuid) -> Result<(), OpsError> {
+        let requested = self.event(
+            "requested",
+            Event::RecoveryRequested(RecoveryRequested {
+                recovery_id: self.recovery_id,
+                backup_id,
+                operator: self.operator.clone(),
+                scope: self.scope.clone(),
+            }),
+        );
+        let started = self.event(
+            "started",
+            Event::RecoveryStarted(RecoveryStarted {
+                recovery_id: self.recovery_id,
+                backup_id,
+                operator: self.operator.clone(),
+                scope: self.scope.clone(),
+            }),
+        );
+        appender
+            .append(
+                &self.stream(),
+                ExpectedVersion::NoStream,
+                vec![requested, started],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Records the end of the recovery: completed with its figures, or failed with the reason.
+    async fn end(
+        &self,
+        appender: &dyn Appender,
+        backup_id: Uuid,
+        cause: Option<&Envelope>,
+        outcome: Result<(u64, u64, Vec<TableRows>), &OpsError>,
+    ) -> Result<(), OpsError> {
+        let (label, event) = match outcome {
+            Ok((duration_ms, bytes, tables)) => (
+                "completed",
+                Event::RecoveryCompleted(RecoveryCompleted {
+                    recovery_id: self.recovery_id,
+                    backup_id,
+                    operator: self.operator.clone(),
+                    scope: self.scope.clone(),
+                    duration_ms,
+                    bytes,
+                    tables,
+                }),
+            ),
+            Err(e) => (
+                "failed",
+                Event::RecoveryFailed(RecoveryFailed {
+                    recovery_id: self.recovery_id,
+                    backup_id,
+                    operator: self.operator.clone(),
+                    scope: self.scope.clone(),
+                    reason: e.chain(),
+                }),
+            ),
+        };
+        record(
+            appender,
+            &self.stream(),
+            &Actor::operator(&self.operator),
+            cause,
+            self.requested_at,
+            label,
+            self.recovery_id,
+            event,
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// How a worker's claim of a requested recovery went.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// This worker runs it.
+    Won,
+    /// Someone else started it (another worker, or a foreground restore).
+    Lost,
+    /// This worker claimed it before and stopped: whether the restore got anywhere is unknown,
+    /// and running it again over a half-restored target would fail or mislead.
+    ClaimedBefore,
+}
+
+/// Claims a `recovery.requested` by appending `recovery.started` at stream version 1: exactly
+/// one claimant wins.
+pub async fn claim(
+    appender: &dyn Appender,
+    event: &Envelope,
+    request: &RecoveryRequested,
+    actor: &Actor,
+) -> Result<Claim, OpsError> {
+    let stream = streams::recovery(request.recovery_id);
+    let started = NewEvent::caused_by(
+        event,
+        &stream,
+        actor.clone(),
+        &Event::RecoveryStarted(RecoveryStarted {
+            recovery_id: request.recovery_id,
+            backup_id: request.backup_id,
+            operator: request.operator.clone(),
+            scope: request.scope.clone(),
+        }),
+    )
+    .with_derived_id(event, "restore-claim");
+    match appender
+        .append(&stream, ExpectedVersion::Exact(1), vec![started])
+        .await
+    {
+        Ok(a) if a.events.iter().all(|c| c.duplicate) => Ok(Claim::ClaimedBefore),
+        Ok(_) => Ok(Claim::Won),
+        Err(LedgerError::Conflict { .. }) => Ok(Claim::Lost),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Restores a logical backup into `target` in the foreground (`backstop restore`), recording
+/// the recovery with the operator.
+pub async fn restore_logical(
+    dp: &DataPath,
+    manifest: Manifest,
+    recovery: &Recovery,
+    target: &str,
+    options: RestoreOptions,
+) -> Result<RestoreReport, OpsError> {
+    recovery
+        .begin(dp.appender.as_ref(), manifest.backup_id)
+        .await?;
+    execute_logical(dp, manifest, recovery, target, options, None).await
+}
+
+/// Runs a logical recovery that is recorded as started, then records its end.
+pub async fn execute_logical(
+    dp: &DataPath,
+    manifest: Manifest,
+    recovery: &Recovery,
+    target: &str,
+    options: RestoreOptions,
+    cause: Option<&Envelope>,
+) -> Result<RestoreReport, OpsError> {
+    let backup_id = manifest.backup_id;
+    let started = Instant::now();
+    let repo = dp.repo.with_access(
+        Actor::operator(&recovery.operator).to_string(),
+        format!("restore of backup {backup_id}"),
+    );
+    let outcome = async {
+        let report = catalog::dump_report(&manifest)?;
+        let source = Arc::new(ManifestSource {
+            repo,
+            manifest: Arc::new(manifest),
+        });
+        Ok::<_, OpsError>(logical::restore(target, &options, source, &report).await?)
+    }
+    .await;
+    let figures = outcome.as_ref().map(|r| {
+        (
+            started.elapsed().as_millis() as u64,
+            r.bytes,
+            r.tables
+                .iter()
+                .map(|t| TableRows {
+                    schema: t.table.schema.clone(),
+                    table: t.table.name.clone(),
+                    rows: t.rows,
+                })
+                .collect(),
+        )
+    });
+    recovery
+        .end(dp.appender.as_ref(), backup_id, cause, figures)
+        .await?;
+    outcome
+}
+
+/// Picks the base backup to restore: `which` is a backup id or `latest` (the newest one that can
+/// reach `target`, among those `selector` allows).
+pub async fn select_base_backup(
+    repo: &Repository,
+    which: &str,
+    selector: &Selector<'_>,
+    target: &RecoveryTarget,
+) -> Result<PhysicalBackup, OpsError> {
+    if which != "latest" {
+        let resolved = catalog::resolve_backup(repo, which, selector).await?;
+        return PhysicalBackup::from_manifest(resolved.manifest);
+    }
+    let backups: Vec<PhysicalBackup> = catalog::physical_backups(repo, selector.source)
+        .await?
+        .into_iter()
+        .filter(|b| {
+            selector
+                .verified
+                .is_none_or(|v| v.contains(&b.manifest.backup_id))
+        })
+        .collect();
+    if backups.is_empty() {
+        let what = if selector.verified.is_some() {
+            "verified physical backup"
+        } else {
+            "physical backup"
+        };
+        return Err(OpsError::NoBackup(match selector.source {
+            Some(s) => format!(
+                "the repository holds no {what} of `{s}`; take one with `backstop backup --source {s} --physical`{}",
+                if selector.verified.is_some() {
+                    " (or pass --allow-unverified)"
+                } else {
+                    ""
+                }
+            ),
+            None => format!(
+                "the repository holds no {what}; take one with `backstop backup --physical`{}",
+                if selector.verified.is_some() {
+                    " (or pass --allow-unverified)"
+                } else {
+                    ""
+                }
+            ),
+        }));
+    }
+    let reports: Vec<BaseBackupReport> = backups.iter().map(|b| b.report.clone()).collect();
+    let Some(chosen) = physical::choose_base_backup(&reports, target) else {
+        let earliest = &backups[0].report;
+        return Err(OpsError::Invalid(format!(
+            "no base backup can reach {target}: the earliest restorable moment is {} (LSN {}); choose a later target",
+            earliest.finished_at.to_rfc3339(),
+            earliest.stop_lsn
+        )));
+    };
+    let index = reports
+        .iter()
+        .position(|r| r == chosen)
+        .unwrap_or(backups.len() - 1);
+    Ok(backups[index].clone())
+}
+
+/// Restores `backup` into `dir` so that PostgreSQL started on it recovers to `opts.target`,
+/// recording the recovery with `operator`.
+pub async fn restore_physical(
+    repo: &Repository,
+    appender: &dyn Appender,
+    backup: &PhysicalBackup,
+    dir: &Path,
+    opts: &PhysicalRestoreOptions,
+    operator: &str,
+) -> Result<PhysicalRestoreReport, OpsError> {
+    let recovery = Recovery::new(
+        operator,
+        RecoveryScope {
+            target: dir.display().to_string(),
+            tables: Vec::new(),
+            point_in_time: Some(opts.target.to_string()),
+            dry_run: false,
+        },
+    );
+    let backup_id = backup.manifest.backup_id;
+    recovery.begin(appender, backup_id).await?;
+    let started = Instant::now();
+    let source = ManifestSource {
+        repo: repo.with_access(
+            Actor::operator(operator).to_string(),
+            format!(
+                "physical restore of backup {backup_id} into {}",
+                dir.display()
+            ),
+        ),
+        manifest: Arc::new(backup.manifest.clone()),
+    };
+    let outcome = physical::restore_physical(&source, &backup.report, dir, opts)
+        .await
+        .map_err(OpsError::from);
+    let figures = outcome
+        .as_ref()
+        .map(|r| (started.elapsed().as_millis() as u64, r.bytes, Vec::new()));
+    recovery.end(appender, backup_id, None, figures).await?;
+    outcome
+}
