@@ -93,7 +93,14 @@ pub async fn run_backup(
     cause: Option<&Envelope>,
     opts: &BackupOptions,
 ) -> Result<BackupDone, OpsError> {
-    let spec = dp.source(&request.source)?;
+    // A request that cannot run at all is still recorded: no backup is left "requested".
+    let spec = match dp.source(&request.source) {
+        Ok(s) => s,
+        Err(e) => {
+            record_failure(dp, request, requested_at, actor, cause, &e).await?;
+            return Err(e);
+        }
+    };
     let stream = streams::backup(request.backup_id);
     let appender = dp.appender.as_ref();
     let repo = dp.repo.with_access(
@@ -103,12 +110,17 @@ pub async fn run_backup(
             request.method, request.backup_id, request.source
         ),
     );
-    let manifests: Vec<Manifest> = repo
-        .list_backups()
-        .await?
-        .into_iter()
-        .filter_map(|l| l.manifest.ok())
-        .collect();
+    let listed = match repo.list_backups().await {
+        Ok(l) => l,
+        Err(e) => {
+            let e = OpsError::from(e);
+            if opts.failures == FailureRecording::Always || !e.is_transient() {
+                record_failure(dp, request, requested_at, actor, cause, &e).await?;
+            }
+            return Err(e);
+        }
+    };
+    let manifests: Vec<Manifest> = listed.into_iter().filter_map(|l| l.manifest.ok()).collect();
     let parent = catalog::choose_parent(&manifests, &request.source, request.method, request.kind);
     record(
         appender,

@@ -33,7 +33,9 @@ mod repository;
 pub mod seal;
 pub mod writer;
 
-pub use backend::{Backend, LocalBackend, Location, ObjectMeta, S3Backend, S3Settings};
+pub use backend::{
+    Backend, LocalBackend, Location, MemoryBackend, ObjectMeta, S3Backend, S3Settings,
+};
 pub use bench::{PipelineFigures, bench_pipeline, bench_pipeline_with};
 pub use check::{CheckOptions, CheckReport, Problem, ProblemKind};
 pub use chunk::{ChunkId, Chunker, Hash32};

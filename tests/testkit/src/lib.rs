@@ -24,6 +24,7 @@ mod http;
 mod nats;
 mod postgres;
 mod process;
+mod recording;
 mod user;
 
 use std::collections::HashSet;
@@ -36,6 +37,8 @@ use anyhow::{Context, bail};
 
 pub use garage::{Garage, GarageOptions};
 pub use nats::Nats;
+pub use backstop_repo::MemoryBackend;
+pub use recording::RecordingAppender;
 pub use postgres::{Postgres, PostgresOptions};
 pub use user::{
     give_to_server_user, server_tempdir, server_tempdir_in, server_user, server_user_command,

@@ -15,6 +15,7 @@
 //!   escape the repository root.
 
 mod local;
+mod memory;
 mod s3;
 
 use std::path::PathBuf;
@@ -24,6 +25,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 pub use local::LocalBackend;
+pub use memory::MemoryBackend;
 pub use s3::{S3Backend, S3Settings};
 
 use crate::error::{RepoError, Result};
