@@ -1,5 +1,5 @@
-//! A single-node Garage (S3-compatible object store) for tests, set up as /work/shared/GARAGE.md
-//! describes.
+//! A single-node Garage (S3-compatible object store) for tests, set up the way Garage's
+//! single-node quick start describes (the steps are in `start` below).
 //!
 //! Layout of the temporary directory:
 //! ```text
