@@ -10,12 +10,17 @@
 //! The API listens on `api.listen` (default 127.0.0.1:8080). If that address was configured
 //! explicitly, failing to bind it stops `serve`; the default address being taken (another
 //! instance on the same machine) only logs a warning and serves no API.
+//!
+//! `serve` checks the read side's configuration ([`check_read_side`]: tokens, projections URL,
+//! API address) before it starts any task, and only then spawns it ([`spawn_read_side`]), which
+//! cannot fail. The API listens before the projections' migrations have run; until one has
+//! succeeded it answers what needs the read models with 503, the reason and `Retry-After`.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
-use backstop_api::{ApiConfig, ApiState, StorageProbe, TokenEntry, Tokens};
+use backstop_api::{ApiConfig, ApiState, ReadModels, StorageProbe, TokenEntry, Tokens};
 use backstop_ledger::{Appender, Ledger, LedgerError};
 use backstop_projections::{Projections, projectors};
 use clap::Subcommand;
@@ -182,39 +187,103 @@ pub fn tokens(config: &Config) -> anyhow::Result<Tokens> {
     Ok(Tokens::new(entries))
 }
 
+/// The read side's configuration, checked by [`check_read_side`] before `serve` starts anything.
+pub struct CheckedReadSide {
+    tokens: Tokens,
+    /// The projections database (connected lazily) and its URL for the logs.
+    projections: Option<(Projections, String)>,
+    /// The API's address, already bound; `None` when the default address was taken.
+    listener: Option<tokio::net::TcpListener>,
+}
+
+/// Checks what the read side is configured with, so that a mistake stops `serve` at once with its
+/// message instead of surfacing after the ledger, the outbox and the workers have started: the API
+/// tokens (every `[[api.tokens]]` entry, and `api.tokens_file` read and parsed), the projections
+/// URL (parsed; the database itself may still be starting, the projectors wait for it), and the
+/// API address (bound here, so that an explicit address that cannot be listened on is an error).
+pub async fn check_read_side(
+    config: &Config,
+    projections_url: Option<String>,
+    listen: Option<String>,
+) -> anyhow::Result<CheckedReadSide> {
+    let tokens = tokens(config)?;
+    let projections = match database_url(config, projections_url) {
+        None => None,
+        Some(url) => {
+            let p = Projections::connect_lazy(&url)
+                .context("projections.database_url (or --projections-url) is not usable")?;
+            Some((p, url))
+        }
+    };
+    let explicit = listen.or_else(|| config.api.listen.clone());
+    let addr = explicit
+        .clone()
+        .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+    let listener = match tokio::net::TcpListener::bind(&addr).await {
+        Ok(l) => Some(l),
+        Err(e) if explicit.is_none() => {
+            tracing::warn!(%addr, error = %e, "cannot listen on the default API address; serving no API (set api.listen to choose another)");
+            None
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            return Err(e).with_context(|| {
+                format!("cannot listen on {addr} (api.listen or --listen): another process is using it; stop it or choose another address")
+            });
+        }
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!("cannot listen on {addr} (api.listen or --listen): give a local HOST:PORT, e.g. 127.0.0.1:8080")
+            });
+        }
+    };
+    Ok(CheckedReadSide {
+        tokens,
+        projections,
+        listener,
+    })
+}
+
 /// What `serve` passes to [`spawn_read_side`].
 pub struct ReadSide<'a> {
     pub config: &'a Config,
     pub ledger: &'a Ledger,
     pub appender: Arc<dyn Appender>,
-    pub projections_url: Option<String>,
-    pub listen: Option<String>,
+    pub checked: CheckedReadSide,
     pub publication: bool,
     pub storage: Option<Arc<dyn StorageProbe>>,
 }
 
 /// Starts the projectors (if a database is configured) and the API on `tasks`, all stopping on
-/// `shutdown`. Returns the address the API listens on, if any.
-pub async fn spawn_read_side(
+/// `shutdown`. Returns the address the API listens on, if any. Nothing here can fail: what could
+/// was checked by [`check_read_side`]. Until the projections' migrations have run, the API
+/// answers what needs them with 503 and the reason (`backstop_api::ReadModels`).
+pub fn spawn_read_side(
     side: ReadSide<'_>,
     tasks: &mut JoinSet<Result<(), LedgerError>>,
     shutdown: &watch::Receiver<bool>,
-) -> anyhow::Result<Option<std::net::SocketAddr>> {
+) -> Option<std::net::SocketAddr> {
     let config = side.config;
-    let projections = match database_url(config, side.projections_url) {
+    let CheckedReadSide {
+        tokens,
+        projections,
+        listener,
+    } = side.checked;
+    let (read_models, read_models_rx) = watch::channel(ReadModels::Migrating);
+    let read_models = Arc::new(read_models);
+    let projections = match projections {
         None => {
             tracing::warn!(
                 "projections are off: set projections.database_url (or --projections-url) to a PostgreSQL database to get the dashboard, the audit trail and backup metrics"
             );
             None
         }
-        Some(url) => {
-            let p = Projections::connect_lazy(&url)?;
+        Some((p, url)) => {
             tracing::info!(url = %backstop_projections::redact(&url), "projections on");
             for projector in projectors() {
                 let (p, ledger, shutdown) = (p.clone(), side.ledger.clone(), shutdown.clone());
+                let read_models = read_models.clone();
                 tasks.spawn(async move {
-                    migrate_then_run(p, ledger, projector, shutdown).await;
+                    migrate_then_run(p, ledger, projector, &read_models, shutdown).await;
                     Ok(())
                 });
             }
@@ -222,24 +291,8 @@ pub async fn spawn_read_side(
         }
     };
 
-    let explicit = side.listen.clone().or_else(|| config.api.listen.clone());
-    let addr = explicit
-        .clone()
-        .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
-    let listener = match tokio::net::TcpListener::bind(&addr).await {
-        Ok(l) => l,
-        Err(e) if explicit.is_none() => {
-            tracing::warn!(%addr, error = %e, "cannot listen on the default API address; serving no API (set api.listen to choose another)");
-            return Ok(None);
-        }
-        Err(e) => {
-            return Err(e).with_context(|| {
-                format!("cannot listen on {addr} (api.listen): is another process using it?")
-            });
-        }
-    };
+    let listener = listener?;
     let local = listener.local_addr().ok();
-    let tokens = tokens(config)?;
     if tokens.is_empty() && !config.api.public_dashboard.unwrap_or(false) {
         tracing::warn!(
             "no API token is configured: every API request will be refused (401); add [[api.tokens]] or api.tokens_file"
@@ -256,7 +309,8 @@ pub async fn spawn_read_side(
         side.appender,
         projections,
         shutdown.clone(),
-    );
+    )
+    .with_read_models(read_models_rx);
     if let Some(probe) = side.storage {
         state = state.with_storage(probe);
     }
@@ -274,21 +328,36 @@ pub async fn spawn_read_side(
         }
         Ok(())
     });
-    Ok(local)
+    local
 }
 
-/// Applies the migrations (retrying while PostgreSQL is unreachable), then runs the projector.
+/// Applies the migrations (retrying while PostgreSQL is unreachable), tells the API the read
+/// models are ready, then runs the projector.
 async fn migrate_then_run(
     p: Projections,
     ledger: Ledger,
     projector: Arc<dyn backstop_projections::Projector>,
+    read_models: &watch::Sender<ReadModels>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut delay = std::time::Duration::from_millis(250);
     loop {
         match p.migrate().await {
-            Ok(()) => break,
+            Ok(()) => {
+                read_models.send_replace(ReadModels::Ready);
+                break;
+            }
             Err(e) => {
+                // Every projector migrates; once one has succeeded the read models stay ready.
+                read_models.send_if_modified(|state| {
+                    let waiting = *state != ReadModels::Ready;
+                    if waiting {
+                        *state = ReadModels::Waiting {
+                            error: e.to_string(),
+                        };
+                    }
+                    waiting
+                });
                 tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "projections database not ready");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}

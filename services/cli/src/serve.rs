@@ -6,6 +6,11 @@
 //! answers remote appends, and runs its own workers as JetStream durable consumers, sharing the
 //! work with `backstop worker` processes that use the same consumer names.
 //!
+//! Start-up checks the configuration before it starts any long-lived task, so a mistake in it
+//! prints its message and exits non-zero at once. A task failing later stops the process: the
+//! others are aborted and waited for only briefly, so the failure is never held back by one that
+//! does not end.
+//!
 //! Shutdown (Ctrl-C or SIGTERM): the signal flips a watch; every task finishes the event in hand
 //! and returns; then the ledger writer signs a last checkpoint and flushes.
 
@@ -56,6 +61,15 @@ pub async fn serve(
     data_dir: &Path,
     args: ServeArgs,
 ) -> anyhow::Result<std::process::ExitCode> {
+    // The configuration first: a mistake in it (a short API token, an address that cannot be
+    // listened on, a malformed projections URL) stops `serve` here with its message, before any
+    // long-lived task exists that would have to be stopped.
+    let read_side = crate::projections_cmd::check_read_side(
+        config,
+        args.projections_url.clone(),
+        args.listen.clone(),
+    )
+    .await?;
     let shutdown = shutdown_signal();
     let ledger = Ledger::open(&config.ledger_config(data_dir))
         .with_context(|| format!("cannot open the ledger in {}", data_dir.display()))?;
@@ -132,26 +146,29 @@ pub async fn serve(
         }
     }
     // The read side: projectors into PostgreSQL and the API (see projections_cmd).
-    let read_side = crate::projections_cmd::spawn_read_side(
+    crate::projections_cmd::spawn_read_side(
         crate::projections_cmd::ReadSide {
             config,
             ledger: &ledger,
             appender: Arc::new(ledger.clone()),
-            projections_url: args.projections_url,
-            listen: args.listen,
+            checked: read_side,
             publication,
             storage,
         },
         &mut tasks,
         &shutdown,
-    )
-    .await;
-    if let Err(e) = read_side {
-        tasks.shutdown().await;
-        ledger.close().await;
-        return Err(e);
-    }
+    );
     let code = wait(tasks, shutdown).await;
+    if code != std::process::ExitCode::SUCCESS {
+        // A task failed and the others were aborted; one left behind may still hold a handle.
+        if tokio::time::timeout(ABORT_GRACE, ledger.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the ledger writer did not finish its last flush in time");
+        }
+        return Ok(code);
+    }
     ledger.close().await;
     tracing::info!("stopped cleanly");
     Ok(code)
@@ -236,7 +253,7 @@ async fn wait(
         }
     }
     if code != std::process::ExitCode::SUCCESS {
-        tasks.shutdown().await;
+        abort_all(tasks).await;
         return code;
     }
     // Tasks watch the same shutdown signal; give them time to finish the event in hand.
@@ -248,4 +265,22 @@ async fn wait(
         tracing::warn!("tasks did not stop within 30 s; aborting them");
     }
     code
+}
+
+/// How long stopping after a failure may take: the failure is what the operator must see, and
+/// nothing the aborted tasks were doing is worth holding it back for.
+const ABORT_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Aborts every task and waits for them at most [`ABORT_GRACE`]. An abort only lands when a task
+/// next yields, so one stuck in a blocking call would make an unbounded wait (`JoinSet::shutdown`)
+/// hang the process with its error unprinted; what is left is dropped with the runtime.
+async fn abort_all(mut tasks: JoinSet<Result<(), backstop_ledger::LedgerError>>) {
+    tasks.abort_all();
+    let drain = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(ABORT_GRACE, drain).await.is_err() {
+        tracing::warn!(
+            left = tasks.len(),
+            "tasks did not stop within {ABORT_GRACE:?} of being aborted; leaving them"
+        );
+    }
 }
