@@ -2,10 +2,12 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use backstop_testkit::{
-    Garage, Nats, Postgres, PostgresOptions, deadline, port_is_free, require_tool, server_tempdir,
+    Garage, GarageOptions, Nats, Postgres, PostgresOptions, deadline, port_is_free, require_tool,
+    server_tempdir,
 };
 
 /// Polls `check` until it returns true or the kit's deadline passes.
@@ -274,4 +276,61 @@ fn postgres_start_failure_carries_the_server_log() {
     assert!(msg.contains("did not start"), "{msg}");
     // The server's own complaint, from its log, is in the error.
     assert!(msg.contains("shared_buffers"), "{msg}");
+}
+
+#[test]
+fn postgres_options_for_benchmarks_take_effect() {
+    let parent = tempfile::tempdir().expect("tempdir");
+    // The server user must traverse the parent (as root PostgreSQL runs as `postgres`).
+    let mode = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o755);
+    std::fs::set_permissions(parent.path(), mode).unwrap();
+    let mut pg = Postgres::start_with(
+        PostgresOptions::new()
+            .durable()
+            .autovacuum_off()
+            .in_dir(parent.path()),
+    )
+    .expect("start PostgreSQL");
+    assert!(pg.data_dir().starts_with(parent.path()), "{pg:?}");
+    let settings = pg
+        .psql(
+            "postgres",
+            "SELECT current_setting('fsync') || current_setting('synchronous_commit') \
+             || current_setting('autovacuum')",
+        )
+        .unwrap();
+    assert_eq!(settings, "ononoff");
+    let pid = pg.postmaster_pid().unwrap();
+    assert!(Path::new(&format!("/proc/{pid}")).exists(), "pid {pid}");
+    let out = pg
+        .client("psql")
+        .args(["-X", "-A", "-t", "-d", "postgres", "-c", "SELECT 41 + 1"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42", "{out:?}");
+    pg.set_command_timeout(Duration::from_millis(300));
+    let err = pg
+        .psql("postgres", "SELECT pg_sleep(5)")
+        .expect_err("over the limit");
+    assert!(format!("{err:#}").contains("did not finish"), "{err:#}");
+}
+
+#[test]
+fn garage_options_name_the_bucket_and_store_blocks_uncompressed() {
+    require_tool("garage").expect("garage");
+    let parent = tempfile::tempdir().expect("tempdir");
+    let g = Garage::start_with(
+        GarageOptions::new()
+            .bucket("bench")
+            .uncompressed()
+            .in_dir(parent.path()),
+    )
+    .expect("start Garage");
+    assert_eq!(g.bucket(), "bench");
+    assert!(g.config_path().starts_with(parent.path()));
+    let config = std::fs::read_to_string(g.config_path()).unwrap();
+    assert!(config.contains("compression_level = \"none\""), "{config}");
+    let pid = g.pid().expect("running");
+    assert!(Path::new(&format!("/proc/{pid}")).exists(), "pid {pid}");
+    assert!(g.cli(&["bucket", "list"]).unwrap().contains("bench"));
 }
