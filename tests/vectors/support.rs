@@ -86,14 +86,9 @@ pub fn golden(name: &str, produced: &[u8]) -> Vec<u8> {
 
 /// Lowercase hex, for vectors that hold binary data as text.
 pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    ::hex::encode(bytes)
 }
 
 pub fn unhex(text: &str) -> Vec<u8> {
-    let text = text.trim();
-    assert!(text.len() % 2 == 0, "odd number of hex digits");
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).expect("a hex digit"))
-        .collect()
+    ::hex::decode(text.trim()).unwrap_or_else(|e| panic!("not hex ({e}): {text:?}"))
 }

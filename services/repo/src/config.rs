@@ -198,21 +198,52 @@ fn chunk_id_key_ad(repository_id: &Uuid) -> [&[u8]; 2] {
 impl RepoConfig {
     /// A new config with a fresh repository id and chunk-id key, MACed with `wrap_key`.
     pub(crate) fn create(wrap_key: &[u8; 64], params: &RepoParams) -> Result<RepoConfig> {
-        params.chunker.validate()?;
-        params.compression.validate()?;
-        let repository_id = Uuid::now_v7();
         let mut chunk_id_key = Zeroizing::new([0u8; 32]);
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, chunk_id_key.as_mut());
-        let wrapped = siv_wrap(
+        RepoConfig::build(
             wrap_key,
-            &chunk_id_key_ad(&repository_id),
-            chunk_id_key.as_ref(),
-        );
+            params,
+            Uuid::now_v7(),
+            crate::now(),
+            &chunk_id_key,
+        )
+    }
+
+    /// A config from given parts instead of fresh randomness and the clock, MACed with the wrap
+    /// key of `master`: for golden test vectors (`tests/vectors/`), which need the same bytes on
+    /// every run. Repositories are created by `Repository::init`.
+    #[doc(hidden)]
+    pub fn from_parts(
+        master: &crate::keys::MasterKey,
+        params: &RepoParams,
+        repository_id: Uuid,
+        created_at: DateTime<Utc>,
+        chunk_id_key: &[u8; 32],
+    ) -> Result<RepoConfig> {
+        RepoConfig::build(
+            &master.wrap_key(),
+            params,
+            repository_id,
+            created_at,
+            chunk_id_key,
+        )
+    }
+
+    fn build(
+        wrap_key: &[u8; 64],
+        params: &RepoParams,
+        repository_id: Uuid,
+        created_at: DateTime<Utc>,
+        chunk_id_key: &[u8; 32],
+    ) -> Result<RepoConfig> {
+        params.chunker.validate()?;
+        params.compression.validate()?;
+        let wrapped = siv_wrap(wrap_key, &chunk_id_key_ad(&repository_id), chunk_id_key);
         let mut cfg = RepoConfig {
             format: FORMAT_NAME.into(),
             format_version: FORMAT_VERSION,
             repository_id,
-            created_at: crate::now(),
+            created_at,
             chunker: ChunkerConfig {
                 algorithm: "fastcdc-v2020".into(),
                 normalization: 1,
@@ -243,7 +274,7 @@ impl RepoConfig {
     }
 
     /// The bytes stored in the `config` object (pretty JSON, for humans).
-    pub(crate) fn to_bytes(&self) -> Result<Vec<u8>> {
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let mut v = serde_json::to_vec_pretty(self)
             .map_err(|e| RepoError::format(CONFIG_KEY, format!("cannot encode: {e}")))?;
         v.push(b'\n');

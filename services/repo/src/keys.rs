@@ -252,6 +252,13 @@ impl DataKey {
         DataKey { info, secret }
     }
 
+    /// A data key from given bytes, for golden test vectors (`tests/vectors/`) that must seal
+    /// the same bytes on every run. Production code unwraps keys from the repository instead.
+    #[doc(hidden)]
+    pub fn from_secret(info: KeyInfo, secret: [u8; 64]) -> DataKey {
+        DataKey::new(info, Zeroizing::new(secret))
+    }
+
     #[cfg(test)]
     pub(crate) fn for_tests(purpose: KeyPurpose, key_id: &str, secret: [u8; 64]) -> DataKey {
         DataKey {
@@ -353,6 +360,21 @@ impl KeyAccessObserver for KeyAccessLog {
     }
 }
 
+/// The object `keys/<purpose>/<key id>` for the given key bytes, wrapped with `master`, as
+/// `init` and key rotation store it (pretty JSON). For golden test vectors (`tests/vectors/`),
+/// which need the same bytes on every run; repositories make their keys with fresh randomness.
+#[doc(hidden)]
+pub fn data_key_object(
+    master: &MasterKey,
+    repository_id: uuid::Uuid,
+    info: KeyInfo,
+    secret: &[u8; 64],
+) -> Result<Vec<u8>> {
+    let sk = StoredKey::wrap(&master.wrap_key(), repository_id, info, secret);
+    serde_json::to_vec_pretty(&sk)
+        .map_err(|e| RepoError::format(sk.info().object_key(), e.to_string()))
+}
+
 /// The stored form of a data key (see the module documentation).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub(crate) struct StoredKey {
@@ -399,20 +421,40 @@ impl StoredKey {
         );
         let mut secret = Zeroizing::new([0u8; 64]);
         rand::rngs::OsRng.fill_bytes(secret.as_mut());
-        let v = version.to_be_bytes();
+        StoredKey::wrap(
+            wrap_key,
+            repository_id,
+            KeyInfo {
+                purpose,
+                key_id,
+                version,
+                created_at: crate::now(),
+            },
+            &secret,
+        )
+    }
+
+    /// Wraps the given key bytes (see the module documentation).
+    fn wrap(
+        wrap_key: &[u8; 64],
+        repository_id: uuid::Uuid,
+        info: KeyInfo,
+        secret: &[u8; 64],
+    ) -> StoredKey {
+        let v = info.version.to_be_bytes();
         let wrapped = crate::seal::siv_wrap(
             wrap_key,
-            &key_ad(&repository_id, purpose, &key_id, &v),
-            secret.as_ref(),
+            &key_ad(&repository_id, info.purpose, &info.key_id, &v),
+            secret,
         );
         StoredKey {
             format: STORED_KEY_FORMAT.into(),
             format_version: 1,
             repository_id,
-            purpose,
-            key_id,
-            version,
-            created_at: crate::now(),
+            purpose: info.purpose,
+            key_id: info.key_id,
+            version: info.version,
+            created_at: info.created_at,
             wrapped: STANDARD.encode(wrapped),
         }
     }
