@@ -32,6 +32,9 @@ pub struct Config {
     pub sources: Vec<SourceSection>,
     #[serde(default)]
     pub verify: VerifySection,
+    /// When backups run: cron in a zone, per source (see `backstop schedule list`).
+    #[serde(default)]
+    pub schedules: Vec<backstop_ops::schedule::ScheduleConfig>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]

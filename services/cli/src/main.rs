@@ -15,6 +15,7 @@ mod ledger_cmd;
 mod projections_cmd;
 mod restore_cmd;
 mod runtime;
+mod schedule_cmd;
 mod serve;
 mod serve_context;
 mod verify_cmd;
@@ -108,6 +109,9 @@ enum Command {
     /// Benchmarks that print a report: runs the separate `backstop-bench` binary (ledger, api,
     /// backup, physical; `backstop bench --help`).
     Bench(bench::BenchArgs),
+    /// Schedules: the next firings of each, in its zone and in UTC.
+    #[command(subcommand)]
+    Schedule(schedule_cmd::ScheduleCommand),
     /// Archive a WAL file: PostgreSQL's archive_command, `backstop wal-push %p`.
     WalPush(wal_cmd::WalPushArgs),
     /// Restore a WAL file: PostgreSQL's restore_command, `backstop wal-fetch %f %p`.
@@ -170,6 +174,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Ledger(cmd) => ledger_cmd::run(&config, &data_dir, cmd).await,
         Command::Audit(cmd) => audit_cmd::run(&config, &data_dir, cmd).await,
         Command::Projections(cmd) => projections_cmd::run(&config, &data_dir, cmd).await,
+        Command::Schedule(cmd) => schedule_cmd::run(&config, cmd),
         Command::Bench(args) => bench::run(args),
         Command::Init {
             repo,

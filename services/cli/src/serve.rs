@@ -21,6 +21,7 @@ use anyhow::Context;
 use backstop_ledger::consumer::{self, Handler};
 use backstop_ledger::local::{ControlServer, socket_path};
 use backstop_ledger::{Appender, Ledger, outbox, remote};
+use backstop_ops::schedule::SystemClock;
 use clap::Args;
 use tokio::task::JoinSet;
 
@@ -70,6 +71,7 @@ pub async fn serve(
         args.listen.clone(),
     )
     .await?;
+    let schedules = crate::serve_context::schedules(config)?;
     let shutdown = shutdown_signal();
     let ledger = Ledger::open(&config.ledger_config(data_dir))
         .with_context(|| format!("cannot open the ledger in {}", data_dir.display()))?;
@@ -81,8 +83,13 @@ pub async fn serve(
     );
     let control = ControlServer::bind(&socket_path(data_dir), ledger.clone())
         .context("cannot create the control socket (the CLI's way to this serve)")?;
-    let (context, storage) =
-        crate::serve_context::worker_context(config, data_dir, Arc::new(ledger.clone())).await;
+    let (context, storage) = crate::serve_context::worker_context(
+        config,
+        data_dir,
+        Arc::new(ledger.clone()),
+        &schedules,
+    )
+    .await;
     // Archived WAL that wal-push could not record itself (see wal_cmd) is recorded here.
     let wal_repo = context.data_path.as_ref().map(|dp| dp.repo.clone());
     let handlers = if args.no_workers {
@@ -101,6 +108,16 @@ pub async fn serve(
             every,
             shutdown.clone(),
         ));
+    }
+    if !schedules.is_empty() {
+        // The scheduler claims each slot by an append with an expected version: it can run in
+        // every process that has the ledger at hand, and a slot still fires once.
+        tracing::info!(schedules = schedules.len(), "scheduler running");
+        let (ledger, shutdown) = (ledger.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            backstop_ops::schedule::run(&schedules, &ledger, &ledger, &SystemClock, shutdown).await;
+            Ok(())
+        });
     }
     let nats_url = args.nats.or_else(|| config.nats.url.clone());
     let publication = nats_url.is_some();
@@ -188,7 +205,7 @@ pub async fn worker(
     let js = async_nats::jetstream::new(client.clone());
     let appender: Arc<dyn Appender> = Arc::new(remote::RemoteLedger::new(client));
     let (context, _) =
-        crate::serve_context::worker_context(config, data_dir, appender.clone()).await;
+        crate::serve_context::worker_context(config, data_dir, appender.clone(), &[]).await;
     let handlers = backstop_workers::handlers(&args.only, context).map_err(anyhow::Error::msg)?;
     let mut tasks = JoinSet::new();
     let names: Vec<String> = handlers.iter().map(|h| h.name().to_string()).collect();

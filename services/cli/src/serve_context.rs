@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use backstop_ledger::Appender;
 use backstop_ops::DataPath;
+use backstop_ops::schedule::Schedule;
 use backstop_ops::verify::VerifySettings;
 use backstop_repo::{KeyAccess, Location, Repository};
 use backstop_workers::WorkerContext;
@@ -45,10 +46,13 @@ pub async fn worker_context(
     config: &Config,
     data_dir: &Path,
     appender: Arc<dyn Appender>,
+    schedules: &[Schedule],
 ) -> (WorkerContext, Option<Arc<dyn backstop_api::StorageProbe>>) {
+    let schedules = schedules.to_vec();
     let none = || WorkerContext {
         data_path: None,
         verify: None,
+        schedules: schedules.clone(),
     };
     let loc = match location(config, data_dir, &RepoArgs::default()) {
         Ok(l) => l,
@@ -109,6 +113,7 @@ pub async fn worker_context(
         });
     (
         WorkerContext {
+            schedules: schedules.clone(),
             data_path: Some(DataPath {
                 repo,
                 appender,
@@ -118,4 +123,20 @@ pub async fn worker_context(
         },
         Some(probe),
     )
+}
+
+/// The configured schedules, checked: each names a configured source, its cron expression and
+/// zone parse, names are unique. A mistake stops `serve` at start with its message.
+pub fn schedules(config: &Config) -> anyhow::Result<Vec<Schedule>> {
+    let schedules = Schedule::all(&config.schedules)?;
+    for s in &schedules {
+        if !config.sources.iter().any(|src| src.name == s.source()) {
+            anyhow::bail!(
+                "schedule {:?} backs up source {:?}, which is not configured; add it under [[sources]] or fix the schedule's source",
+                s.name(),
+                s.source()
+            );
+        }
+    }
+    Ok(schedules)
 }

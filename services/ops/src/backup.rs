@@ -21,14 +21,17 @@
 //! - A failure is recorded as `backup.failed` unless the caller asked to retry transient ones
 //!   ([`FailureRecording::UnlessTransient`]: the worker, which retries the event and records the
 //!   failure with [`record_failure`] when it gives up).
+//! - While the source is read, the process renews the backup's lease (`lease.renewed`,
+//!   [`crate::lease`]); if it dies, serve's lease monitor records `backup.failed` (abandoned).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backstop_events::{
     Actor, BackupCompleted, BackupFailed, BackupMethod, BackupRequested, BackupStarted, Envelope,
-    Event, TableRows, UploadVerified, streams,
+    Event, LeasedJob, TableRows, UploadVerified, streams,
 };
+use backstop_ledger::Appender;
 use backstop_repo::{BackupMeta, BackupResult, KeyPurpose, Manifest, Repository, WriterOptions};
 use backstop_sources::pg::logical::{self, DumpOptions, DumpReport};
 use backstop_sources::pg::physical::{self, BaseBackupOptions, BaseBackupReport};
@@ -38,8 +41,10 @@ use uuid::Uuid;
 use crate::catalog::{self, LOGICAL_KEY, PHYSICAL_KEY};
 use crate::context::{DataPath, SourceSpec, hostname};
 use crate::error::OpsError;
+use crate::lease::Heartbeat;
 use crate::parts::WriterSink;
 use crate::record::record;
+use crate::throttle::{RateLimit, max_rate_arg};
 
 /// Figures a caller can show while a backup runs.
 pub type ProgressFn = Arc<dyn Fn(backstop_repo::Progress) + Send + Sync>;
@@ -66,6 +71,9 @@ pub struct BackupOptions {
     pub spread_checkpoint: bool,
     /// Logical: parallel `COPY` streams instead of the source's configured number.
     pub jobs: Option<usize>,
+    /// At most this many bytes per second read from the source (trading hours): logical
+    /// streams share one token bucket; physical backups pass it to `pg_basebackup --max-rate`.
+    pub bytes_per_second: Option<u64>,
     pub failures: FailureRecording,
 }
 
@@ -141,7 +149,12 @@ pub async fn run_backup(
     )
     .await?;
     let started = Instant::now();
-    let taken = take(&repo, spec, request, parent, actor, opts).await;
+    // The lease: renewed beside the work, so a process killed mid-backup is recorded as
+    // abandoned by serve's lease monitor instead of staying "started" forever (crate::lease).
+    let heartbeat = Heartbeat::new(appender, LeasedJob::Backup, request.backup_id, actor, cause);
+    let taken = heartbeat
+        .beside(take(&repo, spec, request, parent, actor, opts))
+        .await;
     let (result, report) = match taken {
         Ok(done) => done,
         Err(e) => {
@@ -211,10 +224,23 @@ pub async fn record_failure(
     cause: Option<&Envelope>,
     error: &OpsError,
 ) -> Result<(), OpsError> {
+    record_failure_to(dp.appender.as_ref(), request, requested_at, actor, cause, error).await
+}
+
+/// [`record_failure`] through any appender: what the lease monitor records for an abandoned
+/// backup, with the same event id as the failure the backup's own process would have recorded.
+pub async fn record_failure_to(
+    appender: &dyn Appender,
+    request: &BackupRequested,
+    requested_at: DateTime<Utc>,
+    actor: &Actor,
+    cause: Option<&Envelope>,
+    error: &OpsError,
+) -> Result<(), OpsError> {
     let reason = error.chain();
     tracing::error!(backup = %request.backup_id, source = %request.source, class = error.class().as_str(), %reason, "backup failed");
     record(
-        dp.appender.as_ref(),
+        appender,
         &streams::backup(request.backup_id),
         actor,
         cause,
@@ -275,7 +301,10 @@ async fn take(
             }
         })
     });
-    let sink = Arc::new(WriterSink(writer.clone()));
+    let sink = Arc::new(WriterSink {
+        writer: writer.clone(),
+        limit: opts.bytes_per_second.map(RateLimit::new),
+    });
     let report = match request.method {
         BackupMethod::Logical => {
             let options = DumpOptions {
@@ -291,7 +320,10 @@ async fn take(
             let options = BaseBackupOptions {
                 fast_checkpoint: !opts.spread_checkpoint,
                 label: format!("backstop {}", request.backup_id),
-                max_rate: opts.max_rate.clone(),
+                max_rate: opts
+                    .max_rate
+                    .clone()
+                    .or(opts.bytes_per_second.map(max_rate_arg)),
                 ..BaseBackupOptions::default()
             };
             physical::base_backup(&spec.conninfo, sink.as_ref(), &options)

@@ -21,17 +21,23 @@
 //! - [`catalog`]: the backups a repository holds, their methods, parents, and `latest`;
 //! - [`backup`], [`restore`], [`verify`]: the data path's use cases, logical and physical;
 //! - [`wal`]: the WAL archive's layout, its store, and `wal.archived` events;
-//! - [`keys`]: every data-key unwrap recorded as `key.accessed`.
+//! - [`lease`]: running jobs' leases, and the monitor that records abandoned ones;
+//! - [`keys`]: every data-key unwrap recorded as `key.accessed`;
+//! - [`schedule`], [`retention`]: when backups run, and which are kept;
+//! - [`throttle`]: the trading-hours bandwidth cap on a backup's reads.
 
 pub mod backup;
 pub mod catalog;
 pub mod context;
 pub mod error;
 pub mod keys;
+pub mod lease;
 pub mod parts;
 pub mod record;
 pub mod restore;
+pub mod retention;
 pub mod schedule;
+pub mod throttle;
 pub mod verify;
 pub mod wal;
 

@@ -9,15 +9,25 @@ use backstop_repo::{BackupWriter, Manifest, Repository};
 use backstop_sources::pg::logical::{DumpSink, DumpSource, PartReader, PartStored, SinkError};
 use tokio::io::AsyncRead;
 
-/// The repository's backup writer as the sources' sink.
-pub struct WriterSink(pub Arc<BackupWriter>);
+use crate::throttle::{RateLimit, Throttled};
+
+/// The repository's backup writer as the sources' sink, with an optional bandwidth cap shared
+/// by every part ([`crate::throttle`]).
+pub struct WriterSink {
+    pub writer: Arc<BackupWriter>,
+    pub limit: Option<Arc<RateLimit>>,
+}
 
 #[async_trait]
 impl DumpSink for WriterSink {
     async fn put_part(&self, name: &str, reader: PartReader) -> Result<PartStored, SinkError> {
+        let reader: PartReader = match &self.limit {
+            Some(limit) => Box::pin(Throttled::new(reader, limit.clone())),
+            None => reader,
+        };
         // The repository error travels as the source, so callers classify it by variant.
         let summary = self
-            .0
+            .writer
             .add_stream(name, reader)
             .await
             .map_err(|e| SinkError::with_source(e.to_string(), e))?;

@@ -16,12 +16,45 @@ use backstop_events::{Actor, BackupMethod, BackupRequested, Envelope, Event, Tri
 use backstop_ledger::consumer::{Handler, HandlerError};
 use backstop_ledger::{Appender, LedgerError};
 use backstop_ops::backup::{self, BackupOptions, FailureRecording};
+use backstop_ops::schedule::Schedule;
 use backstop_ops::{DataPath, FailureClass, OpsError, catalog};
+use chrono::{DateTime, Utc};
 
 pub const NAME: &str = "backup";
 
 pub struct BackupWorker {
     pub data_path: DataPath,
+    /// A scheduled backup that starts inside its schedule's trading hours runs with fewer jobs
+    /// and a bandwidth cap ([`Schedule::limits_at`]).
+    pub schedules: Vec<Schedule>,
+}
+
+impl BackupWorker {
+    /// The options a request runs with: the schedule's trading-hours limits when it is inside
+    /// them now.
+    pub fn options_for(&self, request: &BackupRequested, now: DateTime<Utc>) -> BackupOptions {
+        let mut opts = BackupOptions {
+            failures: FailureRecording::UnlessTransient,
+            ..Default::default()
+        };
+        let Trigger::Schedule { schedule } = &request.trigger else {
+            return opts;
+        };
+        let Some(limits) = self
+            .schedules
+            .iter()
+            .find(|s| s.name() == schedule)
+            .and_then(|s| s.limits_at(now))
+        else {
+            return opts;
+        };
+        tracing::info!(backup = %request.backup_id, %schedule, jobs = ?limits.jobs, bytes_per_second = ?limits.bytes_per_second, "inside trading hours: backup limited");
+        if let (Some(jobs), Ok(spec)) = (limits.jobs, self.data_path.source(&request.source)) {
+            opts.jobs = Some(spec.jobs.min(jobs as usize).max(1));
+        }
+        opts.bytes_per_second = limits.bytes_per_second;
+        opts
+    }
 }
 
 fn actor() -> Actor {
@@ -74,10 +107,7 @@ impl Handler for BackupWorker {
             Err(OpsError::NoBackup(_)) => {}
             Err(e) => return Err(handler_error(e)),
         }
-        let opts = BackupOptions {
-            failures: FailureRecording::UnlessTransient,
-            ..Default::default()
-        };
+        let opts = self.options_for(&request, chrono::Utc::now());
         match backup::run_backup(
             dp,
             &request,

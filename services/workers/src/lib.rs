@@ -25,6 +25,9 @@ pub const KINDS: &[&str] = &[alerts::NAME, backup::NAME, verify::NAME, restore::
 pub struct WorkerContext {
     pub data_path: Option<backstop_ops::DataPath>,
     pub verify: Option<backstop_ops::verify::VerifySettings>,
+    /// The configured schedules: a scheduled backup runs under its schedule's trading-hours
+    /// limits.
+    pub schedules: Vec<backstop_ops::schedule::Schedule>,
 }
 
 /// The handlers to run, all of them or the named ones. A worker named explicitly whose
@@ -46,6 +49,7 @@ pub fn handlers(only: &[String], ctx: WorkerContext) -> Result<Vec<Arc<dyn Handl
     match (&ctx.data_path, wanted(backup::NAME)) {
         (Some(dp), true) => all.push(Arc::new(backup::BackupWorker {
             data_path: dp.clone(),
+            schedules: ctx.schedules.clone(),
         })),
         (None, true) if !only.is_empty() => {
             return Err("the backup worker needs a repository and its master key (see [repository] in the configuration reference)".into());

@@ -182,6 +182,7 @@ async fn backup_worker_decides_by_failure_class() {
         let w = world().await;
         let worker = BackupWorker {
             data_path: w.dp.clone(),
+            schedules: Vec::new(),
         };
         let (_, event) = request(case.source, case.method, case.trigger.clone());
         let got = worker.handle(&event, w.ledger.as_ref()).await;
@@ -198,6 +199,7 @@ async fn backup_worker_gives_up_with_one_recorded_failure() {
     let w = world().await;
     let worker = BackupWorker {
         data_path: w.dp.clone(),
+        schedules: Vec::new(),
     };
     let (backup_id, event) = request("main", BackupMethod::Logical, Trigger::Manual);
     let error = worker
@@ -237,6 +239,7 @@ async fn backup_worker_completes_a_redelivered_request_from_its_manifest() {
     let stored = stored_backup(&w.dp, serde_json::json!({})).await;
     let worker = BackupWorker {
         data_path: w.dp.clone(),
+        schedules: Vec::new(),
     };
     let event = delivered(
         &streams::backup(stored.backup_id),
