@@ -3,7 +3,7 @@
 //! Units: `s`, `m` (minutes), `h`, `d` (24 hours), `w` (7 days). There is no month or year unit
 //! on purpose: their length varies, and a retention period that silently means 365 or 366 days
 //! is a surprise; write `365d`. A duration prints back in the same notation (largest units
-//! first; weeks only when exact), so a configuration read and written again keeps its meaning.
+//! first, days rather than weeks), so a configuration read and written again keeps its meaning.
 
 use std::fmt;
 use std::str::FromStr;
@@ -103,11 +103,7 @@ impl fmt::Display for ConfigDuration {
         if self.seconds == 0 {
             return f.write_str("0s");
         }
-        // Weeks only when they are exact: `30d` stays `30d`, not `4w2d`.
-        let week = UNITS[0].1;
-        if self.seconds % week == 0 {
-            return write!(f, "{}w", self.seconds / week);
-        }
+        // Never in weeks: `7d` and `30d` print as written, not `1w` and `4w2d`.
         let mut rest = self.seconds;
         for (unit, size) in &UNITS[1..] {
             if rest >= *size {
@@ -143,7 +139,7 @@ mod tests {
             ("30d", 30 * 86_400, "30d"),
             ("1h30m", 5400, "1h30m"),
             ("90m", 5400, "1h30m"),
-            ("2w", 14 * 86_400, "2w"),
+            ("2w", 14 * 86_400, "14d"),
             ("45s", 45, "45s"),
             ("0s", 0, "0s"),
         ] {
