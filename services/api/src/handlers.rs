@@ -38,6 +38,8 @@ pub struct SourceView {
     pub age_seconds: Option<i64>,
     /// ok | stale | failing | never
     pub status: &'static str,
+    /// The source's next scheduled backup, when a schedule covers it.
+    pub next_run: Option<crate::NextRun>,
 }
 
 #[derive(Serialize)]
@@ -64,6 +66,8 @@ pub struct Overview {
     pub sizes: Vec<SizePoint>,
     pub storage_series: Vec<StoragePoint>,
     pub chart_since: DateTime<Utc>,
+    /// Every scheduled source's next run, soonest first.
+    pub next_runs: Vec<crate::NextRun>,
 }
 
 /// The overview, from the cache when it is younger than `OVERVIEW_TTL`.
@@ -109,6 +113,7 @@ async fn compute_overview(
     )?;
     let storage = state.storage_status(false).await;
     let head = state.0.ledger.head().position;
+    let next_runs = state.next_runs(now);
     let sources = sources
         .into_iter()
         .map(|s| {
@@ -125,6 +130,7 @@ async fn compute_overview(
                 _ => "ok",
             };
             SourceView {
+                next_run: next_runs.iter().find(|r| r.source == s.source).cloned(),
                 summary: s,
                 age_seconds: age,
                 status,
@@ -154,6 +160,7 @@ async fn compute_overview(
         sizes,
         storage_series: series,
         chart_since: month,
+        next_runs,
     })
 }
 

@@ -97,6 +97,24 @@ pub enum ReadModels {
     Ready,
 }
 
+/// The next scheduled backup of a source, as the dashboard shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct NextRun {
+    pub source: String,
+    pub schedule: String,
+    pub at: chrono::DateTime<chrono::Utc>,
+    /// The same instant on the schedule's wall clock (`2026-12-02 02:00 -05:00 America/New_York`).
+    pub local: String,
+    pub kind: String,
+    pub method: String,
+}
+
+/// Where the dashboard learns when each source is backed up next (the process's schedules).
+pub trait ScheduleView: Send + Sync {
+    /// The next run of every scheduled source after `now`, soonest first.
+    fn next_runs(&self, now: chrono::DateTime<chrono::Utc>) -> Vec<NextRun>;
+}
+
 /// What a client is told to wait before asking again while the read models are not ready.
 pub const READ_MODELS_RETRY_AFTER_SECS: u64 = 2;
 
@@ -117,6 +135,7 @@ struct Inner {
     ledger: Ledger,
     appender: Arc<dyn Appender>,
     storage: Option<Arc<dyn StorageProbe>>,
+    schedules: Option<Arc<dyn ScheduleView>>,
     prometheus: Option<PrometheusHandle>,
     templates: minijinja::Environment<'static>,
     probe_cache: Mutex<Option<(Instant, ProbeResult)>>,
@@ -155,6 +174,7 @@ impl ApiState {
             ledger,
             appender,
             storage: None,
+            schedules: None,
             prometheus: None,
             templates: pages::templates(),
             probe_cache: Mutex::new(None),
@@ -181,6 +201,23 @@ impl ApiState {
             inner.storage = Some(probe);
         }
         self
+    }
+
+    /// Adds the schedules, for the next run per source (call before serving).
+    pub fn with_schedules(mut self, view: Arc<dyn ScheduleView>) -> ApiState {
+        if let Some(inner) = Arc::get_mut(&mut self.0) {
+            inner.schedules = Some(view);
+        }
+        self
+    }
+
+    /// The next scheduled runs, soonest first (none when no schedule is configured).
+    pub(crate) fn next_runs(&self, now: chrono::DateTime<chrono::Utc>) -> Vec<NextRun> {
+        self.0
+            .schedules
+            .as_ref()
+            .map(|s| s.next_runs(now))
+            .unwrap_or_default()
     }
 
     /// Adds a Prometheus recorder whose metrics `/metrics` appends (HTTP request metrics, and any

@@ -251,6 +251,7 @@ pub struct ReadSide<'a> {
     pub checked: CheckedReadSide,
     pub publication: bool,
     pub storage: Option<Arc<dyn StorageProbe>>,
+    pub schedules: Option<Arc<dyn backstop_api::ScheduleView>>,
 }
 
 /// Starts the projectors (if a database is configured) and the API on `tasks`, all stopping on
@@ -313,6 +314,9 @@ pub fn spawn_read_side(
     .with_read_models(read_models_rx);
     if let Some(probe) = side.storage {
         state = state.with_storage(probe);
+    }
+    if let Some(view) = side.schedules {
+        state = state.with_schedules(view);
     }
     match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
         Ok(handle) => state = state.with_prometheus(handle),

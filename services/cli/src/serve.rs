@@ -109,6 +109,17 @@ pub async fn serve(
             shutdown.clone(),
         ));
     }
+    // Jobs whose process died are recorded as abandoned once their lease lapses (ops::lease).
+    tasks.spawn(backstop_ops::lease::run_monitor(
+        ledger.clone(),
+        config.lease_period(),
+        shutdown.clone(),
+    ));
+    let schedule_view: Option<Arc<dyn backstop_api::ScheduleView>> =
+        (!schedules.is_empty()).then(|| {
+            Arc::new(crate::serve_context::NextRuns(schedules.clone()))
+                as Arc<dyn backstop_api::ScheduleView>
+        });
     if !schedules.is_empty() {
         // The scheduler claims each slot by an append with an expected version: it can run in
         // every process that has the ledger at hand, and a slot still fires once.
@@ -171,6 +182,7 @@ pub async fn serve(
             checked: read_side,
             publication,
             storage,
+            schedules: schedule_view,
         },
         &mut tasks,
         &shutdown,

@@ -140,3 +140,26 @@ pub fn schedules(config: &Config) -> anyhow::Result<Vec<Schedule>> {
     }
     Ok(schedules)
 }
+
+/// The schedules as the dashboard shows them: each source's next run.
+pub struct NextRuns(pub Vec<Schedule>);
+
+impl backstop_api::ScheduleView for NextRuns {
+    fn next_runs(&self, now: chrono::DateTime<chrono::Utc>) -> Vec<backstop_api::NextRun> {
+        let mut runs: Vec<backstop_api::NextRun> = self
+            .0
+            .iter()
+            .filter_map(|s| s.next_firings(1, now).ok()?.into_iter().next())
+            .map(|f| backstop_api::NextRun {
+                local: format!("{} {}", f.local.format("%Y-%m-%d %H:%M %:z"), f.zone),
+                source: f.source,
+                schedule: f.schedule,
+                at: f.utc,
+                kind: f.kind.as_str().to_string(),
+                method: f.method.as_str().to_string(),
+            })
+            .collect();
+        runs.sort_by_key(|r| r.at);
+        runs
+    }
+}

@@ -211,6 +211,17 @@ async fn chromium_shows_the_last_backups_their_verification_and_the_charts() {
         dom.contains("data-verification=\"passed\""),
         "the verified backup shows passed"
     );
+    // The next run per source: the scheduled one says when, in its zone; the other says none.
+    assert!(
+        dom.contains("class=\"small next-run\" data-next-run=")
+            && dom.contains("(reference-nightly)")
+            && dom.contains("America/New_York"),
+        "reference's next scheduled run is shown"
+    );
+    assert!(
+        dom.contains("class=\"small muted next-run\">no schedule"),
+        "trading has no schedule"
+    );
     assert!(
         dom.contains("data-verification=\"failed\""),
         "the failed verification shows"

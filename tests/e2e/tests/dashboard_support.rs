@@ -115,7 +115,10 @@ pub fn write_config(dir: &Path, public_dashboard: bool) -> PathBuf {
     std::fs::write(
         &config,
         format!(
-            "[ledger]\ncheckpoint_seconds = 1\n\n[api]\npublic_dashboard = {public_dashboard}\ntokens_file = \"{}\"\n",
+            "[ledger]\ncheckpoint_seconds = 1\n\n[api]\npublic_dashboard = {public_dashboard}\ntokens_file = \"{}\"\n\n\
+             # The sample's `reference` source, scheduled (no repository here: nothing runs).\n\
+             [[sources]]\nname = \"reference\"\npostgres = \"postgres://backup@127.0.0.1:1/reference\"\n\n\
+             [[schedules]]\nname = \"reference-nightly\"\nsource = \"reference\"\n",
             tokens.display()
         ),
     )
