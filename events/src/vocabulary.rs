@@ -161,6 +161,31 @@ pub struct RecoveryScope {
     pub dry_run: bool,
 }
 
+/// The kind of job a lease is held for (`lease.renewed`'s `what`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeasedJob {
+    /// A backup, on the stream `backup-<id>`.
+    Backup,
+    /// A restore, on the stream `recovery-<id>`.
+    Recovery,
+}
+
+impl LeasedJob {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            LeasedJob::Backup => "backup",
+            LeasedJob::Recovery => "recovery",
+        }
+    }
+}
+
+impl std::fmt::Display for LeasedJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 macro_rules! vocabulary {
     ($( $(#[$doc:meta])* $variant:ident = $name:literal v $ver:literal { $($(#[$fdoc:meta])* $field:ident : $ty:ty),* $(,)? } )*) => {
         $(
@@ -365,6 +390,18 @@ vocabulary! {
         recovery_id: Uuid, backup_id: Uuid, operator: String, scope: RecoveryScope, reason: String,
     }
 
+    /// The process running a job (a backup, a recovery) is alive and holds the job's lease until
+    /// `until`; it renews every third of the lease. On the job's own stream, with ids derived from
+    /// the job, the run and the renewal number. A job whose lease lapses before it ends is recorded
+    /// as failed (abandoned) by `backstop serve`'s lease monitor.
+    LeaseRenewed = "lease.renewed" v 1 {
+        job: Uuid, what: LeasedJob, until: DateTime<Utc>,
+        /// The machine the job runs on.
+        #[serde(default)] host: String,
+        /// 0 for the renewal at the start of a run, then 1, 2, ...
+        #[serde(default)] renewal: u64,
+    }
+
     ReplicationStarted = "replication.started" v 1 {
         replication_id: Uuid, backup_id: Uuid, from_region: String, to_region: String,
     }
@@ -482,6 +519,30 @@ mod tests {
         let payload = Event::BackupRequested(r).payload();
         assert_eq!(payload["method"], "physical");
         assert!(payload.get("physical").is_none());
+    }
+
+    #[test]
+    fn lease_renewals_name_their_job_kind_in_words() {
+        let e = Event::LeaseRenewed(LeaseRenewed {
+            job: Uuid::nil(),
+            what: LeasedJob::Recovery,
+            until: DateTime::<Utc>::UNIX_EPOCH,
+            host: "db1".into(),
+            renewal: 3,
+        });
+        assert_eq!(e.type_name(), "lease.renewed");
+        assert_eq!(e.payload()["what"], "recovery");
+        assert_eq!(Event::decode("lease.renewed", 1, &e.payload()).unwrap(), e);
+        // Host and renewal number default, so a minimal renewal still decodes.
+        let minimal =
+            json!({"job": Uuid::nil(), "what": "backup", "until": "2026-01-01T00:00:00Z"});
+        let Event::LeaseRenewed(r) = Event::decode("lease.renewed", 1, &minimal).unwrap() else {
+            panic!("wrong variant")
+        };
+        assert_eq!(
+            (r.what, r.renewal, r.host.as_str()),
+            (LeasedJob::Backup, 0, "")
+        );
     }
 
     #[test]

@@ -144,6 +144,9 @@ pub struct WorkersSection {
     pub max_deliveries: Option<u32>,
     /// Seconds JetStream waits for an ack before redelivering (default 60).
     pub ack_wait_seconds: Option<u64>,
+    /// Seconds a running backup or restore holds its lease; renewed every third of it, and a
+    /// job whose lease lapses is recorded as abandoned by `serve` (default 60).
+    pub lease_seconds: Option<u64>,
 }
 
 impl Config {
@@ -208,6 +211,9 @@ impl Config {
         if self.nats.replicas == Some(0) {
             bail!("nats.replicas must be at least 1");
         }
+        if self.workers.lease_seconds == Some(0) {
+            bail!("workers.lease_seconds must be at least 1 (the default is 60)");
+        }
         Ok(())
     }
 
@@ -240,6 +246,14 @@ impl Config {
             c.replicas = r;
         }
         c
+    }
+
+    /// How long a running job's lease lasts (`[workers] lease_seconds`).
+    pub fn lease_period(&self) -> std::time::Duration {
+        self.workers
+            .lease_seconds
+            .map(std::time::Duration::from_secs)
+            .unwrap_or(backstop_ops::lease::DEFAULT_LEASE)
     }
 
     pub fn retry_policy(&self) -> backstop_ledger::consumer::RetryPolicy {

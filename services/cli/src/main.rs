@@ -167,6 +167,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }
         Err(e) => return Err(e),
     };
+    backstop_ops::lease::set_period(config.lease_period());
     let data_dir = config.data_dir(cli.data_dir.as_deref());
     match cli.command {
         Command::Serve(args) => serve::serve(&config, &data_dir, args).await,

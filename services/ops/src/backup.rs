@@ -224,7 +224,15 @@ pub async fn record_failure(
     cause: Option<&Envelope>,
     error: &OpsError,
 ) -> Result<(), OpsError> {
-    record_failure_to(dp.appender.as_ref(), request, requested_at, actor, cause, error).await
+    record_failure_to(
+        dp.appender.as_ref(),
+        request,
+        requested_at,
+        actor,
+        cause,
+        error,
+    )
+    .await
 }
 
 /// [`record_failure`] through any appender: what the lease monitor records for an abandoned

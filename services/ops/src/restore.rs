@@ -9,14 +9,17 @@
 //! recovery target). A foreground restore appends requested and started together, so no restore
 //! worker takes it for one it should run; a worker claims a requested recovery by appending
 //! started at stream version 1 ([`claim`]).
+//!
+//! While a restore runs, its process renews the recovery's lease (`lease.renewed`,
+//! [`crate::lease`]); if it dies, serve's lease monitor records `recovery.failed` (abandoned).
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
 use backstop_events::{
-    Actor, Envelope, Event, NewEvent, RecoveryCompleted, RecoveryFailed, RecoveryRequested,
-    RecoveryScope, RecoveryStarted, TableRows, streams,
+    Actor, Envelope, Event, LeasedJob, NewEvent, RecoveryCompleted, RecoveryFailed,
+    RecoveryRequested, RecoveryScope, RecoveryStarted, TableRows, streams,
 };
 use backstop_ledger::{Appender, ExpectedVersion, LedgerError};
 use backstop_repo::{Manifest, Repository};
@@ -30,6 +33,7 @@ use uuid::Uuid;
 use crate::catalog::{self, PhysicalBackup, Selector};
 use crate::context::DataPath;
 use crate::error::OpsError;
+use crate::lease::Heartbeat;
 use crate::parts::ManifestSource;
 use crate::record::record;
 
@@ -64,7 +68,7 @@ impl Recovery {
 
     /// Records `recovery.requested` and `recovery.started` in one append (a foreground restore).
     pub async fn begin(&self, appender: &dyn Appender, backup_id: Uuid) -> Result<(), OpsError> {
-        let requested = self.event(
+        let mut requested = self.event(
             "requested",
             Event::RecoveryRequested(RecoveryRequested {
                 recovery_id: self.recovery_id,
@@ -73,6 +77,9 @@ impl Recovery {
                 scope: self.scope.clone(),
             }),
         );
+        // The request's recorded time is `requested_at`, which the ids of this recovery's
+        // events derive from: so the lease monitor derives the same `recovery.failed` id.
+        requested.occurred_at = self.requested_at;
         let started = self.event(
             "started",
             Event::RecoveryStarted(RecoveryStarted {
@@ -213,15 +220,24 @@ pub async fn execute_logical(
         Actor::operator(&recovery.operator).to_string(),
         format!("restore of backup {backup_id}"),
     );
-    let outcome = async {
+    let restore = async {
         let report = catalog::dump_report(&manifest)?;
         let source = Arc::new(ManifestSource {
             repo,
             manifest: Arc::new(manifest),
         });
         Ok::<_, OpsError>(logical::restore(target, &options, source, &report).await?)
-    }
-    .await;
+    };
+    // The lease, renewed while the restore runs (crate::lease).
+    let actor = Actor::operator(&recovery.operator);
+    let heartbeat = Heartbeat::new(
+        dp.appender.as_ref(),
+        LeasedJob::Recovery,
+        recovery.recovery_id,
+        &actor,
+        cause,
+    );
+    let outcome = heartbeat.beside(restore).await;
     let figures = outcome.as_ref().map(|r| {
         (
             started.elapsed().as_millis() as u64,
@@ -336,7 +352,22 @@ pub async fn restore_physical(
         ),
         manifest: Arc::new(backup.manifest.clone()),
     };
-    let outcome = physical::restore_physical(&source, &backup.report, dir, opts)
+    // The lease, renewed while the restore runs (crate::lease).
+    let actor = Actor::operator(operator);
+    let heartbeat = Heartbeat::new(
+        appender,
+        LeasedJob::Recovery,
+        recovery.recovery_id,
+        &actor,
+        None,
+    );
+    let outcome = heartbeat
+        .beside(physical::restore_physical(
+            &source,
+            &backup.report,
+            dir,
+            opts,
+        ))
         .await
         .map_err(OpsError::from);
     let figures = outcome
