@@ -21,10 +21,17 @@ pub enum SourceError {
         source: sqlx::Error,
     },
 
+    /// A restore's target database is missing (and the restore was not asked to create it).
     #[error(
         "database {database:?} does not exist on {server}; pass --create-db to create it, or name an existing database"
     )]
     DatabaseMissing { database: String, server: String },
+
+    /// The database to back up (or otherwise read) is missing: the name or the server is wrong.
+    #[error(
+        "database {database:?} does not exist on {server}, so there is nothing to back up there; check the database named in the connection URL (--pg), or `postgres` of the [[sources]] entry in the configuration, and that it points at the right server"
+    )]
+    SourceDatabaseMissing { database: String, server: String },
 
     #[error("PostgreSQL error while {doing} on {target}: {source}")]
     Query {
@@ -161,6 +168,17 @@ impl SourceError {
         SourceError::Connect {
             target: target.redacted(),
             source,
+        }
+    }
+
+    /// The same error seen from a database that is read rather than written to: a missing
+    /// database is then the source's, and the advice is to name the right one, not to create it.
+    pub(crate) fn reading_source(self) -> SourceError {
+        match self {
+            SourceError::DatabaseMissing { database, server } => {
+                SourceError::SourceDatabaseMissing { database, server }
+            }
+            other => other,
         }
     }
 

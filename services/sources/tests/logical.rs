@@ -142,8 +142,39 @@ impl DumpSource for Damaged {
     }
 }
 
+/// A source that holds back one part until the test lets it go, to look at a restore midway.
+struct Gated {
+    inner: Arc<DirStore>,
+    part: String,
+    reached: tokio::sync::Notify,
+    release: tokio::sync::Semaphore,
+}
+
+#[async_trait]
+impl DumpSource for Gated {
+    async fn open_part(&self, name: &str) -> Result<PartReader, SinkError> {
+        if name == self.part {
+            self.reached.notify_one();
+            let _ = self.release.acquire().await;
+        }
+        self.inner.open_part(name).await
+    }
+}
+
 fn q(pg: &Postgres, db: &str, sql: &str) -> String {
     pg.psql(db, sql).expect("psql")
+}
+
+/// Every database on the server but the templates, sorted.
+fn databases(pg: &Postgres) -> Vec<String> {
+    q(
+        pg,
+        "postgres",
+        "SELECT datname FROM pg_database WHERE NOT datistemplate ORDER BY datname COLLATE \"C\"",
+    )
+    .lines()
+    .map(str::to_string)
+    .collect()
 }
 
 fn names(map: &BTreeMap<QualifiedName, u64>) -> Vec<String> {
@@ -743,7 +774,7 @@ async fn failures_are_clear_and_nothing_incomplete_is_taken_for_good() {
         msg.contains("data/public.live_signals") && msg.contains("checksum"),
         "{msg}"
     );
-    assert_eq!(q(&pg, "broken", "SELECT count(*) FROM live_signals"), "0");
+    assert_eq!(databases(&pg), ["postgres", "src"], "nothing half-restored");
 
     // A part that lost rows (truncated) is caught by the row count.
     let path = store.path("data/public.ai_conversation_history");
@@ -807,4 +838,135 @@ async fn failures_are_clear_and_nothing_incomplete_is_taken_for_good() {
     );
     assert_eq!(counts[&QualifiedName::new("public", "events_2026")], 0);
     assert_eq!(counts[&QualifiedName::new("public", "live_signals")], 500);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_that_fails_midway_leaves_nothing_under_the_target_name() {
+    let pg = Postgres::start().expect("start PostgreSQL");
+    setup(&pg, "src", "5000").await;
+    let store = DirStore::new();
+    let report = logical::dump(&pg.conninfo("src"), &DumpOptions::default(), store.clone())
+        .await
+        .expect("dump");
+    let create = RestoreOptions {
+        create_db: true,
+        ..RestoreOptions::default()
+    };
+
+    // A damaged data part fails the restore in the middle of the data (schema and other tables
+    // already in): the database it created is dropped, under whatever name it had.
+    let damaged = Arc::new(Damaged {
+        inner: store.clone(),
+        part: "data/public.live_signals".into(),
+    });
+    let err = logical::restore(&pg.conninfo("trading_copy"), &create, damaged, &report)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SourceError::Source { .. }), "{err}");
+    assert_eq!(databases(&pg), ["postgres", "src"]);
+
+    // A missing part that is read last (the sequences, after every table's data): the same.
+    let sequences = store.path("sequences");
+    let kept = std::fs::read(&sequences).unwrap();
+    std::fs::remove_file(&sequences).unwrap();
+    let err = logical::restore(
+        &pg.conninfo("trading_copy"),
+        &create,
+        store.clone(),
+        &report,
+    )
+    .await
+    .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, SourceError::Source { .. }), "{msg}");
+    assert!(msg.contains("sequences"), "{msg}");
+    assert_eq!(databases(&pg), ["postgres", "src"]);
+
+    // A database that existed before is the operator's: a failed restore leaves it there.
+    pg.create_db("existing").unwrap();
+    let err = logical::restore(&pg.conninfo("existing"), &create, store.clone(), &report)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SourceError::Source { .. }), "{err}");
+    assert_eq!(databases(&pg), ["existing", "postgres", "src"]);
+
+    // With every part there the restore works under a staging name until it is complete (seen
+    // here midway, held before its last part), then the database appears under its own name,
+    // complete, and nothing else is left.
+    std::fs::write(&sequences, kept).unwrap();
+    let gated = Arc::new(Gated {
+        inner: store.clone(),
+        part: "sequences".into(),
+        reached: tokio::sync::Notify::new(),
+        release: tokio::sync::Semaphore::new(0),
+    });
+    let running = tokio::spawn({
+        let (target, create, gated, report) = (
+            pg.conninfo("trading_copy"),
+            create.clone(),
+            gated.clone(),
+            report.clone(),
+        );
+        async move { logical::restore(&target, &create, gated, &report).await }
+    });
+    gated.reached.notified().await;
+    let midway = databases(&pg);
+    assert!(!midway.iter().any(|d| d == "trading_copy"), "{midway:?}");
+    let staging: Vec<&String> = midway
+        .iter()
+        .filter(|d| d.starts_with("trading_copy__restoring_"))
+        .collect();
+    assert_eq!(staging.len(), 1, "one staging database: {midway:?}");
+    gated.release.add_permits(1);
+    let restored = running.await.unwrap().expect("restore");
+    assert!(restored.created_database);
+    assert_eq!(restored.database, "trading_copy");
+    assert_same_contents(&pg, "src", "trading_copy").await;
+    // A name at PostgreSQL's limit works the same.
+    // 63 bytes of two-byte characters and one ASCII: the staging name must cut it inside.
+    let long = format!("{}x", "ü".repeat(31));
+    assert_eq!(long.len(), 63);
+    logical::restore(&pg.conninfo(&long), &create, store.clone(), &report)
+        .await
+        .expect("restore under a 63-byte name");
+    let mut expected = vec![
+        "existing".to_string(),
+        "postgres".into(),
+        "src".into(),
+        "trading_copy".into(),
+        long,
+    ];
+    expected.sort();
+    assert_eq!(databases(&pg), expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_of_a_database_that_does_not_exist_says_to_check_its_name() {
+    let pg = Postgres::start().expect("start PostgreSQL");
+    let err = logical::dump(
+        &pg.conninfo("ghost"),
+        &DumpOptions::default(),
+        DirStore::new(),
+    )
+    .await
+    .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, SourceError::SourceDatabaseMissing { .. }),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("\"ghost\" does not exist")
+            && msg.contains(&format!("127.0.0.1:{}", pg.port())),
+        "names the database and the server: {msg}"
+    );
+    assert!(
+        msg.contains("--pg") && msg.contains("[[sources]]"),
+        "says what to check: {msg}"
+    );
+    assert!(
+        !msg.contains("--create-db"),
+        "a backup is not a restore: {msg}"
+    );
+    assert_eq!(databases(&pg), ["postgres"], "and creates nothing");
 }

@@ -159,6 +159,12 @@ impl ConnInfo {
             .map_err(|e| SourceError::connect(self, e))
     }
 
+    /// [`ConnInfo::connect`] to a database that is to be read (backed up): a missing database is
+    /// [`SourceError::SourceDatabaseMissing`], whose advice is to name the right one.
+    pub(crate) async fn connect_source(&self) -> Result<PgConnection, SourceError> {
+        self.connect().await.map_err(SourceError::reading_source)
+    }
+
     /// Points an external libpq tool (`pg_dump`, `pg_restore`) at this database: the URL without
     /// the password as `--dbname`, and the password in `PGPASSWORD`.
     pub(crate) fn apply_to_tool(&self, cmd: &mut Command) {

@@ -157,7 +157,7 @@ pub async fn dump(
     let jobs = options.jobs.max(1);
 
     // 1. The coordinator: snapshot, catalog, locks.
-    let mut coord = ci.connect().await?;
+    let mut coord = ci.connect_source().await?;
     let lock_timeout = options
         .lock_wait_timeout
         .map(|d| format!("SET lock_timeout = '{}ms'", d.as_millis().max(1)))
@@ -564,7 +564,7 @@ async fn copy_worker(
     queue: Arc<Mutex<VecDeque<CopyJob>>>,
     sink: Arc<dyn DumpSink>,
 ) -> Result<Vec<Done>, SourceError> {
-    let mut conn = ci.connect().await?;
+    let mut conn = ci.connect_source().await?;
     exec(
         &mut conn,
         &ci,

@@ -13,6 +13,12 @@
 //!   rows loaded must equal the rows the dump counted, or the restore fails naming the table.
 //! - A dry run reads only the small schema archive and checks that every other part it would read
 //!   is present; it writes nothing anywhere.
+//! - A database the restore creates (`create_db`) never holds a half-restored copy under the
+//!   target's name: it is created as `TARGET__restoring_XXXXXXXX` (the target's name cut to fit
+//!   63 bytes, 8 random hex digits), filled, and renamed to the target only when everything is
+//!   in (`ALTER DATABASE ... RENAME`, with every connection of the restore closed). A failure
+//!   drops it; only a process killed mid-restore leaves one behind, under that name, for an
+//!   operator to drop. A database that already existed is never dropped.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
@@ -235,204 +241,241 @@ pub async fn restore(
     };
 
     // 3. The target: reachable, present (or creatable), empty (or forced and no collisions).
+    //    A database this restore creates is made under a staging name and renamed to the
+    //    target's only once everything is in (step 9); a failure drops it.
     let mut created_database = false;
-    let mut conn: Option<PgConnection> = match ci.connect().await {
+    let mut staging: Option<String> = None;
+    let conn: Option<PgConnection> = match ci.connect().await {
         Ok(c) => Some(c),
         Err(SourceError::DatabaseMissing { .. }) if options.create_db => {
             created_database = true;
             if options.dry_run {
                 None
             } else {
-                create_database(&ci, &database, &dump.encoding).await?;
-                Some(ci.connect().await?)
+                let name = staging_name(&database);
+                create_database(&ci, &name, &dump.encoding).await?;
+                staging = Some(name.clone());
+                match ci.with_database(&name).connect().await {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        discard_staging(&ci, &name).await;
+                        return Err(e);
+                    }
+                }
             }
         }
         Err(e) => return Err(e),
     };
-    if let Some(c) = conn.as_mut() {
-        let (some, total) = catalog::existing_user_objects(c, 5)
-            .await
-            .map_err(|e| SourceError::query("checking that the target is empty", &ci, e))?;
-        if total > 0 && !options.force {
-            return Err(SourceError::TargetNotEmpty {
-                database: database.clone(),
-                server: ci.server(),
-                what: format!("{total} object(s), e.g. {}", some.join(", ")),
-            });
-        }
-        if total > 0 {
-            let existing: BTreeSet<QualifiedName> = catalog::list_tables(c)
+    // Where the restore writes: the target itself, or the staging database.
+    let work = match &staging {
+        Some(name) => ci.with_database(name),
+        None => ci.clone(),
+    };
+    let loaded: Result<RestoreReport, SourceError> = async {
+        let mut conn = conn;
+        if let Some(c) = conn.as_mut() {
+            let (some, total) = catalog::existing_user_objects(c, 5)
                 .await
-                .map_err(|e| SourceError::query("listing the target's tables", &ci, e))?
+                .map_err(|e| SourceError::query("checking that the target is empty", &work, e))?;
+            if total > 0 && !options.force {
+                return Err(SourceError::TargetNotEmpty {
+                    database: database.clone(),
+                    server: ci.server(),
+                    what: format!("{total} object(s), e.g. {}", some.join(", ")),
+                });
+            }
+            if total > 0 {
+                let existing: BTreeSet<QualifiedName> = catalog::list_tables(c)
+                    .await
+                    .map_err(|e| SourceError::query("listing the target's tables", &work, e))?
+                    .into_iter()
+                    .map(|t| t.name)
+                    .collect();
+                let clash: Vec<String> = scope
+                    .intersection(&existing)
+                    .map(|t| t.to_string())
+                    .collect();
+                if !clash.is_empty() {
+                    return Err(SourceError::TablesExist {
+                        database: database.clone(),
+                        tables: clash.join(", "),
+                    });
+                }
+            }
+        }
+
+        let mut report = RestoreReport {
+            database: database.clone(),
+            dry_run: options.dry_run,
+            created_database,
+            tables: Vec::new(),
+            empty_tables,
+            sequences: 0,
+            schema_entries,
+            large_objects: 0,
+            rows: 0,
+            bytes: 0,
+            pre_data_ms: 0,
+            data_ms: 0,
+            post_data_ms: 0,
+            duration_ms: 0,
+            warnings: Vec::new(),
+        };
+
+        // 4. A dry run stops here, after checking every part it would read.
+        if options.dry_run {
+            let mut needed: Vec<String> = vec![SEQUENCES_PART.to_string()];
+            needed.extend(data_tables.iter().filter_map(|t| t.part.clone()));
+            if with_large_objects {
+                needed.push(LARGE_OBJECTS_PART.to_string());
+            }
+            let mut missing = Vec::new();
+            for part in &needed {
+                if let Err(e) = source.check_part(part).await {
+                    missing.push(format!("{part} ({e})"));
+                }
+            }
+            if !missing.is_empty() {
+                return Err(SourceError::PartsMissing {
+                    count: missing.len(),
+                    list: missing.join("; "),
+                });
+            }
+            report.tables = data_tables
+                .iter()
+                .map(|t| TableRestored {
+                    table: t.table.clone(),
+                    rows: t.rows,
+                    bytes: t.bytes,
+                    duration_ms: 0,
+                })
+                .collect();
+            report.rows = report.tables.iter().map(|t| t.rows).sum();
+            report.bytes = report.tables.iter().map(|t| t.bytes).sum();
+            report.sequences = sequences_planned;
+            report.large_objects = if with_large_objects {
+                dump.large_objects
+            } else {
+                0
+            };
+            report.duration_ms = t0.elapsed().as_millis() as u64;
+            return Ok(report);
+        }
+        let Some(mut conn) = conn.take() else {
+            return Err(SourceError::Task("no connection to the target".into()));
+        };
+
+        let archive_major = tools_major(&toc.dump_version).max(tools_major(&dump.pg_dump_version));
+        let pg_restore =
+            tools::locate("pg_restore", options.pg_bin_dir.as_deref(), archive_major).await?;
+        let list_path = match &selection {
+            Some(sel) => {
+                let p = spool.path().join("restore.list");
+                tokio::fs::write(&p, sel.list_file(&toc))
+                    .await
+                    .map_err(|e| SourceError::io("writing the pg_restore list", e))?;
+                Some(p)
+            }
+            None => None,
+        };
+        let run = PgRestore {
+            tool: &pg_restore,
+            ci: &work,
+            archive: &schema_path,
+            list: list_path.as_deref(),
+            no_owner: options.no_owner,
+            strict: !options.force,
+        };
+
+        // 5. pre-data.
+        let t = Instant::now();
+        let mut warnings = run.run("pre-data", &["--section=pre-data"], None).await?;
+        report.pre_data_ms = t.elapsed().as_millis() as u64;
+        if options.force {
+            let existing: BTreeSet<QualifiedName> = catalog::list_tables(&mut conn)
+                .await
+                .map_err(|e| SourceError::query("listing the restored tables", &work, e))?
                 .into_iter()
                 .map(|t| t.name)
                 .collect();
-            let clash: Vec<String> = scope
-                .intersection(&existing)
-                .map(|t| t.to_string())
-                .collect();
-            if !clash.is_empty() {
-                return Err(SourceError::TablesExist {
-                    database: database.clone(),
-                    tables: clash.join(", "),
+            let missing: Vec<String> = scope.difference(&existing).map(|t| t.to_string()).collect();
+            if !missing.is_empty() {
+                return Err(SourceError::ToolFailed {
+                    tool: "pg_restore".into(),
+                    doing: "restoring pre-data".into(),
+                    status: "incomplete".into(),
+                    stderr: format!(
+                        "tables {} were not created: {}",
+                        missing.join(", "),
+                        warnings.join("; ")
+                    ),
                 });
             }
         }
-    }
 
-    let mut report = RestoreReport {
-        database: database.clone(),
-        dry_run: options.dry_run,
-        created_database,
-        tables: Vec::new(),
-        empty_tables,
-        sequences: 0,
-        schema_entries,
-        large_objects: 0,
-        rows: 0,
-        bytes: 0,
-        pre_data_ms: 0,
-        data_ms: 0,
-        post_data_ms: 0,
-        duration_ms: 0,
-        warnings: Vec::new(),
-    };
-
-    // 4. A dry run stops here, after checking every part it would read.
-    if options.dry_run {
-        let mut needed: Vec<String> = vec![SEQUENCES_PART.to_string()];
-        needed.extend(data_tables.iter().filter_map(|t| t.part.clone()));
-        if with_large_objects {
-            needed.push(LARGE_OBJECTS_PART.to_string());
-        }
-        let mut missing = Vec::new();
-        for part in &needed {
-            if let Err(e) = source.check_part(part).await {
-                missing.push(format!("{part} ({e})"));
-            }
-        }
-        if !missing.is_empty() {
-            return Err(SourceError::PartsMissing {
-                count: missing.len(),
-                list: missing.join("; "),
-            });
-        }
-        report.tables = data_tables
-            .iter()
-            .map(|t| TableRestored {
-                table: t.table.clone(),
-                rows: t.rows,
-                bytes: t.bytes,
-                duration_ms: 0,
-            })
-            .collect();
+        // 6. Data, in parallel, largest tables first.
+        let t = Instant::now();
+        report.tables = restore_data(&work, jobs, &data_tables, source.clone()).await?;
         report.rows = report.tables.iter().map(|t| t.rows).sum();
         report.bytes = report.tables.iter().map(|t| t.bytes).sum();
-        report.sequences = sequences_planned;
-        report.large_objects = if with_large_objects {
-            dump.large_objects
-        } else {
-            0
-        };
-        report.duration_ms = t0.elapsed().as_millis() as u64;
-        return Ok(report);
-    }
-    let Some(mut conn) = conn.take() else {
-        return Err(SourceError::Task("no connection to the target".into()));
-    };
-
-    let archive_major = tools_major(&toc.dump_version).max(tools_major(&dump.pg_dump_version));
-    let pg_restore =
-        tools::locate("pg_restore", options.pg_bin_dir.as_deref(), archive_major).await?;
-    let list_path = match &selection {
-        Some(sel) => {
-            let p = spool.path().join("restore.list");
-            tokio::fs::write(&p, sel.list_file(&toc))
+        if with_large_objects {
+            let reader = source
+                .open_part(LARGE_OBJECTS_PART)
                 .await
-                .map_err(|e| SourceError::io("writing the pg_restore list", e))?;
-            Some(p)
+                .map_err(|source| SourceError::Source {
+                    part: LARGE_OBJECTS_PART.into(),
+                    source,
+                })?;
+            let lo = PgRestore {
+                archive: Path::new("-"),
+                list: None,
+                ..run
+            };
+            warnings.extend(
+                lo.run(
+                    "large objects",
+                    &["--section=data"],
+                    Some((LARGE_OBJECTS_PART, reader)),
+                )
+                .await?,
+            );
+            report.large_objects = dump.large_objects;
         }
-        None => None,
-    };
-    let run = PgRestore {
-        tool: &pg_restore,
-        ci: &ci,
-        archive: &schema_path,
-        list: list_path.as_deref(),
-        no_owner: options.no_owner,
-        strict: !options.force,
-    };
+        report.data_ms = t.elapsed().as_millis() as u64;
 
-    // 5. pre-data.
-    let t = Instant::now();
-    let mut warnings = run.run("pre-data", &["--section=pre-data"], None).await?;
-    report.pre_data_ms = t.elapsed().as_millis() as u64;
-    if options.force {
-        let existing: BTreeSet<QualifiedName> = catalog::list_tables(&mut conn)
-            .await
-            .map_err(|e| SourceError::query("listing the restored tables", &ci, e))?
-            .into_iter()
-            .map(|t| t.name)
-            .collect();
-        let missing: Vec<String> = scope.difference(&existing).map(|t| t.to_string()).collect();
-        if !missing.is_empty() {
-            return Err(SourceError::ToolFailed {
-                tool: "pg_restore".into(),
-                doing: "restoring pre-data".into(),
-                status: "incomplete".into(),
-                stderr: format!(
-                    "tables {} were not created: {}",
-                    missing.join(", "),
-                    warnings.join("; ")
-                ),
-            });
-        }
-    }
+        // 7. Sequence values (after the data: nextval continues past the restored ids).
+        report.sequences =
+            set_sequences(&mut conn, &work, &*source, sequence_filter.as_deref()).await?;
 
-    // 6. Data, in parallel, largest tables first.
-    let t = Instant::now();
-    report.tables = restore_data(&ci, jobs, &data_tables, source.clone()).await?;
-    report.rows = report.tables.iter().map(|t| t.rows).sum();
-    report.bytes = report.tables.iter().map(|t| t.bytes).sum();
-    if with_large_objects {
-        let reader = source
-            .open_part(LARGE_OBJECTS_PART)
-            .await
-            .map_err(|source| SourceError::Source {
-                part: LARGE_OBJECTS_PART.into(),
-                source,
-            })?;
-        let lo = PgRestore {
-            archive: Path::new("-"),
-            list: None,
-            ..run
-        };
+        // 8. post-data: indexes, constraints, triggers, in parallel.
+        let t = Instant::now();
+        let jobs_arg = format!("--jobs={jobs}");
         warnings.extend(
-            lo.run(
-                "large objects",
-                &["--section=data"],
-                Some((LARGE_OBJECTS_PART, reader)),
-            )
-            .await?,
+            run.run("post-data", &["--section=post-data", &jobs_arg], None)
+                .await?,
         );
-        report.large_objects = dump.large_objects;
+        report.post_data_ms = t.elapsed().as_millis() as u64;
+        let _ = conn.close().await;
+        report.warnings = warnings;
+        Ok(report)
     }
-    report.data_ms = t.elapsed().as_millis() as u64;
+    .await;
 
-    // 7. Sequence values (after the data: nextval continues past the restored ids).
-    report.sequences = set_sequences(&mut conn, &ci, &*source, sequence_filter.as_deref()).await?;
-
-    // 8. post-data: indexes, constraints, triggers, in parallel.
-    let t = Instant::now();
-    let jobs_arg = format!("--jobs={jobs}");
-    warnings.extend(
-        run.run("post-data", &["--section=post-data", &jobs_arg], None)
-            .await?,
-    );
-    report.post_data_ms = t.elapsed().as_millis() as u64;
-    let _ = conn.close().await;
-
-    report.warnings = warnings;
+    // 9. A staging database takes the target's name now that it is complete, or is dropped.
+    let mut report = match (staging, loaded) {
+        (None, loaded) => loaded?,
+        (Some(name), Err(e)) => {
+            discard_staging(&ci, &name).await;
+            return Err(e);
+        }
+        (Some(name), Ok(report)) => {
+            if let Err(e) = rename_database(&ci, &name, &database).await {
+                discard_staging(&ci, &name).await;
+                return Err(e);
+            }
+            report
+        }
+    };
     report.duration_ms = t0.elapsed().as_millis() as u64;
     tracing::info!(
         database = %report.database,
@@ -452,14 +495,123 @@ fn tools_major(v: &str) -> u32 {
         .unwrap_or(0)
 }
 
-async fn create_database(ci: &ConnInfo, name: &str, encoding: &str) -> Result<(), SourceError> {
+/// A connection for statements about databases (create, rename, drop), to a database other than
+/// the one they are about.
+async fn admin_connection(ci: &ConnInfo) -> Result<(PgConnection, ConnInfo), SourceError> {
     let admin_ci = ci.with_database("postgres");
-    let mut admin = match admin_ci.connect().await {
-        Ok(c) => c,
+    match admin_ci.connect().await {
+        Ok(c) => Ok((c, admin_ci)),
         // Some servers have no `postgres` database; template1 always exists.
-        Err(SourceError::DatabaseMissing { .. }) => ci.with_database("template1").connect().await?,
-        Err(e) => return Err(e),
-    };
+        Err(SourceError::DatabaseMissing { .. }) => {
+            let template = ci.with_database("template1");
+            Ok((template.connect().await?, template))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The name a restore that creates `target` works under until it is complete: recognisably the
+/// target's (for anyone listing databases meanwhile), unique to this restore, and within
+/// PostgreSQL's 63-byte limit on names.
+fn staging_name(target: &str) -> String {
+    use sha3::{Digest, Sha3_256};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQUENCE: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let seed = format!(
+        "{target}/{}/{nanos}/{}",
+        std::process::id(),
+        SEQUENCE.fetch_add(1, Ordering::Relaxed)
+    );
+    let digest = Sha3_256::digest(seed.as_bytes());
+    let suffix: String = digest[..4].iter().map(|b| format!("{b:02x}")).collect();
+    let marker = format!("{STAGING_MARKER}{suffix}");
+    let mut prefix = target;
+    while prefix.len() + marker.len() > 63 {
+        let mut cut = prefix.len() - 1;
+        while !prefix.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        prefix = &prefix[..cut];
+    }
+    format!("{prefix}{marker}")
+}
+
+/// What separates the target's name from the random suffix in a staging database's name.
+const STAGING_MARKER: &str = "__restoring_";
+
+/// Gives the complete staging database the target's name. No session may be connected to it:
+/// every connection of the restore is closed by now (PostgreSQL waits a few seconds for backends
+/// that are still exiting).
+async fn rename_database(ci: &ConnInfo, from: &str, to: &str) -> Result<(), SourceError> {
+    let (mut admin, admin_ci) = admin_connection(ci).await?;
+    let result = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "ALTER DATABASE {} RENAME TO {}",
+        quote_ident(from),
+        quote_ident(to)
+    )))
+    .execute(&mut admin)
+    .await;
+    let _ = admin.close().await;
+    result.map(drop).map_err(|e| {
+        SourceError::query(
+            format!("renaming the restored database {from:?} to {to:?}"),
+            &admin_ci,
+            e,
+        )
+    })?;
+    tracing::info!(
+        database = to,
+        staging = from,
+        "the restored database took its name"
+    );
+    Ok(())
+}
+
+/// Drops a staging database after a failed restore. A failure to drop is logged with the name
+/// to drop by hand, and does not replace the restore's own error.
+async fn discard_staging(ci: &ConnInfo, name: &str) {
+    match drop_database(ci, name).await {
+        Ok(()) => tracing::info!(database = name, "dropped the incomplete restore"),
+        Err(e) => tracing::warn!(
+            database = name,
+            error = %e,
+            "could not drop the incomplete restore; drop it by hand (DROP DATABASE)"
+        ),
+    }
+}
+
+async fn drop_database(ci: &ConnInfo, name: &str) -> Result<(), SourceError> {
+    let (mut admin, admin_ci) = admin_connection(ci).await?;
+    let result = async {
+        let version: String = sqlx::query_scalar("SELECT current_setting('server_version_num')")
+            .fetch_one(&mut admin)
+            .await?;
+        // A failed COPY's connection may not be gone yet: FORCE (PostgreSQL 13 and later) ends
+        // the sessions still attached instead of failing on them.
+        let force = if version.parse::<u32>().unwrap_or(0) >= 130_000 {
+            " WITH (FORCE)"
+        } else {
+            ""
+        };
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {}{force}",
+            quote_ident(name)
+        )))
+        .execute(&mut admin)
+        .await
+        .map(drop)
+    }
+    .await;
+    let _ = admin.close().await;
+    result.map_err(|e| SourceError::query(format!("dropping database {name:?}"), &admin_ci, e))
+}
+
+async fn create_database(ci: &ConnInfo, name: &str, encoding: &str) -> Result<(), SourceError> {
+    let (mut admin, admin_ci) = admin_connection(ci).await?;
     let base = format!(
         "CREATE DATABASE {} TEMPLATE template0 ENCODING {}",
         quote_ident(name),
@@ -468,9 +620,10 @@ async fn create_database(ci: &ConnInfo, name: &str, encoding: &str) -> Result<()
     let first = sqlx::raw_sql(sqlx::AssertSqlSafe(base.clone()))
         .execute(&mut admin)
         .await;
+    // A database that already exists under this name (42P04) is an error: it is not ours to
+    // fill, nor to drop should the restore fail.
     let result = match first {
         Ok(_) => Ok(()),
-        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => Ok(()),
         // The server's default locale may not fit the dump's encoding: C fits every encoding.
         Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("22023") => sqlx::raw_sql(
             sqlx::AssertSqlSafe(format!("{base} LC_COLLATE 'C' LC_CTYPE 'C'")),
@@ -482,7 +635,10 @@ async fn create_database(ci: &ConnInfo, name: &str, encoding: &str) -> Result<()
     };
     let _ = admin.close().await;
     result.map_err(|e| SourceError::query(format!("creating database {name:?}"), &admin_ci, e))?;
-    tracing::info!(database = name, "created the target database");
+    tracing::info!(
+        database = name,
+        "created the database to restore into (renamed to the target when complete)"
+    );
     Ok(())
 }
 

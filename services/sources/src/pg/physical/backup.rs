@@ -71,7 +71,7 @@ struct ServerFacts {
 }
 
 async fn check_server(ci: &ConnInfo) -> Result<ServerFacts, PhysicalError> {
-    let mut conn = ci.connect().await?;
+    let mut conn = ci.connect_source().await?;
     type Row = (
         String,
         i32,
