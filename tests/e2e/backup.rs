@@ -108,10 +108,21 @@ async fn backup_restore_incremental_and_table_restore_round_trip() {
         assert_eq!(before[&name].rows, t["rows"].as_u64().unwrap(), "{name}");
     }
 
+    // `latest` means the newest verified backup: with none verified yet, it refuses and says why.
+    let out = repo.run(&["restore", "latest", "--to", &pg.conninfo("unverified")]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("has passed verification")
+            && stderr(&out).contains("--allow-unverified"),
+        "{}",
+        stderr(&out)
+    );
+
     // Restore into a new database: every table's ordered digest equals the source's.
     let out = repo.run(&[
         "restore",
         "latest",
+        "--allow-unverified",
         "--to",
         &pg.conninfo("restored"),
         "--create-db",
@@ -136,6 +147,7 @@ async fn backup_restore_incremental_and_table_restore_round_trip() {
     let out = repo.run(&[
         "restore",
         "latest",
+        "--allow-unverified",
         "--to",
         &pg.conninfo("restored2"),
         "--create-db",
@@ -147,6 +159,7 @@ async fn backup_restore_incremental_and_table_restore_round_trip() {
     let out = repo.run(&[
         "restore",
         "latest",
+        "--allow-unverified",
         "--to",
         &pg.conninfo("partial"),
         "--create-db",
@@ -398,6 +411,7 @@ async fn a_backup_killed_halfway_leaves_no_completion_and_its_chunks_are_reused(
     let out = repo.run(&[
         "restore",
         "latest",
+        "--allow-unverified",
         "--to",
         &pg.conninfo("back"),
         "--create-db",
@@ -448,6 +462,7 @@ async fn garage_round_trip_and_an_unreachable_store_records_the_failure() {
             &config,
             "restore",
             "latest",
+            "--allow-unverified",
             "--to",
             &pg.conninfo("from_s3"),
             "--create-db",

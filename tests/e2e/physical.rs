@@ -166,6 +166,7 @@ fn restore(site: &Site, dir: &Path, extra: &[&str]) -> String {
     let mut args = vec![
         "restore",
         "latest",
+        "--allow-unverified",
         "--physical",
         "--source",
         "main",

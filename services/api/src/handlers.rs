@@ -632,6 +632,10 @@ pub struct RestoreRequest {
     pub point_in_time: Option<String>,
     #[serde(default)]
     pub dry_run: bool,
+    /// With `latest`: the newest completed backup even if it has not passed verification
+    /// (default: the newest verified one).
+    #[serde(default)]
+    pub allow_unverified: bool,
 }
 
 /// `POST /api/restores`: records `recovery.requested` with the recovery lead's identity.
@@ -670,20 +674,45 @@ pub async fn request_restore(
         crate::params::parse_time(pit)
             .map_err(|why| ApiError::bad(format!("`point_in_time`: {why}")))?;
     }
-    let backup_id = if req.backup == "latest" {
-        state
-            .projections()?
-            .latest_completed(req.source.as_deref())
-            .await?
-            .map(|b| b.backup_id)
-            .ok_or_else(|| {
-                ApiError::NotFound(match &req.source {
-                    Some(s) => format!("source `{s}` has no completed backup to restore"),
-                    None => "there is no completed backup to restore".into(),
-                })
-            })?
+    let (backup_id, chosen) = if req.backup == "latest" {
+        let p = state.projections()?;
+        let source = req.source.as_deref();
+        let verified = p.latest_verified(source).await?;
+        let newest = p.latest_completed(source).await?;
+        let scope = match &req.source {
+            Some(s) => format!("backup of `{s}`"),
+            None => "backup".to_string(),
+        };
+        match (verified, newest, req.allow_unverified) {
+            (_, Some(n), true) => (
+                n.backup_id,
+                format!("the newest completed {scope} (unverified allowed)"),
+            ),
+            (Some(v), Some(n), false) if n.backup_id != v.backup_id => (
+                v.backup_id,
+                format!(
+                    "the newest {scope} that passed verification (newer {} is {}; send allow_unverified to restore it)",
+                    n.backup_id, n.verification_state
+                ),
+            ),
+            (Some(v), _, false) => (v.backup_id, format!("the newest {scope}, verified")),
+            (None, Some(n), false) => {
+                return Err(ApiError::Conflict(format!(
+                    "no completed {scope} has passed verification (the newest, {}, is {}); verify it, or send \"allow_unverified\": true",
+                    n.backup_id, n.verification_state
+                )));
+            }
+            (_, None, _) => {
+                return Err(ApiError::NotFound(format!(
+                    "there is no completed {scope} to restore"
+                )));
+            }
+        }
     } else {
-        path_uuid(&req.backup, "`backup`")?
+        (
+            path_uuid(&req.backup, "`backup`")?,
+            "named by its id".to_string(),
+        )
     };
     let name = operator_name(&caller)?;
     let recovery_id = uuid_v7();
@@ -713,6 +742,7 @@ pub async fn request_restore(
         StatusCode::ACCEPTED,
         Json(serde_json::json!({
             "recovery_id": recovery_id, "backup_id": backup_id, "operator": name,
+            "chosen": chosen,
             "position": appended.events.first().map(|c| c.position),
         })),
     ))

@@ -67,15 +67,32 @@ async fn env(with_projections: bool) -> Env {
 }
 
 async fn env_with(with_projections: bool, repository: Option<&str>) -> Env {
+    env_from(with_projections, repository, None).await
+}
+
+/// Five daily backups of `trading` (the middle one failed verification), and optionally a
+/// newest one `last_hours_ago` old that is not verified yet.
+async fn env_from(
+    with_projections: bool,
+    repository: Option<&str>,
+    unverified_newest: Option<i64>,
+) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = LedgerConfig::in_data_dir(dir.path());
     cfg.checkpoint_every = 5;
     let ledger = Ledger::open(&cfg).unwrap();
     let now = Utc::now();
+    if let Some(hours) = unverified_newest {
+        let mut spec = BackupSpec::new("trading", now - chrono::Duration::hours(hours), 60_000_000);
+        spec.verified = None;
+        append_all(&ledger, sample::backup(&spec).1).await;
+    }
     for day in 0..5 {
         let mut spec = BackupSpec::new(
             "trading",
-            now - chrono::Duration::days(4 - day),
+            // Older than the unverified newest, when there is one.
+            now - chrono::Duration::days(4 - day)
+                - chrono::Duration::hours(if unverified_newest.is_some() { 2 } else { 0 }),
             50_000_000 + day as u64 * 1_000_000,
         );
         spec.verified = Some(day != 2);
@@ -592,4 +609,38 @@ async fn unreachable_storage_is_shown_and_measured() {
     );
     let (_, text) = call(&env, "GET", "/metrics", None, None).await;
     assert!(text.contains("backstop_storage_up 0"), "{text}");
+}
+
+#[tokio::test]
+async fn restore_latest_takes_the_newest_verified_backup_unless_unverified_is_allowed() {
+    let env = env_from(true, None, Some(1)).await;
+    let newest = env
+        .ledger
+        .read(1, 100_000)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.event_type == "backup.completed")
+        .max_by_key(|e| e.occurred_at)
+        .map(|e| e.payload["backup_id"].as_str().unwrap().to_string())
+        .unwrap();
+    let body =
+        r#"{"backup":"latest","source":"trading","target":"postgres://db.internal/restore"}"#;
+    let (s, answer) = call(&env, "POST", "/api/restores", Some(LEAD), Some(body)).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{answer}");
+    let v: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert_ne!(
+        v["backup_id"],
+        newest.as_str(),
+        "the unverified newest is passed over"
+    );
+    let chosen = v["chosen"].as_str().unwrap();
+    assert!(
+        chosen.contains("passed verification") && chosen.contains(&newest),
+        "{chosen}"
+    );
+    let body = r#"{"backup":"latest","source":"trading","target":"postgres://db.internal/restore","allow_unverified":true}"#;
+    let (s, answer) = call(&env, "POST", "/api/restores", Some(LEAD), Some(body)).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{answer}");
+    let v: serde_json::Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(v["backup_id"], newest.as_str());
 }

@@ -717,9 +717,16 @@ impl Bench {
         let m = match tool {
             Tool::Backstop => {
                 let mut cmd = self.backstop(&site.config);
-                cmd.args(["restore", "latest", "--physical", "--source", SOURCE])
-                    .arg("--to-dir")
-                    .arg(&dir);
+                cmd.args([
+                    "restore",
+                    "latest",
+                    "--allow-unverified",
+                    "--physical",
+                    "--source",
+                    SOURCE,
+                ])
+                .arg("--to-dir")
+                .arg(&dir);
                 self.measured(cmd, "backstop restore --physical")?.0
             }
             Tool::Pgbackrest => {

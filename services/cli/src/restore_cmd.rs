@@ -20,6 +20,7 @@ use clap::Args;
 use crate::config::Config;
 use crate::wiring::{
     Events, RepoArgs, human, open_repository, operator, self_invocation, source_in_repo,
+    verified_backups,
 };
 
 /// The physical restore's flags (flattened into `backstop restore`).
@@ -92,6 +93,10 @@ pub struct RestoreArgs {
     /// With `latest`: the newest backup of this source.
     #[arg(long)]
     pub source: Option<String>,
+    /// With `latest`: the newest backup even if it has not passed verification (default: the
+    /// newest one that passed).
+    #[arg(long)]
+    pub allow_unverified: bool,
     /// Parallel jobs.
     #[arg(long, default_value_t = 2)]
     pub jobs: usize,
@@ -120,10 +125,14 @@ pub async fn restore(
         .context("say where to restore: --to postgres://... (or --physical --to-dir DIR)")?;
     let mut events = Events::open(config, data_dir).await?;
     let repo = open_repository(config, data_dir, &args.repo, &mut events).await?;
+    let verified = match (which.as_str(), args.allow_unverified) {
+        ("latest", false) => Some(verified_backups(&events, data_dir).await?),
+        _ => None,
+    };
     let selector = Selector {
         source: args.source.as_deref(),
         method: Some(BackupMethod::Logical),
-        verified: None,
+        verified: verified.as_ref(),
     };
     let resolved = catalog::resolve_backup(&repo, &which, &selector).await?;
     if which == "latest" {
@@ -248,12 +257,24 @@ async fn restore_physical(
         } else {
             args.source.clone()
         };
+        let verified = match (which.as_str(), args.allow_unverified) {
+            ("latest", false) => Some(verified_backups(&events, data_dir).await?),
+            _ => None,
+        };
         let selector = Selector {
             source: source.as_deref(),
             method: Some(BackupMethod::Physical),
-            verified: None,
+            verified: verified.as_ref(),
         };
         let backup = restore::select_base_backup(&repo, &which, &selector, &target).await?;
+        if which == "latest" {
+            eprintln!(
+                "restoring base backup {}: the newest {}physical backup of `{}` that reaches {target}",
+                backup.manifest.backup_id,
+                if verified.is_some() { "verified " } else { "" },
+                backup.manifest.source
+            );
+        }
         let source = backup.manifest.source.clone();
         let restore_command = match &p.restore_command {
             Some(c) => c.clone(),

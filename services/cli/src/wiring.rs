@@ -294,6 +294,42 @@ pub fn self_invocation(
     Ok(words.join(" "))
 }
 
+/// The backups whose latest verification passed, read from the ledger: this process's own,
+/// or the running serve's through its control socket. `restore latest` restores only those
+/// unless the operator allows unverified ones.
+pub async fn verified_backups(
+    events: &Events,
+    data_dir: &Path,
+) -> anyhow::Result<std::collections::HashSet<uuid::Uuid>> {
+    if let Some(ledger) = &events.ledger {
+        return Ok(backstop_ops::catalog::verified_backups(ledger)?);
+    }
+    let socket = backstop_ledger::local::socket_path(data_dir);
+    let local = backstop_ledger::local::LocalLedger::connect(&socket)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot read which backups passed verification (no ledger here, and no serve answers on {}): name a backup id, or pass --allow-unverified",
+                socket.display()
+            )
+        })?;
+    let mut follow = local.follow(1).await?;
+    let head = follow.head_at_start().position;
+    let mut verified = std::collections::HashSet::new();
+    let mut seen = 0;
+    while seen < head {
+        let batch = follow.next_batch().await?;
+        if batch.is_empty() {
+            break;
+        }
+        for env in &batch {
+            seen = seen.max(env.position);
+            backstop_ops::catalog::note_verification(&mut verified, env);
+        }
+    }
+    Ok(verified)
+}
+
 /// Physical test restores fetch WAL through this binary's `wal-fetch`, with the configuration,
 /// repository and key file by absolute path, so PostgreSQL's user can run it.
 pub fn physical_verify_settings(

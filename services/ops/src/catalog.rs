@@ -240,19 +240,25 @@ pub fn verified_backups(ledger: &Ledger) -> Result<HashSet<Uuid>, LedgerError> {
         let Some(last) = batch.last() else { break };
         from = last.position + 1;
         for env in &batch {
-            if !env.event_type.starts_with("verification.") {
-                continue;
-            }
-            match env.event() {
-                Ok(Event::VerificationPassed(p)) => {
-                    verified.insert(p.backup_id);
-                }
-                Ok(Event::VerificationFailed(f)) => {
-                    verified.remove(&f.backup_id);
-                }
-                _ => {}
-            }
+            note_verification(&mut verified, env);
         }
     }
     Ok(verified)
+}
+
+/// Folds one event into the set of backups whose latest verification passed (for callers that
+/// read the ledger another way, such as through a running serve's control socket).
+pub fn note_verification(verified: &mut HashSet<Uuid>, env: &backstop_events::Envelope) {
+    if !env.event_type.starts_with("verification.") {
+        return;
+    }
+    match env.event() {
+        Ok(Event::VerificationPassed(p)) => {
+            verified.insert(p.backup_id);
+        }
+        Ok(Event::VerificationFailed(f)) => {
+            verified.remove(&f.backup_id);
+        }
+        _ => {}
+    }
 }

@@ -308,11 +308,29 @@ impl Projections {
         &self,
         source: Option<&str>,
     ) -> Result<Option<BackupRow>, ProjectionError> {
+        self.latest(source, false).await
+    }
+
+    /// The newest completed backup that passed verification (of one source, or of any).
+    pub async fn latest_verified(
+        &self,
+        source: Option<&str>,
+    ) -> Result<Option<BackupRow>, ProjectionError> {
+        self.latest(source, true).await
+    }
+
+    async fn latest(
+        &self,
+        source: Option<&str>,
+        verified: bool,
+    ) -> Result<Option<BackupRow>, ProjectionError> {
         Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT {BACKUP_COLUMNS} FROM backups WHERE state = 'completed' \
-             AND ($1::text IS NULL OR source = $1) ORDER BY completed_at DESC LIMIT 1"
+             AND ($1::text IS NULL OR source = $1) \
+             AND (NOT $2 OR verification_state = 'passed') ORDER BY completed_at DESC LIMIT 1"
         )))
         .bind(source)
+        .bind(verified)
         .fetch_optional(self.pool())
         .await?)
     }
