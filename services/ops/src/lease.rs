@@ -159,7 +159,7 @@ impl<'a> Heartbeat<'a> {
         let mut renewal = 0u64;
         loop {
             let now = self.clock.now();
-            let until = now + delta(self.lease);
+            let until = (now + delta(self.lease)).trunc_subsecs(6);
             if let Err(e) = self.renew(run, renewal, now, until).await {
                 tracing::warn!(job = %self.job, what = %self.what, renewal, error = %e, "could not renew the lease; the job goes on");
             }
