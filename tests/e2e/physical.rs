@@ -205,7 +205,7 @@ fn point_in_time_recovery_through_the_binary() {
         "--json",
     ]))
     .expect("backup --json");
-    assert_eq!(backup["physical"], true);
+    assert_eq!(backup["method"], "physical");
     assert_eq!(backup["source"], "main");
     let report = &backup["physical_report"];
     assert_eq!(report["part"], "base/base.tar");
@@ -324,7 +324,7 @@ fn point_in_time_recovery_through_the_binary() {
     );
     let done = site.events("backup.completed");
     assert_eq!(done.len(), 1);
-    assert_eq!(done[0]["payload"]["physical"], true);
+    assert_eq!(done[0]["payload"]["method"], "physical");
 
     // The archive is intact; wal verify records the archived files it finds unrecorded.
     let out = site.ok(&["wal", "verify"]);
