@@ -75,7 +75,8 @@
 //! was chosen over a k-way merge of sorted runs (the same I/O, but more code and every run file
 //! open at once) and over an embedded database (a sled tree of 1 M keys costs far more time and
 //! disk than 32 MB of sorted arrays). Measured with `examples/prune_bench.rs` (1 M chunks,
-//! 1,000 manifests, 2 M references): see the report in `services/repo/src/gc_bench.rs`.
+//! 1,000 manifests, 2 M references, half forgotten): the mark run takes 5.6 s and peaks at
+//! 104 MB in memory, 6.7 s and 79 MB when forced to spill; figures in [`crate::gc_bench`].
 //!
 //! # Pending list format (`gc/pending-<YYYYmmddTHHMMSSZ>-<uuid>`)
 //! A blob ([`Repository::put_blob`]: a sealed object of kind 3, brotli-compressed, sealed with

@@ -6,6 +6,7 @@
 //! keys/<purpose>/<key id>        wrapped data keys, one object per version (see `keys`)
 //! chunks/<2 hex>/<64 hex>        sealed chunks, addressed by chunk id
 //! manifests/<backup id>          sealed backup manifests, written after their chunks
+//! gc/pending-<time>-<uuid>       sealed lists of objects marked for garbage collection (`gc`)
 //! <anything else>/...            sealed blobs of other components (WAL segments, ledger
 //!                                segments), written with `put_blob`
 //! ```
