@@ -187,7 +187,14 @@ async fn backup_worker_decides_by_failure_class() {
         let (_, event) = request(case.source, case.method, case.trigger.clone());
         let got = worker.handle(&event, w.ledger.as_ref()).await;
         assert_eq!(decision(&got), case.decision, "{}: {got:?}", case.name);
-        assert_eq!(w.ledger.types(), case.recorded, "{}", case.name);
+        // Lease renewals run beside every started backup (backstop_ops::lease); not the point here.
+        let types: Vec<String> = w
+            .ledger
+            .types()
+            .into_iter()
+            .filter(|t| t != "lease.renewed")
+            .collect();
+        assert_eq!(types, case.recorded, "{}", case.name);
         if let Some(Event::BackupStarted(s)) = w.ledger.of_type("backup.started").first() {
             assert_eq!(s.method, case.method, "{}", case.name);
         }
