@@ -119,6 +119,16 @@ fn logical_extra() -> serde_json::Value {
         } })
 }
 
+/// The events a handler recorded about its work: lease renewals are a running job's heartbeat,
+/// appended on a timer, so how many there are depends on timing, not on the decision.
+fn work(ledger: &RecordingAppender) -> Vec<String> {
+    ledger
+        .types()
+        .into_iter()
+        .filter(|t| t != "lease.renewed")
+        .collect()
+}
+
 #[derive(Debug, PartialEq)]
 enum Decision {
     Done,
@@ -274,7 +284,7 @@ async fn backup_worker_completes_a_redelivered_request_from_its_manifest() {
     w.backend.fail_next(1);
     let got = worker.handle(&other, w.ledger.as_ref()).await;
     assert_eq!(decision(&got), Decision::Retry, "{got:?}");
-    assert_eq!(w.ledger.types(), ["backup.completed"]);
+    assert_eq!(work(&w.ledger), ["backup.completed"]);
 }
 
 fn completed_event(stored: &backstop_repo::BackupResult, method: BackupMethod) -> BackupCompleted {
