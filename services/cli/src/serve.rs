@@ -213,13 +213,35 @@ pub async fn worker(
         .nats
         .or_else(|| config.nats.url.clone())
         .context("`backstop worker` needs NATS: pass --nats nats://HOST:PORT or set nats.url")?;
+    let schedules = crate::serve_context::schedules(config)?;
     let client = connect_nats(&url).await?;
     let js = async_nats::jetstream::new(client.clone());
     let appender: Arc<dyn Appender> = Arc::new(remote::RemoteLedger::new(client));
     let (context, _) =
-        crate::serve_context::worker_context(config, data_dir, appender.clone(), &[]).await;
+        crate::serve_context::worker_context(config, data_dir, appender.clone(), &schedules).await;
     let handlers = backstop_workers::handlers(&args.only, context).map_err(anyhow::Error::msg)?;
     let mut tasks = JoinSet::new();
+    if !schedules.is_empty() && (args.only.is_empty() || args.only.iter().any(|o| o == "scheduler"))
+    {
+        // Beside the serve's scheduler: slots are claimed by appends with an expected version,
+        // read from JetStream here (see backstop_ops::schedule::jetstream), so each fires once.
+        let log = backstop_ops::schedule::jetstream::JetStreamScheduleLog::new(
+            js.clone(),
+            config.outbox_config().stream,
+        );
+        let (appender, shutdown) = (appender.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            backstop_ops::schedule::run(
+                &schedules,
+                appender.as_ref(),
+                &log,
+                &SystemClock,
+                shutdown,
+            )
+            .await;
+            Ok(())
+        });
+    }
     let names: Vec<String> = handlers.iter().map(|h| h.name().to_string()).collect();
     spawn_jetstream_workers(
         &mut tasks,

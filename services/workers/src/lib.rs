@@ -18,7 +18,10 @@ use std::sync::Arc;
 
 use backstop_ledger::consumer::Handler;
 
-/// The names of the workers `backstop worker --only` accepts.
+/// The scheduler's name for `--only`: it runs beside the handlers, not as one.
+pub const SCHEDULER: &str = "scheduler";
+
+/// The names of the workers `backstop worker --only` accepts (and [`SCHEDULER`]).
 pub const KINDS: &[&str] = &[alerts::NAME, backup::NAME, verify::NAME, restore::NAME];
 
 /// What the data-path workers need; without it only the alert worker runs.
@@ -34,9 +37,10 @@ pub struct WorkerContext {
 /// prerequisites are missing is an error; one left out of "all" for that reason is logged.
 pub fn handlers(only: &[String], ctx: WorkerContext) -> Result<Vec<Arc<dyn Handler>>, String> {
     for name in only {
-        if !KINDS.contains(&name.as_str()) {
+        // The scheduler is not an event handler, but `--only` may name it (see `backstop worker`).
+        if !KINDS.contains(&name.as_str()) && name != SCHEDULER {
             return Err(format!(
-                "unknown worker `{name}`; known workers: {}",
+                "unknown worker `{name}`; known workers: {}, {SCHEDULER}",
                 KINDS.join(", ")
             ));
         }

@@ -9,6 +9,7 @@
 //!   `schedule-<name>`), the `backup.requested` that follows, healing of a claim left without its
 //!   request, and the [`run`] loop.
 //! - [`clock`]: the injected [`Clock`] ([`SystemClock`], [`ManualClock`] for tests).
+//! - [`jetstream`]: the schedule streams read from JetStream, for schedulers in `backstop worker`.
 //! - [`duration`]: durations as configured (`6h`, `30d`), shared with retention.
 //!
 //! Invariants: a slot is identified by its UTC instant; at most one `schedule.fired` per slot
@@ -19,6 +20,7 @@
 pub mod clock;
 pub mod config;
 pub mod duration;
+pub mod jetstream;
 pub mod scheduler;
 pub mod slot;
 
