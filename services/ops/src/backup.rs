@@ -129,15 +129,22 @@ pub async fn run_backup(
         }
     };
     let manifests: Vec<Manifest> = listed.into_iter().filter_map(|l| l.manifest.ok()).collect();
+    // Each step's event, with its id derived from the backup, the step and the request time.
+    let step = |label: &'static str, event: Event| {
+        record(
+            appender,
+            &stream,
+            actor,
+            cause,
+            requested_at,
+            label,
+            request.backup_id,
+            event,
+        )
+    };
     let parent = catalog::choose_parent(&manifests, &request.source, request.method, request.kind);
-    record(
-        appender,
-        &stream,
-        actor,
-        cause,
-        requested_at,
+    step(
         "started",
-        request.backup_id,
         Event::BackupStarted(BackupStarted {
             backup_id: request.backup_id,
             source: request.source.clone(),
@@ -166,14 +173,8 @@ pub async fn run_backup(
             return Err(e);
         }
     };
-    record(
-        appender,
-        &stream,
-        actor,
-        cause,
-        requested_at,
+    step(
         "upload-verified",
-        request.backup_id,
         Event::UploadVerified(UploadVerified {
             backup_id: request.backup_id,
             objects: result.objects_verified,
@@ -201,17 +202,7 @@ pub async fn run_backup(
             SourceReport::Physical(_) => Vec::new(),
         },
     };
-    record(
-        appender,
-        &stream,
-        actor,
-        cause,
-        requested_at,
-        "completed",
-        request.backup_id,
-        Event::BackupCompleted(completed.clone()),
-    )
-    .await?;
+    step("completed", Event::BackupCompleted(completed.clone())).await?;
     Ok(BackupDone { completed, report })
 }
 
