@@ -24,12 +24,14 @@
 //! - [`lease`]: running jobs' leases, and the monitor that records abandoned ones;
 //! - [`keys`]: every data-key unwrap recorded as `key.accessed`;
 //! - [`schedule`], [`retention`]: when backups run, and which are kept;
+//! - [`forget`]: retention carried out (decisions recorded, backups deleted) and the prune;
 //! - [`throttle`]: the trading-hours bandwidth cap on a backup's reads.
 
 pub mod backup;
 pub mod catalog;
 pub mod context;
 pub mod error;
+pub mod forget;
 pub mod keys;
 pub mod lease;
 pub mod parts;
