@@ -52,6 +52,14 @@ pub enum RepoError {
         detail: String,
     },
 
+    /// Object lock was asked for (`[repository] object_lock`) where there is none: a local
+    /// directory, a store without the S3 object-lock API (Garage), or a bucket created without
+    /// object lock. Nothing was written.
+    #[error(
+        "object lock is unavailable at {location}: {detail}; use an S3 bucket created with object lock enabled (`aws s3api create-bucket --object-lock-enabled-for-bucket ...`), or remove `object_lock` from the [repository] section"
+    )]
+    ObjectLockUnavailable { location: String, detail: String },
+
     /// An object's SHA3-256 does not match the one recorded for it.
     #[error(
         "corrupt object {key}{}: expected SHA3-256 {expected}, found {actual}; the stored copy is damaged, restore it from a replica or take a new backup",

@@ -11,6 +11,7 @@
 //! - [`reader`]: manifests, restore streams, dry runs.
 //! - [`check`]: consistency and data checks.
 //! - [`gc`]: garbage collection (`prune`): mark, then sweep after a grace period.
+//! - [`lock`]: S3 object lock maintenance (`extend_locks`) for what the repository still needs.
 //! - [`bench`]: a micro-benchmark of the data path; [`gc_bench`]: the prune benchmark.
 //!
 //! The format is documented in `docs/FORMAT.md` ("Repository"). This crate does not depend on
@@ -27,6 +28,7 @@ pub mod error;
 pub mod gc;
 pub mod gc_bench;
 pub mod keys;
+pub mod lock;
 pub mod manifest;
 pub mod reader;
 mod repository;
@@ -34,7 +36,8 @@ pub mod seal;
 pub mod writer;
 
 pub use backend::{
-    Backend, LocalBackend, Location, MemoryBackend, ObjectMeta, S3Backend, S3Settings,
+    Backend, LocalBackend, Location, LockExtension, MemoryBackend, ObjectMeta, S3Backend,
+    S3Settings,
 };
 pub use bench::{PipelineFigures, bench_pipeline, bench_pipeline_with};
 pub use check::{CheckOptions, CheckReport, Problem, ProblemKind};
@@ -47,6 +50,7 @@ pub use keys::{
     DataKey, KeyAccess, KeyAccessLog, KeyAccessObserver, KeyInfo, KeyPurpose, MASTER_KEY_ENV,
     MasterKey,
 };
+pub use lock::{KeptBackups, LockReport, LockTargets};
 pub use manifest::{ChunkRef, Manifest, StreamManifest, Totals, manifest_key};
 pub use reader::{DryRunReport, ListedBackup, MissingObject, ReadOptions, RestoreStream};
 pub use repository::{KeyRotation, Repository, StoredObject};

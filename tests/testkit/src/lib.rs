@@ -1,5 +1,6 @@
-//! backstop-testkit: starts REAL servers (PostgreSQL 15, nats-server with JetStream, Garage) on
-//! free loopback ports in temporary directories, for other crates' tests.
+//! backstop-testkit: starts REAL servers (PostgreSQL 15, nats-server with JetStream, Garage, moto's
+//! S3 server for object lock) on free loopback ports in temporary directories, for other crates'
+//! tests.
 //!
 //! Invariants every server here keeps:
 //! - It listens on 127.0.0.1 only, on ports from [`free_port`], and keeps all of its state (data,
@@ -21,6 +22,7 @@
 
 mod garage;
 mod http;
+mod moto;
 mod nats;
 mod postgres;
 mod process;
@@ -35,11 +37,12 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-pub use garage::{Garage, GarageOptions};
-pub use nats::Nats;
 pub use backstop_repo::MemoryBackend;
-pub use recording::RecordingAppender;
+pub use garage::{Garage, GarageOptions};
+pub use moto::Moto;
+pub use nats::Nats;
 pub use postgres::{Postgres, PostgresOptions};
+pub use recording::RecordingAppender;
 pub use user::{
     give_to_server_user, server_tempdir, server_tempdir_in, server_user, server_user_command,
 };
@@ -103,6 +106,9 @@ fn install_hint(name: &str) -> &'static str {
         "initdb" | "pg_ctl" | "postgres" | "psql" | "pg_dump" | "pg_restore" | "pg_basebackup"
         | "pg_isready" => {
             "install PostgreSQL 15: `apt-get install postgresql-15 postgresql-client-15`, or run scripts/setup"
+        }
+        "moto_server" => {
+            "run scripts/setup: it installs PyPI's moto[server] in a virtual environment and links ~/.local/bin/moto_server"
         }
         "restic" | "pgbackrest" | "chromium" | "wrk" => {
             "install Debian's package of that name with apt-get, or run scripts/setup"

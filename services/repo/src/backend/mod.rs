@@ -13,6 +13,11 @@
 //!   [`RepoError::Locked`].
 //! - Keys are validated: no empty, `.` or `..` segment, no leading `/`, no NUL: a key can never
 //!   escape the repository root.
+//! - Object lock (S3 compliance mode, `S3Settings::object_lock`) is a property of the backend:
+//!   [`Backend::object_lock`] says whether new objects are locked, and
+//!   [`Backend::extend_lock`] keeps one locked longer. Backends without it (local, memory)
+//!   answer [`RepoError::ObjectLockUnavailable`]; [`Location::open`] refuses to open one when
+//!   object lock is asked for, so a repository never silently runs unprotected.
 
 mod local;
 mod memory;
@@ -21,14 +26,28 @@ mod s3;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use async_trait::async_trait;
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 
 pub use local::LocalBackend;
 pub use memory::MemoryBackend;
 pub use s3::{S3Backend, S3Settings};
 
 use crate::error::{RepoError, Result};
+
+/// What [`Backend::extend_lock`] did to an object's retain-until date.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LockExtension {
+    /// The date was moved to the requested one; `previous` is what it was (`None`: the object
+    /// had no retention, e.g. it was written before object lock was configured).
+    Extended { previous: Option<DateTime<Utc>> },
+    /// The object is already retained until this date, which is not earlier than the one
+    /// requested: nothing was changed (compliance mode cannot be shortened anyway).
+    AlreadyUntil(DateTime<Utc>),
+}
 
 /// An object's key (relative to the repository root) and size in bytes.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -88,6 +107,24 @@ pub trait Backend: Send + Sync + 'static {
     /// Where this backend stores objects, for messages (`/srv/backups`, `s3://bucket/prefix at
     /// http://host:3900`).
     fn describe(&self) -> String;
+
+    /// The period every object this backend writes is locked for (S3 object lock, compliance
+    /// mode), or `None` when it writes unlocked objects.
+    fn object_lock(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Keeps the current version of `key` locked until at least `until`: extends its
+    /// retain-until date when it is earlier (or absent), never shortens it. A missing object is
+    /// [`RepoError::NotFound`]; a backend without object lock answers
+    /// [`RepoError::ObjectLockUnavailable`].
+    async fn extend_lock(&self, key: &str, until: DateTime<Utc>) -> Result<LockExtension> {
+        let _ = (key, until);
+        Err(RepoError::ObjectLockUnavailable {
+            location: self.describe(),
+            detail: "this backend has no object lock".into(),
+        })
+    }
 }
 
 /// Checks that a key is a safe relative path.
@@ -165,16 +202,32 @@ impl Location {
     }
 
     /// Opens the backend for this location. `s3` supplies endpoint, region and credentials for
-    /// S3 locations (its bucket and prefix are replaced by the location's); it is ignored for
-    /// local ones.
+    /// S3 locations (its bucket and prefix are replaced by the location's); for local ones only
+    /// its `object_lock` is looked at.
+    ///
+    /// With `object_lock` set, the S3 bucket's object-lock configuration is read first
+    /// ([`S3Backend::check_object_lock`]), and a local location is refused: both fail with
+    /// [`RepoError::ObjectLockUnavailable`] when the protection asked for cannot be given.
     pub async fn open(&self, s3: Option<S3Settings>) -> Result<Arc<dyn Backend>> {
         match self {
-            Location::Local(path) => Ok(Arc::new(LocalBackend::new(path)?)),
+            Location::Local(path) => {
+                if s3.as_ref().is_some_and(|s| s.object_lock.is_some()) {
+                    return Err(RepoError::ObjectLockUnavailable {
+                        location: path.display().to_string(),
+                        detail: "a local directory cannot lock objects against deletion".into(),
+                    });
+                }
+                Ok(Arc::new(LocalBackend::new(path)?))
+            }
             Location::S3 { bucket, prefix } => {
                 let mut settings = s3.unwrap_or_default();
                 settings.bucket = bucket.clone();
                 settings.prefix = prefix.clone();
-                Ok(Arc::new(S3Backend::connect(settings).await?))
+                let backend = S3Backend::connect(settings).await?;
+                if backend.object_lock().is_some() {
+                    backend.check_object_lock().await?;
+                }
+                Ok(Arc::new(backend))
             }
         }
     }

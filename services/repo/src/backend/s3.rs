@@ -37,14 +37,60 @@ use aws_sdk_s3::config::{
 };
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::types::{
+    ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, ObjectLockEnabled,
+    ObjectLockLegalHoldStatus, ObjectLockMode, ObjectLockRetention, ObjectLockRetentionMode,
+};
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use futures::{StreamExt, TryStreamExt};
 use rand::Rng;
 use tracing::{debug, warn};
 
-use super::{Backend, ObjectMeta, validate_key};
+use super::{Backend, LockExtension, ObjectMeta, validate_key};
 use crate::error::{RepoError, Result};
+
+/// The shortest `object_lock` accepted: the locks of live objects are extended daily.
+const MIN_LOCK_PERIOD: Duration = Duration::from_secs(86_400);
+/// The longest: a hundred years, far beyond any retention policy (and chrono's range is safe).
+const MAX_LOCK_PERIOD: Duration = Duration::from_secs(36_500 * 86_400);
+
+/// Keys written unlocked even under object lock: garbage collection's pending lists are
+/// bookkeeping that a restore never reads, rewritten and deleted by every prune; locking them
+/// would only make prune fail on its own lists.
+const UNLOCKED_PREFIXES: [&str; 1] = ["gc/"];
+
+/// A retain-until date as S3 takes it: whole seconds, rounded up (moto parses only
+/// `YYYY-MM-DDTHH:MM:SSZ` with at most microseconds, and a date is never made earlier).
+fn to_s3_date(t: DateTime<Utc>) -> aws_smithy_types::DateTime {
+    let secs = t.timestamp() + i64::from(t.timestamp_subsec_nanos() > 0);
+    aws_smithy_types::DateTime::from_secs(secs)
+}
+
+fn from_s3_date(t: &aws_smithy_types::DateTime) -> Option<DateTime<Utc>> {
+    DateTime::<Utc>::from_timestamp(t.secs(), t.subsec_nanos())
+}
+
+/// A per-request override that makes the SDK compute the CRC32 of the body even though the
+/// client only computes checksums when an operation requires them: S3 refuses an object-lock
+/// upload without a checksum, and the SDK alone would send the algorithm header but no value.
+fn with_checksum() -> aws_sdk_s3::config::Builder {
+    aws_sdk_s3::config::Builder::default()
+        .request_checksum_calculation(RequestChecksumCalculation::WhenSupported)
+}
+
+/// What one attempt to delete an object version came to.
+enum VersionDelete {
+    Done,
+    /// HTTP 403: a lock, or missing permissions; [`S3Backend::denied_delete`] tells which.
+    Denied(String),
+}
+
+/// What the bucket's object-lock configuration says.
+enum LockSupport {
+    Enabled,
+    Unavailable(String),
+}
 
 /// How to reach an S3 bucket. `Default` gives path-style addressing, the AWS credential chain,
 /// 16 MiB multipart threshold, 8 MiB parts, 6 attempts and a 10 s connect timeout.
@@ -73,6 +119,10 @@ pub struct S3Settings {
     pub connect_timeout: Duration,
     /// Limit for one attempt of one request (a part, a small object).
     pub attempt_timeout: Duration,
+    /// S3 object lock, compliance mode: every object written (except `gc/` bookkeeping) is
+    /// locked until now + this period, and deletes remove object versions (see the module
+    /// documentation). At least one day. `None`: objects are written unlocked.
+    pub object_lock: Option<Duration>,
 }
 
 impl Default for S3Settings {
@@ -94,6 +144,7 @@ impl Default for S3Settings {
             max_backoff: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             attempt_timeout: Duration::from_secs(300),
+            object_lock: None,
         }
     }
 }
@@ -112,6 +163,7 @@ impl std::fmt::Debug for S3Settings {
                 &self.secret_key.as_ref().map(|_| "<redacted>"),
             )
             .field("max_attempts", &self.max_attempts)
+            .field("object_lock", &self.object_lock)
             .finish_non_exhaustive()
     }
 }
@@ -140,6 +192,16 @@ impl S3Backend {
             return Err(RepoError::Config(
                 "S3 part size must be at least 5 MiB (an S3 limit)".into(),
             ));
+        }
+        if let Some(period) = settings.object_lock
+            && !(MIN_LOCK_PERIOD..=MAX_LOCK_PERIOD).contains(&period)
+        {
+            return Err(RepoError::Config(format!(
+                "object_lock is {}s; it must be between 1d and 36500d (30d is typical): the \
+                 locks of live objects are extended by a daily job, and a shorter lock would \
+                 lapse in between",
+                period.as_secs()
+            )));
         }
         let region = settings
             .region
@@ -333,16 +395,42 @@ impl S3Backend {
         }
     }
 
+    /// The retain-until date of an object written now under `key`, when it is to be locked.
+    fn new_lock_until(&self, key: &str) -> Option<aws_smithy_types::DateTime> {
+        let period = self.settings.object_lock?;
+        if UNLOCKED_PREFIXES.iter().any(|p| key.starts_with(p)) {
+            return None;
+        }
+        // The period is bounded by `connect`; the store compares the date with its own clock.
+        let period = chrono::Duration::from_std(period).unwrap_or(chrono::Duration::MAX);
+        Some(to_s3_date(
+            Utc::now()
+                .checked_add_signed(period)
+                .unwrap_or(DateTime::<Utc>::MAX_UTC),
+        ))
+    }
+
     async fn put_single(&self, key: &str, data: Bytes) -> Result<()> {
         let full = self.full_key(key);
+        let lock = self.new_lock_until(key);
         self.with_retry("put", key, || {
-            let req = self
+            let mut req = self
                 .client
                 .put_object()
                 .bucket(&self.bucket)
                 .key(&full)
                 .content_length(data.len() as i64)
                 .body(ByteStream::from(data.clone()));
+            if let Some(until) = lock {
+                req = req
+                    .object_lock_mode(ObjectLockMode::Compliance)
+                    .object_lock_retain_until_date(until)
+                    .checksum_algorithm(ChecksumAlgorithm::Crc32);
+            }
+            let mut req = req.customize();
+            if lock.is_some() {
+                req = req.config_override(with_checksum());
+            }
             async move {
                 req.send()
                     .await
@@ -355,13 +443,21 @@ impl S3Backend {
 
     async fn put_multipart(&self, key: &str, data: Bytes) -> Result<()> {
         let full = self.full_key(key);
+        let lock = self.new_lock_until(key);
         let upload_id = self
             .with_retry("create multipart upload", key, || {
-                let req = self
+                let mut req = self
                     .client
                     .create_multipart_upload()
                     .bucket(&self.bucket)
                     .key(&full);
+                if let Some(until) = lock {
+                    // Every part then carries its CRC32, and the completion lists them.
+                    req = req
+                        .object_lock_mode(ObjectLockMode::Compliance)
+                        .object_lock_retain_until_date(until)
+                        .checksum_algorithm(ChecksumAlgorithm::Crc32);
+                }
                 async move {
                     req.send()
                         .await
@@ -376,7 +472,9 @@ impl S3Backend {
                 check: "that the store supports multipart uploads".into(),
             })?;
 
-        let result = self.upload_parts(key, &full, &upload_id, &data).await;
+        let result = self
+            .upload_parts(key, &full, &upload_id, &data, lock.is_some())
+            .await;
         match result {
             Ok(parts) => {
                 let completed = CompletedMultipartUpload::builder()
@@ -401,6 +499,12 @@ impl S3Backend {
                     .await;
                 if done.is_err() {
                     self.abort_multipart(&full, &upload_id).await;
+                    return done;
+                }
+                if let Some(until) = lock {
+                    // S3 applies the lock given at CreateMultipartUpload; some stores (moto)
+                    // ignore it there. One HeadObject confirms it, and sets it if it is absent.
+                    self.retain_until(key, until).await?;
                 }
                 done
             }
@@ -417,6 +521,7 @@ impl S3Backend {
         full: &str,
         upload_id: &str,
         data: &Bytes,
+        checksummed: bool,
     ) -> Result<Vec<CompletedPart>> {
         let part_size = self.settings.part_size;
         let n_parts = data.len().div_ceil(part_size);
@@ -428,7 +533,7 @@ impl S3Backend {
                     let what = format!("upload part {number}");
                     let out = self
                         .with_retry(&what, key, || {
-                            let req = self
+                            let mut req = self
                                 .client
                                 .upload_part()
                                 .bucket(&self.bucket)
@@ -437,6 +542,13 @@ impl S3Backend {
                                 .part_number(number)
                                 .content_length(body.len() as i64)
                                 .body(ByteStream::from(body.clone()));
+                            if checksummed {
+                                req = req.checksum_algorithm(ChecksumAlgorithm::Crc32);
+                            }
+                            let mut req = req.customize();
+                            if checksummed {
+                                req = req.config_override(with_checksum());
+                            }
                             let what = what.clone();
                             async move { req.send().await.map_err(|e| self.classify(&what, key, e)) }
                         })
@@ -445,6 +557,7 @@ impl S3Backend {
                         CompletedPart::builder()
                             .part_number(number)
                             .set_e_tag(out.e_tag)
+                            .set_checksum_crc32(out.checksum_crc32)
                             .build(),
                     )
                 }
@@ -467,6 +580,225 @@ impl S3Backend {
             .await;
         if let Err(e) = res {
             warn!(key = full, error = %DisplayErrorContext(&e), "could not abort a failed multipart upload; the store may keep its parts until a lifecycle rule removes them");
+        }
+    }
+}
+
+/// Object lock: the bucket check, version deletes and retention.
+impl S3Backend {
+    /// Reads the bucket's object-lock configuration (GetObjectLockConfiguration) and fails with
+    /// [`RepoError::ObjectLockUnavailable`] unless object lock is enabled on it: a bucket created
+    /// without it, or a store without the API (Garage answers `NotImplemented`). An unreachable
+    /// store, a missing bucket or missing permissions fail as for any other request.
+    pub async fn check_object_lock(&self) -> Result<()> {
+        let op = "read the object-lock configuration of";
+        let support = self
+            .with_retry(op, "", || {
+                let req = self
+                    .client
+                    .get_object_lock_configuration()
+                    .bucket(&self.bucket);
+                async move {
+                    let err = match req.send().await {
+                        Ok(out) => {
+                            let enabled = out
+                                .object_lock_configuration()
+                                .and_then(|c| c.object_lock_enabled());
+                            return Ok(if enabled == Some(&ObjectLockEnabled::Enabled) {
+                                LockSupport::Enabled
+                            } else {
+                                LockSupport::Unavailable(format!(
+                                    "the bucket {} has an object-lock configuration that does not \
+                                     enable object lock",
+                                    self.bucket
+                                ))
+                            });
+                        }
+                        Err(e) => e,
+                    };
+                    if let SdkError::ServiceError(s) = &err {
+                        let status = s.raw().status().as_u16();
+                        let code = s.err().code().unwrap_or("");
+                        if code == "ObjectLockConfigurationNotFoundError"
+                            || (status == 404 && code != "NoSuchBucket")
+                        {
+                            return Ok(LockSupport::Unavailable(format!(
+                                "the bucket {} was created without object lock (HTTP {status} \
+                                 {code})",
+                                self.bucket
+                            )));
+                        }
+                        if status == 501 || code == "NotImplemented" {
+                            return Ok(LockSupport::Unavailable(format!(
+                                "the store does not implement S3 object lock (HTTP {status} {code})"
+                            )));
+                        }
+                    }
+                    Err(self.classify(op, "", err))
+                }
+            })
+            .await?;
+        match support {
+            LockSupport::Enabled => Ok(()),
+            LockSupport::Unavailable(detail) => Err(RepoError::ObjectLockUnavailable {
+                location: self.describe(),
+                detail,
+            }),
+        }
+    }
+
+    /// Every version of exactly `full` (objects and delete markers), with whether it is the
+    /// current one.
+    async fn versions_of(&self, key: &str, full: &str) -> Result<Vec<(String, bool)>> {
+        let mut out = Vec::new();
+        let mut key_marker: Option<String> = None;
+        let mut version_marker: Option<String> = None;
+        loop {
+            let page = self
+                .with_retry("list versions", key, || {
+                    let req = self
+                        .client
+                        .list_object_versions()
+                        .bucket(&self.bucket)
+                        .prefix(full)
+                        .set_key_marker(key_marker.clone())
+                        .set_version_id_marker(version_marker.clone());
+                    async move {
+                        req.send()
+                            .await
+                            .map_err(|e| self.classify("list versions", key, e))
+                    }
+                })
+                .await?;
+            let objects = page
+                .versions()
+                .iter()
+                .map(|v| (v.key(), v.version_id(), v.is_latest()));
+            let markers = page
+                .delete_markers()
+                .iter()
+                .map(|m| (m.key(), m.version_id(), m.is_latest()));
+            for (k, id, latest) in objects.chain(markers) {
+                if k == Some(full)
+                    && let Some(id) = id
+                {
+                    out.push((id.to_string(), latest.unwrap_or(false)));
+                }
+            }
+            if page.is_truncated() != Some(true) {
+                break;
+            }
+            key_marker = page.next_key_marker().map(str::to_string);
+            version_marker = page.next_version_id_marker().map(str::to_string);
+            if key_marker.is_none() && version_marker.is_none() {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// A real deletion under object lock: every version of the key, older ones first and the
+    /// current one last, so that until the last step the object reads as it did. A locked
+    /// version stops it with [`RepoError::Locked`]; the object is then still there.
+    async fn delete_versions(&self, key: &str) -> Result<()> {
+        let full = self.full_key(key);
+        let mut versions = self.versions_of(key, &full).await?;
+        versions.sort_by_key(|(_, current)| *current);
+        for (version, _) in versions {
+            self.delete_version(key, &full, &version).await?;
+        }
+        Ok(())
+    }
+
+    async fn delete_version(&self, key: &str, full: &str, version: &str) -> Result<()> {
+        let op = "delete version";
+        let res = self
+            .with_retry(op, key, || {
+                let req = self
+                    .client
+                    .delete_object()
+                    .bucket(&self.bucket)
+                    .key(full)
+                    .version_id(version);
+                async move {
+                    match req.send().await {
+                        Ok(_) => Ok(VersionDelete::Done),
+                        Err(e) => {
+                            if let SdkError::ServiceError(s) = &e
+                                && s.raw().status().as_u16() == 403
+                            {
+                                return Ok(VersionDelete::Denied(
+                                    DisplayErrorContext(&e).to_string(),
+                                ));
+                            }
+                            Err(self.classify(op, key, e))
+                        }
+                    }
+                }
+            })
+            .await;
+        match res {
+            Ok(VersionDelete::Done) | Err(RepoError::NotFound { .. }) => Ok(()),
+            Ok(VersionDelete::Denied(detail)) => {
+                Err(self.denied_delete(key, full, version, detail).await)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Why a version delete was refused with 403: S3 (and moto) answer `AccessDenied` both for a
+    /// version under retention or legal hold and for missing permissions, so the version's lock
+    /// is read (HeadObject) rather than the message trusted.
+    async fn denied_delete(
+        &self,
+        key: &str,
+        full: &str,
+        version: &str,
+        detail: String,
+    ) -> RepoError {
+        let head = self
+            .with_retry("head version", key, || {
+                let req = self
+                    .client
+                    .head_object()
+                    .bucket(&self.bucket)
+                    .key(full)
+                    .version_id(version);
+                async move {
+                    req.send()
+                        .await
+                        .map_err(|e| self.classify("head version", key, e))
+                }
+            })
+            .await;
+        if let Ok(h) = &head {
+            if h.object_lock_legal_hold_status() == Some(&ObjectLockLegalHoldStatus::On) {
+                return RepoError::Locked {
+                    key: key.to_string(),
+                    location: self.describe(),
+                    detail: format!("version {version} is under a legal hold"),
+                };
+            }
+            if let Some(until) = h.object_lock_retain_until_date().and_then(from_s3_date)
+                && until > Utc::now()
+            {
+                let mode = h
+                    .object_lock_mode()
+                    .map(|m| m.as_str().to_lowercase())
+                    .unwrap_or_else(|| "retention".into());
+                return RepoError::Locked {
+                    key: key.to_string(),
+                    location: self.describe(),
+                    detail: format!("version {version} is retained until {until} ({mode} mode)"),
+                };
+            }
+        }
+        RepoError::Refused {
+            what: self.what("delete version", key),
+            detail: format!("HTTP 403: {detail}; the version is not locked"),
+            check: "the key's permissions: deleting under object lock needs \
+                    s3:ListBucketVersions, s3:DeleteObjectVersion and s3:GetObjectRetention"
+                .into(),
         }
     }
 }
@@ -596,6 +928,10 @@ impl Backend for S3Backend {
 
     async fn delete(&self, key: &str) -> Result<()> {
         validate_key(key)?;
+        if self.settings.object_lock.is_some() {
+            // A plain DeleteObject would only add a delete marker over a locked version.
+            return self.delete_versions(key).await;
+        }
         let full = self.full_key(key);
         let res = self
             .with_retry("delete", key, || {
@@ -620,5 +956,68 @@ impl Backend for S3Backend {
         } else {
             format!("s3://{}/{} at {}", self.bucket, self.prefix, self.endpoint)
         }
+    }
+
+    fn object_lock(&self) -> Option<Duration> {
+        self.settings.object_lock
+    }
+
+    async fn extend_lock(&self, key: &str, until: DateTime<Utc>) -> Result<LockExtension> {
+        validate_key(key)?;
+        if self.settings.object_lock.is_none() {
+            return Err(RepoError::ObjectLockUnavailable {
+                location: self.describe(),
+                detail: "object_lock is not configured for this repository".into(),
+            });
+        }
+        self.retain_until(key, to_s3_date(until)).await
+    }
+}
+
+impl S3Backend {
+    /// Extends the retention of the current version of `key` to `target` unless it is already
+    /// retained that long.
+    async fn retain_until(
+        &self,
+        key: &str,
+        target: aws_smithy_types::DateTime,
+    ) -> Result<LockExtension> {
+        let full = self.full_key(key);
+        // HeadObject rather than GetObjectRetention: it carries the same date (given the
+        // s3:GetObjectRetention permission) and the version id, and moto implements it.
+        let head = self
+            .with_retry("head", key, || {
+                let req = self.client.head_object().bucket(&self.bucket).key(&full);
+                async move { req.send().await.map_err(|e| self.classify("head", key, e)) }
+            })
+            .await?;
+        let previous = head.object_lock_retain_until_date().and_then(from_s3_date);
+        if let Some(current) = previous
+            && target.secs() <= current.timestamp()
+        {
+            return Ok(LockExtension::AlreadyUntil(current));
+        }
+        let retention = ObjectLockRetention::builder()
+            .mode(ObjectLockRetentionMode::Compliance)
+            .retain_until_date(target)
+            .build();
+        let version = head.version_id.clone();
+        self.with_retry("extend the lock of", key, || {
+            let req = self
+                .client
+                .put_object_retention()
+                .bucket(&self.bucket)
+                .key(&full)
+                .set_version_id(version.clone())
+                .retention(retention.clone());
+            async move {
+                req.send()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| self.classify("extend the lock of", key, e))
+            }
+        })
+        .await?;
+        Ok(LockExtension::Extended { previous })
     }
 }
