@@ -71,6 +71,11 @@ pub struct RepositorySection {
     pub brotli_quality: Option<u32>,
     /// Average chunk size in KiB for new repositories (default 1024).
     pub chunk_avg_kib: Option<usize>,
+    /// S3 object lock in compliance mode, e.g. "30d" (at least 1d): every object is written
+    /// locked for this long, and the daily maintenance job extends the locks of what kept
+    /// backups still need. The bucket must have been created with object lock enabled; local
+    /// directories and Garage refuse it. Absent: no lock.
+    pub object_lock: Option<backstop_ops::schedule::ConfigDuration>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

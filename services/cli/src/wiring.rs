@@ -99,6 +99,7 @@ pub fn s3_settings(config: &Config) -> S3Settings {
         access_key: r.access_key_id.clone(),
         secret_key: r.secret_access_key.clone(),
         path_style: r.path_style.unwrap_or(true),
+        object_lock: r.object_lock.map(|d| d.as_std()),
         ..Default::default()
     }
 }
@@ -359,5 +360,20 @@ mod tests {
         assert_eq!(sh_quote("/usr/bin/backstop"), "/usr/bin/backstop");
         assert_eq!(sh_quote("/a b/it's"), "'/a b/it'\\''s'");
         assert_eq!(sh_quote("s3://bucket/prefix"), "s3://bucket/prefix");
+    }
+
+    #[test]
+    fn object_lock_reaches_the_s3_settings() {
+        let config: Config =
+            toml::from_str("[repository]\nlocation = \"s3://b/p\"\nobject_lock = \"30d\"\n")
+                .expect("a valid config");
+        assert_eq!(
+            s3_settings(&config).object_lock,
+            Some(std::time::Duration::from_secs(30 * 86_400))
+        );
+        assert_eq!(s3_settings(&Config::default()).object_lock, None);
+        let bad = toml::from_str::<Config>("[repository]\nobject_lock = \"30\"\n")
+            .expect_err("a duration without a unit");
+        assert!(bad.to_string().contains("object_lock"), "{bad}");
     }
 }

@@ -23,6 +23,35 @@
 //! (at most `part_concurrency` at a time, each part retried on its own); a failed multipart
 //! upload is aborted so that it leaves no parts behind. Part bodies are slices of the caller's
 //! buffer: no copy.
+//!
+//! # Object lock (`S3Settings::object_lock`, compliance mode)
+//! - **Open**: [`S3Backend::check_object_lock`] (GetObjectLockConfiguration) must find object
+//!   lock enabled on the bucket; a bucket created without it (`ObjectLockConfigurationNotFound`)
+//!   and a store without the API (Garage: `501 NotImplemented`) fail with
+//!   [`RepoError::ObjectLockUnavailable`] before anything is written.
+//! - **Writes**: every object is uploaded with `ObjectLockMode::Compliance` and a retain-until
+//!   date of now + the period (the store's clock enforces it; the date is rounded up to the
+//!   second), except GC's pending lists under `gc/` (bookkeeping no restore reads, rewritten and
+//!   deleted by every prune). S3 refuses a locked upload without a checksum, so those requests
+//!   (PutObject, UploadPart) carry a CRC32 the SDK computes for them alone; the client keeps
+//!   `RequestChecksumCalculation::WhenRequired` for everything else. A multipart upload gets its
+//!   lock at CreateMultipartUpload, and is confirmed (HeadObject, then PutObjectRetention if the
+//!   store ignored it, as moto does) after completion.
+//! - **Deletes**: object lock implies versioning, where a plain DeleteObject only adds a delete
+//!   marker: the data stays, hidden, and a restore would see it missing. So under object lock a
+//!   delete removes every version of the key by version id, older ones first and the current
+//!   one last. A version still retained answers 403 `AccessDenied`, the same code as a missing
+//!   permission, so its lock is read (HeadObject of that version) before the refusal is
+//!   reported: [`RepoError::Locked`] while retained or under legal hold, otherwise
+//!   [`RepoError::Refused`]. The object is then still there and readable; garbage collection
+//!   keeps it listed and retries after its date. Consequence: nothing the repository writes can
+//!   be deleted through it before its date (prune, forget, a stolen key alike), and once the date
+//!   has passed a delete really frees the space, without a lifecycle rule. Needed permissions:
+//!   `s3:ListBucketVersions`, `s3:DeleteObjectVersion`, `s3:GetObjectRetention`,
+//!   `s3:PutObjectRetention`.
+//! - **Extension**: [`Backend::extend_lock`] reads the current version's date (HeadObject) and
+//!   moves it later with PutObjectRetention when needed, never earlier (compliance mode forbids
+//!   it). `Repository::extend_locks` (`lock.rs`) calls it for everything still needed.
 
 use std::future::Future;
 use std::time::Duration;
