@@ -35,6 +35,27 @@ pub struct Config {
     /// When backups run: cron in a zone, per source (see `backstop schedule list`).
     #[serde(default)]
     pub schedules: Vec<backstop_ops::schedule::ScheduleConfig>,
+    /// Retention policies per source and class (see `backstop forget`).
+    #[serde(default)]
+    pub retention: Vec<backstop_ops::retention::PolicyEntry>,
+    /// Garbage collection (`backstop prune` and the daily maintenance job).
+    #[serde(default)]
+    pub prune: PruneSection,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PruneSection {
+    /// How long a marked object waits before it may be deleted; longer than any backup
+    /// (default 24h).
+    pub grace: Option<backstop_ops::schedule::ConfigDuration>,
+    /// Where the reference set spills past its memory budget (default: the temporary directory).
+    pub scratch_dir: Option<PathBuf>,
+    /// When `serve` runs the daily maintenance job (forget, prune, lock extension), `HH:MM` UTC
+    /// (default 04:00).
+    pub daily_at: Option<String>,
+    /// Run the daily maintenance job in `serve` (default true).
+    pub daily: Option<bool>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -216,6 +237,8 @@ impl Config {
         if self.nats.replicas == Some(0) {
             bail!("nats.replicas must be at least 1");
         }
+        self.retention_config()?;
+        self.maintenance_time()?;
         if self.workers.lease_seconds == Some(0) {
             bail!("workers.lease_seconds must be at least 1 (the default is 60)");
         }
@@ -251,6 +274,32 @@ impl Config {
             c.replicas = r;
         }
         c
+    }
+
+    /// The `[[retention]]` entries, checked (zones, one entry per source and class).
+    pub fn retention_config(&self) -> anyhow::Result<backstop_ops::retention::RetentionConfig> {
+        backstop_ops::retention::RetentionConfig::new(self.retention.clone())
+            .map_err(|e| anyhow::anyhow!("{e}"))
+    }
+
+    /// `[prune] grace`, else 24 h.
+    pub fn prune_grace(&self) -> chrono::TimeDelta {
+        self.prune
+            .grace
+            .map(|g| g.as_chrono())
+            .unwrap_or(backstop_ops::forget::DEFAULT_PRUNE_GRACE)
+    }
+
+    /// `[prune] daily_at` as a UTC time of day (04:00 by default).
+    pub fn maintenance_time(&self) -> anyhow::Result<chrono::NaiveTime> {
+        match &self.prune.daily_at {
+            None => Ok(chrono::NaiveTime::from_hms_opt(4, 0, 0).unwrap_or_default()),
+            Some(t) => chrono::NaiveTime::parse_from_str(t, "%H:%M").map_err(|_| {
+                anyhow::anyhow!(
+                    "prune.daily_at: {t:?} is not a time of day; write HH:MM (UTC), e.g. \"04:00\""
+                )
+            }),
+        }
     }
 
     /// How long a running job's lease lasts (`[workers] lease_seconds`).

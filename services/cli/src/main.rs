@@ -9,10 +9,12 @@ mod catalog_cmd;
 mod check_cmd;
 mod config;
 mod control;
+mod forget_cmd;
 mod identity;
 mod init_cmd;
 mod ledger_cmd;
 mod projections_cmd;
+mod prune_cmd;
 mod restore_cmd;
 mod runtime;
 mod schedule_cmd;
@@ -100,6 +102,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Apply the retention policies: keep or remove per backup, with the rule that keeps it.
+    Forget(forget_cmd::ForgetArgs),
+    /// Garbage collection: delete what no kept backup references, after a grace period.
+    Prune(prune_cmd::PruneArgs),
     /// Export the audit trail for an auditor, and verify an export offline.
     #[command(subcommand)]
     Audit(audit_cmd::AuditCommand),
@@ -188,6 +194,8 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             catalog_cmd::show(&config, &data_dir, repo, backup, json).await
         }
         Command::Restore(args) => restore_cmd::restore(&config, &data_dir, *args).await,
+        Command::Forget(args) => forget_cmd::run(&config, &data_dir, args).await,
+        Command::Prune(args) => prune_cmd::run(&config, &data_dir, args).await,
         Command::Verify(args) => verify_cmd::verify(&config, &data_dir, args).await,
         Command::WalPush(args) => wal_cmd::wal_push(&config, &data_dir, args).await,
         Command::WalFetch(args) => wal_cmd::wal_fetch(&config, &data_dir, args).await,

@@ -83,13 +83,14 @@ pub async fn serve(
     );
     let control = ControlServer::bind(&socket_path(data_dir), ledger.clone())
         .context("cannot create the control socket (the CLI's way to this serve)")?;
-    let (context, storage) = crate::serve_context::worker_context(
+    let (mut context, storage) = crate::serve_context::worker_context(
         config,
         data_dir,
         Arc::new(ledger.clone()),
         &schedules,
     )
     .await;
+    let maintenance = crate::serve_context::retention(config, &ledger, &mut context)?;
     // Archived WAL that wal-push could not record itself (see wal_cmd) is recorded here.
     let wal_repo = context.data_path.as_ref().map(|dp| dp.repo.clone());
     let handlers = if args.no_workers {
@@ -108,6 +109,14 @@ pub async fn serve(
             every,
             shutdown.clone(),
         ));
+    }
+    if let Some(m) = maintenance.filter(|_| !args.no_workers) {
+        // Daily: forget for every source, prune, extend object locks (workers::retention).
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            backstop_workers::retention::run_maintenance(&m, &SystemClock, shutdown).await;
+            Ok(())
+        });
     }
     // Jobs whose process died are recorded as abandoned once their lease lapses (ops::lease).
     tasks.spawn(backstop_ops::lease::run_monitor(

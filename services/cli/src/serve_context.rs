@@ -53,6 +53,7 @@ pub async fn worker_context(
         data_path: None,
         verify: None,
         schedules: schedules.clone(),
+        retention: None,
     };
     let loc = match location(config, data_dir, &RepoArgs::default()) {
         Ok(l) => l,
@@ -120,6 +121,7 @@ pub async fn worker_context(
                 sources: source_specs(config),
             }),
             verify,
+            retention: None,
         },
         Some(probe),
     )
@@ -162,4 +164,44 @@ impl backstop_api::ScheduleView for NextRuns {
         runs.sort_by_key(|r| r.at);
         runs
     }
+}
+
+/// Automatic retention (the retention worker and the daily maintenance job), for a process
+/// that has the ledger: on only when the configuration has `[[retention]]` entries (an empty
+/// entry means the defaults), so that nothing is ever deleted unattended unless asked for.
+/// `backstop forget` and `backstop prune` work either way.
+pub fn retention(
+    config: &Config,
+    ledger: &backstop_ledger::Ledger,
+    context: &mut WorkerContext,
+) -> anyhow::Result<Option<backstop_workers::retention::Maintenance>> {
+    let policies = config.retention_config()?;
+    let daily_at = config.maintenance_time()?;
+    let Some(dp) = context.data_path.clone() else {
+        return Ok(None);
+    };
+    if config.retention.is_empty() {
+        tracing::info!(
+            "no [[retention]] in the configuration: nothing is deleted unattended (run `backstop forget` by hand)"
+        );
+        return Ok(None);
+    }
+    let settings = backstop_workers::retention::RetentionSettings {
+        config: policies,
+        facts: Arc::new(ledger.clone()),
+        clock: Arc::new(backstop_ops::schedule::SystemClock),
+    };
+    context.retention = Some(settings.clone());
+    if config.prune.daily == Some(false) {
+        return Ok(None);
+    }
+    Ok(Some(backstop_workers::retention::Maintenance {
+        data_path: dp,
+        settings,
+        daily_at,
+        grace: config.prune_grace(),
+        scratch_dir: config.prune.scratch_dir.clone(),
+        // Object lock: the hook for `Repository::extend_locks` once the repository has it.
+        locks: None,
+    }))
 }

@@ -12,6 +12,7 @@ pub mod alerts;
 pub mod backup;
 pub mod fault;
 pub mod restore;
+pub mod retention;
 pub mod verify;
 
 use std::sync::Arc;
@@ -22,7 +23,13 @@ use backstop_ledger::consumer::Handler;
 pub const SCHEDULER: &str = "scheduler";
 
 /// The names of the workers `backstop worker --only` accepts (and [`SCHEDULER`]).
-pub const KINDS: &[&str] = &[alerts::NAME, backup::NAME, verify::NAME, restore::NAME];
+pub const KINDS: &[&str] = &[
+    alerts::NAME,
+    backup::NAME,
+    verify::NAME,
+    restore::NAME,
+    retention::NAME,
+];
 
 /// What the data-path workers need; without it only the alert worker runs.
 pub struct WorkerContext {
@@ -31,6 +38,8 @@ pub struct WorkerContext {
     /// The configured schedules: a scheduled backup runs under its schedule's trading-hours
     /// limits.
     pub schedules: Vec<backstop_ops::schedule::Schedule>,
+    /// The retention policies and the ledger's facts; without them no retention worker.
+    pub retention: Option<retention::RetentionSettings>,
 }
 
 /// The handlers to run, all of them or the named ones. A worker named explicitly whose
@@ -81,6 +90,16 @@ pub fn handlers(only: &[String], ctx: WorkerContext) -> Result<Vec<Arc<dyn Handl
         (_, _, true) => tracing::warn!(
             "verify worker not started: it needs a repository, its master key and [verify] scratch"
         ),
+        _ => {}
+    }
+    match (&ctx.data_path, &ctx.retention, wanted(retention::NAME)) {
+        (Some(dp), Some(settings), true) => all.push(Arc::new(retention::RetentionWorker {
+            data_path: dp.clone(),
+            settings: settings.clone(),
+        })),
+        (_, _, true) if !only.is_empty() => {
+            return Err("the retention worker needs a repository, its master key and the ledger (it runs in `serve`)".into());
+        }
         _ => {}
     }
     Ok(all)

@@ -1,0 +1,192 @@
+//! Retention without an operator: the retention worker and the daily maintenance job.
+//!
+//! - [`RetentionWorker`]: after every `backup.completed`, the retention policies of that
+//!   backup's source are applied ([`backstop_ops::forget::forget`], a real run): the new backup
+//!   may make an older one unneeded. Decisions and deletions are recorded with ids derived from
+//!   the backup, the policy and the day, so a redelivered event records nothing twice.
+//! - [`run_maintenance`]: once a day at a fixed UTC time, on an injected [`Clock`]: forget for
+//!   every source, then the prune ([`backstop_ops::forget::maintain`]), then the lock extension
+//!   step ([`LockExtension`]) when the repository has object lock. A failed pass is logged and
+//!   retried the next day; it never stops the process (retention is never urgent, and a
+//!   failure to delete is the safe failure).
+//!
+//! Both read the ledger's facts (verifications, running backups) through a
+//! [`FactsSource`]: without it the guard rails cannot hold, so neither runs without one.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use backstop_events::{Actor, Envelope, Event};
+use backstop_ledger::Appender;
+use backstop_ledger::consumer::{Handler, HandlerError};
+use backstop_ops::forget::{FactsSource, ForgetOptions, MaintenanceReport, PruneRun, forget};
+use backstop_ops::retention::RetentionConfig;
+use backstop_ops::schedule::Clock;
+use backstop_ops::{DataPath, OpsError};
+use backstop_repo::Repository;
+use chrono::{DateTime, NaiveTime, TimeDelta, Utc};
+use tokio::sync::watch;
+
+use crate::backup::handler_error;
+
+pub const NAME: &str = "retention";
+
+/// What retention needs besides the data path.
+#[derive(Clone)]
+pub struct RetentionSettings {
+    pub config: RetentionConfig,
+    pub facts: Arc<dyn FactsSource>,
+    pub clock: Arc<dyn Clock>,
+}
+
+pub struct RetentionWorker {
+    pub data_path: DataPath,
+    pub settings: RetentionSettings,
+}
+
+#[async_trait]
+impl Handler for RetentionWorker {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn wants(&self, event_type: &str) -> bool {
+        event_type == "backup.completed"
+    }
+
+    async fn handle(&self, event: &Envelope, _appender: &dyn Appender) -> Result<(), HandlerError> {
+        let Ok(Event::BackupCompleted(done)) = event.event() else {
+            return Err(HandlerError::permanent(format!(
+                "event {} is not a readable backup.completed",
+                event.position
+            )));
+        };
+        let facts = self.settings.facts.facts().await.map_err(handler_error)?;
+        let opts = ForgetOptions {
+            source: Some(done.source.clone()),
+            dry_run: false,
+            now: self.settings.clock.now(),
+        };
+        let report = forget(
+            &self.data_path.repo,
+            self.data_path.appender.as_ref(),
+            &self.settings.config,
+            &facts,
+            &opts,
+            &Actor::worker(NAME),
+        )
+        .await
+        .map_err(handler_error)?;
+        tracing::info!(
+            source = %done.source,
+            after = %done.backup_id,
+            removed = report.removed().filter(|d| d.forgotten).count(),
+            kept = report.decisions.iter().filter(|d| d.keep).count(),
+            "retention applied"
+        );
+        Ok(())
+    }
+}
+
+/// The lock-extension step of the daily job, after the prune: extends the object lock of what
+/// the kept backups still need (`Repository::extend_locks`). A hook so that the job runs the
+/// same with and without object lock: `serve` passes one only for a repository with object
+/// lock configured.
+#[async_trait]
+pub trait LockExtension: Send + Sync {
+    /// Returns a one-line summary for the log.
+    async fn extend(
+        &self,
+        repo: &Repository,
+        now: DateTime<Utc>,
+        pass: &MaintenanceReport,
+    ) -> Result<String, OpsError>;
+}
+
+/// The daily job's settings.
+pub struct Maintenance {
+    pub data_path: DataPath,
+    pub settings: RetentionSettings,
+    /// The UTC time of day it runs at.
+    pub daily_at: NaiveTime,
+    pub grace: TimeDelta,
+    pub scratch_dir: Option<std::path::PathBuf>,
+    pub locks: Option<Arc<dyn LockExtension>>,
+}
+
+/// The first `daily_at` strictly after `now`.
+pub fn next_run(now: DateTime<Utc>, daily_at: NaiveTime) -> DateTime<Utc> {
+    let today = now.date_naive().and_time(daily_at).and_utc();
+    if today > now {
+        today
+    } else {
+        today + TimeDelta::days(1)
+    }
+}
+
+/// One maintenance pass at `now` (see the module documentation).
+pub async fn maintain_once(
+    m: &Maintenance,
+    now: DateTime<Utc>,
+) -> Result<MaintenanceReport, OpsError> {
+    let run = PruneRun {
+        dry_run: false,
+        grace: m.grace,
+        now,
+        scratch_dir: m.scratch_dir.clone(),
+    };
+    let pass = backstop_ops::forget::maintain(
+        &m.data_path.repo,
+        m.data_path.appender.as_ref(),
+        &m.settings.config,
+        m.settings.facts.as_ref(),
+        &run,
+        &Actor::worker(NAME),
+    )
+    .await?;
+    let r = &pass.prune.report;
+    tracing::info!(
+        removed = pass.forget.removed().filter(|d| d.forgotten).count(),
+        marked = r.newly_marked,
+        swept = r.swept,
+        reclaimed_bytes = r.bytes_reclaimed,
+        spared = r.spared,
+        "daily maintenance: retention and prune done"
+    );
+    if let Some(locks) = &m.locks {
+        let summary = locks.extend(&m.data_path.repo, now, &pass).await?;
+        tracing::info!(%summary, "daily maintenance: object locks extended");
+    }
+    Ok(pass)
+}
+
+/// Runs [`maintain_once`] every day at `daily_at` (UTC) on `clock` until `shutdown` flips.
+/// Returns how many passes ran (and the last one's outcome is in the log).
+pub async fn run_maintenance(
+    m: &Maintenance,
+    clock: &dyn Clock,
+    mut shutdown: watch::Receiver<bool>,
+) -> u64 {
+    let mut passes = 0;
+    loop {
+        let due = next_run(clock.now(), m.daily_at);
+        while clock.now() < due {
+            tokio::select! {
+                _ = clock.sleep_until(due) => {}
+                _ = shutdown.changed() => return passes,
+            }
+        }
+        if *shutdown.borrow() {
+            return passes;
+        }
+        match maintain_once(m, clock.now()).await {
+            Ok(_) => {}
+            Err(e) => tracing::error!(
+                error = %e.chain(),
+                class = e.class().as_str(),
+                "daily maintenance failed; it runs again tomorrow (or run `backstop forget` and `backstop prune`)"
+            ),
+        }
+        passes += 1;
+    }
+}
