@@ -196,12 +196,15 @@ pub fn retention(
         return Ok(None);
     }
     Ok(Some(backstop_workers::retention::Maintenance {
-        data_path: dp,
+        data_path: dp.clone(),
         settings,
         daily_at,
         grace: config.prune_grace(),
         scratch_dir: config.prune.scratch_dir.clone(),
-        // Object lock: the hook for `Repository::extend_locks` once the repository has it.
-        locks: None,
+        // Object lock: the daily pass extends the locks of what kept backups still need.
+        locks: dp.repo.backend().object_lock().map(|_| {
+            Arc::new(backstop_workers::retention::RepositoryLocks)
+                as Arc<dyn backstop_workers::retention::LockExtension>
+        }),
     }))
 }

@@ -23,7 +23,7 @@ use backstop_ops::forget::{FactsSource, ForgetOptions, MaintenanceReport, PruneR
 use backstop_ops::retention::RetentionConfig;
 use backstop_ops::schedule::Clock;
 use backstop_ops::{DataPath, OpsError};
-use backstop_repo::Repository;
+use backstop_repo::{LockTargets, Repository};
 use chrono::{DateTime, NaiveTime, TimeDelta, Utc};
 use tokio::sync::watch;
 
@@ -101,6 +101,71 @@ pub trait LockExtension: Send + Sync {
         now: DateTime<Utc>,
         pass: &MaintenanceReport,
     ) -> Result<String, OpsError>;
+}
+
+/// The lock extension of a repository with object lock: every kept backup (the pass's keep
+/// decisions), with `config`, `keys/` and the archived WAL the pass did not hand to the prune,
+/// locked until now + the repository's lock period.
+pub struct RepositoryLocks;
+
+#[async_trait]
+impl LockExtension for RepositoryLocks {
+    async fn extend(
+        &self,
+        repo: &Repository,
+        now: DateTime<Utc>,
+        pass: &MaintenanceReport,
+    ) -> Result<String, OpsError> {
+        let Some(period) = repo.backend().object_lock() else {
+            return Ok("the repository has no object lock: nothing to extend".into());
+        };
+        let period = TimeDelta::from_std(period).map_err(|_| {
+            OpsError::Invalid(format!(
+                "the object-lock period {period:?} is out of range; configure a shorter [repository] object_lock"
+            ))
+        })?;
+        let kept = pass
+            .forget
+            .decisions
+            .iter()
+            .filter(|d| d.keep)
+            .map(|d| d.backup_id);
+        let unneeded: std::collections::HashSet<String> =
+            pass.forget.wal_candidates().into_iter().collect();
+        let wal: Vec<String> = repo
+            .backend()
+            .list(backstop_ops::wal::WAL_PREFIX)
+            .await?
+            .into_iter()
+            .map(|o| o.key)
+            .filter(|k| !unneeded.contains(k))
+            .collect();
+        let targets = LockTargets::backups(kept).with_extra(wal);
+        // `extend_locks`'s future cannot be proven `Send` (a closure over borrowed ids inside
+        // it), which an async-trait method requires: it runs on a blocking thread instead.
+        let (repo, handle) = (repo.clone(), tokio::runtime::Handle::current());
+        let r = tokio::task::spawn_blocking(move || {
+            handle.block_on(repo.extend_locks(now, period, &targets))
+        })
+        .await
+        .map_err(|e| OpsError::Abandoned {
+            what: "the object-lock extension".into(),
+            why: e.to_string(),
+        })??;
+        if !r.is_complete() {
+            tracing::warn!(
+                missing = r.missing,
+                first_missing = ?r.first_missing,
+                failed = r.failed,
+                first_failure = ?r.first_failure,
+                "object locks not all extended; the next pass retries"
+            );
+        }
+        Ok(format!(
+            "{} objects locked until {}: {} extended, {} already locked, {} missing, {} failed",
+            r.objects, r.retain_until, r.extended, r.already_locked, r.missing, r.failed
+        ))
+    }
 }
 
 /// The daily job's settings.
