@@ -498,9 +498,6 @@ fn target_timeline(s: Option<&str>) -> anyhow::Result<RecoveryTimeline> {
     })
 }
 
-/// The configuration file this process was started with (absolute), if any: `--config`/`-c`,
-/// `BACKSTOP_CONFIG`, else `./backstop.toml` when present (as `Config::load` does).
-
 #[cfg(test)]
 mod tests {
     use super::*;
