@@ -217,6 +217,8 @@ pub async fn source_in_repo(
     }
 }
 
+/// The configuration file this process was started with (absolute), if any: `--config`/`-c`,
+/// `BACKSTOP_CONFIG`, else `./backstop.toml` when present (as `Config::load` does).
 fn config_path() -> Option<PathBuf> {
     let mut args = std::env::args_os().skip(1);
     let mut found = None;
