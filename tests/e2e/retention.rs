@@ -205,7 +205,7 @@ async fn forget_then_prune_keeps_one_backup_that_restores_and_records_every_dele
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
     assert!(
-        text.contains(&format!("{newest}")) && text.contains("last 1"),
+        text.contains(newest.as_str()) && text.contains("last 1"),
         "{text}"
     );
     assert!(text.contains("would be removed"), "{text}");

@@ -295,6 +295,32 @@ fn physical_reports_backups_restores_and_wal_archiving_for_both_tools() {
 }
 
 #[test]
+fn prune_reports_the_mark_and_sweep_runs_in_text_and_json() {
+    bench_binary();
+    let text = run_bench(&["prune", "--chunks", "4000", "--manifests", "40"]);
+    assert!(
+        text.contains("backstop bench prune: 4000 chunks, 40 manifests"),
+        "{text}"
+    );
+    for label in ["mark run:", "sweep run:"] {
+        let c = row(&text, label);
+        assert_eq!((c[1], c[3]), ("s", "MiB"), "{label}:\n{text}");
+        number(c[0], label, &text);
+        assert!(
+            number(c[2], label, &text) > 0.0,
+            "{label}: a peak of 0:\n{text}"
+        );
+    }
+    let json = run_bench(&["prune", "--chunks", "4000", "--manifests", "40", "--json"]);
+    let f: serde_json::Value = serde_json::from_str(&json).expect("JSON figures");
+    assert_eq!(f["chunks"], 4000, "{json}");
+    assert_eq!(f["forgotten"], 20, "{json}");
+    // Half the manifests forgotten leaves (40 / 2 - 1) groups of 100 chunks unreferenced.
+    assert_eq!(f["swept"], 1900, "{json}");
+    assert_eq!(f["chunks_left"], 2100, "{json}");
+}
+
+#[test]
 fn bench_without_the_bench_binary_names_the_command_that_builds_it() {
     // A copy of `backstop` alone in a directory, with nothing on PATH: `backstop bench` must say
     // what is missing and how to build it. Hard-linked when possible (the binary is large).
