@@ -342,6 +342,36 @@ mod tests {
         assert!(e.contains("missing.toml"), "{e}");
     }
 
+    #[test]
+    fn retention_and_prune_keys_are_checked_at_load() {
+        let dir = tempfile_dir();
+        let p = dir.join("r.toml");
+        std::fs::write(
+            &p,
+            "[[retention]]\nkeep_last = 2\n[prune]\ngrace = \"6h\"\ndaily_at = \"03:15\"\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&p)).unwrap();
+        assert_eq!(c.prune_grace(), chrono::TimeDelta::hours(6));
+        assert_eq!(
+            c.retention_config()
+                .unwrap()
+                .policy("x", Default::default())
+                .keep_last,
+            2
+        );
+        std::fs::write(&p, "[[retention]]\nzone = \"Mars/Olympus\"\n").unwrap();
+        let e = Config::load(Some(&p)).unwrap_err().to_string();
+        assert!(e.contains("Mars/Olympus"), "{e}");
+        std::fs::write(&p, "[prune]\ndaily_at = \"4am\"\n").unwrap();
+        let e = Config::load(Some(&p)).unwrap_err().to_string();
+        assert!(e.contains("prune.daily_at") && e.contains("HH:MM"), "{e}");
+        assert_eq!(
+            Config::default().prune_grace(),
+            chrono::TimeDelta::hours(24)
+        );
+    }
+
     fn tempfile_dir() -> PathBuf {
         let d = std::env::temp_dir().join(format!("backstop-config-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
