@@ -47,11 +47,15 @@ struct Setup {
 
 impl Setup {
     fn new() -> Setup {
+        Setup::with_policy(KEEP_ONE)
+    }
+
+    fn with_policy(policy: &str) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("master.key");
         let repo = dir.path().join("repo");
         let config = dir.path().join("backstop.toml");
-        std::fs::write(&config, KEEP_ONE).unwrap();
+        std::fs::write(&config, policy).unwrap();
         let args = vec![
             "--config".to_string(),
             config.display().to_string(),
@@ -312,14 +316,14 @@ async fn prune_killed_at_random_points_never_removes_a_referenced_object() {
     // How long a whole run takes here: kill points are drawn from that span.
     let started = std::time::Instant::now();
     assert!(spawn_prune().wait().unwrap().success());
-    let span = started.elapsed().as_millis().max(20) as u64;
+    let mut span = started.elapsed().as_millis().max(20) as u64;
     eprintln!("a prune run takes about {span} ms");
     let mut kept = ids[2].clone();
     assert!(!kept.is_empty());
     let mut killed = 0;
     // Until 6 runs were killed (most rounds kill; one that finished counts too), at most 16.
     let mut rounds = 0;
-    while killed < 6 && rounds < 16 {
+    while killed < 6 && rounds < 40 {
         let round = rounds;
         rounds += 1;
         // New garbage each round: a backup after a day's churn (reusing most of the old
@@ -329,9 +333,13 @@ async fn prune_killed_at_random_points_never_removes_a_referenced_object() {
         s.ok_json(&["forget", "--json"]);
         assert_eq!(s.backups(), BTreeSet::from([kept.clone()]));
         let mut child = spawn_prune();
-        // Up to one and a half runs: most are killed somewhere inside, some finish.
-        std::thread::sleep(Duration::from_millis(rng.next(span * 3 / 2)));
-        if child.try_wait().unwrap().is_none() {
+        let round_started = std::time::Instant::now();
+        // Somewhere inside a run (later rounds have less garbage and run faster: the span
+        // follows the fastest finished run, so most rounds are killed somewhere inside).
+        std::thread::sleep(Duration::from_millis(rng.next(span)));
+        if let Some(_finished) = child.try_wait().unwrap() {
+            span = span.min(round_started.elapsed().as_millis().max(10) as u64);
+        } else {
             // SAFETY: kill(2) on our own child's pid.
             unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
             killed += 1;
@@ -361,4 +369,61 @@ async fn prune_killed_at_random_points_never_removes_a_referenced_object() {
     ]);
     assert!(out.status.success(), "restore: {}", stderr(&out));
     assert_eq!(digests(&pg.conninfo("restored")).await, at_last_backup);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_tagged_pre_deploy_is_kept_for_its_own_period() {
+    let pg = Postgres::start().unwrap();
+    let s = Setup::with_policy(
+        r#"
+[[retention]]
+keep_last = 1
+keep_daily = 0
+keep_weekly = 0
+keep_monthly = 0
+keep_yearly = 0
+keep_tags = { "pre-deploy" = "30d" }
+"#,
+    );
+    pg.create_db("trading").unwrap();
+    pg.psql_file("trading", &dataset("trading.sql"), &[("rows", "2000")])
+        .unwrap();
+    let url = pg.conninfo("trading");
+    let tagged = s.ok_json(&[
+        "backup",
+        "--pg",
+        &url,
+        "--name",
+        "main",
+        "--tag",
+        "pre-deploy",
+        "--json",
+    ])["backup_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let plain = s.backup(&url);
+    let newest = s.backup(&url);
+    let out = s.run(&["backup", "--pg", &url, "--tag", "no spaces"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("a tag is"), "{}", stderr(&out));
+
+    s.ok_json(&["forget", "--json"]);
+    assert_eq!(
+        s.backups(),
+        BTreeSet::from([tagged.clone(), newest.clone()]),
+        "the tagged backup is kept beside the newest; {plain} is not"
+    );
+    let decided = events_of_type(&s, "retention.decided");
+    assert!(
+        decided
+            .iter()
+            .any(|e| e["payload"]["backup_id"] == tagged.as_str()
+                && e["payload"]["keep"] == true
+                && e["payload"]["reason"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("pre-deploy")),
+        "{decided:?}"
+    );
 }

@@ -43,6 +43,24 @@ pub struct BackupArgs {
     /// A physical base backup (pg_basebackup) for point-in-time recovery, instead of a dump.
     #[arg(long)]
     pub physical: bool,
+    /// Tag the backup (repeatable), e.g. `--tag pre-deploy`: retention's keep_tags rules keep
+    /// tagged backups for their own period.
+    #[arg(long = "tag", value_parser = parse_tag)]
+    pub tags: Vec<String>,
+}
+
+fn parse_tag(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "a tag is 1 to 64 characters of A-Z, a-z, 0-9, '-', '_' and '.', got {s:?}"
+        ))
+    }
 }
 
 /// What `backstop backup` backs up: the source's name and every source spec, with an ad-hoc
@@ -141,6 +159,7 @@ pub async fn run_backup(
     let opts = BackupOptions {
         progress,
         jobs: args.jobs,
+        tags: args.tags.clone(),
         ..Default::default()
     };
     let result = run(&dp, &request, requested_at, &actor, None, &opts).await;

@@ -75,6 +75,9 @@ pub struct BackupOptions {
     /// streams share one token bucket; physical backups pass it to `pg_basebackup --max-rate`.
     pub bytes_per_second: Option<u64>,
     pub failures: FailureRecording,
+    /// Tags recorded in the manifest (`extra.tags`), which retention's keep-by-tag rules read
+    /// (`pre-deploy` kept 30 days by default).
+    pub tags: Vec<String>,
 }
 
 /// What the source reported about a finished backup.
@@ -342,10 +345,13 @@ async fn take(
         what: format!("backup {}", request.backup_id),
         why: "internal error: the backup writer is still shared after the source finished".into(),
     })?;
-    let extra = match &report {
+    let mut extra = match &report {
         SourceReport::Logical(r) => serde_json::json!({ LOGICAL_KEY: r }),
         SourceReport::Physical(r) => serde_json::json!({ PHYSICAL_KEY: r }),
     };
+    if !opts.tags.is_empty() {
+        extra[crate::forget::TAGS_KEY] = serde_json::json!(opts.tags);
+    }
     let result = writer.finish(extra).await?;
     Ok((result, report))
 }
