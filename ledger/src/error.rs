@@ -51,6 +51,11 @@ pub enum LedgerError {
     Nats(String),
     #[error("remote ledger: {0}")]
     Remote(String),
+    /// The ledger (over NATS or the control socket) answered and refused the request: it is
+    /// malformed, invalid, reuses an id, or comes from an identity that may not append. Sending
+    /// it again cannot help; nothing was written.
+    #[error("the ledger refused the append ({kind}): {message}")]
+    Refused { kind: String, message: String },
     #[error("I/O error on {path}: {source}")]
     Io {
         path: PathBuf,

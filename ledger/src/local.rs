@@ -605,7 +605,7 @@ impl LocalLedger {
     }
 
     fn refused(kind: &str, message: &str) -> LedgerError {
-        LedgerError::Remote(format!("{kind}: {message}"))
+        requests::refusal(kind.to_string(), message.to_string())
     }
 
     async fn open(&self) -> Result<UnixStream, LedgerError> {

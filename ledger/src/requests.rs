@@ -70,9 +70,19 @@ impl AppendReply {
                     expected: expected.to_string(),
                     actual,
                 },
-                _ => LedgerError::Remote(format!("{kind}: {message}")),
+                _ => refusal(kind, message),
             }),
         }
+    }
+}
+
+/// The client-side error for a refusal of `kind`: the ledger's own trouble (its storage, a
+/// shutdown) may pass and is transient; anything about the request itself is
+/// [`LedgerError::Refused`], which no retry fixes.
+pub fn refusal(kind: String, message: String) -> LedgerError {
+    match kind.as_str() {
+        "storage" | "closed" => LedgerError::Remote(format!("{kind}: {message}")),
+        _ => LedgerError::Refused { kind, message },
     }
 }
 
@@ -137,4 +147,21 @@ pub fn request(
         expected,
         events,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_of_the_request_are_permanent_and_the_ledgers_trouble_transient() {
+        for kind in ["invalid", "malformed", "denied", "id_reused"] {
+            let e = refusal(kind.into(), "x".into());
+            assert!(matches!(e, LedgerError::Refused { .. }), "{kind}");
+            assert!(!e.is_transient(), "{kind}");
+        }
+        for kind in ["storage", "closed"] {
+            assert!(refusal(kind.into(), "x".into()).is_transient(), "{kind}");
+        }
+    }
 }

@@ -138,8 +138,20 @@ async fn the_server_applies_the_ledger_checks_to_what_a_client_sends_unchecked()
             .await
             .unwrap();
         match reply {
-            ControlReply::Append(AppendReply::Error { kind, .. }) => {
-                assert_eq!(kind, "invalid", "{what}")
+            ControlReply::Append(reply @ AppendReply::Error { .. }) => {
+                let AppendReply::Error { kind, .. } = &reply else {
+                    unreachable!()
+                };
+                assert_eq!(kind, "invalid", "{what}");
+                // What the client's caller sees: a refusal no retry fixes.
+                let err = reply
+                    .into_result("storage", backstop_ledger::ExpectedVersion::Any)
+                    .unwrap_err();
+                assert!(
+                    matches!(&err, LedgerError::Refused { kind, .. } if kind == "invalid"),
+                    "{what}: {err}"
+                );
+                assert!(!err.is_transient(), "{what}");
             }
             other => panic!("{what}: expected an invalid-event reply, got {other:?}"),
         }

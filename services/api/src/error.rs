@@ -109,7 +109,9 @@ impl From<backstop_ledger::LedgerError> for ApiError {
     fn from(e: backstop_ledger::LedgerError) -> Self {
         use backstop_ledger::LedgerError as L;
         match e {
-            L::Invalid(_) | L::BadBatch { .. } => ApiError::BadRequest(e.to_string()),
+            L::Invalid(_) | L::BadBatch { .. } | L::Refused { .. } => {
+                ApiError::BadRequest(e.to_string())
+            }
             L::Conflict { .. } | L::IdReused { .. } => ApiError::Conflict(e.to_string()),
             L::Closed => ApiError::Unavailable(e.to_string()),
             other => ApiError::Internal(other.to_string()),
