@@ -64,10 +64,7 @@ fn actor() -> Actor {
 fn request_of(event: &Envelope) -> Result<BackupRequested, HandlerError> {
     match event.event() {
         Ok(Event::BackupRequested(r)) => Ok(r),
-        _ => Err(HandlerError::permanent(format!(
-            "event {} is not a readable backup.requested",
-            event.position
-        ))),
+        _ => Err(crate::unreadable(event, "backup.requested")),
     }
 }
 

@@ -17,7 +17,17 @@ pub mod verify;
 
 use std::sync::Arc;
 
-use backstop_ledger::consumer::Handler;
+use backstop_events::Envelope;
+use backstop_ledger::consumer::{Handler, HandlerError};
+
+/// The permanent failure of a handler given an event it cannot read as the `expected` type
+/// (a redelivery will not make it readable).
+pub(crate) fn unreadable(event: &Envelope, expected: &str) -> HandlerError {
+    HandlerError::permanent(format!(
+        "event {} is not a readable {expected}",
+        event.position
+    ))
+}
 
 /// The scheduler's name for `--only`: it runs beside the handlers, not as one.
 pub const SCHEDULER: &str = "scheduler";

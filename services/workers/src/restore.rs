@@ -39,10 +39,7 @@ impl Handler for RestoreWorker {
 
     async fn handle(&self, event: &Envelope, appender: &dyn Appender) -> Result<(), HandlerError> {
         let Ok(Event::RecoveryRequested(r)) = event.event() else {
-            return Err(HandlerError::permanent(format!(
-                "event {} is not a readable recovery.requested",
-                event.position
-            )));
+            return Err(crate::unreadable(event, "recovery.requested"));
         };
         let actor = Actor::worker(NAME);
         match claim(appender, event, &r, &actor)

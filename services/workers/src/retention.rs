@@ -56,10 +56,7 @@ impl Handler for RetentionWorker {
 
     async fn handle(&self, event: &Envelope, _appender: &dyn Appender) -> Result<(), HandlerError> {
         let Ok(Event::BackupCompleted(done)) = event.event() else {
-            return Err(HandlerError::permanent(format!(
-                "event {} is not a readable backup.completed",
-                event.position
-            )));
+            return Err(crate::unreadable(event, "backup.completed"));
         };
         let facts = self.settings.facts.facts().await.map_err(handler_error)?;
         let opts = ForgetOptions {

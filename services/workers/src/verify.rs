@@ -32,10 +32,7 @@ impl Handler for VerifyWorker {
 
     async fn handle(&self, event: &Envelope, _appender: &dyn Appender) -> Result<(), HandlerError> {
         let Ok(Event::BackupCompleted(done)) = event.event() else {
-            return Err(HandlerError::permanent(format!(
-                "event {} is not a readable backup.completed",
-                event.position
-            )));
+            return Err(crate::unreadable(event, "backup.completed"));
         };
         // Results go through the data path's appender: the process wires the same one into the
         // consumer (the local ledger, or the remote one over NATS).
