@@ -22,7 +22,7 @@ pub enum ScheduleCommand {
 
 pub fn run(config: &Config, cmd: ScheduleCommand) -> anyhow::Result<ExitCode> {
     let ScheduleCommand::List { count, json } = cmd;
-    let schedules = crate::serve_context::schedules(config)?;
+    let schedules = crate::wiring::schedules(config)?;
     let now = backstop_events::now_micros();
     let mut all = Vec::new();
     for s in &schedules {

@@ -71,7 +71,7 @@ pub async fn serve(
         args.listen.clone(),
     )
     .await?;
-    let schedules = crate::serve_context::schedules(config)?;
+    let schedules = crate::wiring::schedules(config)?;
     let shutdown = shutdown_signal();
     let ledger = Ledger::open(&config.ledger_config(data_dir))
         .with_context(|| format!("cannot open the ledger in {}", data_dir.display()))?;
@@ -222,7 +222,7 @@ pub async fn worker(
         .nats
         .or_else(|| config.nats.url.clone())
         .context("`backstop worker` needs NATS: pass --nats nats://HOST:PORT or set nats.url")?;
-    let schedules = crate::serve_context::schedules(config)?;
+    let schedules = crate::wiring::schedules(config)?;
     let client = connect_nats(&url).await?;
     let js = async_nats::jetstream::new(client.clone());
     let appender: Arc<dyn Appender> = Arc::new(remote::RemoteLedger::new(client));

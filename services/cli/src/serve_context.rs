@@ -127,22 +127,6 @@ pub async fn worker_context(
     )
 }
 
-/// The configured schedules, checked: each names a configured source, its cron expression and
-/// zone parse, names are unique. A mistake stops `serve` at start with its message.
-pub fn schedules(config: &Config) -> anyhow::Result<Vec<Schedule>> {
-    let schedules = Schedule::all(&config.schedules)?;
-    for s in &schedules {
-        if !config.sources.iter().any(|src| src.name == s.source()) {
-            anyhow::bail!(
-                "schedule {:?} backs up source {:?}, which is not configured; add it under [[sources]] or fix the schedule's source",
-                s.name(),
-                s.source()
-            );
-        }
-    }
-    Ok(schedules)
-}
-
 /// The schedules as the dashboard shows them: each source's next run.
 pub struct NextRuns(pub Vec<Schedule>);
 

@@ -1,7 +1,8 @@
 //! One place that turns the configuration (and a command's flags) into what the commands and
 //! the long-running processes use: where events go ([`Events`]: the local ledger, the running
 //! `serve` through its control socket, or NATS), the repository with its key-access recorder,
-//! the configured sources, the operator's identity, and this binary as PostgreSQL must run it.
+//! the configured sources and schedules, the operator's identity, and this binary as
+//! PostgreSQL must run it.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -331,6 +332,22 @@ pub async fn verified_backups(
         }
     }
     Ok(verified)
+}
+
+/// The configured schedules, checked: each names a configured source, its cron expression and
+/// zone parse, names are unique. A mistake stops `serve` at start with its message.
+pub fn schedules(config: &Config) -> anyhow::Result<Vec<backstop_ops::schedule::Schedule>> {
+    let schedules = backstop_ops::schedule::Schedule::all(&config.schedules)?;
+    for s in &schedules {
+        if !config.sources.iter().any(|src| src.name == s.source()) {
+            anyhow::bail!(
+                "schedule {:?} backs up source {:?}, which is not configured; add it under [[sources]] or fix the schedule's source",
+                s.name(),
+                s.source()
+            );
+        }
+    }
+    Ok(schedules)
 }
 
 /// Physical test restores fetch WAL through this binary's `wal-fetch`, with the configuration,
