@@ -56,3 +56,11 @@ pub fn workers() -> String {
 pub fn access() -> String {
     "access".to_string()
 }
+/// Notifications sent or failed, with the alert or event that caused them.
+pub fn notifications() -> String {
+    "notifications".to_string()
+}
+/// Periodic reports (`report.generated`).
+pub fn reports() -> String {
+    "reports".to_string()
+}

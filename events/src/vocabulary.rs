@@ -111,6 +111,19 @@ pub enum Trigger {
     },
 }
 
+/// An endpoint's state in the health monitor's judgement.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthState {
+    /// Answering, in time (or not yet failed often enough to be judged down).
+    #[default]
+    Up,
+    /// Answering, but slowly on consecutive checks.
+    Degraded,
+    /// Failing on consecutive checks.
+    Down,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Severity {
@@ -426,11 +439,22 @@ vocabulary! {
         #[serde(default)] physical: bool,
     }
 
+    /// A condition that needs a person began. One condition is one alert: `key` (`kind/subject`,
+    /// for example `no_recent_backup/orders`) is open from its `alert.raised` until an
+    /// `alert.resolved` with the same key, and is never raised twice while open.
     AlertRaised = "alert.raised" v 1 {
         alert_id: Uuid, severity: Severity, kind: String, subject: String, message: String,
+        /// The condition's stable key; empty on alerts recorded before keys existed (then the
+        /// alert is its own condition).
+        #[serde(default, skip_serializing_if = "String::is_empty")] key: String,
+        /// The source the alert concerns, when there is one (notification routing).
+        #[serde(default, skip_serializing_if = "Option::is_none")] source: Option<String>,
     }
+    /// The condition of an open alert cleared (or an operator closed it).
     AlertResolved = "alert.resolved" v 1 {
         alert_id: Uuid, kind: String, subject: String, message: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")] key: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")] source: Option<String>,
     }
     NotificationSent = "notification.sent" v 1 {
         alert_id: Option<Uuid>, channel: String, recipient: String, subject: String,
@@ -442,6 +466,9 @@ vocabulary! {
     HealthChecked = "health.checked" v 1 {
         endpoint: String, ok: bool, status: Option<u16>, latency_ms: u64,
         #[serde(default)] error: Option<String>,
+        /// The endpoint's state after this check, as the health monitor judges it from the run
+        /// of checks before it.
+        #[serde(default)] state: HealthState,
     }
     StorageConnectivityChecked = "storage.connectivity_checked" v 1 {
         backend: String, ok: bool, latency_ms: u64,
@@ -449,6 +476,16 @@ vocabulary! {
     }
     StorageUsageSampled = "storage.usage_sampled" v 1 {
         region: String, storage_class: String, bytes: u64, objects: u64,
+        /// The repository's location (bucket URL or path), so two repositories are two series.
+        #[serde(default)] repository: String,
+    }
+
+    /// A periodic report (the weekly summary) was composed; the notifier sends it on. Its id is
+    /// derived from the report and its period, so two monitors compose it once.
+    ReportGenerated = "report.generated" v 1 {
+        report: String, period_start: DateTime<Utc>, period_end: DateTime<Utc>,
+        title: String, text: String,
+        #[serde(default)] summary: Value,
     }
 
     DrillStarted = "drill.started" v 1 { drill_id: Uuid, backup_id: Uuid, target: String }

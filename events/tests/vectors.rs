@@ -60,6 +60,8 @@ fn excerpt_events() -> Vec<(NewEvent, u64, DateTime<Utc>)> {
         kind: "verification.failed".into(),
         subject: "backup-01941f29-7c00-7000-8000-00000000b001".into(),
         message: "row counts differ: public.trades 1000 ≠ 999".into(),
+        key: String::new(),
+        source: None,
     });
     let mut e1 = NewEvent::new("repository", Actor::operator("alice"), &initialized).with_id(first);
     e1.correlation_id = first;

@@ -24,6 +24,7 @@ fn sample(stream: &str, n: u64) -> NewEvent {
             storage_class: "STANDARD".into(),
             bytes: n,
             objects: n,
+            repository: String::new(),
         }),
     )
 }

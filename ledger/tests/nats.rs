@@ -22,6 +22,7 @@ fn sample(stream: &str, n: u64) -> NewEvent {
             storage_class: "STANDARD".into(),
             bytes: n,
             objects: n,
+            repository: String::new(),
         }),
     )
 }
@@ -286,6 +287,7 @@ impl Handler for Flaky {
                 storage_class: "x".into(),
                 bytes: event.position,
                 objects: 0,
+                repository: String::new(),
             }),
         )
         .with_derived_id(event, "result");

@@ -23,6 +23,7 @@ fn sample(stream: &str) -> NewEvent {
             storage_class: "STANDARD".into(),
             bytes: 1,
             objects: 1,
+            repository: String::new(),
         }),
     )
 }

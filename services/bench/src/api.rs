@@ -215,6 +215,7 @@ async fn fill(ledger: &Ledger, target: u64) -> anyhow::Result<()> {
                             status: Some(200),
                             latency_ms: 20 + k,
                             error: None,
+                            state: Default::default(),
                         }),
                     )
                 })

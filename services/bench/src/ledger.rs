@@ -167,6 +167,7 @@ async fn measure(
         storage_class: "STANDARD".into(),
         bytes: 123_456_789,
         objects: 4_321,
+        repository: String::new(),
     });
     let payload = Arc::new(payload);
     for i in 0..appenders {

@@ -196,6 +196,7 @@ pub fn storage_sample(t: DateTime<Utc>, bytes: u64, objects: u64) -> NewEvent {
                 storage_class: "STANDARD".into(),
                 bytes,
                 objects,
+                repository: String::new(),
             }),
         ),
         t,
@@ -226,6 +227,8 @@ pub fn alert(kind: &str, subject: &str, message: &str) -> NewEvent {
             kind: kind.into(),
             subject: subject.into(),
             message: message.into(),
+            key: String::new(),
+            source: None,
         }),
     )
 }

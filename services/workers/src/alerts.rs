@@ -33,6 +33,8 @@ impl AlertWorker {
                     "backup {} of `{}` failed (attempt {}): {}",
                     f.backup_id, f.source, f.attempt, f.reason
                 ),
+                key: format!("backup_failed/{}", f.source),
+                source: Some(f.source.clone()),
             }),
             Event::VerificationFailed(f) => Some(AlertRaised {
                 alert_id,
@@ -43,6 +45,8 @@ impl AlertWorker {
                     "verification of backup {} failed: {}",
                     f.backup_id, f.reason
                 ),
+                key: format!("verification_failed/{}", f.backup_id),
+                source: None,
             }),
             Event::WorkerDeadLettered(d) => Some(AlertRaised {
                 alert_id,
@@ -53,6 +57,8 @@ impl AlertWorker {
                     "worker `{}` gave up on event {} ({}) after {} deliveries: {}",
                     d.consumer, d.position, d.event_type, d.deliveries, d.error
                 ),
+                key: format!("event_dead_lettered/{}/{}", d.consumer, d.event_id),
+                source: None,
             }),
             _ => None,
         })

@@ -566,6 +566,8 @@ async fn alert_worker_raises_one_alert_per_failure() {
                 kind: "x".into(),
                 subject: "y".into(),
                 message: "z".into(),
+                key: String::new(),
+                source: None,
             }),
             None,
         ),
