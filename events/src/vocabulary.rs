@@ -456,11 +456,30 @@ vocabulary! {
         #[serde(default, skip_serializing_if = "String::is_empty")] key: String,
         #[serde(default, skip_serializing_if = "Option::is_none")] source: Option<String>,
     }
+    /// A notification went out on a channel. Its id is derived from (cause, channel), so one
+    /// event is notified once per channel (see `backstop_ops::notify`).
     NotificationSent = "notification.sent" v 1 {
         alert_id: Option<Uuid>, channel: String, recipient: String, subject: String,
+        /// The event that called for it (none for `backstop notify test`).
+        #[serde(default)] cause: Option<Uuid>,
+        /// The attempt that succeeded, from 1.
+        #[serde(default)] attempt: u32,
+        /// The alert's condition key, for alerts and recoveries.
+        #[serde(default, skip_serializing_if = "String::is_empty")] key: String,
+        /// alert, recovery, success, report or test.
+        #[serde(default)] kind: String,
     }
+    /// One failed attempt to send a notification on a channel.
     NotificationFailed = "notification.failed" v 1 {
         alert_id: Option<Uuid>, channel: String, recipient: String, reason: String,
+        #[serde(default)] cause: Option<Uuid>,
+        #[serde(default)] attempt: u32,
+        #[serde(default, skip_serializing_if = "String::is_empty")] key: String,
+        #[serde(default)] kind: String,
+        /// Whether another attempt might succeed (by the error's variant).
+        #[serde(default)] transient: bool,
+        /// No further attempt follows for this event on this channel.
+        #[serde(default)] last: bool,
     }
 
     HealthChecked = "health.checked" v 1 {

@@ -22,23 +22,30 @@
 //! - [`backup`], [`restore`], [`verify`]: the data path's use cases, logical and physical;
 //! - [`wal`]: the WAL archive's layout, its store, and `wal.archived` events;
 //! - [`lease`]: running jobs' leases, and the monitor that records abandoned ones;
+//! - [`notify`]: email and webhook notifications of alerts, recoveries, successes and reports;
 //! - [`keys`]: every data-key unwrap recorded as `key.accessed`;
 //! - [`schedule`], [`retention`]: when backups run, and which are kept;
 //! - [`forget`]: retention carried out (decisions recorded, backups deleted) and the prune;
-//! - [`throttle`]: the trading-hours bandwidth cap on a backup's reads.
+//! - [`throttle`]: the trading-hours bandwidth cap on a backup's reads;
+//! - [`alerting`]: the alert rules and the monitor that raises and resolves alerts.
 
+pub mod alerting;
 pub mod backup;
 pub mod catalog;
 pub mod context;
+pub mod cost;
 pub mod error;
 pub mod forget;
+pub mod health;
 pub mod keys;
 pub mod lease;
+pub mod notify;
 pub mod parts;
 pub mod record;
 pub mod restore;
 pub mod retention;
 pub mod schedule;
+pub mod storage_probe;
 pub mod throttle;
 pub mod verify;
 pub mod wal;
