@@ -41,6 +41,8 @@ pub struct Config {
     /// Garbage collection (`backstop prune` and the daily maintenance job).
     #[serde(default)]
     pub prune: PruneSection,
+    /// Email and webhook notifications (`[notify]`, `[[notify.channels]]`).
+    pub notify: Option<backstop_ops::notify::NotifyConfig>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -205,6 +207,9 @@ impl Config {
     }
 
     fn check(&self) -> anyhow::Result<()> {
+        if let Some(n) = &self.notify {
+            n.check().map_err(anyhow::Error::msg)?;
+        }
         if let Some(url) = &self.nats.url {
             for u in url.split(',') {
                 if !(u.starts_with("nats://") || u.starts_with("tls://")) {
@@ -340,6 +345,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("missing.toml"), "{e}");
+    }
+
+    #[test]
+    fn notify_mistakes_name_the_key() {
+        let dir = tempfile_dir();
+        let p = dir.join("n.toml");
+        let channel = "[[notify.channels]]\nname = \"oncall\"\nkind = \"email\"\nsmtp_host = \"127.0.0.1\"\nfrom = \"backstop@example.com\"\n";
+        std::fs::write(&p, channel).unwrap();
+        let e = Config::load(Some(&p)).unwrap_err().to_string();
+        assert!(e.contains("notify.channels[0] (oncall)") && e.contains("`to`"), "{e}");
+        std::fs::write(
+            &p,
+            format!("{channel}to = [\"dba@example.com\"]\nmin_severity = \"urgent\"\n"),
+        )
+        .unwrap();
+        let e = Config::load(Some(&p)).unwrap_err().to_string();
+        assert!(e.contains("min_severity") && e.contains("urgent"), "{e}");
+        std::fs::write(&p, format!("{channel}to = [\"dba@example.com\"]\n")).unwrap();
+        let c = Config::load(Some(&p)).unwrap();
+        assert_eq!(c.notify.unwrap().channels[0].port(), 587);
     }
 
     #[test]

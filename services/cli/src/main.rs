@@ -12,6 +12,7 @@ mod control;
 mod forget_cmd;
 mod identity;
 mod init_cmd;
+mod notify_cmd;
 mod ledger_cmd;
 mod projections_cmd;
 mod prune_cmd;
@@ -118,6 +119,9 @@ enum Command {
     /// Schedules: the next firings of each, in its zone and in UTC.
     #[command(subcommand)]
     Schedule(schedule_cmd::ScheduleCommand),
+    /// Notifications: `backstop notify test` sends a test message to every channel.
+    #[command(subcommand)]
+    Notify(notify_cmd::NotifyCommand),
     /// Archive a WAL file: PostgreSQL's archive_command, `backstop wal-push %p`.
     WalPush(wal_cmd::WalPushArgs),
     /// Restore a WAL file: PostgreSQL's restore_command, `backstop wal-fetch %f %p`.
@@ -182,6 +186,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Audit(cmd) => audit_cmd::run(&config, &data_dir, cmd).await,
         Command::Projections(cmd) => projections_cmd::run(&config, &data_dir, cmd).await,
         Command::Schedule(cmd) => schedule_cmd::run(&config, cmd),
+        Command::Notify(cmd) => notify_cmd::run(&config, &data_dir, cmd).await,
         Command::Bench(args) => bench::run(args),
         Command::Init {
             repo,

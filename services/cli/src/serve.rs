@@ -91,6 +91,7 @@ pub async fn serve(
     )
     .await;
     let maintenance = crate::serve_context::retention(config, &ledger, &mut context)?;
+    context.notify = crate::serve_context::notify(config, Arc::new(ledger.clone()))?;
     // Archived WAL that wal-push could not record itself (see wal_cmd) is recorded here.
     let wal_repo = context.data_path.as_ref().map(|dp| dp.repo.clone());
     let handlers = if args.no_workers {
@@ -226,8 +227,16 @@ pub async fn worker(
     let client = connect_nats(&url).await?;
     let js = async_nats::jetstream::new(client.clone());
     let appender: Arc<dyn Appender> = Arc::new(remote::RemoteLedger::new(client));
-    let (context, _) =
+    let (mut context, _) =
         crate::serve_context::worker_context(config, data_dir, appender.clone(), &schedules).await;
+    // Whether a notification was already sent is read from JetStream's copy of the ledger.
+    context.notify = crate::serve_context::notify(
+        config,
+        Arc::new(backstop_ops::notify::JetStreamLookup::new(
+            js.clone(),
+            config.outbox_config().stream,
+        )),
+    )?;
     let handlers = backstop_workers::handlers(&args.only, context).map_err(anyhow::Error::msg)?;
     let mut tasks = JoinSet::new();
     if !schedules.is_empty() && (args.only.is_empty() || args.only.iter().any(|o| o == "scheduler"))

@@ -54,6 +54,7 @@ pub async fn worker_context(
         verify: None,
         schedules: schedules.clone(),
         retention: None,
+        notify: None,
     };
     let loc = match location(config, data_dir, &RepoArgs::default()) {
         Ok(l) => l,
@@ -122,9 +123,29 @@ pub async fn worker_context(
             }),
             verify,
             retention: None,
+            notify: None,
         },
         Some(probe),
     )
+}
+
+/// The notifier's settings from `[notify]`, with `lookup` the way this process asks whether a
+/// notification was already sent (the ledger in `serve`, JetStream in `backstop worker`).
+/// None without `[notify]` channels; an error for channels that cannot be built.
+pub fn notify(
+    config: &Config,
+    lookup: Arc<dyn backstop_ops::notify::EventLookup>,
+) -> anyhow::Result<Option<backstop_workers::notify::NotifySettings>> {
+    let Some(n) = config.notify.as_ref().filter(|n| !n.channels.is_empty()) else {
+        return Ok(None);
+    };
+    let notifier = backstop_ops::notify::Notifier::new(n.clone())
+        .map_err(|e| anyhow::anyhow!("[notify]: {e}"))?;
+    tracing::info!(channels = n.channels.len(), "notifier configured");
+    Ok(Some(backstop_workers::notify::NotifySettings {
+        notifier: Arc::new(notifier),
+        lookup,
+    }))
 }
 
 /// The schedules as the dashboard shows them: each source's next run.

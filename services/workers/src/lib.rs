@@ -11,6 +11,7 @@
 pub mod alerts;
 pub mod backup;
 pub mod fault;
+pub mod notify;
 pub mod restore;
 pub mod retention;
 pub mod verify;
@@ -39,6 +40,7 @@ pub const KINDS: &[&str] = &[
     verify::NAME,
     restore::NAME,
     retention::NAME,
+    notify::NAME,
 ];
 
 /// What the data-path workers need; without it only the alert worker runs.
@@ -50,6 +52,8 @@ pub struct WorkerContext {
     pub schedules: Vec<backstop_ops::schedule::Schedule>,
     /// The retention policies and the ledger's facts; without them no retention worker.
     pub retention: Option<retention::RetentionSettings>,
+    /// The `[notify]` channels; without them no notifier.
+    pub notify: Option<notify::NotifySettings>,
 }
 
 /// The handlers to run, all of them or the named ones. A worker named explicitly whose
@@ -109,6 +113,15 @@ pub fn handlers(only: &[String], ctx: WorkerContext) -> Result<Vec<Arc<dyn Handl
         })),
         (_, _, true) if !only.is_empty() => {
             return Err("the retention worker needs a repository, its master key and the ledger (it runs in `serve`)".into());
+        }
+        _ => {}
+    }
+    match (&ctx.notify, wanted(notify::NAME)) {
+        (Some(settings), true) => all.push(Arc::new(notify::NotifyWorker {
+            settings: settings.clone(),
+        })),
+        (None, true) if !only.is_empty() => {
+            return Err("the notify worker needs [notify] channels in the configuration".into());
         }
         _ => {}
     }
