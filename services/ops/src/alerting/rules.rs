@@ -1,0 +1,358 @@
+//! The alert rules: which conditions hold, given the [`Facts`] and the time.
+//!
+//! A rule is a pure function of the facts and `now`; it names each condition by a stable key
+//! (`kind/subject`). Thresholds come from the `[alerts]` section of the config, with the seeds'
+//! values as defaults:
+//!
+//! | kind | key subject | severity | holds while | default |
+//! |---|---|---|---|---|
+//! | `backup_failed` | source | critical | the source's newest backup ending is a failure | |
+//! | `verification_failed` | source | critical | the newest verdict on the source's backups is a failure | |
+//! | `no_recent_backup` | source | critical | no completed backup for `stale_after` | 25 h (seed 002) |
+//! | `backup_size_changed` | source/method/kind | warning | the newest backup's raw size differs from the previous comparable one by more than `size_change_percent` | 20 % (seed 003) |
+//! | `backup_running_long` | backup id | warning | a backup started `running_warn_after` ago has not ended | 300 s (seed 001) |
+//! | `storage_unreachable` | backend | critical | the newest connectivity check failed | |
+//! | `storage_quota` | repository | warning | used bytes over `quota_percent` of `storage_quota_gib` | 85 % |
+//! | `wal_stalled` | `wal` | critical | WAL was archived before, but none for `wal_stall_after` | 1 h |
+//! | `cost_over_budget` | repository | warning | the monthly estimate from the newest samples is over `budget_usd` | $15 (seed 000 R12.3) |
+//! | `endpoint_down` | endpoint | critical | the health monitor judges it down (2 failed checks) | |
+//! | `endpoint_slow` | endpoint | warning | the health monitor judges it degraded (3 slow answers) | |
+//! | `event_dead_lettered` | consumer/event | warning | a worker gave up on an event, until an operator resolves the alert | |
+//!
+//! `wal_stalled` needs WAL to keep coming: set `archive_timeout` on the source (pgBackRest and
+//! WAL-G advise the same) below `wal_stall_after`, or an idle database looks stalled.
+
+use std::sync::Arc;
+
+use backstop_events::{HealthState, Severity};
+use chrono::{DateTime, TimeDelta, Utc};
+use serde::Deserialize;
+
+use super::facts::{Cause, Facts, Outcome};
+use crate::schedule::ConfigDuration;
+
+/// Monthly cost in USD of `bytes` in a storage class and region (the price table of
+/// `crate::cost`, passed in so the rules need not know where prices come from).
+pub type CostEstimator = Arc<dyn Fn(&str, &str, u64) -> f64 + Send + Sync>;
+
+/// The `[alerts]` section.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertThresholds {
+    pub stale_after: ConfigDuration,
+    pub size_change_percent: f64,
+    pub running_warn_after: ConfigDuration,
+    pub wal_stall_after: ConfigDuration,
+    pub storage_quota_gib: Option<f64>,
+    pub quota_percent: f64,
+    pub budget_usd: f64,
+}
+
+impl Default for AlertThresholds {
+    fn default() -> Self {
+        AlertThresholds {
+            stale_after: ConfigDuration::from_hours(25),
+            size_change_percent: 20.0,
+            running_warn_after: ConfigDuration::from_secs(300),
+            wal_stall_after: ConfigDuration::from_hours(1),
+            storage_quota_gib: None,
+            quota_percent: 85.0,
+            budget_usd: 15.0,
+        }
+    }
+}
+
+impl AlertThresholds {
+    /// Checks values a rule could not use; the message names the key.
+    pub fn validate(&self) -> Result<(), String> {
+        let pct = |v: f64, key: &str| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(format!("alerts.{key} must be a positive number, not {v}"))
+            }
+        };
+        pct(self.size_change_percent, "size_change_percent")?;
+        pct(self.quota_percent, "quota_percent")?;
+        if !(self.budget_usd.is_finite() && self.budget_usd >= 0.0) {
+            return Err(format!(
+                "alerts.budget_usd must be zero or more, not {}",
+                self.budget_usd
+            ));
+        }
+        if let Some(q) = self.storage_quota_gib {
+            pct(q, "storage_quota_gib")?;
+        }
+        if self.stale_after.as_secs() == 0 {
+            return Err("alerts.stale_after must be longer than 0s".into());
+        }
+        Ok(())
+    }
+}
+
+/// A condition that holds now.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Condition {
+    pub key: String,
+    pub kind: &'static str,
+    pub subject: String,
+    pub severity: Severity,
+    pub source: Option<String>,
+    pub message: String,
+    /// The event that made it hold (its id and time seed the alert's id).
+    pub cause: Cause,
+}
+
+fn delta(d: ConfigDuration) -> TimeDelta {
+    TimeDelta::seconds(i64::try_from(d.as_secs()).unwrap_or(i64::MAX / 1_000))
+}
+
+fn cond(
+    kind: &'static str,
+    subject: String,
+    severity: Severity,
+    source: Option<String>,
+    message: String,
+    cause: Cause,
+) -> Condition {
+    Condition {
+        key: format!("{kind}/{subject}"),
+        kind,
+        subject,
+        severity,
+        source,
+        message,
+        cause,
+    }
+}
+
+/// Every condition that holds at `now`, ordered by key.
+pub fn conditions(
+    facts: &Facts,
+    t: &AlertThresholds,
+    cost: Option<&CostEstimator>,
+    now: DateTime<Utc>,
+) -> Vec<Condition> {
+    let mut out = Vec::new();
+    for (name, s) in &facts.sources {
+        let src = Some(name.clone());
+        if let Some((Outcome::Failed { backup_id, reason }, cause)) = &s.last_outcome {
+            out.push(cond(
+                "backup_failed",
+                name.clone(),
+                Severity::Critical,
+                src.clone(),
+                format!("the last backup of `{name}` ({backup_id}) failed: {reason}"),
+                *cause,
+            ));
+        }
+        if let Some(v) = s.verdict.as_ref().filter(|v| !v.passed) {
+            out.push(cond(
+                "verification_failed",
+                name.clone(),
+                Severity::Critical,
+                src.clone(),
+                format!(
+                    "verification of backup {} of `{name}` failed: {}",
+                    v.backup_id, v.reason
+                ),
+                v.cause,
+            ));
+        }
+        let since = s.last_completed.or(s.first_seen);
+        if let Some(since) = since
+            && now - since.at >= delta(t.stale_after)
+        {
+            let what = if s.last_completed.is_some() {
+                format!("the last one completed at {}", since.at.to_rfc3339())
+            } else {
+                format!(
+                    "none has completed since the source was first seen at {}",
+                    since.at.to_rfc3339()
+                )
+            };
+            out.push(cond(
+                "no_recent_backup",
+                name.clone(),
+                Severity::Critical,
+                src.clone(),
+                format!(
+                    "no successful backup of `{name}` in {}: {what}",
+                    t.stale_after
+                ),
+                since,
+            ));
+        }
+        for ((method, kind), (prev, newest)) in &s.sizes {
+            let Some(prev) = prev else { continue };
+            if prev.raw_bytes == 0 {
+                continue;
+            }
+            let change =
+                (newest.raw_bytes as f64 - prev.raw_bytes as f64) / prev.raw_bytes as f64 * 100.0;
+            if change.abs() > t.size_change_percent {
+                out.push(cond(
+                    "backup_size_changed",
+                    format!("{name}/{method}/{kind}"),
+                    Severity::Warning,
+                    src.clone(),
+                    format!(
+                        "the {kind} {method} backup {} of `{name}` read {} bytes, {change:+.1}% from the previous one ({} bytes, backup {}); over the {}% threshold",
+                        newest.backup_id,
+                        newest.raw_bytes,
+                        prev.raw_bytes,
+                        prev.backup_id,
+                        t.size_change_percent
+                    ),
+                    newest.cause,
+                ));
+            }
+        }
+    }
+    for (id, r) in &facts.running {
+        let running = now - r.started.at;
+        if running >= delta(t.running_warn_after) {
+            out.push(cond(
+                "backup_running_long",
+                id.to_string(),
+                Severity::Warning,
+                Some(r.source.clone()),
+                format!(
+                    "backup {id} of `{}` has been running for {} s (threshold {})",
+                    r.source,
+                    running.num_seconds(),
+                    t.running_warn_after
+                ),
+                r.started,
+            ));
+        }
+    }
+    for (backend, b) in &facts.backends {
+        if !b.ok {
+            out.push(cond(
+                "storage_unreachable",
+                backend.clone(),
+                Severity::Critical,
+                None,
+                format!(
+                    "storage `{backend}` is unreachable: {}",
+                    b.error.as_deref().unwrap_or("the check failed")
+                ),
+                b.cause,
+            ));
+        }
+    }
+    for (repo, series) in &facts.usage {
+        let Some(newest) = series.values().map(|u| u.cause).max_by_key(|c| c.at) else {
+            continue;
+        };
+        let used: u64 = series.values().map(|u| u.bytes).sum();
+        if let Some(quota) = t.storage_quota_gib {
+            let quota_bytes = quota * 1024.0 * 1024.0 * 1024.0;
+            let pct = used as f64 / quota_bytes * 100.0;
+            if pct > t.quota_percent {
+                out.push(cond(
+                    "storage_quota",
+                    repo.clone(),
+                    Severity::Warning,
+                    None,
+                    format!(
+                        "repository `{repo}` uses {pct:.1}% of its {quota} GiB quota ({used} bytes; threshold {}%)",
+                        t.quota_percent
+                    ),
+                    newest,
+                ));
+            }
+        }
+        if let Some(cost) = cost {
+            let monthly: f64 = series
+                .values()
+                .map(|u| cost(&u.storage_class, &u.region, u.bytes))
+                .sum();
+            if monthly > t.budget_usd {
+                out.push(cond(
+                    "cost_over_budget",
+                    repo.clone(),
+                    Severity::Warning,
+                    None,
+                    format!(
+                        "repository `{repo}` is estimated at ${monthly:.2} a month, over the ${:.2} budget",
+                        t.budget_usd
+                    ),
+                    newest,
+                ));
+            }
+        }
+    }
+    if let Some(last) = facts.last_wal
+        && now - last.at >= delta(t.wal_stall_after)
+    {
+        out.push(cond(
+            "wal_stalled",
+            "wal".into(),
+            Severity::Critical,
+            None,
+            format!(
+                "no WAL segment archived since {} ({} without one): point-in-time recovery's RPO is at risk; check `pg_stat_archiver` and the archive_command's log",
+                last.at.to_rfc3339(),
+                t.wal_stall_after
+            ),
+            last,
+        ));
+    }
+    for (endpoint, h) in &facts.endpoints {
+        let (kind, severity, what) = match h.state {
+            HealthState::Up => continue,
+            HealthState::Down => ("endpoint_down", Severity::Critical, "is down"),
+            HealthState::Degraded => ("endpoint_slow", Severity::Warning, "answers slowly"),
+        };
+        let detail = match &h.error {
+            Some(e) => format!(": {e}"),
+            None => format!(" (last answer in {} ms)", h.latency_ms),
+        };
+        out.push(cond(
+            kind,
+            endpoint.clone(),
+            severity,
+            None,
+            format!("endpoint {endpoint} {what}{detail}"),
+            h.cause,
+        ));
+    }
+    for (key, d) in &facts.dead_letters {
+        out.push(Condition {
+            key: key.clone(),
+            kind: "event_dead_lettered",
+            subject: d.consumer.clone(),
+            severity: Severity::Warning,
+            source: None,
+            message: format!(
+                "worker `{}` gave up on event {} ({}) after {} deliveries: {}. Resolve this alert (`backstop alerts resolve {key}`) once it is dealt with",
+                d.consumer, d.position, d.event_type, d.deliveries, d.error
+            ),
+            cause: d.cause,
+        });
+    }
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    out
+}
+
+/// The next instant after `now` at which a time-based condition starts to hold, if any: the
+/// monitor wakes then rather than waiting for its next tick.
+pub fn next_change(
+    facts: &Facts,
+    t: &AlertThresholds,
+    now: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
+    let stale = facts
+        .sources
+        .values()
+        .filter_map(|s| s.last_completed.or(s.first_seen))
+        .map(|c| c.at + delta(t.stale_after));
+    let running = facts
+        .running
+        .values()
+        .map(|r| r.started.at + delta(t.running_warn_after));
+    let wal = facts.last_wal.map(|c| c.at + delta(t.wal_stall_after));
+    stale.chain(running).chain(wal).filter(|at| *at > now).min()
+}
