@@ -41,8 +41,40 @@ pub struct Config {
     /// Garbage collection (`backstop prune` and the daily maintenance job).
     #[serde(default)]
     pub prune: PruneSection,
+    /// The weekly summary (`[reports]`).
+    #[serde(default)]
+    pub reports: ReportsSection,
+    /// Alert thresholds (`[alerts]`); the seeds' values by default.
+    #[serde(default)]
+    pub alerts: backstop_ops::alerting::AlertThresholds,
     /// Email and webhook notifications (`[notify]`, `[[notify.channels]]`).
     pub notify: Option<backstop_ops::notify::NotifyConfig>,
+    /// The health monitor of HTTP endpoints and the storage probe (`[health]`).
+    #[serde(default)]
+    pub health: backstop_ops::health::HealthConfig,
+    /// Cost tracking: budget, price table, storage class (`[cost]`).
+    #[serde(default)]
+    pub cost: backstop_ops::cost::CostConfig,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportsSection {
+    /// The zone whose Monday-to-Monday weeks the summary covers (default America/New_York).
+    pub zone: Option<String>,
+    /// Compose the weekly summary in `serve` (default true).
+    pub weekly: Option<bool>,
+}
+
+impl ReportsSection {
+    pub fn zone(&self) -> anyhow::Result<chrono_tz::Tz> {
+        let name = self.zone.as_deref().unwrap_or("America/New_York");
+        name.parse().map_err(|_| {
+            anyhow::anyhow!(
+                "reports.zone: {name:?} is not an IANA time zone (for example Europe/Berlin)"
+            )
+        })
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -207,6 +239,8 @@ impl Config {
     }
 
     fn check(&self) -> anyhow::Result<()> {
+        self.alerts.validate().map_err(anyhow::Error::msg)?;
+        self.reports.zone()?;
         if let Some(n) = &self.notify {
             n.check().map_err(anyhow::Error::msg)?;
         }
@@ -247,6 +281,8 @@ impl Config {
         if self.workers.lease_seconds == Some(0) {
             bail!("workers.lease_seconds must be at least 1 (the default is 60)");
         }
+        self.health.validate()?;
+        self.cost.validate()?;
         Ok(())
     }
 
@@ -354,7 +390,10 @@ mod tests {
         let channel = "[[notify.channels]]\nname = \"oncall\"\nkind = \"email\"\nsmtp_host = \"127.0.0.1\"\nfrom = \"backstop@example.com\"\n";
         std::fs::write(&p, channel).unwrap();
         let e = Config::load(Some(&p)).unwrap_err().to_string();
-        assert!(e.contains("notify.channels[0] (oncall)") && e.contains("`to`"), "{e}");
+        assert!(
+            e.contains("notify.channels[0] (oncall)") && e.contains("`to`"),
+            "{e}"
+        );
         std::fs::write(
             &p,
             format!("{channel}to = [\"dba@example.com\"]\nmin_severity = \"urgent\"\n"),

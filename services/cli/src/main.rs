@@ -2,6 +2,7 @@
 //! over to one module per command group. Errors reach the user through `anyhow` with the context
 //! each layer added; the exit code is 1 for a failure and 2 for a usage error (clap's).
 
+mod alerts_cmd;
 mod audit_cmd;
 mod backup_cmd;
 mod bench;
@@ -9,13 +10,15 @@ mod catalog_cmd;
 mod check_cmd;
 mod config;
 mod control;
+mod cost_cmd;
 mod forget_cmd;
 mod identity;
 mod init_cmd;
-mod notify_cmd;
 mod ledger_cmd;
+mod notify_cmd;
 mod projections_cmd;
 mod prune_cmd;
+mod report_cmd;
 mod restore_cmd;
 mod runtime;
 mod schedule_cmd;
@@ -105,11 +108,21 @@ enum Command {
     },
     /// Apply the retention policies: keep or remove per backup, with the rule that keeps it.
     Forget(forget_cmd::ForgetArgs),
+    /// The estimated monthly storage cost, its 90-day trend and retention recommendations.
+    Cost(cost_cmd::CostArgs),
     /// Garbage collection: delete what no kept backup references, after a grace period.
     Prune(prune_cmd::PruneArgs),
     /// Export the audit trail for an auditor, and verify an export offline.
     #[command(subcommand)]
     Audit(audit_cmd::AuditCommand),
+    /// Reports from the ledger: `report weekly`.
+    #[command(subcommand)]
+    Report(report_cmd::ReportCommand),
+    /// The open alerts (`list`, the default), or resolve one by its key.
+    Alerts {
+        #[command(subcommand)]
+        cmd: Option<alerts_cmd::AlertsCommand>,
+    },
     /// Rebuild the read models from the ledger, or show how far behind they are.
     #[command(subcommand)]
     Projections(projections_cmd::ProjectionsCommand),
@@ -184,6 +197,8 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Worker(args) => serve::worker(&config, &data_dir, args).await,
         Command::Ledger(cmd) => ledger_cmd::run(&config, &data_dir, cmd).await,
         Command::Audit(cmd) => audit_cmd::run(&config, &data_dir, cmd).await,
+        Command::Alerts { cmd } => alerts_cmd::run(&config, &data_dir, cmd).await,
+        Command::Report(cmd) => report_cmd::run(&config, &data_dir, cmd).await,
         Command::Projections(cmd) => projections_cmd::run(&config, &data_dir, cmd).await,
         Command::Schedule(cmd) => schedule_cmd::run(&config, cmd),
         Command::Notify(cmd) => notify_cmd::run(&config, &data_dir, cmd).await,
@@ -200,6 +215,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }
         Command::Restore(args) => restore_cmd::restore(&config, &data_dir, *args).await,
         Command::Forget(args) => forget_cmd::run(&config, &data_dir, args).await,
+        Command::Cost(args) => cost_cmd::run(&config, &data_dir, args).await,
         Command::Prune(args) => prune_cmd::run(&config, &data_dir, args).await,
         Command::Verify(args) => verify_cmd::verify(&config, &data_dir, args).await,
         Command::WalPush(args) => wal_cmd::wal_push(&config, &data_dir, args).await,

@@ -94,6 +94,15 @@ pub async fn serve(
     context.notify = crate::serve_context::notify(config, Arc::new(ledger.clone()))?;
     // Archived WAL that wal-push could not record itself (see wal_cmd) is recorded here.
     let wal_repo = context.data_path.as_ref().map(|dp| dp.repo.clone());
+    // The cost page's recommendations read the same repository (cost_cmd::CostSource).
+    let cost_view: Arc<dyn backstop_api::CostView> = Arc::new(crate::cost_cmd::CostSource::new(
+        config.clone(),
+        wal_repo.clone(),
+        crate::wiring::location(config, data_dir, &crate::wiring::RepoArgs::default())
+            .ok()
+            .map(|loc| crate::cost_cmd::series(config, &loc)),
+        ledger.clone(),
+    ));
     let handlers = if args.no_workers {
         Vec::new()
     } else {
@@ -119,6 +128,28 @@ pub async fn serve(
             Ok(())
         });
     }
+    // Alerts: conditions recomputed from the ledger and the clock, raised and resolved once
+    // each (ops::alerting); the notify worker delivers them.
+    {
+        let (ledger, thresholds, shutdown) =
+            (ledger.clone(), config.alerts.clone(), shutdown.clone());
+        let cost = crate::wiring::cost_estimator(config);
+        tasks.spawn(async move {
+            backstop_ops::alerting::run_monitor(ledger, thresholds, cost, &SystemClock, shutdown)
+                .await
+        });
+    }
+    if config.reports.weekly.unwrap_or(true) {
+        // The weekly summary as `report.generated`, once per week whichever serve composes it.
+        let (ledger, zone, shutdown) = (ledger.clone(), config.reports.zone()?, shutdown.clone());
+        let cost = crate::wiring::cost_estimator(config);
+        tasks.spawn(async move {
+            backstop_ops::report::run_weekly(ledger, zone, cost, &SystemClock, shutdown).await
+        });
+    }
+    // The health monitor and the storage probe record what they see (ops::health,
+    // ops::storage_probe); the alert rules judge it.
+    crate::cost_cmd::spawn_monitors(config, data_dir, &ledger, &mut tasks, &shutdown).await;
     // Jobs whose process died are recorded as abandoned once their lease lapses (ops::lease).
     tasks.spawn(backstop_ops::lease::run_monitor(
         ledger.clone(),
@@ -193,6 +224,7 @@ pub async fn serve(
             publication,
             storage,
             schedules: schedule_view,
+            cost: Some(cost_view),
         },
         &mut tasks,
         &shutdown,

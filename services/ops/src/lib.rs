@@ -27,7 +27,8 @@
 //! - [`schedule`], [`retention`]: when backups run, and which are kept;
 //! - [`forget`]: retention carried out (decisions recorded, backups deleted) and the prune;
 //! - [`throttle`]: the trading-hours bandwidth cap on a backup's reads;
-//! - [`alerting`]: the alert rules and the monitor that raises and resolves alerts.
+//! - [`alerting`]: the alert rules and the monitor that raises and resolves alerts;
+//! - [`report`]: the weekly summary.
 
 pub mod alerting;
 pub mod backup;
@@ -42,6 +43,7 @@ pub mod lease;
 pub mod notify;
 pub mod parts;
 pub mod record;
+pub mod report;
 pub mod restore;
 pub mod retention;
 pub mod schedule;

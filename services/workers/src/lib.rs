@@ -7,8 +7,10 @@
 //! case's typed failure to the consumer's decision (retry when `is_transient()`, otherwise done or
 //! dead-lettered). Handlers are idempotent: the events they append carry ids derived from the
 //! event that caused them, so a redelivery stores nothing twice.
+//!
+//! Alerts are not a handler: they are level-triggered conditions recomputed from the ledger by
+//! `backstop_ops::alerting`'s monitor in `backstop serve`; the notify handler delivers them.
 
-pub mod alerts;
 pub mod backup;
 pub mod fault;
 pub mod notify;
@@ -35,7 +37,6 @@ pub const SCHEDULER: &str = "scheduler";
 
 /// The names of the workers `backstop worker --only` accepts (and [`SCHEDULER`]).
 pub const KINDS: &[&str] = &[
-    alerts::NAME,
     backup::NAME,
     verify::NAME,
     restore::NAME,
@@ -70,9 +71,6 @@ pub fn handlers(only: &[String], ctx: WorkerContext) -> Result<Vec<Arc<dyn Handl
     }
     let wanted = |n: &str| only.is_empty() || only.iter().any(|o| o == n);
     let mut all: Vec<Arc<dyn Handler>> = Vec::new();
-    if wanted(alerts::NAME) {
-        all.push(Arc::new(alerts::AlertWorker));
-    }
     match (&ctx.data_path, wanted(backup::NAME)) {
         (Some(dp), true) => all.push(Arc::new(backup::BackupWorker {
             data_path: dp.clone(),

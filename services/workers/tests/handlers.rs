@@ -16,7 +16,6 @@ use backstop_ops::verify::VerifySettings;
 use backstop_ops::{DataPath, SourceSpec};
 use backstop_repo::{BackupMeta, KeyAccessLog, KeyPurpose, MasterKey, RepoParams, Repository};
 use backstop_testkit::{MemoryBackend, RecordingAppender};
-use backstop_workers::alerts::AlertWorker;
 use backstop_workers::backup::BackupWorker;
 use backstop_workers::restore::RestoreWorker;
 use backstop_workers::verify::VerifyWorker;
@@ -543,62 +542,6 @@ async fn restore_worker_claims_once_and_refuses_what_it_cannot_run() {
                 panic!("{}: no failure", case.name)
             };
             assert!(f.reason.contains(want), "{}: {}", case.name, f.reason);
-        }
-    }
-}
-
-#[tokio::test]
-async fn alert_worker_raises_one_alert_per_failure() {
-    let cases: [(Event, Option<&str>); 3] = [
-        (
-            Event::BackupFailed(BackupFailed {
-                backup_id: uuid_v7(),
-                source: "main".into(),
-                reason: "disk full".into(),
-                attempt: 1,
-            }),
-            Some("backup_failed"),
-        ),
-        (
-            Event::AlertRaised(AlertRaised {
-                alert_id: uuid_v7(),
-                severity: backstop_events::Severity::Info,
-                kind: "x".into(),
-                subject: "y".into(),
-                message: "z".into(),
-                key: String::new(),
-                source: None,
-            }),
-            None,
-        ),
-        (
-            Event::WorkerDeadLettered(backstop_events::WorkerDeadLettered {
-                consumer: "backup".into(),
-                event_id: uuid_v7(),
-                event_type: "backup.requested".into(),
-                position: 3,
-                deliveries: 5,
-                error: "unreachable".into(),
-            }),
-            Some("event_dead_lettered"),
-        ),
-    ];
-    for (event, kind) in cases {
-        let ledger = RecordingAppender::new();
-        let env = delivered("somewhere", event);
-        for _ in 0..2 {
-            AlertWorker.handle(&env, &ledger).await.expect("handled");
-        }
-        let raised = ledger.of_type("alert.raised");
-        match kind {
-            None => assert!(raised.is_empty()),
-            Some(k) => {
-                assert_eq!(raised.len(), 1, "{k}: a redelivery raises nothing twice");
-                let Event::AlertRaised(a) = &raised[0] else {
-                    unreachable!()
-                };
-                assert_eq!(a.kind, k);
-            }
         }
     }
 }

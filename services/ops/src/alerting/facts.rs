@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use backstop_events::{BackupKind, BackupMethod, Envelope, Event, HealthState};
+use backstop_events::{BackupKind, BackupMethod, Envelope, Event, HealthState, Severity};
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
@@ -109,6 +109,8 @@ pub struct DeadLetter {
 #[derive(Clone, Debug, PartialEq)]
 pub struct OpenAlert {
     pub alert_id: Uuid,
+    pub severity: Severity,
+    pub message: String,
     pub kind: String,
     pub subject: String,
     pub source: Option<String>,
@@ -291,6 +293,8 @@ impl Facts {
                     a.key,
                     OpenAlert {
                         alert_id: a.alert_id,
+                        severity: a.severity,
+                        message: a.message,
                         kind: a.kind,
                         subject: a.subject,
                         source: a.source,

@@ -1,0 +1,68 @@
+//! `backstop report weekly`: the weekly summary of the last full week (or the week before a
+//! given date), read from the ledger as `serve` composes it (`backstop_ops::report`).
+
+use std::path::Path;
+
+use backstop_ops::report::{ReportBuilder, last_full_week};
+use chrono::{NaiveDate, TimeZone, Utc};
+use clap::Subcommand;
+
+use crate::config::Config;
+use crate::control::open_ledger;
+
+#[derive(Subcommand)]
+pub enum ReportCommand {
+    /// Success rate, verifications, storage and cost, slowest backups, open alerts.
+    Weekly {
+        /// The last full week ending on or before this date (YYYY-MM-DD, in reports.zone);
+        /// default today.
+        #[arg(long)]
+        before: Option<NaiveDate>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub async fn run(
+    config: &Config,
+    data_dir: &Path,
+    cmd: ReportCommand,
+) -> anyhow::Result<std::process::ExitCode> {
+    let ReportCommand::Weekly { before, json } = cmd;
+    let zone = config.reports.zone()?;
+    let now = match before {
+        Some(d) => {
+            let naive = d.and_hms_opt(0, 0, 0).unwrap_or_default();
+            zone.from_local_datetime(&naive)
+                .earliest()
+                .map(|t| t.with_timezone(&Utc))
+                .unwrap_or_else(|| Utc.from_utc_datetime(&naive))
+        }
+        None => Utc::now(),
+    };
+    let (start, end) = last_full_week(now, zone);
+    let access = open_ledger(&config.ledger_config(data_dir), data_dir).await?;
+    let head = access.head().await?;
+    let mut builder = ReportBuilder::new(start, end, zone);
+    let mut follow = access.follow(1).await?;
+    let mut seen = 0;
+    while seen < head {
+        let batch = follow.next_batch().await?;
+        if batch.is_empty() {
+            break;
+        }
+        for e in &batch {
+            seen = seen.max(e.position);
+            builder.observe(e);
+        }
+    }
+    drop(follow);
+    access.close().await;
+    let report = builder.finish(crate::wiring::cost_estimator(config).as_ref());
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.text());
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
