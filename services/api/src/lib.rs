@@ -29,6 +29,7 @@ pub mod error;
 mod handlers;
 mod live;
 mod metrics_text;
+mod ops_pages;
 mod pages;
 pub mod params;
 
@@ -61,6 +62,16 @@ pub trait StorageProbe: Send + Sync {
     fn describe(&self) -> String;
     /// Round-trips to the storage; the time it took, or what went wrong.
     async fn probe(&self) -> Result<Duration, String>;
+}
+
+/// Where the cost page learns the configured budget and prices, and the retention
+/// recommendations computed from the repository's backups (supplied by the CLI, which holds the
+/// repository; the usage samples themselves come from the projections).
+#[async_trait]
+pub trait CostView: Send + Sync {
+    fn config(&self) -> backstop_ops::cost::CostConfig;
+    /// None when the repository cannot be read here (the page says so).
+    async fn recommendations(&self) -> Option<backstop_ops::cost::Recommendations>;
 }
 
 /// How the API behaves; from the `[api]` section of the configuration.
@@ -136,6 +147,7 @@ struct Inner {
     appender: Arc<dyn Appender>,
     storage: Option<Arc<dyn StorageProbe>>,
     schedules: Option<Arc<dyn ScheduleView>>,
+    cost: Option<Arc<dyn CostView>>,
     prometheus: Option<PrometheusHandle>,
     templates: minijinja::Environment<'static>,
     probe_cache: Mutex<Option<(Instant, ProbeResult)>>,
@@ -175,6 +187,7 @@ impl ApiState {
             appender,
             storage: None,
             schedules: None,
+            cost: None,
             prometheus: None,
             templates: pages::templates(),
             probe_cache: Mutex::new(None),
@@ -207,6 +220,14 @@ impl ApiState {
     pub fn with_schedules(mut self, view: Arc<dyn ScheduleView>) -> ApiState {
         if let Some(inner) = Arc::get_mut(&mut self.0) {
             inner.schedules = Some(view);
+        }
+        self
+    }
+
+    /// Adds the cost page's budget, prices and recommendations (call before serving).
+    pub fn with_cost(mut self, view: Arc<dyn CostView>) -> ApiState {
+        if let Some(inner) = Arc::get_mut(&mut self.0) {
+            inner.cost = Some(view);
         }
         self
     }
@@ -438,6 +459,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/partials/overview", get(pages::overview_partial))
         .route("/backups/{id}", get(pages::backup))
         .route("/audit", get(pages::audit))
+        .route("/health", get(ops_pages::health_page))
+        .route("/cost", get(ops_pages::cost_page))
+        .route("/api/health", get(ops_pages::health))
+        .route("/api/cost", get(ops_pages::cost))
         .route("/login", get(pages::login_form).post(pages::login))
         .route("/logout", post(pages::logout))
         .route("/healthz", get(handlers::healthz))

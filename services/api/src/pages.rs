@@ -35,6 +35,8 @@ pub fn templates() -> Environment<'static> {
         ("backup.html", include_str!("templates/backup.html")),
         ("audit.html", include_str!("templates/audit.html")),
         ("login.html", include_str!("templates/login.html")),
+        ("health.html", include_str!("templates/health.html")),
+        ("cost.html", include_str!("templates/cost.html")),
     ] {
         if let Err(e) = env.add_template(name, text) {
             // The templates are part of the binary: a syntax error is caught by the tests.
@@ -52,6 +54,12 @@ pub fn templates() -> Environment<'static> {
             Some(n) => charts::duration_ms(n as i64),
             None => "–".into(),
         }
+    });
+    env.add_filter("usd", |v: Value| -> String {
+        number(&v).map(|n| format!("{n:.2}")).unwrap_or_default()
+    });
+    env.add_filter("usd_delta", |v: Value| -> String {
+        number(&v).map(|n| format!("{n:+.2}")).unwrap_or_default()
     });
     env.add_filter("num1", |v: Value| -> String {
         number(&v).map(|n| format!("{n:.1}")).unwrap_or_default()
@@ -135,7 +143,7 @@ pub fn cookie_token(headers: &HeaderMap) -> Option<String> {
     None
 }
 
-fn render(state: &ApiState, name: &str, ctx: Value) -> Result<Html<String>, PageError> {
+pub(crate) fn render(state: &ApiState, name: &str, ctx: Value) -> Result<Html<String>, PageError> {
     let t = state
         .0
         .templates
@@ -147,7 +155,7 @@ fn render(state: &ApiState, name: &str, ctx: Value) -> Result<Html<String>, Page
 }
 
 /// A 401 on a page sends a person to the sign-in form rather than to a JSON error.
-async fn page_auth(state: &ApiState, ctx: &Ctx, need: Need) -> Result<Caller, Response> {
+pub(crate) async fn page_auth(state: &ApiState, ctx: &Ctx, need: Need) -> Result<Caller, Response> {
     match state.authorize(ctx, need).await {
         Ok(c) => Ok(c),
         Err(ApiError::Unauthorized(_)) if ctx.token().is_none() => {

@@ -252,6 +252,8 @@ pub struct ReadSide<'a> {
     pub publication: bool,
     pub storage: Option<Arc<dyn StorageProbe>>,
     pub schedules: Option<Arc<dyn backstop_api::ScheduleView>>,
+    /// The cost page's prices and recommendations (`cost_cmd::CostSource`).
+    pub cost: Option<Arc<dyn backstop_api::CostView>>,
 }
 
 /// Starts the projectors (if a database is configured) and the API on `tasks`, all stopping on
@@ -317,6 +319,9 @@ pub fn spawn_read_side(
     }
     if let Some(view) = side.schedules {
         state = state.with_schedules(view);
+    }
+    if let Some(view) = side.cost {
+        state = state.with_cost(view);
     }
     match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
         Ok(handle) => state = state.with_prometheus(handle),

@@ -588,6 +588,54 @@ pub async fn stored_backups(
     Ok((out, unreadable))
 }
 
+/// The days of the dashboard's and `backstop cost`'s trend.
+pub const TREND_DAYS: u32 = 90;
+
+/// Everything `backstop cost`, `/cost` and `/api/cost` show.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct CostReport {
+    pub budget_usd: f64,
+    pub estimate: Estimate,
+    pub over_budget: bool,
+    /// The last [`TREND_DAYS`] days, from the first with a sample.
+    pub trend: Vec<DailyCost>,
+    pub recommendations: Option<Recommendations>,
+    /// What a reader should know about the figures (no sample yet, unreadable backups).
+    pub notes: Vec<String>,
+}
+
+/// The report from the usage samples and, when the backups could be read, the recommendations.
+pub fn report(
+    samples: &[UsageSample],
+    config: &CostConfig,
+    recommendations: Option<Recommendations>,
+    today: NaiveDate,
+) -> CostReport {
+    let prices = config.price_table();
+    let estimate = monthly_estimate(samples, &prices);
+    let mut notes = Vec::new();
+    if samples.is_empty() {
+        notes.push(
+            "no storage usage sampled yet: serve samples it once a day (storage.usage_sampled)"
+                .to_string(),
+        );
+    }
+    for s in estimate.series.iter().filter(|s| !s.priced) {
+        notes.push(format!(
+            "no price for storage class {} in {}: counted as $0 (add a [[cost.prices]] entry)",
+            s.storage_class, s.region
+        ));
+    }
+    CostReport {
+        budget_usd: config.budget_usd,
+        over_budget: estimate.total_usd > config.budget_usd,
+        trend: daily_trend(samples, &prices, today, TREND_DAYS),
+        estimate,
+        recommendations,
+        notes,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

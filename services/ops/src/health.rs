@@ -66,6 +66,9 @@ pub struct HealthConfig {
     pub slow_for_degraded: Option<u32>,
     /// One sample of a healthy endpoint is recorded per period (default 1h).
     pub sample_every: Option<ConfigDuration>,
+    /// Time between connectivity checks of the repository's storage (default 5m; see
+    /// [`crate::storage_probe`]).
+    pub storage_every: Option<ConfigDuration>,
     #[serde(default)]
     pub endpoints: Vec<EndpointConfig>,
 }
@@ -85,7 +88,7 @@ pub struct EndpointConfig {
 /// Why a `[health]` section was refused; the message names the key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HealthConfigError {
-    #[error("health.endpoints: {0}")]
+    #[error("{0}")]
     Invalid(String),
 }
 
@@ -116,7 +119,7 @@ impl Default for Thresholds {
 impl HealthConfig {
     /// Checks every endpoint (a name, an http(s) URL, a sane status) and every threshold.
     pub fn validate(&self) -> Result<(), HealthConfigError> {
-        let bad = |s: String| Err(HealthConfigError::Invalid(s));
+        let bad = |s: String| Err(HealthConfigError::Invalid(format!("health.endpoints: {s}")));
         let mut names = std::collections::HashSet::new();
         for e in &self.endpoints {
             if e.name.trim().is_empty() {
@@ -159,10 +162,19 @@ impl HealthConfig {
         t(self.recheck_after, "recheck_after")?;
         t(self.slow_threshold, "slow_threshold")?;
         t(self.sample_every, "sample_every")?;
+        t(self.storage_every, "storage_every")?;
         if self.failures_for_down == Some(0) || self.slow_for_degraded == Some(0) {
-            return bad("health.failures_for_down and slow_for_degraded must be at least 1".into());
+            return Err(HealthConfigError::Invalid(
+                "health.failures_for_down and health.slow_for_degraded must be at least 1".into(),
+            ));
         }
         Ok(())
+    }
+
+    /// Time between connectivity checks of the repository's storage.
+    pub fn storage_every(&self) -> Duration {
+        self.storage_every
+            .map_or(Duration::from_secs(300), |d| d.as_std())
     }
 
     pub fn thresholds(&self) -> Thresholds {

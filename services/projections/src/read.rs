@@ -191,6 +191,41 @@ pub struct ConnectivityRow {
     pub checked_at: DateTime<Utc>,
 }
 
+/// The latest recorded check of a health endpoint.
+#[derive(Clone, Debug, Serialize, FromRow)]
+pub struct HealthRow {
+    pub endpoint: String,
+    pub state: String,
+    pub ok: bool,
+    pub status: Option<i32>,
+    pub latency_ms: i64,
+    pub error: Option<String>,
+    pub checked_at: DateTime<Utc>,
+}
+
+/// One recorded check (state changes, failed and slow checks, hourly samples).
+#[derive(Clone, Debug, Serialize, FromRow)]
+pub struct HealthCheckRow {
+    pub endpoint: String,
+    pub checked_at: DateTime<Utc>,
+    pub ok: bool,
+    pub status: Option<i32>,
+    pub latency_ms: i64,
+    pub state: String,
+    pub error: Option<String>,
+}
+
+/// A `storage.usage_sampled` as projected.
+#[derive(Clone, Debug, Serialize, FromRow)]
+pub struct UsageRow {
+    pub repository: String,
+    pub region: String,
+    pub storage_class: String,
+    pub bytes: i64,
+    pub objects: i64,
+    pub sampled_at: DateTime<Utc>,
+}
+
 /// How long restoring the latest backup should take, from measured restore speeds.
 #[derive(Clone, Debug, Serialize)]
 pub struct RecoveryEstimate {
@@ -484,12 +519,74 @@ impl Projections {
         .await?)
     }
 
+    /// The dashboard's alerts panel: the open alerts (critical first, newest first), then the
+    /// most recently resolved ones, `limit` of each at most.
+    pub async fn alerts_panel(&self, limit: u32) -> Result<Vec<AlertRow>, ProjectionError> {
+        Ok(sqlx::query_as(
+            "(SELECT alert_id, severity, kind, subject, message, raised_at, resolved_at FROM alerts \
+               WHERE resolved_at IS NULL \
+               ORDER BY CASE severity WHEN 'critical' THEN 0 WHEN 'warning' THEN 1 ELSE 2 END, \
+                 raised_at DESC LIMIT $1) \
+             UNION ALL \
+             (SELECT alert_id, severity, kind, subject, message, raised_at, resolved_at FROM alerts \
+               WHERE resolved_at IS NOT NULL ORDER BY resolved_at DESC LIMIT $1)",
+        )
+        .bind(limit as i64)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
     pub async fn recoveries(&self, limit: u32) -> Result<Vec<RecoveryRow>, ProjectionError> {
         Ok(sqlx::query_as(
             "SELECT recovery_id, backup_id, operator, scope, state, requested_by, requested_at, \
                finished_at, duration_ms, reason FROM recoveries ORDER BY last_position DESC LIMIT $1",
         )
         .bind(limit as i64)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// Every health endpoint's latest recorded check, by name.
+    pub async fn health_endpoints(&self) -> Result<Vec<HealthRow>, ProjectionError> {
+        Ok(sqlx::query_as(
+            "SELECT endpoint, state, ok, status, latency_ms, error, checked_at FROM health_status \
+             ORDER BY endpoint",
+        )
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// The recorded checks since `since`, oldest first.
+    pub async fn health_checks(
+        &self,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<HealthCheckRow>, ProjectionError> {
+        Ok(sqlx::query_as(
+            "SELECT endpoint, checked_at, ok, status, latency_ms, state, error FROM health_checks \
+             WHERE checked_at >= $1 ORDER BY endpoint, checked_at, position",
+        )
+        .bind(since)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// The usage samples since `since`, oldest first (plus, per series, the latest one before
+    /// it, so a series sampled before the window still counts).
+    pub async fn usage_samples(
+        &self,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<UsageRow>, ProjectionError> {
+        Ok(sqlx::query_as(
+            "SELECT repository, region, storage_class, bytes, objects, sampled_at FROM ( \
+               SELECT DISTINCT ON (repository, region, storage_class) position, repository, region, \
+                 storage_class, bytes, objects, sampled_at FROM storage_usage WHERE sampled_at < $1 \
+                 ORDER BY repository, region, storage_class, sampled_at DESC, position DESC \
+             ) before_window \
+             UNION ALL \
+             SELECT repository, region, storage_class, bytes, objects, sampled_at FROM storage_usage \
+             WHERE sampled_at >= $1 ORDER BY sampled_at",
+        )
+        .bind(since)
         .fetch_all(self.pool())
         .await?)
     }

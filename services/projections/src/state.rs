@@ -40,6 +40,7 @@ impl Projector for StateProjector {
             "storage_daily",
             "storage_connectivity",
             "health_status",
+            "health_checks",
             "alerts",
             "recoveries",
             "key_accesses",
@@ -335,8 +336,8 @@ async fn apply_event(
         }
         Event::StorageUsageSampled(e) => {
             sqlx::query(
-                "INSERT INTO storage_usage (position, sampled_at, region, storage_class, bytes, objects) \
-                 VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (position) DO NOTHING",
+                "INSERT INTO storage_usage (position, sampled_at, region, storage_class, bytes, objects, repository) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (position) DO NOTHING",
             )
             .bind(pos)
             .bind(at)
@@ -344,6 +345,7 @@ async fn apply_event(
             .bind(&e.storage_class)
             .bind(i(e.bytes))
             .bind(i(e.objects))
+            .bind(&e.repository)
             .execute(&mut *conn)
             .await?;
             // The day's last sample wins (by position: the ledger's order).
@@ -383,11 +385,12 @@ async fn apply_event(
         }
         Event::HealthChecked(e) => {
             sqlx::query(
-                "INSERT INTO health_status (endpoint, ok, status, latency_ms, error, checked_at, last_position) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                "INSERT INTO health_status (endpoint, ok, status, latency_ms, error, checked_at, last_position, state) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
                  ON CONFLICT (endpoint) DO UPDATE SET ok = EXCLUDED.ok, status = EXCLUDED.status, \
                    latency_ms = EXCLUDED.latency_ms, error = EXCLUDED.error, \
-                   checked_at = EXCLUDED.checked_at, last_position = EXCLUDED.last_position \
+                   checked_at = EXCLUDED.checked_at, last_position = EXCLUDED.last_position, \
+                   state = EXCLUDED.state \
                  WHERE health_status.last_position < EXCLUDED.last_position",
             )
             .bind(&e.endpoint)
@@ -397,6 +400,21 @@ async fn apply_event(
             .bind(&e.error)
             .bind(at)
             .bind(pos)
+            .bind(health_state(e.state))
+            .execute(&mut *conn)
+            .await?;
+            sqlx::query(
+                "INSERT INTO health_checks (position, endpoint, checked_at, ok, status, latency_ms, state, error) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (position) DO NOTHING",
+            )
+            .bind(pos)
+            .bind(&e.endpoint)
+            .bind(at)
+            .bind(e.ok)
+            .bind(e.status.map(i32::from))
+            .bind(i(e.latency_ms))
+            .bind(health_state(e.state))
+            .bind(&e.error)
             .execute(&mut *conn)
             .await?;
         }
@@ -764,4 +782,12 @@ async fn recovery(conn: &mut PgConnection, r: Recovery<'_>) -> Result<(), Projec
     .execute(&mut *conn)
     .await?;
     Ok(())
+}
+
+fn health_state(s: backstop_events::HealthState) -> &'static str {
+    match s {
+        backstop_events::HealthState::Up => "up",
+        backstop_events::HealthState::Degraded => "degraded",
+        backstop_events::HealthState::Down => "down",
+    }
 }

@@ -1,0 +1,391 @@
+//! `backstop cost [--json]`: the monthly estimate from the sampled storage usage, each series,
+//! the 90-day trend and the retention recommendations computed from the repository's backups
+//! (`backstop_ops::cost`). Also what `serve` wires for the health monitor, the storage probe and
+//! the dashboard's cost page.
+//!
+//! The samples are read from the ledger (here, or through the running serve's control socket).
+//! With none yet (serve samples once a day), the usage is measured now and shown as such,
+//! without being recorded.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use backstop_events::Envelope;
+use backstop_ledger::Ledger;
+use backstop_ops::cost::{self, CostReport, Recommendations, UsageSample};
+use backstop_ops::forget::RetentionFacts;
+use backstop_ops::schedule::SystemClock;
+use backstop_ops::storage_probe::StorageSeries;
+use backstop_repo::{Backend, Location, Repository};
+use clap::Args;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::config::Config;
+use crate::wiring::{Events, RepoArgs, location, open_repository, s3_settings};
+
+#[derive(Args)]
+pub struct CostArgs {
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The series a repository's usage is recorded as: its location, the S3 region
+/// (`[repository] region`, then AWS_REGION, then us-east-1) or `local`, and `[cost]
+/// storage_class`.
+pub fn series(config: &Config, loc: &Location) -> StorageSeries {
+    let region = match loc {
+        Location::Local(_) => "local".to_string(),
+        Location::S3 { .. } => config
+            .repository
+            .region
+            .clone()
+            .or_else(|| std::env::var("AWS_REGION").ok())
+            .unwrap_or_else(|| "us-east-1".to_string()),
+    };
+    StorageSeries {
+        repository: loc.to_string(),
+        region,
+        storage_class: config.cost.storage_class(),
+    }
+}
+
+/// The repository's backend and series, if a repository exists (no local repository yet, an
+/// unusable location or an unreachable bucket: None, logged).
+pub async fn storage_target(
+    config: &Config,
+    data_dir: &Path,
+) -> Option<(Arc<dyn Backend>, StorageSeries)> {
+    let loc = location(config, data_dir, &RepoArgs::default()).ok()?;
+    if let Location::Local(path) = &loc
+        && !path.join("config").exists()
+    {
+        return None;
+    }
+    match loc.open(Some(s3_settings(config))).await {
+        Ok(b) => Some((b, series(config, &loc))),
+        Err(e) => {
+            tracing::warn!(error = %e, "storage probe off: cannot open the repository backend");
+            None
+        }
+    }
+}
+
+/// Spawns the health monitor (when `[[health.endpoints]]` are configured) and the storage probe
+/// (when a repository exists) on the wall clock.
+pub async fn spawn_monitors(
+    config: &Config,
+    data_dir: &Path,
+    ledger: &Ledger,
+    tasks: &mut JoinSet<Result<(), backstop_ledger::LedgerError>>,
+    shutdown: &watch::Receiver<bool>,
+) {
+    if !config.health.endpoints.is_empty() {
+        let (health, ledger, shutdown) = (config.health.clone(), ledger.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            backstop_ops::health::run(&health, &ledger, &SystemClock, shutdown).await;
+            Ok(())
+        });
+    }
+    if let Some((backend, series)) = storage_target(config, data_dir).await {
+        let (every, ledger, shutdown) = (
+            config.health.storage_every(),
+            ledger.clone(),
+            shutdown.clone(),
+        );
+        tasks.spawn(async move {
+            backstop_ops::storage_probe::run(
+                backend,
+                series,
+                every,
+                &ledger,
+                &SystemClock,
+                shutdown,
+            )
+            .await;
+            Ok(())
+        });
+    }
+}
+
+/// The recommendations over `repo`'s backups under the configured retention, priced at the
+/// series' price (None without a price).
+pub async fn recommendations(
+    config: &Config,
+    repo: &Repository,
+    series: &StorageSeries,
+    facts: &RetentionFacts,
+) -> anyhow::Result<(Option<Recommendations>, Vec<String>)> {
+    let retention = config.retention_config()?;
+    let mut notes = Vec::new();
+    let Some(price) = config
+        .cost
+        .price_table()
+        .lookup(&series.storage_class, &series.region)
+    else {
+        notes.push(format!(
+            "no price for {} in {}: no recommendations",
+            series.storage_class, series.region
+        ));
+        return Ok((None, notes));
+    };
+    let (backups, unreadable) = cost::stored_backups(repo, facts)
+        .await
+        .map_err(|e| anyhow::anyhow!(e.chain()))?;
+    if unreadable > 0 {
+        notes.push(format!(
+            "{unreadable} backup manifest(s) could not be read and are left out of the recommendations"
+        ));
+    }
+    Ok((
+        Some(cost::recommend(
+            &backups,
+            &retention,
+            price,
+            chrono::Utc::now(),
+        )),
+        notes,
+    ))
+}
+
+/// Every event of the ledger, here or through the running serve.
+async fn each_event(
+    events: &Events,
+    data_dir: &Path,
+    mut f: impl FnMut(&Envelope),
+) -> anyhow::Result<()> {
+    if let Some(ledger) = &events.ledger {
+        let mut from = 1;
+        loop {
+            let batch = ledger.read(from, 4096)?;
+            let Some(last) = batch.last() else {
+                return Ok(());
+            };
+            from = last.position + 1;
+            batch.iter().for_each(&mut f);
+        }
+    }
+    let socket = backstop_ledger::local::socket_path(data_dir);
+    let local = backstop_ledger::local::LocalLedger::connect(&socket)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot read the ledger (the usage samples are there): no ledger here, and no serve answers on {}",
+                socket.display()
+            )
+        })?;
+    let mut follow = local.follow(1).await?;
+    let head = follow.head_at_start().position;
+    let mut seen = 0;
+    while seen < head {
+        let batch = follow.next_batch().await?;
+        if batch.is_empty() {
+            break;
+        }
+        for env in &batch {
+            seen = seen.max(env.position);
+            f(env);
+        }
+    }
+    Ok(())
+}
+
+pub async fn run(
+    config: &Config,
+    data_dir: &Path,
+    args: CostArgs,
+) -> anyhow::Result<std::process::ExitCode> {
+    let mut events = Events::open(config, data_dir).await?;
+    let mut samples = Vec::new();
+    let mut facts = RetentionFacts::default();
+    each_event(&events, data_dir, |env| {
+        if let Some(s) = UsageSample::from_envelope(env) {
+            samples.push(s);
+        }
+        facts.observe(env);
+    })
+    .await?;
+    let mut notes = Vec::new();
+    let loc = location(config, data_dir, &args.repo)?;
+    let series = series(config, &loc);
+    let recs = match open_repository(config, data_dir, &args.repo, &mut events).await {
+        Ok(repo) => {
+            if samples.is_empty() {
+                match backstop_ops::storage_probe::usage(repo.backend().as_ref()).await {
+                    Ok((bytes, objects)) => {
+                        notes.push(
+                            "usage measured now (not recorded): no sample in the ledger yet".into(),
+                        );
+                        samples.push(UsageSample {
+                            repository: series.repository.clone(),
+                            region: series.region.clone(),
+                            storage_class: series.storage_class.clone(),
+                            bytes,
+                            objects,
+                            sampled_at: chrono::Utc::now(),
+                        });
+                    }
+                    Err(e) => notes.push(format!("cannot measure the usage now: {e}")),
+                }
+            }
+            let r = recommendations(config, &repo, &series, &facts).await;
+            drop(repo);
+            match r {
+                Ok((r, n)) => {
+                    notes.extend(n);
+                    r
+                }
+                Err(e) => {
+                    notes.push(format!("no recommendations: {e:#}"));
+                    None
+                }
+            }
+        }
+        Err(e) => {
+            notes.push(format!(
+                "no recommendations: cannot open the repository: {e:#}"
+            ));
+            None
+        }
+    };
+    events.close().await;
+    let mut report = cost::report(
+        &samples,
+        &config.cost,
+        recs,
+        chrono::Utc::now().date_naive(),
+    );
+    if !notes.is_empty() {
+        // "Measured now" replaces the report's own "no sample yet".
+        report
+            .notes
+            .retain(|n| !n.starts_with("no storage usage sampled yet"));
+        report.notes.extend(notes);
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn print_report(r: &CostReport) {
+    println!(
+        "estimated monthly cost: ${:.2} (budget ${:.2}{})",
+        r.estimate.total_usd,
+        r.budget_usd,
+        if r.over_budget { ", OVER BUDGET" } else { "" }
+    );
+    for s in &r.estimate.series {
+        println!(
+            "  {} {} {}: {} in {} objects at ${}/GiB-month = ${:.2}/month (sampled {})",
+            s.repository,
+            s.region,
+            s.storage_class,
+            cost::human_bytes(s.bytes),
+            s.objects,
+            s.usd_per_gib_month,
+            s.monthly_usd,
+            s.sampled_at.format("%Y-%m-%d %H:%M UTC"),
+        );
+    }
+    if let (Some(first), Some(last)) = (r.trend.first(), r.trend.last()) {
+        println!(
+            "trend: {} ${:.2}/month -> {} ${:.2}/month ({} days)",
+            first.day,
+            first.monthly_usd,
+            last.day,
+            last.monthly_usd,
+            r.trend.len()
+        );
+    }
+    if let Some(rec) = &r.recommendations {
+        println!(
+            "retention ({} backups, ${}/GiB-month):",
+            rec.backups, rec.usd_per_gib_month
+        );
+        for p in &rec.policies {
+            println!(
+                "  {:<40} keeps {:>4} backups, {:>10}: ${:.2}/month{}",
+                if p.current {
+                    format!("current ({})", p.rules)
+                } else {
+                    p.name.clone()
+                },
+                p.backups_kept,
+                cost::human_bytes(p.stored_bytes),
+                p.monthly_usd,
+                if p.current {
+                    String::new()
+                } else {
+                    format!(" ({:+.2})", p.delta_usd)
+                }
+            );
+        }
+    }
+    for n in &r.notes {
+        println!("note: {n}");
+    }
+}
+
+/// The dashboard's cost page source: the configured prices and budget, and recommendations
+/// from the repository, recomputed at most every [`RECOMMENDATIONS_TTL`] (listing every
+/// manifest is not free).
+pub struct CostSource {
+    pub config: Config,
+    pub repo: Option<Repository>,
+    pub series: Option<StorageSeries>,
+    pub ledger: Ledger,
+    cache: tokio::sync::Mutex<Option<(Instant, Option<Recommendations>)>>,
+}
+
+pub const RECOMMENDATIONS_TTL: Duration = Duration::from_secs(600);
+
+impl CostSource {
+    pub fn new(
+        config: Config,
+        repo: Option<Repository>,
+        series: Option<StorageSeries>,
+        ledger: Ledger,
+    ) -> CostSource {
+        CostSource {
+            config,
+            repo,
+            series,
+            ledger,
+            cache: tokio::sync::Mutex::new(None),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl backstop_api::CostView for CostSource {
+    fn config(&self) -> cost::CostConfig {
+        self.config.cost.clone()
+    }
+
+    async fn recommendations(&self) -> Option<Recommendations> {
+        let mut cache = self.cache.lock().await;
+        if let Some((at, r)) = cache.as_ref()
+            && at.elapsed() < RECOMMENDATIONS_TTL
+        {
+            return r.clone();
+        }
+        let (repo, series) = (self.repo.as_ref()?, self.series.as_ref()?);
+        let facts = RetentionFacts::from_ledger(&self.ledger).ok()?;
+        let r = match recommendations(&self.config, repo, series, &facts).await {
+            Ok((r, _)) => r,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot compute retention recommendations");
+                None
+            }
+        };
+        *cache = Some((Instant::now(), r.clone()));
+        r
+    }
+}
