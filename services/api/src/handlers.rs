@@ -106,7 +106,7 @@ async fn compute_overview(
         p.verification_days(week),
         p.verifications_since(week, 20),
         p.recovery_estimate(None),
-        p.open_alerts(20),
+        p.alerts_panel(10),
         p.size_series(None, month, 60),
         p.storage_series(month, true),
         p.positions(),

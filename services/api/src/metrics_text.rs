@@ -4,6 +4,8 @@
 //! else other crates record with the `metrics` macros).
 //!
 //! Families (all gauges unless noted):
+//! - `backstop_last_backup_success{source}` (0 when the newest attempt failed),
+//!   `backstop_backup_running_seconds{source}`
 //! - `backstop_last_success_timestamp_seconds{source,kind}`, `..._duration_seconds`,
 //!   `backstop_last_success_bytes{source,kind,size="raw|stored|new"}`
 //! - `backstop_backups{state}`, `backstop_verifications_total{result}` (counter),
@@ -139,7 +141,8 @@ async fn projection_metrics(
     p: &backstop_projections::Projections,
     head: u64,
 ) -> Result<String, backstop_projections::ProjectionError> {
-    let (last, verifications, dead, events, states, alerts, positions) = tokio::try_join!(
+    let (sources, last, verifications, dead, events, states, alerts, positions) = tokio::try_join!(
+        p.sources(),
         p.last_successes(),
         p.verification_counts(),
         p.dead_letter_counts(),
@@ -149,6 +152,39 @@ async fn projection_metrics(
         p.positions(),
     )?;
     let mut out = String::with_capacity(4096);
+    // Per source, for deploy/prometheus's BackupFailure and BackupLatency rules.
+    family(
+        &mut out,
+        "backstop_last_backup_success",
+        "gauge",
+        "1 unless the newest backup attempt of a source failed (then 0).",
+    );
+    for s in &sources {
+        let ok = u8::from(s.latest.state != "failed");
+        let _ = writeln!(
+            out,
+            "backstop_last_backup_success{{source=\"{}\"}} {ok}",
+            esc(&s.source)
+        );
+    }
+    family(
+        &mut out,
+        "backstop_backup_running_seconds",
+        "gauge",
+        "How long the newest backup of a source has been running (0 when none runs).",
+    );
+    let now = chrono::Utc::now();
+    for s in &sources {
+        let running = match (s.latest.state.as_str(), s.latest.started_at) {
+            ("started", Some(at)) => (now - at).num_milliseconds().max(0) as f64 / 1000.0,
+            _ => 0.0,
+        };
+        let _ = writeln!(
+            out,
+            "backstop_backup_running_seconds{{source=\"{}\"}} {running}",
+            esc(&s.source)
+        );
+    }
     family(
         &mut out,
         "backstop_last_success_timestamp_seconds",

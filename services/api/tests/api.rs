@@ -38,6 +38,7 @@ impl StorageProbe for DirProbe {
 
 struct Env {
     _pg: Option<Postgres>,
+    projections: Option<Projections>,
     dir: tempfile::TempDir,
     ledger: Ledger,
     state: ApiState,
@@ -127,7 +128,7 @@ async fn env_from(
         },
         ledger.clone(),
         Arc::new(ledger.clone()),
-        projections,
+        projections.clone(),
         stop,
     )
     .with_storage(Arc::new(DirProbe(match repository {
@@ -136,6 +137,7 @@ async fn env_from(
     })));
     Env {
         _pg: pg,
+        projections,
         dir,
         ledger,
         state,
@@ -643,4 +645,181 @@ async fn restore_latest_takes_the_newest_verified_backup_unless_unverified_is_al
     assert_eq!(s, StatusCode::ACCEPTED, "{answer}");
     let v: serde_json::Value = serde_json::from_str(&answer).unwrap();
     assert_eq!(v["backup_id"], newest.as_str());
+}
+
+/// Metric names in a PromQL expression: `backstop_...` identifiers, with a histogram's or
+/// summary's series suffixes taken back to the family name.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let bytes = expr.as_bytes();
+    let mut i = 0;
+    while let Some(at) = expr[i..].find("backstop_") {
+        let start = i + at;
+        let mut end = start;
+        while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_') {
+            end += 1;
+        }
+        let name = &expr[start..end];
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        out.push(family.to_string());
+        i = end;
+    }
+    out
+}
+
+fn deploy(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../deploy")
+        .join(path)
+}
+
+/// promtool from PATH or where scripts/setup puts it.
+fn promtool() -> Option<std::path::PathBuf> {
+    let home = std::env::var_os("HOME").map(std::path::PathBuf::from);
+    let candidates = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain(home.map(|h| h.join(".local/bin")));
+    candidates.map(|d| d.join("promtool")).find(|p| p.is_file())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_rules_and_the_grafana_dashboard_name_only_exported_metrics() {
+    let env = env(true).await;
+    // The process-wide recorder `serve` installs, for the HTTP request families. No other test
+    // in this binary installs one.
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .expect("the only recorder of this test binary");
+    let env = Env {
+        state: env.state.with_prometheus(handle),
+        ..env
+    };
+    // A running backup, and an open and a resolved alert, so every family has a sample.
+    append_all(
+        &env.ledger,
+        vec![
+            sample::alert("backup_failed", "trading", "pg_dump: connection refused"),
+            sample::alert("no_recent_backup", "trading", "no backup in 25 h"),
+        ],
+    )
+    .await;
+    let raised = env.ledger.read(1, 100_000).unwrap();
+    let resolved_of = raised
+        .iter()
+        .rev()
+        .find(|e| e.event_type == "alert.raised")
+        .unwrap();
+    let backstop_events::Event::AlertRaised(r) = resolved_of.event().unwrap() else {
+        unreachable!()
+    };
+    append_all(
+        &env.ledger,
+        vec![NewEvent::new(
+            backstop_events::streams::alerts(),
+            backstop_events::Actor::worker("alert-monitor"),
+            &backstop_events::Event::AlertResolved(backstop_events::AlertResolved {
+                alert_id: r.alert_id,
+                kind: r.kind,
+                subject: r.subject,
+                message: "cleared".into(),
+                key: String::new(),
+                source: None,
+            }),
+        )],
+    )
+    .await;
+    let p = env.projections.as_ref().unwrap();
+    for proj in projectors() {
+        p.catch_up(&env.ledger, proj.as_ref(), 1000).await.unwrap();
+    }
+    // The alerts panel: the open one first, the resolved one below it.
+    let (s, html) = call(&env, "GET", "/", Some(OPERATOR), None).await;
+    assert_eq!(s, StatusCode::OK, "{html}");
+    let panel = html.find("id=\"alerts-panel\"").expect("an alerts panel");
+    let open = html[panel..]
+        .find("class=\"alert open-alert\" data-kind=\"backup_failed\"")
+        .expect("the open alert in the panel");
+    let resolved = html[panel..]
+        .find("class=\"small muted resolved-alert\" data-kind=\"no_recent_backup\"")
+        .expect("the resolved alert in the panel");
+    assert!(open < resolved, "open alerts come first");
+
+    let (s, text) = call(&env, "GET", "/metrics", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        text.contains("backstop_last_backup_success{source=\"trading\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("backstop_backup_running_seconds{source=\"trading\"} 0"),
+        "{text}"
+    );
+    let exported: std::collections::BTreeSet<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect();
+
+    let rules = std::fs::read_to_string(deploy("prometheus/backstop-rules.yml")).unwrap();
+    let mut named = Vec::new();
+    for line in rules.lines() {
+        if let Some(expr) = line.trim().strip_prefix("expr:") {
+            named.extend(metric_names(expr));
+        }
+    }
+    for alert in ["BackupFailure", "BackupLatency", "BackupNoSuccess24h"] {
+        assert!(
+            rules.contains(&format!("alert: {alert}")),
+            "{alert} missing"
+        );
+    }
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(deploy("grafana/backstop-dashboard.json")).unwrap(),
+    )
+    .expect("the Grafana dashboard is JSON");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 10);
+    for p in panels {
+        for t in p["targets"].as_array().expect("targets") {
+            named.extend(metric_names(t["expr"].as_str().expect("expr")));
+        }
+    }
+    assert!(named.len() > 15);
+    for name in &named {
+        assert!(
+            exported.contains(name),
+            "{name} is named in deploy/ but /metrics does not export it; exported: {exported:?}"
+        );
+    }
+
+    // The rules parse and behave as their unit tests say, where promtool is installed
+    // (scripts/setup installs it from Debian's prometheus package).
+    match promtool() {
+        Some(promtool) => {
+            for args in [
+                vec!["check", "rules", "backstop-rules.yml"],
+                vec!["test", "rules", "backstop-rules.test.yml"],
+            ] {
+                let out = std::process::Command::new(&promtool)
+                    .args(&args)
+                    .current_dir(deploy("prometheus"))
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "promtool {args:?}: {}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        None => eprintln!("promtool not installed: the rule file's syntax is not checked here"),
+    }
+    drop(env.dir);
 }
