@@ -56,7 +56,16 @@ pub fn templates() -> Environment<'static> {
         }
     });
     env.add_filter("usd", |v: Value| -> String {
-        number(&v).map(|n| format!("{n:.2}")).unwrap_or_default()
+        // A cent is the resolution of a bill; a smaller non-zero amount is not shown as free.
+        number(&v)
+            .map(|n| {
+                if n > 0.0 && n < 0.005 {
+                    "<0.01".to_string()
+                } else {
+                    format!("{n:.2}")
+                }
+            })
+            .unwrap_or_default()
     });
     env.add_filter("usd_delta", |v: Value| -> String {
         number(&v).map(|n| format!("{n:+.2}")).unwrap_or_default()
