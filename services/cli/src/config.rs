@@ -407,6 +407,49 @@ mod tests {
     }
 
     #[test]
+    fn health_and_cost_mistakes_name_the_key() {
+        let dir = tempfile_dir();
+        let p = dir.join("h.toml");
+        std::fs::write(
+            &p,
+            "[[health.endpoints]]\nname = \"web\"\nurl = \"htp:/nowhere\"\n",
+        )
+        .unwrap();
+        let e = Config::load(Some(&p)).unwrap_err().to_string();
+        assert!(
+            e.contains("health.endpoints") && e.contains("htp:/nowhere"),
+            "{e}"
+        );
+        std::fs::write(
+            &p,
+            "[[cost.prices]]\nstorage_class = \"STANDARD\"\nusd_per_gib_month = -0.5\n",
+        )
+        .unwrap();
+        let e = Config::load(Some(&p)).unwrap_err().to_string();
+        assert!(e.contains("cost.prices[0].usd_per_gib_month"), "{e}");
+        std::fs::write(
+            &p,
+            "[health]\ninterval = \"1m\"\n[[health.endpoints]]\nname = \"web\"\nurl = \"https://example.com/healthz\"\n\
+             expected_status = 204\n[cost]\nbudget_usd = 40\nstorage_class = \"standard_ia\"\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&p)).unwrap();
+        assert_eq!(
+            c.health.thresholds().interval,
+            chrono::TimeDelta::minutes(1)
+        );
+        assert_eq!(c.cost.budget_usd, 40.0);
+        assert_eq!(c.cost.storage_class(), "STANDARD_IA");
+        // Absent: the seeds' defaults.
+        let c = Config::default();
+        assert_eq!(c.cost.budget_usd, 15.0);
+        assert_eq!(
+            c.health.thresholds().slow,
+            std::time::Duration::from_secs(3)
+        );
+    }
+
+    #[test]
     fn retention_and_prune_keys_are_checked_at_load() {
         let dir = tempfile_dir();
         let p = dir.join("r.toml");
