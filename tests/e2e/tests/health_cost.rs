@@ -210,6 +210,25 @@ async fn chromium_shows_the_cost_estimate_trend_recommendations_and_endpoint_hea
     assert_eq!(health["endpoints"][0]["state"], "up");
     assert_eq!(health["checks"].as_array().unwrap().len(), 8);
 
+    // `backstop cost` beside the running serve reads the same samples through its socket and
+    // the backups from the repository.
+    let out = run(&data, &["--config", cfg, "cost", "--json"]);
+    assert!(out.status.success(), "cost: {}", stderr(&out));
+    let cli: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let total = cli["estimate"]["total_usd"].as_f64().unwrap();
+    assert!((16.10..16.11).contains(&total), "{total}");
+    assert_eq!(cli["recommendations"]["backups"], 2);
+    assert_eq!(cli["over_budget"], true);
+    let out = run(&data, &["--config", cfg, "cost"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success()
+            && text.contains("OVER BUDGET")
+            && text.contains("14 dailies + 8 weeklies"),
+        "{text}\n{}",
+        stderr(&out)
+    );
+
     let cost_url = format!("http://127.0.0.1:{port}/cost");
     let page = dom(&cost_url);
     std::fs::write(artifacts_dir().join("cost.html"), &page).unwrap();
