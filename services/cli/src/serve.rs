@@ -91,7 +91,11 @@ pub async fn serve(
     )
     .await;
     let maintenance = crate::serve_context::retention(config, &ledger, &mut context)?;
-    context.notify = crate::serve_context::notify(config, Arc::new(ledger.clone()))?;
+    // Only with workers: the notifier's lookup is a ledger handle, and an unused context lives
+    // until the end of this function, past `ledger.close()`, which waits for every handle.
+    if !args.no_workers {
+        context.notify = crate::serve_context::notify(config, Arc::new(ledger.clone()))?;
+    }
     // Archived WAL that wal-push could not record itself (see wal_cmd) is recorded here.
     let wal_repo = context.data_path.as_ref().map(|dp| dp.repo.clone());
     // The cost page's recommendations read the same repository (cost_cmd::CostSource).

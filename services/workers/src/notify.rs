@@ -70,7 +70,11 @@ impl Handler for NotifyWorker {
         for (channel, outcome) in &outcomes {
             tracing::debug!(%channel, ?outcome, position = event.position, "notification outcome");
         }
-        crate::fault::pause_before_ack().await;
+        // The crash tests' moment: after the notifications are sent and recorded, before the
+        // ack (only when something was sent, so that events routed nowhere pass straight on).
+        if !outcomes.is_empty() {
+            crate::fault::pause_before_ack().await;
+        }
         Ok(())
     }
 }

@@ -1,6 +1,6 @@
 //! backstop-testkit: starts REAL servers (PostgreSQL 15, nats-server with JetStream, Garage, moto's
-//! S3 server for object lock) on free loopback ports in temporary directories, for other crates'
-//! tests.
+//! S3 server for object lock, aiosmtpd for notification emails) on free loopback ports in temporary
+//! directories, for other crates' tests.
 //!
 //! Invariants every server here keeps:
 //! - It listens on 127.0.0.1 only, on ports from [`free_port`], and keeps all of its state (data,
@@ -27,6 +27,7 @@ mod nats;
 mod postgres;
 mod process;
 mod recording;
+mod smtp;
 mod user;
 
 use std::collections::HashSet;
@@ -43,6 +44,7 @@ pub use moto::Moto;
 pub use nats::Nats;
 pub use postgres::{Postgres, PostgresOptions};
 pub use recording::RecordingAppender;
+pub use smtp::Smtp;
 pub use user::{
     give_to_server_user, server_tempdir, server_tempdir_in, server_user, server_user_command,
 };
