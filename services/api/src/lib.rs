@@ -32,6 +32,7 @@ mod metrics_text;
 mod ops_pages;
 mod pages;
 pub mod params;
+mod reports;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -149,6 +150,10 @@ struct Inner {
     schedules: Option<Arc<dyn ScheduleView>>,
     cost: Option<Arc<dyn CostView>>,
     prometheus: Option<PrometheusHandle>,
+    /// The weekly summary's zone and prices ([`ApiState::with_reports`]).
+    report_zone: chrono_tz::Tz,
+    report_cost: Option<backstop_ops::alerting::CostEstimator>,
+    report_cache: tokio::sync::Mutex<Option<(Instant, backstop_ops::report::WeeklyReport)>>,
     templates: minijinja::Environment<'static>,
     probe_cache: Mutex<Option<(Instant, ProbeResult)>>,
     /// A background probe is running.
@@ -189,6 +194,9 @@ impl ApiState {
             schedules: None,
             cost: None,
             prometheus: None,
+            report_zone: chrono_tz::America::New_York,
+            report_cost: None,
+            report_cache: tokio::sync::Mutex::new(None),
             templates: pages::templates(),
             probe_cache: Mutex::new(None),
             probing: std::sync::atomic::AtomicBool::new(false),
@@ -239,6 +247,20 @@ impl ApiState {
             .as_ref()
             .map(|s| s.next_runs(now))
             .unwrap_or_default()
+    }
+
+    /// The zone of the weekly summary's weeks and the prices of its cost line (call before
+    /// serving; default America/New_York, no prices).
+    pub fn with_reports(
+        mut self,
+        zone: chrono_tz::Tz,
+        cost: Option<backstop_ops::alerting::CostEstimator>,
+    ) -> ApiState {
+        if let Some(inner) = Arc::get_mut(&mut self.0) {
+            inner.report_zone = zone;
+            inner.report_cost = cost;
+        }
+        self
     }
 
     /// Adds a Prometheus recorder whose metrics `/metrics` appends (HTTP request metrics, and any
@@ -463,6 +485,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/cost", get(ops_pages::cost_page))
         .route("/api/health", get(ops_pages::health))
         .route("/api/cost", get(ops_pages::cost))
+        .route("/reports/weekly", get(reports::weekly_page))
+        .route("/api/reports/weekly", get(reports::weekly_json))
         .route("/login", get(pages::login_form).post(pages::login))
         .route("/logout", post(pages::logout))
         .route("/healthz", get(handlers::healthz))

@@ -36,6 +36,10 @@ pub fn templates() -> Environment<'static> {
         ("audit.html", include_str!("templates/audit.html")),
         ("login.html", include_str!("templates/login.html")),
         ("health.html", include_str!("templates/health.html")),
+        (
+            "report_weekly.html",
+            include_str!("templates/report_weekly.html"),
+        ),
         ("cost.html", include_str!("templates/cost.html")),
     ] {
         if let Err(e) = env.add_template(name, text) {

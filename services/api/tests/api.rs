@@ -823,3 +823,58 @@ async fn prometheus_rules_and_the_grafana_dashboard_name_only_exported_metrics()
     }
     drop(env.dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_weekly_summary_page_and_json_count_the_weeks_backups() {
+    use chrono::Datelike;
+    let env = env(true).await;
+    // The five daily backups span four days: within this week and the one before it.
+    let today = Utc::now()
+        .with_timezone(&chrono_tz::America::New_York)
+        .date_naive();
+    let next_monday =
+        today + chrono::Duration::days(7 - i64::from(today.weekday().num_days_from_monday()));
+    let mut completed = 0;
+    let mut failed_verifications = 0;
+    for before in [next_monday, next_monday - chrono::Duration::days(7)] {
+        let (s, body) = call(
+            &env,
+            "GET",
+            &format!("/api/reports/weekly?before={before}"),
+            Some(OPERATOR),
+            None,
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{body}");
+        let r: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(r["zone"], "America/New_York");
+        completed += r["backups_completed"].as_u64().unwrap();
+        failed_verifications += r["verifications_failed"].as_u64().unwrap();
+    }
+    assert_eq!(completed, 5);
+    assert_eq!(failed_verifications, 1);
+    let (s, html) = call(
+        &env,
+        "GET",
+        &format!("/reports/weekly?before={next_monday}"),
+        Some(OPERATOR),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{html}");
+    assert!(html.contains("id=\"report-text\""), "{html}");
+    assert!(html.contains("Backstop weekly summary"), "{html}");
+    let (s, body) = call(
+        &env,
+        "GET",
+        "/api/reports/weekly?before=yesterday",
+        Some(OPERATOR),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(body.contains("YYYY-MM-DD"), "{body}");
+    let (s, _) = call(&env, "GET", "/api/reports/weekly", None, None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    drop(env.dir);
+}

@@ -313,7 +313,15 @@ pub fn spawn_read_side(
         projections,
         shutdown.clone(),
     )
-    .with_read_models(read_models_rx);
+    .with_read_models(read_models_rx)
+    // The zone was checked when the configuration was loaded.
+    .with_reports(
+        config
+            .reports
+            .zone()
+            .unwrap_or(chrono_tz::America::New_York),
+        crate::wiring::cost_estimator(config),
+    );
     if let Some(probe) = side.storage {
         state = state.with_storage(probe);
     }
