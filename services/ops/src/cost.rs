@@ -190,6 +190,13 @@ impl PriceTable {
             .map(|p| p.usd_per_gib_month)
     }
 
+    /// USD a month for `bytes` of `class` in `region`; 0 without a price (the alert rules'
+    /// per-series figure; [`monthly_estimate`] also says whether a series was priced).
+    pub fn monthly_usd(&self, class: &str, region: &str, bytes: u64) -> f64 {
+        self.lookup(class, region)
+            .map_or(0.0, |usd| monthly_usd(bytes, usd))
+    }
+
     pub fn entries(&self) -> &[Price] {
         &self.prices
     }
