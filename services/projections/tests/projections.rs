@@ -206,6 +206,7 @@ async fn the_live_incremental_build_equals_a_rebuild_from_position_1() {
             !a.is_empty()
                 || table == "storage_connectivity"
                 || table == "health_status"
+                || table == "health_checks"
                 || table == "recoveries"
                 || table == "keys"
                 || table == "drills"
