@@ -432,6 +432,21 @@ vocabulary! {
         timeline: u32, segment: String, sha3: String, bytes: u64, object: String,
     }
 
+    /// What a source's `pg_stat_archiver` said (the monitor's `wal_archiving_failing` rule).
+    /// Recorded when the archiver starts or stops failing, and hourly as a sample; ids derive
+    /// from the source and the check's slot, so two `serve` processes record a check once.
+    WalArchiverChecked = "wal.archiver_checked" v 1 {
+        source: String,
+        /// True when the archiver's newest attempt failed (its last failure is newer than its
+        /// last success).
+        failing: bool,
+        archived_count: u64, failed_count: u64,
+        #[serde(default)] last_archived_wal: Option<String>,
+        #[serde(default)] last_archived_at: Option<DateTime<Utc>>,
+        #[serde(default)] last_failed_wal: Option<String>,
+        #[serde(default)] last_failed_at: Option<DateTime<Utc>>,
+    }
+
     /// A schedule slot fired. The slot time makes two schedulers agree: the append uses the
     /// schedule stream's version, so only one of them records it.
     ScheduleFired = "schedule.fired" v 1 {

@@ -143,6 +143,14 @@ pub async fn serve(
                 .await
         });
     }
+    let sources = crate::wiring::source_specs(config);
+    if !sources.is_empty() {
+        // pg_stat_archiver of each source, for the WAL-archiving alert (ops::archiver).
+        let (ledger, shutdown) = (ledger.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            backstop_ops::archiver::run_probe(sources, &ledger, &SystemClock, shutdown).await
+        });
+    }
     if config.reports.weekly.unwrap_or(true) {
         // The weekly summary as `report.generated`, once per week whichever serve composes it.
         let (ledger, zone, shutdown) = (ledger.clone(), config.reports.zone()?, shutdown.clone());

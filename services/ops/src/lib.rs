@@ -28,9 +28,11 @@
 //! - [`forget`]: retention carried out (decisions recorded, backups deleted) and the prune;
 //! - [`throttle`]: the trading-hours bandwidth cap on a backup's reads;
 //! - [`alerting`]: the alert rules and the monitor that raises and resolves alerts;
-//! - [`report`]: the weekly summary.
+//! - [`report`]: the weekly summary;
+//! - [`archiver`]: each source's `pg_stat_archiver`, probed for the WAL alert.
 
 pub mod alerting;
+pub mod archiver;
 pub mod backup;
 pub mod catalog;
 pub mod context;

@@ -127,6 +127,8 @@ pub struct Facts {
     pub backends: BTreeMap<String, BackendFacts>,
     /// Per repository, per (region, class): the newest usage sample.
     pub usage: BTreeMap<String, BTreeMap<(String, String), Usage>>,
+    /// Per source, the newest `wal.archiver_checked`.
+    pub archivers: BTreeMap<String, (backstop_events::WalArchiverChecked, Cause)>,
     /// The newest `wal.archived`, if WAL was ever archived.
     pub last_wal: Option<Cause>,
     /// Dead-lettered events, by alert key, until an operator resolves their alert.
@@ -165,6 +167,7 @@ impl Facts {
                 | "storage.connectivity_checked"
                 | "storage.usage_sampled"
                 | "wal.archived"
+                | "wal.archiver_checked"
                 | "worker.dead_lettered"
                 | "alert.raised"
                 | "alert.resolved"
@@ -272,6 +275,9 @@ impl Facts {
                 );
             }
             Event::WalArchived(_) => self.last_wal = Some(cause),
+            Event::WalArchiverChecked(c) => {
+                self.archivers.insert(c.source.clone(), (c, cause));
+            }
             Event::WorkerDeadLettered(d) => {
                 let key = dead_letter_key(&d.consumer, d.event_id);
                 // A dead letter whose alert an operator already resolved stays resolved.

@@ -159,6 +159,7 @@ fn cleared(kind: &str, subject: &str) -> String {
         "storage_quota" => format!("repository `{subject}` is back under its quota threshold"),
         "cost_over_budget" => format!("repository `{subject}` is back within budget"),
         "wal_stalled" => "WAL is being archived again".to_string(),
+        "wal_archiving_failing" => format!("PostgreSQL of `{subject}` archives WAL again"),
         "endpoint_down" | "endpoint_slow" => format!("endpoint {subject} recovered"),
         "event_dead_lettered" => format!("an operator resolved the dead letter of `{subject}`"),
         _ => format!("{kind} for {subject} no longer holds"),

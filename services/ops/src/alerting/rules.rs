@@ -13,6 +13,7 @@
 //! | `backup_running_long` | backup id | warning | a backup started `running_warn_after` ago has not ended | 300 s (seed 001) |
 //! | `storage_unreachable` | backend | critical | the newest connectivity check failed | |
 //! | `storage_quota` | repository | warning | used bytes over `quota_percent` of `storage_quota_gib` | 85 % |
+//! | `wal_archiving_failing` | source | critical | the source's `pg_stat_archiver` says its newest archive attempt failed (`crate::archiver`) | |
 //! | `wal_stalled` | `wal` | critical | WAL was archived before, but none for `wal_stall_after` | 1 h |
 //! | `cost_over_budget` | repository | warning | the monthly estimate from the newest samples is over `budget_usd` | $15 (seed 000 R12.3) |
 //! | `endpoint_down` | endpoint | critical | the health monitor judges it down (2 failed checks) | |
@@ -299,6 +300,25 @@ pub fn conditions(
             ),
             last,
         ));
+    }
+    for (source, (c, cause)) in &facts.archivers {
+        if c.failing {
+            out.push(cond(
+                "wal_archiving_failing",
+                source.clone(),
+                Severity::Critical,
+                Some(source.clone()),
+                format!(
+                    "PostgreSQL of `{source}` cannot archive WAL: {} failures, the newest {} at {}; the last segment archived was {} at {}. Point-in-time recovery stops at the last archived segment: read the server's log for the archive_command's error",
+                    c.failed_count,
+                    c.last_failed_wal.as_deref().unwrap_or("?"),
+                    c.last_failed_at.map(|t| t.to_rfc3339()).unwrap_or_else(|| "?".into()),
+                    c.last_archived_wal.as_deref().unwrap_or("none"),
+                    c.last_archived_at.map(|t| t.to_rfc3339()).unwrap_or_else(|| "-".into()),
+                ),
+                *cause,
+            ));
+        }
     }
     for (endpoint, h) in &facts.endpoints {
         let (kind, severity, what) = match h.state {
