@@ -234,6 +234,12 @@ async fn chromium_shows_the_last_backups_their_verification_and_the_charts() {
         dom.contains("row counts differ"),
         "the failure reason and the alert are shown"
     );
+    // The alerts panel, with the open critical alert in it.
+    let panel = dom.find("id=\"alerts-panel\"").expect("the alerts panel");
+    assert!(
+        dom[panel..].contains("data-kind=\"verification_failed\" data-severity=\"critical\""),
+        "the open alert is in the panel"
+    );
     // The charts, drawn with data: three bars per completed backup (14 + 3), a point per day
     // of storage samples, and seven verification days with passes and one failure.
     assert_eq!(count(&dom, "<rect class=\"bar raw\""), 17, "size bars");
