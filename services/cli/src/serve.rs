@@ -135,8 +135,11 @@ pub async fn serve(
     // Alerts: conditions recomputed from the ledger and the clock, raised and resolved once
     // each (ops::alerting); the notify worker delivers them.
     {
-        let (ledger, thresholds, shutdown) =
-            (ledger.clone(), config.alerts.clone(), shutdown.clone());
+        let (ledger, thresholds, shutdown) = (
+            ledger.clone(),
+            crate::wiring::alert_thresholds(config),
+            shutdown.clone(),
+        );
         let cost = crate::wiring::cost_estimator(config);
         tasks.spawn(async move {
             backstop_ops::alerting::run_monitor(ledger, thresholds, cost, &SystemClock, shutdown)

@@ -398,7 +398,18 @@ mod tests {
 }
 
 /// The alert rules' view of the price table (`[cost]`): the monthly USD of bytes in a storage
-/// class and region. None until a price table is wired in.
-pub fn cost_estimator(_config: &Config) -> Option<backstop_ops::alerting::CostEstimator> {
-    None
+/// class and region.
+pub fn cost_estimator(config: &Config) -> Option<backstop_ops::alerting::CostEstimator> {
+    let prices = config.cost.price_table();
+    Some(std::sync::Arc::new(
+        move |class: &str, region: &str, bytes: u64| prices.monthly_usd(class, region, bytes),
+    ))
+}
+
+/// The alert thresholds: `[alerts]`, with the budget of `[cost]`.
+pub fn alert_thresholds(config: &Config) -> backstop_ops::alerting::AlertThresholds {
+    backstop_ops::alerting::AlertThresholds {
+        budget_usd: config.cost.budget_usd,
+        ..config.alerts.clone()
+    }
 }

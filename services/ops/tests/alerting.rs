@@ -125,7 +125,11 @@ async fn failed(a: &dyn Appender, source: &str, at: DateTime<Utc>) -> Uuid {
 
 /// A monitor rebuilt from everything recorded, recording what is due at `now`; returns the
 /// alert events it added (type, key).
-async fn settle(a: &RecordingAppender, t: &AlertThresholds, now: DateTime<Utc>) -> Vec<(String, String)> {
+async fn settle(
+    a: &RecordingAppender,
+    t: &AlertThresholds,
+    now: DateTime<Utc>,
+) -> Vec<(String, String)> {
     settle_with(a, t, None, now).await
 }
 
@@ -186,7 +190,11 @@ async fn a_failed_backup_raises_one_critical_alert_until_a_backup_completes() {
     let alert = &alerts_raised(&a)[0];
     assert_eq!(alert.severity, Severity::Critical);
     assert_eq!(alert.source.as_deref(), Some("orders"));
-    assert!(alert.message.contains("connection refused"), "{}", alert.message);
+    assert!(
+        alert.message.contains("connection refused"),
+        "{}",
+        alert.message
+    );
     completed(&a, "orders", t0() + mins(80)).await;
     assert_eq!(
         settle(&a, &t, t0() + mins(81)).await,
@@ -218,7 +226,10 @@ async fn no_success_in_25_hours_fires_at_25_hours_and_resolves_on_the_next_backu
         backstop_ops::alerting::rules::next_change(m.facts(), &t, t0() + mins(60)),
         Some(t0() + TimeDelta::hours(25))
     );
-    assert_eq!(settle(&a, &t, t0() + TimeDelta::hours(25) - mins(1)).await, vec![]);
+    assert_eq!(
+        settle(&a, &t, t0() + TimeDelta::hours(25) - mins(1)).await,
+        vec![]
+    );
     assert_eq!(
         settle(&a, &t, t0() + TimeDelta::hours(25)).await,
         vec![raised("no_recent_backup/orders")]
@@ -239,13 +250,20 @@ async fn a_source_that_never_succeeded_is_stale_25_hours_after_it_was_first_seen
     let got = settle(&a, &t, t0() + TimeDelta::hours(25)).await;
     assert_eq!(
         got,
-        vec![raised("backup_failed/fresh"), raised("no_recent_backup/fresh")]
+        vec![
+            raised("backup_failed/fresh"),
+            raised("no_recent_backup/fresh")
+        ]
     );
     let stale = alerts_raised(&a)
         .into_iter()
         .find(|r| r.kind == "no_recent_backup")
         .unwrap();
-    assert!(stale.message.contains("none has completed"), "{}", stale.message);
+    assert!(
+        stale.message.contains("none has completed"),
+        "{}",
+        stale.message
+    );
 }
 
 #[tokio::test]
@@ -309,7 +327,8 @@ async fn a_failed_verification_is_critical_with_its_details_until_a_later_one_pa
     let r = &alerts_raised(&a)[0];
     assert_eq!(r.severity, Severity::Critical);
     assert!(
-        r.message.contains("public.trades 1000 expected, 999 restored"),
+        r.message
+            .contains("public.trades 1000 expected, 999 restored"),
         "{}",
         r.message
     );
@@ -411,7 +430,11 @@ async fn health(a: &dyn Appender, endpoint: &str, state: HealthState, at: DateTi
             endpoint: endpoint.into(),
             ok: state != HealthState::Down,
             status: (state != HealthState::Down).then_some(200),
-            latency_ms: if state == HealthState::Degraded { 3500 } else { 40 },
+            latency_ms: if state == HealthState::Degraded {
+                3500
+            } else {
+                40
+            },
             error: (state == HealthState::Down).then(|| "connection refused".to_string()),
             state,
         }),
@@ -470,8 +493,9 @@ async fn storage_connectivity_quota_and_cost_alerts() {
         ..AlertThresholds::default()
     };
     // $0.02 per GiB-month whatever the class: 800 GiB is $16, over the $15 budget.
-    let cost: CostEstimator =
-        Arc::new(|_class: &str, _region: &str, bytes: u64| bytes as f64 / (1u64 << 30) as f64 * 0.02);
+    let cost: CostEstimator = Arc::new(|_class: &str, _region: &str, bytes: u64| {
+        bytes as f64 / (1u64 << 30) as f64 * 0.02
+    });
     append_at(
         &a,
         &streams::storage(),
@@ -611,14 +635,20 @@ fn thresholds_default_to_the_seeds_and_bad_values_are_named() {
     assert_eq!(t.quota_percent, 85.0);
     assert_eq!(t.budget_usd, 15.0);
     let parsed: AlertThresholds =
-        toml::from_str("stale_after = \"2h\"\nbudget_usd = 40.0").unwrap();
+        toml::from_str("stale_after = \"2h\"\nstorage_quota_gib = 500.0").unwrap();
     assert_eq!(parsed.stale_after.as_secs(), 7200);
-    assert_eq!(parsed.budget_usd, 40.0);
+    assert_eq!(parsed.storage_quota_gib, Some(500.0));
+    // The budget is [cost]'s, not a second one here.
+    assert!(toml::from_str::<AlertThresholds>("budget_usd = 40.0").is_err());
     let bad = AlertThresholds {
         size_change_percent: -1.0,
         ..AlertThresholds::default()
     };
-    assert!(bad.validate().unwrap_err().contains("alerts.size_change_percent"));
+    assert!(
+        bad.validate()
+            .unwrap_err()
+            .contains("alerts.size_change_percent")
+    );
     let unknown = toml::from_str::<AlertThresholds>("stale = \"2h\"").unwrap_err();
     assert!(unknown.to_string().contains("stale"), "{unknown}");
 }

@@ -15,7 +15,7 @@
 //! | `storage_quota` | repository | warning | used bytes over `quota_percent` of `storage_quota_gib` | 85 % |
 //! | `wal_archiving_failing` | source | critical | the source's `pg_stat_archiver` says its newest archive attempt failed (`crate::archiver`) | |
 //! | `wal_stalled` | `wal` | critical | WAL was archived before, but none for `wal_stall_after` | 1 h |
-//! | `cost_over_budget` | repository | warning | the monthly estimate from the newest samples is over `budget_usd` | $15 (seed 000 R12.3) |
+//! | `cost_over_budget` | repository | warning | the monthly estimate from the newest samples is over `[cost] budget_usd` | $15 (seed 000 R12.3) |
 //! | `endpoint_down` | endpoint | critical | the health monitor judges it down (2 failed checks) | |
 //! | `endpoint_slow` | endpoint | warning | the health monitor judges it degraded (3 slow answers) | |
 //! | `event_dead_lettered` | consumer/event | warning | a worker gave up on an event, until an operator resolves the alert | |
@@ -46,6 +46,8 @@ pub struct AlertThresholds {
     pub wal_stall_after: ConfigDuration,
     pub storage_quota_gib: Option<f64>,
     pub quota_percent: f64,
+    /// From `[cost] budget_usd`, not `[alerts]`: one budget for the cost page and the alert.
+    #[serde(skip)]
     pub budget_usd: f64,
 }
 
@@ -75,12 +77,6 @@ impl AlertThresholds {
         };
         pct(self.size_change_percent, "size_change_percent")?;
         pct(self.quota_percent, "quota_percent")?;
-        if !(self.budget_usd.is_finite() && self.budget_usd >= 0.0) {
-            return Err(format!(
-                "alerts.budget_usd must be zero or more, not {}",
-                self.budget_usd
-            ));
-        }
         if let Some(q) = self.storage_quota_gib {
             pct(q, "storage_quota_gib")?;
         }
