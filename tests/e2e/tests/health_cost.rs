@@ -91,11 +91,14 @@ async fn chromium_shows_the_cost_estimate_trend_recommendations_and_endpoint_hea
     let data = dir.path().join("data");
     let repo = dir.path().join("repo");
     let key = dir.path().join("master.key");
+    let port = free_port();
     let config = write_config(dir.path(), true);
     let mut text = std::fs::read_to_string(&config).unwrap();
     text.push_str(&format!(
         "\n[repository]\nlocation = \"{}\"\nmaster_key_file = \"{}\"\n\n\
-         [[sources]]\nname = \"main\"\npostgres = \"{}\"\n\n[cost]\nbudget_usd = 15.0\n",
+         [[sources]]\nname = \"main\"\npostgres = \"{}\"\n\n[cost]\nbudget_usd = 15.0\n\n\
+         # serve's health monitor checks serve itself, every second.\n\
+         [health]\ninterval = \"1s\"\n[[health.endpoints]]\nname = \"self\"\nurl = \"http://127.0.0.1:{port}/healthz\"\n",
         repo.display(),
         key.display(),
         pg.conninfo("main"),
@@ -161,7 +164,6 @@ async fn chromium_shows_the_cost_estimate_trend_recommendations_and_endpoint_hea
     }
     fill_ledger(&data, events, 50).await;
 
-    let port = free_port();
     let url = pg.conninfo("projections");
     let listen = format!("127.0.0.1:{port}");
     let mut serve = Process::spawn(
@@ -204,11 +206,29 @@ async fn chromium_shows_the_cost_estimate_trend_recommendations_and_endpoint_hea
         "/api/health",
         Some(OPERATOR),
         "the checks are projected",
-        |s, b| s == 200 && b.contains("\"platform\"") && b.contains("degraded"),
+        |s, b| {
+            s == 200
+                && b.contains("\"platform\"")
+                && b.contains("degraded")
+                && b.contains("\"self\"")
+        },
     );
     let health: serde_json::Value = serde_json::from_str(&health).unwrap();
     assert_eq!(health["endpoints"][0]["state"], "up");
-    assert_eq!(health["checks"].as_array().unwrap().len(), 8);
+    let checks = health["checks"].as_array().unwrap();
+    assert_eq!(
+        checks
+            .iter()
+            .filter(|c| c["endpoint"] == "platform")
+            .count(),
+        8
+    );
+    // serve's own monitor recorded its first check of `self` (a sample), answered in time.
+    let own = checks.iter().find(|c| c["endpoint"] == "self").unwrap();
+    assert_eq!(
+        (own["ok"].as_bool(), own["state"].as_str()),
+        (Some(true), Some("up"))
+    );
 
     // `backstop cost` beside the running serve reads the same samples through its socket and
     // the backups from the repository.
@@ -254,7 +274,8 @@ async fn chromium_shows_the_cost_estimate_trend_recommendations_and_endpoint_hea
         page.contains("data-endpoint=\"platform\" data-state=\"up\""),
         "{page}"
     );
-    assert_eq!(page.matches("<circle class=\"point ").count(), 8);
+    assert!(page.contains("data-endpoint=\"self\" data-state=\"up\""));
+    assert!(page.matches("<circle class=\"point ").count() >= 9);
     assert!(page.contains("<circle class=\"point down\""));
     assert!(page.contains("<circle class=\"point degraded\""));
     screenshot(&health_url, "health.png");
