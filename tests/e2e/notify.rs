@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use backstop_events::{Actor, AlertRaised, Envelope, Event, NewEvent, Severity, uuid_v7};
 use backstop_ledger::remote::RemoteLedger;
 use backstop_ledger::{Appender, ExpectedVersion};
-use backstop_testkit::{Nats, Smtp, free_port};
+use backstop_testkit::{Nats, Smtp, SmtpTls, free_port};
 use support::{Process, run, stderr, stdout};
 
 /// An HTTP server on 127.0.0.1 that records every POSTed JSON body and answers 200.
@@ -371,4 +371,107 @@ async fn notify_test_sends_to_every_channel_and_fails_for_a_dead_one() {
     assert!(text.contains("chat: ok"), "{text}");
     let events = all_events(dir.path(), &cfg);
     assert_eq!(of_type(&events, "notification.failed").len(), 3);
+}
+
+fn email_only(dir: &std::path::Path, name: &str, host: &str, port: u16, tls: &str) -> String {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            r#"[notify]
+attempts = 3
+backoff_ms = 20
+timeout_seconds = 10
+
+[[notify.channels]]
+name = "{name}"
+kind = "email"
+smtp_host = "{host}"
+smtp_port = {port}
+from = "backstop@example.com"
+to = ["dba@example.com"]
+{tls}
+"#
+        ),
+    )
+    .unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+#[test]
+fn starttls_and_tls_deliver_with_the_configured_ca_and_a_tls_mismatch_is_not_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    for (mode, security, host) in [
+        (SmtpTls::Starttls, "starttls", "localhost"),
+        (SmtpTls::Implicit, "tls", "127.0.0.1"),
+    ] {
+        let smtp = Smtp::start_tls(mode).expect("aiosmtpd with TLS");
+        let ca = smtp.ca_file();
+        let cfg = email_only(
+            dir.path(),
+            security,
+            host,
+            smtp.port(),
+            &format!("security = \"{security}\"\nca_file = \"{}\"", ca.display()),
+        );
+        let out = run(dir.path(), &["--config", &cfg, "notify", "test"]);
+        assert!(
+            out.status.success(),
+            "{security}: {}\n{}",
+            stdout(&out),
+            stderr(&out)
+        );
+        assert!(
+            stdout(&out).contains(&format!("{security}: ok")),
+            "{}",
+            stdout(&out)
+        );
+        let mails = smtp.wait_for(1).unwrap();
+        assert!(
+            mails[0].contains("Subject: [Backstop] test notification"),
+            "{}",
+            mails[0]
+        );
+
+        // Without the CA the certificate does not verify: a TLS failure, permanent, tried once.
+        let cfg = email_only(
+            dir.path(),
+            &format!("{security}-untrusted"),
+            host,
+            smtp.port(),
+            &format!("security = \"{security}\""),
+        );
+        let out = run(dir.path(), &["--config", &cfg, "notify", "test"]);
+        assert!(!out.status.success());
+        let text = stdout(&out);
+        assert!(text.contains("FAILED after 1 attempt(s)"), "{text}");
+        assert!(text.contains("TLS with smtp://"), "{text}");
+        assert_eq!(smtp.messages().unwrap().len(), 1);
+    }
+
+    // TLS from the first byte against a server that speaks plain SMTP: not retried either.
+    let plain = Smtp::start().expect("aiosmtpd");
+    let cfg = email_only(
+        dir.path(),
+        "mismatch",
+        "127.0.0.1",
+        plain.port(),
+        "security = \"tls\"",
+    );
+    let out = run(dir.path(), &["--config", &cfg, "notify", "test"]);
+    assert!(!out.status.success());
+    let text = stdout(&out);
+    assert!(
+        text.contains("mismatch: FAILED after 1 attempt(s): TLS with smtp://"),
+        "{text}"
+    );
+    let events = all_events(dir.path(), &cfg);
+    let failed = of_type(&events, "notification.failed");
+    assert!(
+        failed
+            .iter()
+            .all(|f| f.payload["transient"] == false && f.payload["last"] == true),
+        "{failed:?}"
+    );
+    assert_eq!(of_type(&events, "notification.sent").len(), 2);
 }

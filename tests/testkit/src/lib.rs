@@ -44,7 +44,7 @@ pub use moto::Moto;
 pub use nats::Nats;
 pub use postgres::{Postgres, PostgresOptions};
 pub use recording::RecordingAppender;
-pub use smtp::Smtp;
+pub use smtp::{Smtp, SmtpTls};
 pub use user::{
     give_to_server_user, server_tempdir, server_tempdir_in, server_user, server_user_command,
 };

@@ -7,11 +7,15 @@
 //! <tmp>/smtp.log                server stdout + stderr
 //! <tmp>/mail/<ns>-<n>.eml       one file per accepted message: `X-Envelope-From:` and
 //!                               `X-Envelope-To:` lines, then the message as received
+//! <tmp>/ca.pem, server.pem, server.key   with TLS only: a throwaway CA and the server's
+//!                               certificate it signed (for `localhost` and 127.0.0.1)
 //! ```
 //! A message file is written under a temporary name and renamed, so [`Smtp::messages`] never
-//! reads half of one. Plain SMTP, no authentication, no TLS. Start-up: `python -m aiosmtpd -n
-//! -l 127.0.0.1:PORT -c backstop_smtp_sink.Sink <dir>`, then connect until the `220` greeting
-//! comes. Killed on drop.
+//! reads half of one. No authentication. [`Smtp::start`] speaks plain SMTP;
+//! [`Smtp::start_tls`] STARTTLS (required before MAIL) or TLS from the first byte (SMTPS), with
+//! [`Smtp::ca_file`] the CA a client must trust. Start-up: `python -m aiosmtpd -n -l
+//! 127.0.0.1:PORT [--tlscert|--smtpscert ...] -c backstop_smtp_sink.Sink <dir>`, then connect
+//! until the `220` greeting comes (SMTPS: until the port accepts). Killed on drop.
 //!
 //! The python is the one `scripts/setup` installed aiosmtpd for
 //! (`~/.local/share/backstop/moto-venv/bin/python`), else `python3` on PATH if it can import it.
@@ -55,9 +59,20 @@ class Sink:
         return "250 OK"
 "#;
 
+/// How the server secures connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SmtpTls {
+    Plain,
+    /// STARTTLS offered and required before MAIL.
+    Starttls,
+    /// TLS from the first byte (SMTPS).
+    Implicit,
+}
+
 /// A running aiosmtpd. Killed on drop.
 pub struct Smtp {
     port: u16,
+    tls: SmtpTls,
     log_path: PathBuf,
     mail: PathBuf,
     child: Option<Child>,
@@ -95,8 +110,13 @@ fn python() -> anyhow::Result<PathBuf> {
 }
 
 impl Smtp {
-    /// Starts aiosmtpd on a free loopback port, with no message yet.
+    /// Starts a plain aiosmtpd on a free loopback port, with no message yet.
     pub fn start() -> anyhow::Result<Smtp> {
+        Smtp::start_tls(SmtpTls::Plain)
+    }
+
+    /// Starts aiosmtpd with `tls` (a fresh CA and certificate for STARTTLS and SMTPS).
+    pub fn start_tls(tls: SmtpTls) -> anyhow::Result<Smtp> {
         let py = python()?;
         let tmp = tempfile::Builder::new()
             .prefix("backstop-smtp-")
@@ -106,8 +126,12 @@ impl Smtp {
             .context("could not write the SMTP handler")?;
         let mail = tmp.path().join("mail");
         std::fs::create_dir(&mail).context("could not create the mail directory")?;
+        if tls != SmtpTls::Plain {
+            make_certificates(tmp.path())?;
+        }
         let mut s = Smtp {
             port: 0,
+            tls,
             log_path: tmp.path().join("smtp.log"),
             mail,
             child: None,
@@ -149,8 +173,22 @@ impl Smtp {
             .try_clone()
             .context("could not duplicate the log file handle")?;
         let listen = format!("127.0.0.1:{}", self.port);
-        let child = Command::new(py)
-            .args(["-m", "aiosmtpd", "-n", "-l", &listen, "-c"])
+        let mut cmd = Command::new(py);
+        cmd.args(["-m", "aiosmtpd", "-n", "-l", &listen]);
+        let dir = self.tmp.path();
+        match self.tls {
+            SmtpTls::Plain => {}
+            SmtpTls::Starttls => {
+                cmd.arg("--tlscert").arg(dir.join("server.pem"));
+                cmd.arg("--tlskey").arg(dir.join("server.key"));
+            }
+            SmtpTls::Implicit => {
+                cmd.arg("--smtpscert").arg(dir.join("server.pem"));
+                cmd.arg("--smtpskey").arg(dir.join("server.key"));
+            }
+        }
+        let child = cmd
+            .arg("-c")
             .arg("backstop_smtp_sink.Sink")
             .arg(&self.mail)
             .env("PYTHONUNBUFFERED", "1")
@@ -175,6 +213,8 @@ impl Smtp {
                 bail!("aiosmtpd exited during start-up ({status})");
             }
             let last = match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+                // The greeting of SMTPS comes inside TLS: an accepted connection will do.
+                Ok(_) if self.tls == SmtpTls::Implicit => return Ok(()),
                 Ok(mut stream) => {
                     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
                     let mut buf = [0u8; 3];
@@ -198,6 +238,11 @@ impl Smtp {
 
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The CA that signed the server's certificate (TLS modes only).
+    pub fn ca_file(&self) -> PathBuf {
+        self.tmp.path().join("ca.pem")
     }
 
     /// Every message accepted so far, oldest first, as received (with the envelope lines first).
@@ -236,6 +281,67 @@ impl Smtp {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// A throwaway CA and a server certificate it signed, for `localhost` and 127.0.0.1 (webpki
+/// refuses a self-signed leaf as its own anchor, so the CA is separate).
+fn make_certificates(dir: &Path) -> anyhow::Result<()> {
+    let openssl = crate::require_tool("openssl")?;
+    let limit = Duration::from_secs(60);
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\n\
+         keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .context("writing server.ext")?;
+    process::run_ok(
+        Command::new(&openssl)
+            .current_dir(dir)
+            .args(["req", "-x509"])
+            .args(ec)
+            .args(["-keyout", "ca.key", "-out", "ca.pem", "-days", "2"])
+            .args(["-subj", "/CN=Backstop test CA"])
+            .args(["-addext", "basicConstraints=critical,CA:TRUE"])
+            .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"]),
+        limit,
+    )?;
+    process::run_ok(
+        Command::new(&openssl)
+            .current_dir(dir)
+            .arg("req")
+            .args(ec)
+            .args(["-keyout", "server.key", "-out", "server.csr"])
+            .args(["-subj", "/CN=localhost"]),
+        limit,
+    )?;
+    process::run_ok(
+        Command::new(&openssl).current_dir(dir).args([
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ]),
+        limit,
+    )?;
+    Ok(())
 }
 
 impl Drop for Smtp {

@@ -21,7 +21,7 @@ use async_trait::async_trait;
 use backstop_events::Severity;
 use lettre::message::{Mailbox, header::ContentType};
 use lettre::transport::smtp::authentication::Credentials;
-use lettre::transport::smtp::client::{Tls, TlsParameters};
+use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
 
 use super::Message;
@@ -89,6 +89,7 @@ pub struct EmailChannel {
     security: Security,
     username: Option<String>,
     password_file: Option<std::path::PathBuf>,
+    ca_file: Option<std::path::PathBuf>,
     from: Mailbox,
     to: Vec<Mailbox>,
     timeout: Duration,
@@ -124,6 +125,7 @@ impl EmailChannel {
             security: config.security,
             username: config.username.clone(),
             password_file: config.password_file.clone(),
+            ca_file: config.ca_file.clone(),
             from,
             to,
             timeout,
@@ -135,21 +137,13 @@ impl EmailChannel {
     }
 
     fn transport(&self) -> Result<AsyncSmtpTransport<Tokio1Executor>, NotifyError> {
-        let tls = |e: lettre::transport::smtp::Error| NotifyError::Tls {
-            endpoint: self.endpoint(),
-            reason: e.to_string(),
-        };
         let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&self.host)
             .port(self.port)
             .timeout(Some(self.timeout));
         builder = match self.security {
             Security::Plain => builder.tls(Tls::None),
-            Security::Starttls => builder.tls(Tls::Required(
-                TlsParameters::new(self.host.clone()).map_err(tls)?,
-            )),
-            Security::Tls => builder.tls(Tls::Wrapper(
-                TlsParameters::new(self.host.clone()).map_err(tls)?,
-            )),
+            Security::Starttls => builder.tls(Tls::Required(self.tls_parameters()?)),
+            Security::Tls => builder.tls(Tls::Wrapper(self.tls_parameters()?)),
         };
         if let (Some(user), Some(file)) = (&self.username, &self.password_file) {
             let password = std::fs::read_to_string(file).map_err(|e| {
@@ -161,6 +155,23 @@ impl EmailChannel {
             ));
         }
         Ok(builder.build())
+    }
+
+    /// The server name to verify, and the system's CAs plus `ca_file`'s.
+    fn tls_parameters(&self) -> Result<TlsParameters, NotifyError> {
+        let mut params = TlsParameters::builder(self.host.clone());
+        if let Some(file) = &self.ca_file {
+            let pem = std::fs::read(file).map_err(|e| {
+                NotifyError::Config(format!("cannot read ca_file {}: {e}", file.display()))
+            })?;
+            let cert = Certificate::from_pem(&pem)
+                .map_err(|e| NotifyError::Config(format!("ca_file {}: {e}", file.display())))?;
+            params = params.add_root_certificate(cert);
+        }
+        params.build().map_err(|e| NotifyError::Tls {
+            endpoint: self.endpoint(),
+            reason: e.to_string(),
+        })
     }
 
     fn email(&self, message: &Message) -> Result<lettre::Message, NotifyError> {
@@ -200,7 +211,7 @@ impl Channel for EmailChannel {
                     endpoint,
                     seconds: self.timeout.as_secs(),
                 }
-            } else if e.is_tls() {
+            } else if e.is_tls() || self.tls_refused(&e) {
                 NotifyError::Tls {
                     endpoint,
                     reason: e.to_string(),
@@ -215,6 +226,27 @@ impl Channel for EmailChannel {
                 }
             }
         })
+    }
+}
+
+impl EmailChannel {
+    /// lettre reports a handshake that failed inside rustls (a server that speaks no TLS, a
+    /// certificate that does not verify) as a connection error whose source is an I/O error of
+    /// kind `InvalidData`: that is a TLS failure (permanent), not a network one.
+    fn tls_refused(&self, e: &lettre::transport::smtp::Error) -> bool {
+        if self.security == Security::Plain {
+            return false;
+        }
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+        while let Some(c) = cur {
+            if let Some(io) = c.downcast_ref::<std::io::Error>()
+                && io.kind() == std::io::ErrorKind::InvalidData
+            {
+                return true;
+            }
+            cur = c.source();
+        }
+        false
     }
 }
 

@@ -14,6 +14,7 @@
 //! security = "starttls"                             # plain | starttls | tls
 //! username = "backstop"
 //! password_file = "/etc/backstop/smtp-password"
+//! ca_file = "/etc/backstop/relay-ca.pem"           # optional: trusted beside the system's CAs
 //! from = "Backstop <backstop@example.com>"
 //! to = ["oncall@example.com"]
 //! min_severity = "warning"                          # alerts below it are not sent here
@@ -108,6 +109,8 @@ pub struct ChannelConfig {
     pub security: Security,
     pub username: Option<String>,
     pub password_file: Option<PathBuf>,
+    /// A PEM file of CA certificates to trust beside the system's (a relay with a private CA).
+    pub ca_file: Option<PathBuf>,
     pub from: Option<String>,
     #[serde(default)]
     pub to: Vec<String>,
@@ -200,6 +203,7 @@ impl NotifyConfig {
                 ("smtp_port", c.smtp_port.is_some()),
                 ("username", c.username.is_some()),
                 ("password_file", c.password_file.is_some()),
+                ("ca_file", c.ca_file.is_some()),
                 ("from", c.from.is_some()),
                 ("to", !c.to.is_empty()),
             ];
@@ -226,6 +230,11 @@ impl NotifyConfig {
                         addr.parse::<lettre::message::Mailbox>().map_err(|e| {
                             format!("{at}.{key}: {addr:?} is not an email address: {e}")
                         })?;
+                    }
+                    if c.ca_file.is_some() && c.security == Security::Plain {
+                        return Err(format!(
+                            "{at}: `ca_file` needs security = \"starttls\" or \"tls\""
+                        ));
                     }
                     if c.password_file.is_some() != c.username.is_some() {
                         return Err(format!("{at}: `username` and `password_file` go together"));
