@@ -203,6 +203,31 @@ pub fn storage_sample(t: DateTime<Utc>, bytes: u64, objects: u64) -> NewEvent {
     )
 }
 
+/// A recorded health check of `endpoint` on its stream, with the monitor's judgement.
+pub fn health_check(
+    t: DateTime<Utc>,
+    endpoint: &str,
+    latency_ms: u64,
+    state: backstop_events::HealthState,
+) -> NewEvent {
+    let ok = state != backstop_events::HealthState::Down;
+    at(
+        NewEvent::new(
+            streams::health(endpoint),
+            Actor::worker("health-monitor"),
+            &Event::HealthChecked(backstop_events::HealthChecked {
+                endpoint: endpoint.into(),
+                ok,
+                status: Some(if ok { 200 } else { 503 }),
+                latency_ms,
+                error: (!ok).then(|| "answered 503, expected 200".to_string()),
+                state,
+            }),
+        ),
+        t,
+    )
+}
+
 /// A key access by a worker, on the purpose's key stream.
 pub fn key_access(purpose: &str, reason: &str) -> NewEvent {
     NewEvent::new(

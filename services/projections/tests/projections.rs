@@ -84,6 +84,16 @@ fn activity(day: i64) -> Vec<NewEvent> {
         out.extend(sample::backup(&spec).1);
         out.push(sample::key_access("database", "backup"));
     }
+    out.push(sample::health_check(
+        base,
+        "platform",
+        40 + day as u64,
+        if day == 4 {
+            backstop_events::HealthState::Down
+        } else {
+            backstop_events::HealthState::Up
+        },
+    ));
     out.push(sample::storage_sample(
         base,
         10_000_000 * day as u64,
@@ -206,7 +216,6 @@ async fn the_live_incremental_build_equals_a_rebuild_from_position_1() {
             !a.is_empty()
                 || table == "storage_connectivity"
                 || table == "health_status"
-                || table == "health_checks"
                 || table == "recoveries"
                 || table == "keys"
                 || table == "drills"
