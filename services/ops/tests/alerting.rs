@@ -688,3 +688,46 @@ async fn the_monitor_loop_raises_a_stale_source_when_its_clock_reaches_25_hours(
     ran.unwrap();
     ledger.close().await;
 }
+
+/// On the real ledger: a monitor that has not read another's raise proposes it again beside a
+/// new one; the old comes back a duplicate and the new one is recorded.
+#[tokio::test]
+async fn a_monitor_behind_another_records_only_what_is_new_on_a_real_ledger() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::open(&LedgerConfig::in_data_dir(dir.path())).unwrap();
+    let t = AlertThresholds::default();
+    failed(&ledger, "orders", t0()).await;
+    let build = |ledger: &Ledger| {
+        let mut m = AlertMonitor::new(t.clone(), None);
+        for e in ledger.read(1, 10_000).unwrap() {
+            m.observe(&e);
+        }
+        m
+    };
+    let behind = build(&ledger);
+    assert_eq!(build(&ledger).record(&ledger, t0()).await, 1);
+    failed(&ledger, "ledgerdb", t0() + mins(1)).await;
+    let mut behind = behind;
+    // It reads the new failure but not the first monitor's raise.
+    for e in ledger.read(1, 10_000).unwrap() {
+        if e.event_type == "backup.failed"
+            || e.event_type == "backup.started"
+            || e.event_type == "backup.requested"
+        {
+            behind.observe(&e);
+        }
+    }
+    assert_eq!(behind.record(&ledger, t0() + mins(2)).await, 1);
+    let raised: Vec<String> = ledger
+        .read(1, 10_000)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.event_type == "alert.raised")
+        .map(|e| e.payload["key"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        raised,
+        vec!["backup_failed/orders", "backup_failed/ledgerdb"]
+    );
+    ledger.close().await;
+}

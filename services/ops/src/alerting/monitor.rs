@@ -109,22 +109,25 @@ impl AlertMonitor {
     }
 
     /// Appends what [`AlertMonitor::due`] says; returns how many events were new.
+    ///
+    /// One append per event: a raise this monitor (or another) already recorded comes back as a
+    /// duplicate on its own, where in one batch with new events the ledger would refuse the
+    /// batch as reusing an id.
     pub async fn record(&self, appender: &dyn Appender, now: DateTime<Utc>) -> usize {
-        let due = self.due(now);
-        if due.is_empty() {
-            return 0;
-        }
-        let n = due.len();
-        match appender
-            .append(&streams::alerts(), ExpectedVersion::Any, due)
-            .await
-        {
-            Ok(done) => done.events.iter().filter(|c| !c.duplicate).count(),
-            Err(e) => {
-                tracing::warn!(error = %e, events = n, transient = e.is_transient(), "alert monitor: cannot record alerts; trying again at the next evaluation");
-                0
+        let mut new = 0;
+        for e in self.due(now) {
+            let id = e.id;
+            match appender
+                .append(&streams::alerts(), ExpectedVersion::Any, vec![e])
+                .await
+            {
+                Ok(done) => new += done.events.iter().filter(|c| !c.duplicate).count(),
+                Err(err) => {
+                    tracing::warn!(error = %err, event = %id, transient = err.is_transient(), "alert monitor: cannot record an alert event; trying again at the next evaluation");
+                }
             }
         }
+        new
     }
 
     /// When the monitor should look again, at the latest.
