@@ -34,8 +34,6 @@
 pub mod channel;
 pub mod config;
 
-use std::sync::Arc;
-
 use async_trait::async_trait;
 use backstop_events::{
     Actor, Envelope, Event, NewEvent, NotificationFailed, NotificationSent, Severity, streams,
@@ -486,9 +484,19 @@ impl Notifier {
                     if let Some(id) = id {
                         e = e.with_id(id);
                     }
-                    appender
+                    match appender
                         .append(&stream, ExpectedVersion::Any, vec![e])
-                        .await?;
+                        .await
+                    {
+                        Ok(_) => {}
+                        // Another worker handled the same event at the same time (a redelivery
+                        // while this one was slow) and recorded its send first, with other
+                        // content (its own time and attempt): the notification is recorded.
+                        Err(e) if id_reused(&e) => {
+                            tracing::warn!(channel = %config.name, "sent concurrently by another worker; its notification.sent stands");
+                        }
+                        Err(e) => return Err(e),
+                    }
                     tracing::info!(channel = %config.name, subject = %message.subject, attempt, "notification sent");
                     return Ok(Outcome::Sent { attempt });
                 }
@@ -526,6 +534,16 @@ impl Notifier {
     }
 }
 
+/// The ledger already holds this id with other content (locally, or as the remote ledger's
+/// refusal code).
+fn id_reused(e: &LedgerError) -> bool {
+    match e {
+        LedgerError::IdReused { .. } => true,
+        LedgerError::Refused { kind, .. } => kind == "id_reused",
+        _ => false,
+    }
+}
+
 struct NoLookup;
 
 #[async_trait]
@@ -550,9 +568,6 @@ fn route(c: &ChannelConfig, m: &Message) -> bool {
         _ => true,
     }
 }
-
-/// Shared by the worker and the CLI.
-pub type SharedNotifier = Arc<Notifier>;
 
 #[cfg(test)]
 mod tests;
