@@ -6,9 +6,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use backstop_events::{
-    Actor, BackupFailed, Envelope, Event, NewEvent, StorageUsageSampled, uuid_v7,
-};
+use backstop_events::{Actor, Envelope, Event, NewEvent, StorageUsageSampled};
 use backstop_ledger::remote::RemoteLedger;
 use backstop_ledger::{Appender, ExpectedVersion};
 use backstop_testkit::{Nats, free_port};
@@ -178,93 +176,6 @@ fn one_changed_byte_or_one_removed_event_fails_verify_and_names_the_position() {
     let report = format!("{}{}", stdout(&bad), stderr(&bad));
     assert!(report.contains("first bad position 4"), "{report}");
     assert!(report.contains("event 4 is missing"), "{report}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_killed_mid_event_gets_it_again_and_its_result_is_stored_once() {
-    let nats = Nats::start().expect("nats-server");
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("backstop.toml");
-    std::fs::write(&config, "[workers]\nack_wait_seconds = 2\n").unwrap();
-    let cfg = config.to_str().unwrap();
-    let mut serve = Process::spawn(
-        dir.path(),
-        &[
-            "--config",
-            cfg,
-            "serve",
-            "--nats",
-            &nats.url(),
-            "--no-workers",
-        ],
-        &[],
-    );
-    let r = remote(&nats.url()).await;
-    wait_until_serving(&r).await;
-
-    let mut worker = Process::spawn(
-        dir.path(),
-        &[
-            "--config",
-            cfg,
-            "worker",
-            "--nats",
-            &nats.url(),
-            "--only",
-            "alerts",
-        ],
-        &[("BACKSTOP_FAULT_PAUSE_BEFORE_ACK_MS", "60000")],
-    );
-    let backup_id = uuid_v7();
-    let failed = NewEvent::new(
-        format!("backup-{backup_id}"),
-        Actor::worker("backup"),
-        &Event::BackupFailed(BackupFailed {
-            backup_id,
-            source: "main".into(),
-            reason: "pg_dump: connection refused".into(),
-            attempt: 1,
-        }),
-    );
-    r.append(&failed.stream.clone(), ExpectedVersion::Any, vec![failed])
-        .await
-        .unwrap();
-    // The worker appended its alert and is now paused before the ack: kill it there.
-    worker.wait_for_log(
-        "fault injection: pausing before ack",
-        Duration::from_secs(30),
-    );
-    worker.kill9();
-
-    let again = Process::spawn(
-        dir.path(),
-        &[
-            "--config",
-            cfg,
-            "worker",
-            "--nats",
-            &nats.url(),
-            "--only",
-            "alerts",
-        ],
-        &[],
-    );
-    again.wait_for_log("redelivered event handled", Duration::from_secs(30));
-    drop(again);
-    assert!(serve.terminate().success());
-
-    let alerts: Vec<Envelope> = all_events(dir.path())
-        .into_iter()
-        .filter(|e| e.event_type == "alert.raised")
-        .collect();
-    assert_eq!(alerts.len(), 1, "the alert must be stored once: {alerts:?}");
-    assert_eq!(alerts[0].payload["kind"], "backup_failed");
-    assert!(
-        alerts[0].payload["message"]
-            .as_str()
-            .unwrap()
-            .contains("connection refused")
-    );
 }
 
 #[test]
