@@ -87,7 +87,8 @@ pub async fn spawn_monitors(
     if !config.health.endpoints.is_empty() {
         let (health, ledger, shutdown) = (config.health.clone(), ledger.clone(), shutdown.clone());
         tasks.spawn(async move {
-            backstop_ops::health::run(&health, &ledger, &SystemClock, shutdown).await;
+            backstop_ops::health::run(&health, Some(&ledger), &ledger, &SystemClock, shutdown)
+                .await;
             Ok(())
         });
     }

@@ -34,12 +34,16 @@
 //!   takes as "already recorded" ([`is_already_recorded`]).
 //! - Latency is measured on the injected [`Clock`] (wall time in `serve`), so tests drive slow
 //!   answers by moving a [`crate::schedule::ManualClock`] rather than by waiting.
+//! - A restarted monitor resumes each endpoint from its last recorded check
+//!   ([`EndpointHealth::resume`]): an endpoint Down before the restart stays Down (no
+//!   healthy-looking first failure is recorded in between), and a period already sampled is not
+//!   sampled again.
 //! - The monitor never raises alerts itself: the alert rules follow these events.
 
 use std::time::Duration;
 
 use backstop_events::{Actor, Event, HealthChecked, HealthState, NewEvent, streams};
-use backstop_ledger::{Appender, ExpectedVersion, LedgerError};
+use backstop_ledger::{Appender, ExpectedVersion, Ledger, LedgerError};
 use chrono::{DateTime, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -240,6 +244,30 @@ impl EndpointHealth {
         }
     }
 
+    /// Resumes from the last recorded check of the endpoint (a restarted `serve`), so a restart
+    /// neither forgets that an endpoint is Down nor records a healthy-looking first failure:
+    /// the run counts are what the recorded state implies (at least one failure after a
+    /// failure, enough for Down after Down; likewise for slow answers), and the sample period
+    /// of that check counts as sampled.
+    pub fn resume(thresholds: Thresholds, at: DateTime<Utc>, last: &HealthChecked) -> Self {
+        let slow = last.ok && u128::from(last.latency_ms) > thresholds.slow.as_millis();
+        EndpointHealth {
+            thresholds,
+            state: last.state,
+            failures: match (last.ok, last.state) {
+                (true, _) => 0,
+                (false, HealthState::Down) => thresholds.failures_for_down,
+                (false, _) => 1,
+            },
+            slow: match (slow, last.state) {
+                (false, _) => 0,
+                (true, HealthState::Degraded) => thresholds.slow_for_degraded,
+                (true, _) => 1,
+            },
+            last_slot: Some(at),
+        }
+    }
+
     pub fn state(&self) -> HealthState {
         self.state
     }
@@ -409,9 +437,26 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Runs the monitor of every configured endpoint until `shutdown` fires.
+/// The last recorded check of `endpoint` in `ledger`, with its slot.
+pub fn last_recorded(ledger: &Ledger, endpoint: &str) -> Option<(DateTime<Utc>, HealthChecked)> {
+    let stream = streams::health(endpoint);
+    let store = ledger.store();
+    let version = store.stream_version(&stream).ok()?;
+    if version == 0 {
+        return None;
+    }
+    let last = store.stream(&stream, version, 1).ok()?.pop()?;
+    match last.event() {
+        Ok(Event::HealthChecked(h)) if h.endpoint == endpoint => Some((last.occurred_at, h)),
+        _ => None,
+    }
+}
+
+/// Runs the monitor of every configured endpoint until `shutdown` fires, resuming each from
+/// its last recorded check in `history` ([`EndpointHealth::resume`]).
 pub async fn run(
     config: &HealthConfig,
+    history: Option<&Ledger>,
     appender: &dyn Appender,
     clock: &dyn Clock,
     shutdown: watch::Receiver<bool>,
@@ -432,22 +477,24 @@ pub async fn run(
         interval_seconds = th.interval.num_seconds(),
         "health monitor running"
     );
-    let runs = config
-        .endpoints
-        .iter()
-        .map(|e| run_endpoint(&client, e, th, appender, clock, shutdown.clone()));
+    let runs = config.endpoints.iter().map(|e| {
+        let health = match history.and_then(|l| last_recorded(l, &e.name)) {
+            Some((at, last)) => EndpointHealth::resume(th, at, &last),
+            None => EndpointHealth::new(th),
+        };
+        run_endpoint(&client, e, health, appender, clock, shutdown.clone())
+    });
     futures::future::join_all(runs).await;
 }
 
 async fn run_endpoint(
     client: &reqwest::Client,
     endpoint: &EndpointConfig,
-    th: Thresholds,
+    mut health: EndpointHealth,
     appender: &dyn Appender,
     clock: &dyn Clock,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut health = EndpointHealth::new(th);
     let mut next = health.regular_slot_at_or_after(clock.now());
     loop {
         if *shutdown.borrow() {
@@ -599,6 +646,39 @@ mod tests {
         h.observe(t0 + TimeDelta::minutes(20), &answer(5));
         let o = h.observe(t0 + TimeDelta::minutes(25), &answer(5_000));
         assert_eq!(o.state, HealthState::Up);
+    }
+
+    #[test]
+    fn a_resumed_monitor_keeps_down_and_a_first_failure() {
+        let t0 = Utc.with_ymd_and_hms(2026, 3, 2, 10, 0, 0).unwrap();
+        let th = Thresholds::default();
+        let recorded = |ok: bool, latency_ms: u64, state: HealthState| HealthChecked {
+            endpoint: "web".into(),
+            ok,
+            status: Some(if ok { 200 } else { 503 }),
+            latency_ms,
+            error: (!ok).then(|| "answered 503, expected 200".into()),
+            state,
+        };
+        // Down before the restart, still failing: no change, no "up" in between.
+        let mut h = EndpointHealth::resume(th, t0, &recorded(false, 5, HealthState::Down));
+        let o = h.observe(t0 + TimeDelta::minutes(5), &failure());
+        assert_eq!((o.state, o.changed), (HealthState::Down, false));
+        let o = h.observe(o.next, &answer(20));
+        assert_eq!(
+            (o.state, o.changed, o.record),
+            (HealthState::Up, true, true)
+        );
+        // One failure before the restart: the next one makes it Down.
+        let mut h = EndpointHealth::resume(th, t0, &recorded(false, 5, HealthState::Up));
+        let o = h.observe(t0 + TimeDelta::seconds(30), &failure());
+        assert_eq!((o.state, o.changed), (HealthState::Down, true));
+        // Degraded before: still slow stays Degraded; the hour's sample was taken.
+        let mut h = EndpointHealth::resume(th, t0, &recorded(true, 4000, HealthState::Degraded));
+        let o = h.observe(t0 + TimeDelta::minutes(5), &answer(3500));
+        assert_eq!((o.state, o.changed), (HealthState::Degraded, false));
+        let mut h = EndpointHealth::resume(th, t0, &recorded(true, 30, HealthState::Up));
+        assert!(!h.observe(t0 + TimeDelta::minutes(5), &answer(30)).record);
     }
 
     #[test]

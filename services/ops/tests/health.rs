@@ -82,7 +82,9 @@ async fn fails_twice_then_slow_three_times_then_recovers_recording_down_up_degra
     let (stop, shutdown) = watch::channel(false);
     let monitor = {
         let (ledger, clock) = (ledger.clone(), clock.clone());
-        tokio::spawn(async move { health::run(&config, &ledger, clock.as_ref(), shutdown).await })
+        tokio::spawn(async move {
+            health::run(&config, Some(&ledger), &ledger, clock.as_ref(), shutdown).await
+        })
     };
     clock.wait_parked(1).await;
 
@@ -138,7 +140,9 @@ async fn fails_twice_then_slow_three_times_then_recovers_recording_down_up_degra
     let (stop2, shutdown2) = watch::channel(false);
     let second = {
         let (ledger, clock2) = (ledger.clone(), clock2.clone());
-        tokio::spawn(async move { health::run(&again, &ledger, clock2.as_ref(), shutdown2).await })
+        tokio::spawn(
+            async move { health::run(&again, None, &ledger, clock2.as_ref(), shutdown2).await },
+        )
     };
     clock2.wait_parked(1).await;
     assert_eq!(
@@ -151,6 +155,33 @@ async fn fails_twice_then_slow_three_times_then_recovers_recording_down_up_degra
     stop2.send_replace(true);
     monitor.await.unwrap();
     second.await.unwrap();
+
+    // A restarted monitor resumes from the last recorded check (Up at 10:20, this hour's
+    // sample taken): its first check, at 10:45, healthy, records nothing.
+    let config3 = HealthConfig {
+        endpoints: vec![EndpointConfig {
+            name: "platform".into(),
+            url: format!("http://{addr}/healthz"),
+            expected_status: None,
+            timeout: None,
+        }],
+        ..HealthConfig::default()
+    };
+    let clock3 = Arc::new(ManualClock::new(t0 + TimeDelta::minutes(45)));
+    clock3.set_horizon(Some(t0 + TimeDelta::minutes(45)));
+    let (stop3, shutdown3) = watch::channel(false);
+    let calls = script.calls.load(Ordering::SeqCst);
+    let third = {
+        let (ledger, clock3) = (ledger.clone(), clock3.clone());
+        tokio::spawn(async move {
+            health::run(&config3, Some(&ledger), &ledger, clock3.as_ref(), shutdown3).await
+        })
+    };
+    clock3.wait_parked(1).await;
+    assert_eq!(script.calls.load(Ordering::SeqCst), calls + 1, "it checked");
+    assert_eq!(ledger.head().position, head, "and recorded nothing");
+    stop3.send_replace(true);
+    third.await.unwrap();
     server.abort();
 }
 
