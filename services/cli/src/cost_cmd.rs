@@ -26,6 +26,8 @@ use tokio::task::JoinSet;
 use crate::config::Config;
 use crate::wiring::{Events, RepoArgs, location, open_repository, s3_settings};
 
+const MEASURED_NOW: &str = "usage measured now";
+
 #[derive(Args)]
 pub struct CostArgs {
     #[command(flatten)]
@@ -218,9 +220,9 @@ pub async fn run(
             if samples.is_empty() {
                 match backstop_ops::storage_probe::usage(repo.backend().as_ref()).await {
                     Ok((bytes, objects)) => {
-                        notes.push(
-                            "usage measured now (not recorded): no sample in the ledger yet".into(),
-                        );
+                        notes.push(format!(
+                            "{MEASURED_NOW} (not recorded): no sample in the ledger yet"
+                        ));
                         samples.push(UsageSample {
                             repository: series.repository.clone(),
                             region: series.region.clone(),
@@ -260,13 +262,13 @@ pub async fn run(
         recs,
         chrono::Utc::now().date_naive(),
     );
-    if !notes.is_empty() {
+    if notes.iter().any(|n| n.starts_with(MEASURED_NOW)) {
         // "Measured now" replaces the report's own "no sample yet".
         report
             .notes
             .retain(|n| !n.starts_with("no storage usage sampled yet"));
-        report.notes.extend(notes);
     }
+    report.notes.extend(notes);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -295,7 +295,8 @@ pub fn monthly_estimate(samples: &[UsageSample], prices: &PriceTable) -> Estimat
         })
         .collect();
     Estimate {
-        total_usd: series.iter().map(|s| s.monthly_usd).sum(),
+        // A fold from +0.0: an empty float sum is -0.0, which prints as "$-0.00".
+        total_usd: series.iter().fold(0.0, |t, s| t + s.monthly_usd),
         series,
     }
 }
