@@ -370,6 +370,23 @@ pub fn physical_verify_settings(
     }
 }
 
+/// The alert rules' view of the price table (`[cost]`): the monthly USD of bytes in a storage
+/// class and region.
+pub fn cost_estimator(config: &Config) -> Option<backstop_ops::alerting::CostEstimator> {
+    let prices = config.cost.price_table();
+    Some(std::sync::Arc::new(
+        move |class: &str, region: &str, bytes: u64| prices.monthly_usd(class, region, bytes),
+    ))
+}
+
+/// The alert thresholds: `[alerts]`, with the budget of `[cost]`.
+pub fn alert_thresholds(config: &Config) -> backstop_ops::alerting::AlertThresholds {
+    backstop_ops::alerting::AlertThresholds {
+        budget_usd: config.cost.budget_usd,
+        ..config.alerts.clone()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -394,22 +411,5 @@ mod tests {
         let bad = toml::from_str::<Config>("[repository]\nobject_lock = \"30\"\n")
             .expect_err("a duration without a unit");
         assert!(bad.to_string().contains("object_lock"), "{bad}");
-    }
-}
-
-/// The alert rules' view of the price table (`[cost]`): the monthly USD of bytes in a storage
-/// class and region.
-pub fn cost_estimator(config: &Config) -> Option<backstop_ops::alerting::CostEstimator> {
-    let prices = config.cost.price_table();
-    Some(std::sync::Arc::new(
-        move |class: &str, region: &str, bytes: u64| prices.monthly_usd(class, region, bytes),
-    ))
-}
-
-/// The alert thresholds: `[alerts]`, with the budget of `[cost]`.
-pub fn alert_thresholds(config: &Config) -> backstop_ops::alerting::AlertThresholds {
-    backstop_ops::alerting::AlertThresholds {
-        budget_usd: config.cost.budget_usd,
-        ..config.alerts.clone()
     }
 }

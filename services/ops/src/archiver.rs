@@ -53,19 +53,23 @@ impl ArchiverError {
     }
 }
 
+/// `archive_mode`, then `pg_stat_archiver`'s counts, last archived WAL and time, last failed WAL
+/// and time.
+type ArchiverRow = (
+    String,
+    i64,
+    i64,
+    Option<String>,
+    Option<DateTime<Utc>>,
+    Option<String>,
+    Option<DateTime<Utc>>,
+);
+
 /// One reading of `pg_stat_archiver`, or None when archiving is off.
 pub async fn read_status(source: &SourceSpec) -> Result<Option<WalArchiverChecked>, ArchiverError> {
     let query = async {
         let mut conn = sqlx::PgConnection::connect(&source.conninfo).await?;
-        let row: (
-            String,
-            i64,
-            i64,
-            Option<String>,
-            Option<DateTime<Utc>>,
-            Option<String>,
-            Option<DateTime<Utc>>,
-        ) = sqlx::query_as(
+        let row: ArchiverRow = sqlx::query_as(
             "SELECT current_setting('archive_mode'), archived_count, failed_count, \
                    last_archived_wal, last_archived_time, last_failed_wal, last_failed_time \
                  FROM pg_stat_archiver",

@@ -136,7 +136,7 @@ impl ReportBuilder {
                     duration_ms: c.duration_ms,
                     completed_at: e.occurred_at,
                 });
-                r.slowest.sort_by(|a, b| b.duration_ms.cmp(&a.duration_ms));
+                r.slowest.sort_by_key(|b| std::cmp::Reverse(b.duration_ms));
                 r.slowest.truncate(SLOWEST);
             }
             Event::BackupFailed(f) => {
@@ -352,7 +352,8 @@ pub fn weekly_of_ledger(
 }
 
 /// `serve`'s weekly composer: whenever the last full week (Monday to Monday in `zone`) has no
-/// `report.generated` yet, composes it from the ledger and records it. Looks again at the next
+/// `report.generated` yet, and the ledger's history began before that week ended, composes it
+/// from the ledger and records it. Looks again at the next
 /// week's end, and at least hourly (a clock stepped forward is noticed). A failure is logged and
 /// tried again an hour later: a report is late, never lost or doubled.
 pub async fn run_weekly(
@@ -370,7 +371,11 @@ pub async fn run_weekly(
         if done != Some(start) {
             let id = report_id(WEEKLY, start);
             let recorded = ledger.store().position_of(id)?.is_some();
-            let outcome = if recorded {
+            // A week that ended before the ledger's first event is not summarised: a new
+            // installation's first email is not a summary of the week before it existed.
+            let first = ledger.read(1, 1)?.into_iter().next().map(|e| e.occurred_at);
+            let before_history = first.is_none_or(|f| f >= end);
+            let outcome = if recorded || before_history {
                 Ok(())
             } else {
                 match weekly_of_ledger(&ledger, (start, end), zone, cost.as_ref()) {

@@ -7,8 +7,8 @@
 use std::sync::Arc;
 
 use backstop_events::{
-    Actor, AlertRaised, BackupCompleted, BackupFailed, BackupKind, BackupMethod, BackupRequested,
-    Digest, Envelope, Event, NewEvent, RecoveryRequested, RecoveryScope, Trigger, streams, uuid_v7,
+    Actor, BackupCompleted, BackupFailed, BackupKind, BackupMethod, BackupRequested, Digest,
+    Envelope, Event, NewEvent, RecoveryRequested, RecoveryScope, Trigger, streams, uuid_v7,
 };
 use backstop_ledger::Appender;
 use backstop_ledger::consumer::{Handler, HandlerError};
