@@ -108,6 +108,9 @@ pub async fn serve(
         ledger.clone(),
     ));
     let handlers = if args.no_workers {
+        // Dropped here: its handles on the ledger (the data path's appender) would otherwise
+        // live to the end of this function, past `ledger.close()`, which waits for them.
+        drop(context);
         Vec::new()
     } else {
         backstop_workers::handlers(&args.only, context).map_err(anyhow::Error::msg)?
