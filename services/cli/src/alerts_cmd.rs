@@ -1,8 +1,8 @@
 //! `backstop alerts`: the open alerts, and an operator's resolution of one.
 //!
 //! Both read the ledger from the start (this process's own, or the running serve's through its
-//! control socket) and fold it as the alert monitor does (`backstop_ops::alerting::Facts`), so
-//! the list is exactly what the monitor considers open.
+//! control socket: `wiring::each_event`) and fold it as the alert monitor does
+//! (`backstop_ops::alerting::Facts`), so the list is exactly what the monitor considers open.
 
 use std::path::Path;
 
@@ -13,7 +13,7 @@ use backstop_ops::alerting::Facts;
 use clap::Subcommand;
 
 use crate::config::Config;
-use crate::control::open_ledger;
+use crate::wiring::{Events, each_event};
 
 #[derive(Subcommand)]
 pub enum AlertsCommand {
@@ -37,13 +37,21 @@ pub async fn run(
     data_dir: &Path,
     cmd: Option<AlertsCommand>,
 ) -> anyhow::Result<std::process::ExitCode> {
-    let access = open_ledger(&config.ledger_config(data_dir), data_dir).await?;
-    let facts = read_facts(&access).await?;
+    let events = Events::open(config, data_dir).await?;
+    let mut facts = Facts::default();
+    let read = each_event(&events, data_dir, "the alerts are there", |e| {
+        facts.observe(e)
+    })
+    .await;
+    if let Err(e) = read {
+        events.close().await;
+        return Err(e);
+    }
     let result = match cmd.unwrap_or(AlertsCommand::List { json: false }) {
         AlertsCommand::List { json } => list(&facts, json),
         AlertsCommand::Resolve { key, reason } => {
             let Some(open) = facts.open.get(&key) else {
-                access.close().await;
+                events.close().await;
                 anyhow::bail!(
                     "no open alert has the key {key:?}; `backstop alerts list` shows the open ones"
                 );
@@ -62,35 +70,22 @@ pub async fn run(
                 Actor::operator(operator),
                 &Event::AlertResolved(resolved),
             );
-            access
-                .appender()
+            match events
+                .appender
                 .append(&streams::alerts(), ExpectedVersion::Any, vec![e])
                 .await
-                .context("cannot record the resolution")?;
-            println!("resolved {key}");
-            Ok(std::process::ExitCode::SUCCESS)
+                .context("cannot record the resolution")
+            {
+                Ok(_) => {
+                    println!("resolved {key}");
+                    Ok(std::process::ExitCode::SUCCESS)
+                }
+                Err(e) => Err(e),
+            }
         }
     };
-    access.close().await;
+    events.close().await;
     result
-}
-
-async fn read_facts(access: &crate::control::LedgerAccess) -> anyhow::Result<Facts> {
-    let head = access.head().await?;
-    let mut facts = Facts::default();
-    let mut follow = access.follow(1).await?;
-    let mut seen = 0;
-    while seen < head {
-        let batch = follow.next_batch().await?;
-        if batch.is_empty() {
-            break;
-        }
-        for e in &batch {
-            seen = seen.max(e.position);
-            facts.observe(e);
-        }
-    }
-    Ok(facts)
 }
 
 fn list(facts: &Facts, json: bool) -> anyhow::Result<std::process::ExitCode> {

@@ -11,8 +11,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-use backstop_events::Envelope;
 use backstop_ledger::Ledger;
 use backstop_ops::cost::{self, CostReport, Recommendations, UsageSample};
 use backstop_ops::forget::RetentionFacts;
@@ -155,48 +153,6 @@ pub async fn recommendations(
     ))
 }
 
-/// Every event of the ledger, here or through the running serve.
-async fn each_event(
-    events: &Events,
-    data_dir: &Path,
-    mut f: impl FnMut(&Envelope),
-) -> anyhow::Result<()> {
-    if let Some(ledger) = &events.ledger {
-        let mut from = 1;
-        loop {
-            let batch = ledger.read(from, 4096)?;
-            let Some(last) = batch.last() else {
-                return Ok(());
-            };
-            from = last.position + 1;
-            batch.iter().for_each(&mut f);
-        }
-    }
-    let socket = backstop_ledger::local::socket_path(data_dir);
-    let local = backstop_ledger::local::LocalLedger::connect(&socket)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot read the ledger (the usage samples are there): no ledger here, and no serve answers on {}",
-                socket.display()
-            )
-        })?;
-    let mut follow = local.follow(1).await?;
-    let head = follow.head_at_start().position;
-    let mut seen = 0;
-    while seen < head {
-        let batch = follow.next_batch().await?;
-        if batch.is_empty() {
-            break;
-        }
-        for env in &batch {
-            seen = seen.max(env.position);
-            f(env);
-        }
-    }
-    Ok(())
-}
-
 pub async fn run(
     config: &Config,
     data_dir: &Path,
@@ -205,7 +161,7 @@ pub async fn run(
     let mut events = Events::open(config, data_dir).await?;
     let mut samples = Vec::new();
     let mut facts = RetentionFacts::default();
-    each_event(&events, data_dir, |env| {
+    crate::wiring::each_event(&events, data_dir, "the usage samples are there", |env| {
         if let Some(s) = UsageSample::from_envelope(env) {
             samples.push(s);
         }

@@ -5,7 +5,6 @@
 
 use std::path::Path;
 
-use anyhow::Context;
 use backstop_events::Actor;
 use backstop_ops::forget::{ForgetOptions, ForgetReport, RetentionFacts, forget};
 use clap::Args;
@@ -125,31 +124,13 @@ fn print_report(r: &ForgetReport) {
 /// What retention reads from the ledger: this process's own, or the running serve's through
 /// its control socket.
 pub async fn retention_facts(events: &Events, data_dir: &Path) -> anyhow::Result<RetentionFacts> {
-    if let Some(ledger) = &events.ledger {
-        return Ok(RetentionFacts::from_ledger(ledger)?);
-    }
-    let socket = backstop_ledger::local::socket_path(data_dir);
-    let local = backstop_ledger::local::LocalLedger::connect(&socket)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot read the ledger (verifications decide what retention may delete): no ledger here, and no serve answers on {}",
-                socket.display()
-            )
-        })?;
-    let mut follow = local.follow(1).await?;
-    let head = follow.head_at_start().position;
     let mut facts = RetentionFacts::default();
-    let mut seen = 0;
-    while seen < head {
-        let batch = follow.next_batch().await?;
-        if batch.is_empty() {
-            break;
-        }
-        for env in &batch {
-            seen = seen.max(env.position);
-            facts.observe(env);
-        }
-    }
+    crate::wiring::each_event(
+        events,
+        data_dir,
+        "verifications decide what retention may delete",
+        |env| facts.observe(env),
+    )
+    .await?;
     Ok(facts)
 }

@@ -8,7 +8,7 @@ use chrono::{NaiveDate, TimeZone, Utc};
 use clap::Subcommand;
 
 use crate::config::Config;
-use crate::control::open_ledger;
+use crate::wiring::{Events, each_event};
 
 #[derive(Subcommand)]
 pub enum ReportCommand {
@@ -41,23 +41,14 @@ pub async fn run(
         None => Utc::now(),
     };
     let (start, end) = last_full_week(now, zone);
-    let access = open_ledger(&config.ledger_config(data_dir), data_dir).await?;
-    let head = access.head().await?;
+    let events = Events::open(config, data_dir).await?;
     let mut builder = ReportBuilder::new(start, end, zone);
-    let mut follow = access.follow(1).await?;
-    let mut seen = 0;
-    while seen < head {
-        let batch = follow.next_batch().await?;
-        if batch.is_empty() {
-            break;
-        }
-        for e in &batch {
-            seen = seen.max(e.position);
-            builder.observe(e);
-        }
-    }
-    drop(follow);
-    access.close().await;
+    let read = each_event(&events, data_dir, "the summary is made from it", |e| {
+        builder.observe(e)
+    })
+    .await;
+    events.close().await;
+    read?;
     let report = builder.finish(crate::wiring::cost_estimator(config).as_ref());
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);

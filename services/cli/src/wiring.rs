@@ -298,28 +298,37 @@ pub fn self_invocation(
     Ok(words.join(" "))
 }
 
-/// The backups whose latest verification passed, read from the ledger: this process's own,
-/// or the running serve's through its control socket. `restore latest` restores only those
-/// unless the operator allows unverified ones.
-pub async fn verified_backups(
+/// Every event of the ledger in order, up to its head when called: this process's own, or the
+/// running serve's through its control socket. `why` says what the caller reads it for, in the
+/// error when neither is there.
+pub async fn each_event(
     events: &Events,
     data_dir: &Path,
-) -> anyhow::Result<std::collections::HashSet<uuid::Uuid>> {
+    why: &str,
+    mut f: impl FnMut(&backstop_events::Envelope),
+) -> anyhow::Result<()> {
     if let Some(ledger) = &events.ledger {
-        return Ok(backstop_ops::catalog::verified_backups(ledger)?);
+        let mut from = 1;
+        loop {
+            let batch = ledger.read(from, 4096)?;
+            let Some(last) = batch.last() else {
+                return Ok(());
+            };
+            from = last.position + 1;
+            batch.iter().for_each(&mut f);
+        }
     }
     let socket = backstop_ledger::local::socket_path(data_dir);
     let local = backstop_ledger::local::LocalLedger::connect(&socket)
         .await
         .with_context(|| {
             format!(
-                "cannot read which backups passed verification (no ledger here, and no serve answers on {}): name a backup id, or pass --allow-unverified",
+                "cannot read the ledger ({why}): no ledger here, and no serve answers on {}",
                 socket.display()
             )
         })?;
     let mut follow = local.follow(1).await?;
     let head = follow.head_at_start().position;
-    let mut verified = std::collections::HashSet::new();
     let mut seen = 0;
     while seen < head {
         let batch = follow.next_batch().await?;
@@ -328,9 +337,26 @@ pub async fn verified_backups(
         }
         for env in &batch {
             seen = seen.max(env.position);
-            backstop_ops::catalog::note_verification(&mut verified, env);
+            f(env);
         }
     }
+    Ok(())
+}
+
+/// The backups whose latest verification passed, read from the ledger. `restore latest`
+/// restores only those unless the operator allows unverified ones.
+pub async fn verified_backups(
+    events: &Events,
+    data_dir: &Path,
+) -> anyhow::Result<std::collections::HashSet<uuid::Uuid>> {
+    let mut verified = std::collections::HashSet::new();
+    each_event(
+        events,
+        data_dir,
+        "which backups passed verification; name a backup id, or pass --allow-unverified",
+        |env| backstop_ops::catalog::note_verification(&mut verified, env),
+    )
+    .await?;
     Ok(verified)
 }
 
