@@ -9,38 +9,14 @@ mod dashboard_support;
 #[path = "../support/mod.rs"]
 mod support;
 
-use std::process::Command;
 use std::time::Duration;
 
 use backstop_events::BackupKind;
 use backstop_projections::sample::{self, BackupSpec};
-use backstop_testkit::{Postgres, free_port, require_tool};
+use backstop_testkit::{Postgres, free_port};
 use chrono::Utc;
 use dashboard_support::*;
 use support::Process;
-
-fn chromium(args: &[&str], url: &str) -> std::process::Output {
-    let chromium = require_tool("chromium").expect("chromium");
-    let profile = tempfile::tempdir().unwrap();
-    Command::new(chromium)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--disable-dev-shm-usage",
-            "--hide-scrollbars",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .args(args)
-        .arg(url)
-        .output()
-        .expect("run chromium")
-}
 
 fn count(hay: &str, needle: &str) -> usize {
     hay.matches(needle).count()

@@ -156,3 +156,27 @@ pub fn artifacts_dir() -> PathBuf {
     std::fs::create_dir_all(&dir).expect("create target/artifacts");
     dir
 }
+
+/// Headless Chromium (Debian's `chromium`) on `url` with a throwaway profile, offline.
+pub fn chromium(args: &[&str], url: &str) -> std::process::Output {
+    let chromium = backstop_testkit::require_tool("chromium").expect("chromium");
+    let profile = tempfile::tempdir().unwrap();
+    std::process::Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+            "--hide-scrollbars",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("run chromium")
+}
