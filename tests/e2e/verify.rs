@@ -175,7 +175,7 @@ fn backups_are_verified_automatically_and_damage_is_caught_alerted_and_retried()
     // 2. A second backup taken with the verify worker off, then damaged after upload.
     let serve = Process::spawn(
         &data,
-        &["--config", &config, "serve", "--only", "backup,alerts"],
+        &["--config", &config, "serve", "--only", "backup"],
         &[],
     );
     wait_http(port, "/healthz", None, "serve up", |s, _| s == 200);
