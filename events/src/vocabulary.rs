@@ -536,6 +536,12 @@ vocabulary! {
     /// A refused API request, with whoever made it.
     AccessDenied = "access.denied" v 1 {
         caller: String, role: Option<String>, method: String, path: String, reason: String,
+        /// How many refusals of this caller the event stands for (the API aggregates a client's
+        /// refusals into one event per window); 0 in events recorded before aggregation, which
+        /// each stand for one refusal.
+        #[serde(default)] count: u64,
+        /// The length of the aggregation window, in seconds (0: a single refusal).
+        #[serde(default)] window_seconds: u64,
     }
 }
 

@@ -473,6 +473,8 @@ async fn record_denial(shared: &Shared, uid: u32, pid: Option<i32>, reason: Stri
         method: "connect".into(),
         path: shared.path.display().to_string(),
         reason,
+        count: 1,
+        window_seconds: 0,
     });
     let stream = streams::access();
     let e = NewEvent::new(stream.clone(), Actor::worker("control-socket"), &event);

@@ -409,6 +409,8 @@ impl ApiState {
             method: ctx.method.to_string(),
             path: ctx.path.chars().take(512).collect(),
             reason: refusal.to_string(),
+            count: 1,
+            window_seconds: 0,
         });
         let stream = streams::access();
         let e = NewEvent::new(stream.clone(), actor, &event);
