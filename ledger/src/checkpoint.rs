@@ -56,6 +56,12 @@ impl CheckpointSigner {
         };
         match std::fs::read_to_string(path) {
             Ok(text) => {
+                if let Some(mode) = shared_mode(path) {
+                    return Err(err(format!(
+                        "its mode {mode:o} lets its group or others read it, and whoever holds it can sign checkpoints: run `chmod 600 {}`",
+                        path.display()
+                    )));
+                }
                 let bytes = hex::decode(text.trim())
                     .map_err(|_| err("not a hex-encoded ed25519 seed".into()))?;
                 let seed: [u8; 32] = bytes
@@ -90,6 +96,56 @@ impl CheckpointSigner {
             public_key: self.public_key_hex(),
             signature: hex::encode(sig.to_bytes()),
         }
+    }
+}
+
+/// The prefix of a signed statement (the audit export's coverage statement), so that no
+/// statement's signature can ever pass for a checkpoint's and the other way round.
+const STATEMENT_MAGIC: &[u8; 9] = b"BKSTP-ST1";
+
+impl CheckpointSigner {
+    /// Signs a statement that is not a checkpoint (the audit export's signed coverage), hex.
+    /// The signed bytes are `BKSTP-ST1` followed by `statement`.
+    pub fn sign_statement(&self, statement: &[u8]) -> String {
+        let mut b = STATEMENT_MAGIC.to_vec();
+        b.extend_from_slice(statement);
+        hex::encode(self.key.sign(&b).to_bytes())
+    }
+}
+
+/// Checks a signature made by [`CheckpointSigner::sign_statement`]. Returns what is wrong.
+pub fn verify_statement(
+    statement: &[u8],
+    signature_hex: &str,
+    public_key_hex: &str,
+) -> Result<(), String> {
+    let key_bytes: [u8; 32] = hex::decode(public_key_hex)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or("the public key is not 32 hex-encoded bytes")?;
+    let key = VerifyingKey::from_bytes(&key_bytes).map_err(|e| format!("bad public key: {e}"))?;
+    let sig_bytes: [u8; 64] = hex::decode(signature_hex)
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or("the signature is not 64 hex-encoded bytes")?;
+    let mut b = STATEMENT_MAGIC.to_vec();
+    b.extend_from_slice(statement);
+    key.verify(&b, &Signature::from_bytes(&sig_bytes))
+        .map_err(|_| "the signature does not match".to_string())
+}
+
+/// The file's mode when its group or others may read or write it.
+fn shared_mode(path: &Path) -> Option<u32> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+        (mode & 0o077 != 0).then_some(mode)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        None
     }
 }
 
@@ -157,11 +213,34 @@ mod tests {
         assert!(verify_checkpoint(&cp, &other.public_key_hex()).is_err());
     }
 
+    fn write_with_mode(path: &Path, text: &str, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(path, text).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
     #[test]
     fn a_malformed_key_file_is_an_error_not_a_new_key() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("k");
-        std::fs::write(&path, "not hex").unwrap();
-        assert!(CheckpointSigner::load_or_create(&path).is_err());
+        write_with_mode(&path, "not hex", 0o600);
+        let e = CheckpointSigner::load_or_create(&path).err().unwrap();
+        assert!(e.to_string().contains("hex"), "{e}");
+    }
+
+    #[test]
+    fn a_signing_key_others_can_read_is_refused_with_the_chmod_to_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        let good = CheckpointSigner::load_or_create(&path).unwrap();
+        for mode in [0o644, 0o640, 0o604, 0o660] {
+            write_with_mode(&path, &hex::encode(good.key.to_bytes()), mode);
+            let e = CheckpointSigner::load_or_create(&path).err().unwrap().to_string();
+            assert!(e.contains(&format!("chmod 600 {}", path.display())), "{e}");
+            assert!(e.contains(&format!("{mode:o}")), "{e}");
+        }
+        write_with_mode(&path, &hex::encode(good.key.to_bytes()), 0o600);
+        let again = CheckpointSigner::load_or_create(&path).unwrap();
+        assert_eq!(again.public_key_hex(), good.public_key_hex());
     }
 }

@@ -273,6 +273,18 @@ impl Store {
         }
     }
 
+    /// The last signed checkpoint at or before `position`, if any. The audit export starts
+    /// from it, so that the first exported event is one a signature covers.
+    pub fn checkpoint_at_or_before(
+        &self,
+        position: u64,
+    ) -> Result<Option<crate::Checkpoint>, LedgerError> {
+        match self.checkpoints.range(..=u64_key(position)).next_back() {
+            None => Ok(None),
+            Some(item) => decode_checkpoint(item?),
+        }
+    }
+
     /// The latest signed checkpoint, if any.
     pub fn last_checkpoint(&self) -> Result<Option<crate::Checkpoint>, LedgerError> {
         match self.checkpoints.last()? {
