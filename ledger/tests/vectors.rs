@@ -75,6 +75,12 @@ fn signed_checkpoint_over_the_excerpt_head() {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let key_path = dir.path().join("ledger-signing.key");
     std::fs::write(&key_path, &seed_file).expect("write the key file");
+    // Only its owner may read a signing key (a shared one is refused).
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod 600");
+    }
     let signer = CheckpointSigner::load_or_create(&key_path).expect("the seed file loads");
     assert_eq!(
         unhex(std::str::from_utf8(&seed_file).expect("UTF-8")),

@@ -112,8 +112,11 @@ impl MasterKey {
         }
     }
 
-    /// A key file: the encoded key as text, or exactly 64 raw bytes.
+    /// A key file: the encoded key as text, or exactly 64 raw bytes. A file that its group or
+    /// others may read is refused, with the `chmod` that fixes it: the master key opens every
+    /// backup, so it must be readable by its owner only.
     pub fn from_file(path: &Path) -> Result<MasterKey> {
+        refuse_shared(path)?;
         let raw = Zeroizing::new(std::fs::read(path).map_err(|e| {
             RepoError::io(
                 format!("cannot read the master key file {}", path.display()),
@@ -515,16 +518,39 @@ mod tests {
         assert_eq!(format!("{k:?}"), "MasterKey(<redacted>)");
     }
 
+    fn private(p: &Path) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
     #[test]
     fn key_file() {
         let dir = tempfile::tempdir().unwrap();
         let k = MasterKey::generate();
         let p = dir.path().join("k");
         std::fs::write(&p, format!("{}\n", k.to_base64().as_str())).unwrap();
+        private(&p);
         assert_eq!(*MasterKey::from_file(&p).unwrap().bytes, *k.bytes);
         std::fs::write(&p, k.bytes.as_ref()).unwrap();
         assert_eq!(*MasterKey::from_file(&p).unwrap().bytes, *k.bytes);
         assert!(MasterKey::from_file(&dir.path().join("missing")).is_err());
+    }
+
+    #[test]
+    fn a_key_file_its_group_or_others_can_read_is_refused_with_the_chmod_to_run() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let k = MasterKey::generate();
+        let p = dir.path().join("master.key");
+        std::fs::write(&p, k.to_base64().as_str()).unwrap();
+        for mode in [0o644, 0o640, 0o604, 0o620] {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = MasterKey::from_file(&p).err().unwrap().to_string();
+            assert!(e.contains(&format!("chmod 600 {}", p.display())), "{e}");
+            assert!(e.contains(&format!("mode {mode:o}")), "{e}");
+        }
+        private(&p);
+        assert_eq!(*MasterKey::from_file(&p).unwrap().bytes, *k.bytes);
     }
 
     #[test]
@@ -552,4 +578,29 @@ mod tests {
         }
         assert!("nope".parse::<KeyPurpose>().is_err());
     }
+}
+
+/// Refuses a key file whose mode lets its group or others read or write it.
+#[cfg(unix)]
+fn refuse_shared(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = match std::fs::metadata(path) {
+        Ok(m) => m.permissions().mode() & 0o777,
+        // Unreadable or missing: reading it says so, with the path.
+        Err(_) => return Ok(()),
+    };
+    if mode & 0o077 != 0 {
+        return Err(RepoError::Config(format!(
+            "the master key file {} has mode {mode:o}: its group or others can read it, and it opens every backup. Run `chmod 600 {}` (and give it to the user that runs backstop, e.g. `chown postgres {}` on a database host)",
+            path.display(),
+            path.display(),
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn refuse_shared(_path: &Path) -> Result<()> {
+    Ok(())
 }
