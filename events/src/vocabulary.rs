@@ -533,6 +533,17 @@ vocabulary! {
         consumer: String, event_id: Uuid, event_type: String, position: u64,
         deliveries: u32, error: String,
     }
+    /// A consumer refused a message on the events stream before any handler saw it (it does not
+    /// decode, its hash is not that of its content, it does not link to the previous event, or
+    /// its position cannot be where it sits in the stream). Nothing acted on it.
+    ConsumerRefused = "consumer.refused" v 1 {
+        consumer: String, subject: String, stream_sequence: u64,
+        /// What the message claims, when it decodes that far.
+        #[serde(default)] position: Option<u64>,
+        #[serde(default)] event_id: Option<Uuid>,
+        #[serde(default)] event_type: Option<String>,
+        reason: String,
+    }
     /// A refused API request, with whoever made it.
     AccessDenied = "access.denied" v 1 {
         caller: String, role: Option<String>, method: String, path: String, reason: String,

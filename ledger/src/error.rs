@@ -8,6 +8,10 @@
 //!   name the position or the path and never lead to a write.
 //! - Storage and NATS errors carry what to check. An append that returns any error wrote nothing
 //!   (appends are atomic), so retrying with the same event ids is always safe.
+//! - [`LedgerError::IdReused`] means the id is taken by an event with other content: permanent.
+//! - [`LedgerError::Failed`] means the writer stopped after a storage error: permanent until the
+//!   process restarts (a retry in this process could be acknowledged from memory that never
+//!   reached the disk).
 
 use std::path::PathBuf;
 
@@ -45,6 +49,13 @@ pub enum LedgerError {
     Storage(#[from] sled::Error),
     #[error("the ledger writer has stopped; the process is shutting down")]
     Closed,
+    /// The writer met a storage error (a failed flush or transaction) and accepts nothing more:
+    /// what it holds in memory may differ from what is on disk, so only a restart, which reopens
+    /// the ledger from disk, makes appends safe again. Permanent for this process.
+    #[error(
+        "the ledger refuses appends since a storage error ({reason}): what is in memory may not be on disk, so nothing more is written until `backstop serve` is restarted (check free disk space and the data directory first); appends that were not acknowledged must be sent again after the restart"
+    )]
+    Failed { reason: String },
     #[error("signing key {path}: {why}")]
     SigningKey { path: PathBuf, why: String },
     #[error("NATS: {0}")]

@@ -43,7 +43,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 pub use checkpoint::{Checkpoint, CheckpointSigner};
 pub use error::LedgerError;
 pub use store::{Head, Store};
-pub use writer::{Appended, Committed, ExpectedVersion, MAX_BATCH};
+pub use writer::{Appended, Committed, ExpectedVersion, FlushFaults, MAX_BATCH};
 
 /// Anything events can be appended through: the local ledger or a remote one.
 #[async_trait]
@@ -94,6 +94,8 @@ pub struct Ledger {
     stopped: watch::Receiver<bool>,
     /// What the outbox reports as published (see `writer::MAX_UNPUBLISHED`).
     published: Arc<watch::Sender<Option<u64>>>,
+    /// Set once the writer has met a storage error and refuses appends (see `writer`).
+    failed: watch::Receiver<Option<String>>,
 }
 
 impl Ledger {
@@ -102,6 +104,15 @@ impl Ledger {
     /// The writer stops when every handle is dropped; call [`Ledger::close`] to wait for its
     /// last flush.
     pub fn open(config: &LedgerConfig) -> Result<Ledger, LedgerError> {
+        Ledger::open_with_faults(config, FlushFaults::none())
+    }
+
+    /// [`Ledger::open`] with a fault-injection seam on the writer's flush, for tests of what
+    /// happens when the disk fails.
+    pub fn open_with_faults(
+        config: &LedgerConfig,
+        faults: FlushFaults,
+    ) -> Result<Ledger, LedgerError> {
         let store = Store::open(&config.path)?;
         let signer = CheckpointSigner::load_or_create(&config.signing_key)?;
         let public_key: Arc<str> = signer.public_key_hex().into();
@@ -109,6 +120,7 @@ impl Ledger {
         let (head_tx, head_rx) = watch::channel(head);
         let (tx, rx) = mpsc::channel(8192);
         let (published_tx, published_rx) = watch::channel(None);
+        let (failed_tx, failed) = watch::channel(None);
         let w = writer::Writer::new(
             store.clone(),
             signer,
@@ -118,6 +130,8 @@ impl Ledger {
             },
             head_tx,
             published_rx,
+            failed_tx,
+            faults,
         );
         let (stopped_tx, stopped) = watch::channel(false);
         tokio::spawn(async move {
@@ -131,7 +145,29 @@ impl Ledger {
             public_key,
             stopped,
             published: Arc::new(published_tx),
+            failed,
         })
+    }
+
+    /// Why the writer refuses appends, once it has met a storage error (see `writer`).
+    pub fn failure(&self) -> Option<String> {
+        self.failed.borrow().clone()
+    }
+
+    /// Resolves with [`LedgerError::Failed`] when the writer meets a storage error, or with
+    /// `Ok` at `shutdown` (or when the writer stops): `serve` runs it as a task so that a ledger
+    /// that can no longer write stops the process instead of serving on.
+    pub async fn failed(&self, mut shutdown: watch::Receiver<bool>) -> Result<(), LedgerError> {
+        let mut failed = self.failed.clone();
+        tokio::select! {
+            r = failed.wait_for(Option::is_some) => match r {
+                Ok(reason) => Err(LedgerError::Failed {
+                    reason: reason.clone().unwrap_or_default(),
+                }),
+                Err(_) => Ok(()),
+            },
+            _ = shutdown.wait_for(|s| *s) => Ok(()),
+        }
     }
 
     pub fn store(&self) -> &Store {

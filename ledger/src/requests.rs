@@ -92,6 +92,7 @@ fn error_kind(e: &LedgerError) -> &'static str {
         LedgerError::IdReused { .. } => "id_reused",
         LedgerError::Invalid(_) | LedgerError::BadBatch { .. } => "invalid",
         LedgerError::Closed => "closed",
+        LedgerError::Failed { .. } => "failed",
         _ => "storage",
     }
 }
@@ -155,7 +156,7 @@ mod tests {
 
     #[test]
     fn refusals_of_the_request_are_permanent_and_the_ledgers_trouble_transient() {
-        for kind in ["invalid", "malformed", "denied", "id_reused"] {
+        for kind in ["invalid", "malformed", "denied", "id_reused", "failed"] {
             let e = refusal(kind.into(), "x".into());
             assert!(matches!(e, LedgerError::Refused { .. }), "{kind}");
             assert!(!e.is_transient(), "{kind}");

@@ -224,3 +224,142 @@ async fn an_event_that_exhausts_its_deliveries_is_dead_lettered() {
     // the dead-letter event itself before it stopped depends on timing).
     assert!(ledger.store().consumer_cursor("failing").unwrap() >= 2);
 }
+
+fn verification_failed(stream: &str, reason: &str) -> NewEvent {
+    NewEvent::new(
+        stream,
+        Actor::worker("verify"),
+        &Event::VerificationFailed(backstop_events::VerificationFailed {
+            verification_id: uuid::Uuid::nil(),
+            backup_id: uuid::Uuid::nil(),
+            tier: backstop_events::VerifyTier::Checksums,
+            reason: reason.into(),
+            tables: Vec::new(),
+        }),
+    )
+}
+
+#[tokio::test]
+async fn a_retry_of_the_same_event_at_another_time_is_a_duplicate() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::open(&config(dir.path())).unwrap();
+    let e = event("s");
+    ledger
+        .append("s", ExpectedVersion::Any, vec![e.clone()])
+        .await
+        .unwrap();
+    // A redelivered handler rebuilds the event later, with a fresh correlation.
+    let mut retry = e.clone();
+    retry.occurred_at += chrono::TimeDelta::seconds(5);
+    retry.correlation_id = uuid_v7();
+    let again = ledger
+        .append("s", ExpectedVersion::Any, vec![retry])
+        .await
+        .unwrap();
+    assert!(again.events[0].duplicate);
+    assert_eq!(ledger.head().position, 1);
+}
+
+#[tokio::test]
+async fn a_pre_claimed_derived_id_does_not_swallow_the_real_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::open(&config(dir.path())).unwrap();
+    // The cause everyone can see, and the id its verification.failed will get.
+    ledger
+        .append("s", ExpectedVersion::Any, vec![event("s")])
+        .await
+        .unwrap();
+    let cause = ledger.read(1, 1).unwrap().remove(0);
+    let real = verification_failed("s", "table orders lost rows").with_derived_id(&cause, "fail");
+    // The attacker appends first under the same derived id, saying something else.
+    let forged = verification_failed("s", "nothing wrong").with_derived_id(&cause, "fail");
+    assert_eq!(forged.id, real.id);
+    ledger
+        .append("s", ExpectedVersion::Any, vec![forged])
+        .await
+        .unwrap();
+    let err = ledger
+        .append("s", ExpectedVersion::Any, vec![real.clone()])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, LedgerError::IdReused { id } if id == real.id),
+        "{err}"
+    );
+    assert!(!err.is_transient());
+    // Another type under the id, or another stream, is refused the same way.
+    let mut other_type = event("s").with_id(real.id);
+    other_type.causation_id = real.causation_id;
+    assert!(matches!(
+        ledger
+            .append("s", ExpectedVersion::Any, vec![other_type])
+            .await,
+        Err(LedgerError::IdReused { .. })
+    ));
+    // The same id twice in one request with two contents is refused, and nothing is written.
+    let a = event("t");
+    let mut b = event("t").with_id(a.id);
+    b.payload = event("t").payload;
+    assert!(matches!(
+        ledger.append("t", ExpectedVersion::Any, vec![a, b]).await,
+        Err(LedgerError::IdReused { .. })
+    ));
+    assert_eq!(ledger.head().position, 2);
+}
+
+#[tokio::test]
+async fn after_a_failed_flush_the_writer_refuses_appends_until_restarted() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = FlushFaults::none();
+    let ledger = Ledger::open_with_faults(&config(dir.path()), faults.clone()).unwrap();
+    let (_stop_tx, stop) = tokio::sync::watch::channel(false);
+    let guard = tokio::spawn({
+        let ledger = ledger.clone();
+        let stop = stop.clone();
+        async move { ledger.failed(stop).await }
+    });
+    ledger
+        .append("s", ExpectedVersion::Any, vec![event("s")])
+        .await
+        .unwrap();
+    faults.fail_next(1);
+    let e = event("s");
+    let first = ledger
+        .append("s", ExpectedVersion::Any, vec![e.clone()])
+        .await
+        .unwrap_err();
+    assert!(matches!(first, LedgerError::Storage(_)), "{first}");
+    // The retry: its id is in sled's memory, but it must not be acknowledged.
+    let retry = ledger
+        .append("s", ExpectedVersion::Any, vec![e.clone()])
+        .await
+        .unwrap_err();
+    assert!(matches!(retry, LedgerError::Failed { .. }), "{retry}");
+    assert!(!retry.is_transient());
+    assert!(retry.to_string().contains("restarted"), "{retry}");
+    let other = ledger
+        .append("s", ExpectedVersion::Any, vec![event("s")])
+        .await
+        .unwrap_err();
+    assert!(matches!(other, LedgerError::Failed { .. }), "{other}");
+    assert!(ledger.failure().unwrap().contains("injected flush failure"));
+    // The task `serve` runs beside the ledger ends with the error, which stops the process.
+    let stopped = guard.await.unwrap().unwrap_err();
+    assert!(matches!(stopped, LedgerError::Failed { .. }), "{stopped}");
+    // The head the ledger reports never moved past the acknowledged event.
+    assert_eq!(ledger.head().position, 1);
+    ledger.close().await;
+    // After a restart the retry goes through (written, or a duplicate if it reached the disk).
+    let ledger = Ledger::open(&config(dir.path())).unwrap();
+    let done = ledger
+        .append("s", ExpectedVersion::Any, vec![e])
+        .await
+        .unwrap();
+    assert_eq!(done.events[0].position, 2);
+    assert!(ledger.failure().is_none());
+    assert!(
+        verify::verify(ledger.store(), ledger.public_key())
+            .unwrap()
+            .ok()
+    );
+}

@@ -12,8 +12,30 @@
 //!
 //! Checkpoints are signed every `checkpoint_every` events or `checkpoint_interval`, whichever
 //! comes first, and written before the flush of the group that triggered them.
+//!
+//! Duplicates are compared by content. An offered event whose id is already stored (or earlier
+//! in the same group or request) is a duplicate only if it says the same thing: the same
+//! stream, type, schema version, payload, actor and causation. Otherwise the whole request is
+//! refused with [`LedgerError::IdReused`] and nothing of it is written, so an id claimed in
+//! advance (derived ids are predictable) can never swallow the real event: its appender hears
+//! about it. Two fields are left out of the comparison on purpose, because an honest retry of
+//! the same event recomputes them: `occurred_at` (a redelivered handler builds its result again
+//! at a later time, two monitors racing for one slot stamp their own clocks) and
+//! `correlation_id` (an event built with [`NewEvent::new`] and then given a derived id carries a
+//! fresh correlation). Neither is what an event asserts. The payload comparison is exact: it
+//! seals the offered event with the stored one's position, times and links and compares hashes,
+//! so no JSON number is ever re-parsed.
+//!
+//! A storage error (a failed flush or transaction) puts the writer in a failed state for good:
+//! the transaction may have applied in sled's memory without reaching the disk, so a retry would
+//! find its ids "already stored" and be acknowledged for events that are not durable. From then
+//! on every append is answered [`LedgerError::Failed`] (permanent), nothing more is written (no
+//! checkpoint, no final flush), and [`crate::Ledger::failed`] resolves so `serve` stops. A restart
+//! reopens the ledger from what is on disk.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use backstop_events::{Envelope, NewEvent, now_micros};
@@ -91,6 +113,37 @@ pub(crate) struct AppendRequest {
     pub reply: oneshot::Sender<Result<Appended, LedgerError>>,
 }
 
+/// A fault-injection seam for the writer's durability step (tests only use it; production opens
+/// the ledger with [`FlushFaults::none`]). Each armed fault makes one flush fail with an I/O
+/// error before sled is asked to flush, the way a full or failing disk would.
+#[derive(Clone, Default, Debug)]
+pub struct FlushFaults {
+    failing: Arc<AtomicU32>,
+}
+
+impl FlushFaults {
+    pub fn none() -> FlushFaults {
+        FlushFaults::default()
+    }
+
+    /// Makes the next `n` flushes fail.
+    pub fn fail_next(&self, n: u32) {
+        self.failing.store(n, Ordering::SeqCst);
+    }
+
+    fn check(&self) -> Result<(), sled::Error> {
+        let armed = self
+            .failing
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        match armed {
+            Ok(_) => Err(sled::Error::Io(std::io::Error::other(
+                "injected flush failure",
+            ))),
+            Err(_) => Ok(()),
+        }
+    }
+}
+
 pub(crate) struct WriterConfig {
     pub checkpoint_every: u64,
     pub checkpoint_interval: Duration,
@@ -105,6 +158,10 @@ pub(crate) struct Writer {
     published: watch::Receiver<Option<u64>>,
     since_checkpoint: u64,
     last_checkpoint: Instant,
+    /// Set by the first storage error; the writer then refuses every append (module docs).
+    failed: Option<String>,
+    failed_tx: watch::Sender<Option<String>>,
+    faults: FlushFaults,
 }
 
 impl Writer {
@@ -114,6 +171,8 @@ impl Writer {
         config: WriterConfig,
         head_tx: watch::Sender<Head>,
         published: watch::Receiver<Option<u64>>,
+        failed_tx: watch::Sender<Option<String>>,
+        faults: FlushFaults,
     ) -> Writer {
         Writer {
             store,
@@ -123,6 +182,24 @@ impl Writer {
             published,
             since_checkpoint: 0,
             last_checkpoint: Instant::now(),
+            failed: None,
+            failed_tx,
+            faults,
+        }
+    }
+
+    /// Flushes through the fault seam.
+    async fn flush(&self) -> Result<(), sled::Error> {
+        self.faults.check()?;
+        self.store.db.flush_async().await.map(drop)
+    }
+
+    /// Enters the failed state (module docs); the first reason is kept.
+    fn fail(&mut self, reason: String) {
+        if self.failed.is_none() {
+            tracing::error!(%reason, "the ledger writer stops accepting appends until the process is restarted");
+            self.failed = Some(reason.clone());
+            self.failed_tx.send_replace(Some(reason));
         }
     }
 
@@ -137,17 +214,34 @@ impl Writer {
                     None => break,
                 },
                 _ = tick.tick() => {
-                    if self.since_checkpoint > 0
+                    if self.failed.is_none()
+                        && self.since_checkpoint > 0
                         && self.last_checkpoint.elapsed() >= self.config.checkpoint_interval
-                        && let Err(e) = self
-                            .checkpoint_now()
-                            .and_then(|_| self.store.db.flush().map_err(Into::into))
                     {
-                        tracing::error!(error = %e, "could not write a timed checkpoint");
+                        let written = match self.checkpoint_now() {
+                            Ok(()) => self.flush().await.map_err(LedgerError::from),
+                            Err(e) => Err(e),
+                        };
+                        if let Err(e) = written {
+                            tracing::error!(error = %e, "could not write a timed checkpoint");
+                            self.fail(format!("timed checkpoint: {e}"));
+                        }
                     }
                     continue;
                 }
             };
+            if let Some(reason) = &self.failed {
+                let reason = reason.clone();
+                let _ = first.reply.send(Err(LedgerError::Failed {
+                    reason: reason.clone(),
+                }));
+                while let Ok(r) = rx.try_recv() {
+                    let _ = r.reply.send(Err(LedgerError::Failed {
+                        reason: reason.clone(),
+                    }));
+                }
+                continue;
+            }
             let mut group = vec![first];
             let mut n = group[0].events.len();
             while n < MAX_GROUP {
@@ -162,12 +256,16 @@ impl Writer {
             self.await_publication().await;
             self.commit_group(group).await;
         }
+        if self.failed.is_some() {
+            // Nothing more is written after a storage error (module docs).
+            return;
+        }
         if self.since_checkpoint > 0
             && let Err(e) = self.checkpoint_now()
         {
             tracing::error!(error = %e, "could not write the final checkpoint");
         }
-        if let Err(e) = self.store.db.flush_async().await {
+        if let Err(e) = self.flush().await {
             tracing::error!(error = %e, "final ledger flush failed");
         }
     }
@@ -203,7 +301,7 @@ impl Writer {
                     {
                         tracing::error!(error = %e, "could not write a checkpoint");
                     }
-                    flushed = self.store.db.flush_async().await.map(|_| ());
+                    flushed = self.flush().await;
                 }
                 match flushed {
                     Ok(()) => {
@@ -212,8 +310,9 @@ impl Writer {
                     }
                     Err(e) => {
                         // The transaction applied in memory but may not be durable; the
-                        // callers must not be told it is. They retry with the same ids.
+                        // callers must not be told it is, now or on a retry (module docs).
                         tracing::error!(error = %e, "ledger flush failed");
+                        self.fail(format!("flush failed: {e}"));
                         group
                             .iter()
                             .map(|_| Err(LedgerError::Storage(e.clone())))
@@ -227,6 +326,7 @@ impl Writer {
                     TransactionError::Abort(()) => "transaction aborted".to_string(),
                 };
                 tracing::error!(error = %msg, "ledger transaction failed");
+                self.fail(format!("transaction failed: {msg}"));
                 group
                     .iter()
                     .map(|_| Err(LedgerError::Storage(sled::Error::Unsupported(msg.clone()))))
@@ -273,28 +373,46 @@ impl Writer {
                     None => Head::default(),
                 };
                 let mut versions: HashMap<&str, u64> = HashMap::new();
-                let mut new_ids: HashMap<uuid::Uuid, Committed> = HashMap::new();
+                let mut new_ids: HashMap<uuid::Uuid, (Committed, &NewEvent)> = HashMap::new();
                 let mut results = Vec::with_capacity(group.len());
                 let mut written = 0u64;
                 let recorded_at = now_micros();
-                for req in group {
-                    // Idempotency: ids already stored (or stored earlier in this group).
+                'requests: for req in group {
+                    // An id twice in one request must name the same event both times.
+                    let mut in_request: HashMap<uuid::Uuid, &NewEvent> = HashMap::new();
+                    for e in &req.events {
+                        if let Some(first) = in_request.insert(e.id, e)
+                            && !same_event(first, e)
+                        {
+                            results.push(Err(LedgerError::IdReused { id: e.id }));
+                            continue 'requests;
+                        }
+                    }
+                    // Idempotency: ids already stored (or stored earlier in this group) are
+                    // duplicates only with the same content (module docs).
                     let mut existing = Vec::new();
                     for e in &req.events {
-                        if let Some(c) = new_ids.get(&e.id) {
+                        if let Some((c, stored)) = new_ids.get(&e.id) {
+                            if !same_event(stored, e) {
+                                results.push(Err(LedgerError::IdReused { id: e.id }));
+                                continue 'requests;
+                            }
                             existing.push(Some(c.clone()));
                         } else if let Some(p) = ids.get(e.id.as_bytes())? {
                             let position = read_u64(&p).unwrap_or(0);
-                            let version = match events.get(u64_key(position))? {
-                                Some(b) => serde_json::from_slice::<Envelope>(&b)
-                                    .map(|env| env.version)
-                                    .unwrap_or(0),
-                                None => 0,
+                            let stored = match events.get(u64_key(position))? {
+                                Some(b) => serde_json::from_slice::<Envelope>(&b).ok(),
+                                None => None,
+                            };
+                            // An entry that cannot be read back cannot be shown to match.
+                            let Some(stored) = stored.filter(|s| same_content(s, e)) else {
+                                results.push(Err(LedgerError::IdReused { id: e.id }));
+                                continue 'requests;
                             };
                             existing.push(Some(Committed {
                                 id: e.id,
                                 position,
-                                version,
+                                version: stored.version,
                                 duplicate: true,
                             }));
                         } else {
@@ -342,9 +460,9 @@ impl Writer {
                     }
                     let mut version = current;
                     let mut committed = Vec::with_capacity(req.events.len());
-                    let mut seen_in_request = HashSet::new();
                     for e in &req.events {
-                        if !seen_in_request.insert(e.id) {
+                        if new_ids.contains_key(&e.id) {
+                            // The same event twice in one request (checked equal above).
                             continue;
                         }
                         version += 1;
@@ -366,7 +484,7 @@ impl Writer {
                             version,
                             duplicate: false,
                         };
-                        new_ids.insert(e.id, c.clone());
+                        new_ids.insert(e.id, (c.clone(), e));
                         committed.push(c);
                         written += 1;
                     }
@@ -384,4 +502,35 @@ impl Writer {
             },
         )
     }
+}
+
+/// Whether two offered events say the same thing (module docs: `occurred_at` and
+/// `correlation_id` are left out).
+fn same_event(a: &NewEvent, b: &NewEvent) -> bool {
+    a.stream == b.stream
+        && a.event_type == b.event_type
+        && a.schema_version == b.schema_version
+        && a.actor == b.actor
+        && a.causation_id == b.causation_id
+        && a.payload == b.payload
+}
+
+/// Whether `offered` is the event already stored as `stored`: sealed in `stored`'s place (its
+/// position, version, times, correlation and link), it must hash the same. Comparing hashes of
+/// the in-memory values avoids any re-parsing of JSON numbers.
+fn same_content(stored: &Envelope, offered: &NewEvent) -> bool {
+    if stored.stream != offered.stream || stored.event_type != offered.event_type {
+        return false;
+    }
+    let mut e = offered.clone();
+    e.occurred_at = stored.occurred_at;
+    e.correlation_id = stored.correlation_id;
+    let resealed = Envelope::seal(
+        e,
+        stored.position,
+        stored.version,
+        stored.recorded_at,
+        stored.prev_hash,
+    );
+    resealed.hash == stored.hash
 }
