@@ -388,6 +388,14 @@ pub fn physical_verify_settings(
     let repo = repo.clone();
     backstop_ops::verify::PhysicalVerifySettings {
         restore_command: Arc::new(move |source: &str| {
+            // The scratch server's environment never carries the master key
+            // (backstop_sources::child_env): its wal-fetch must be given the key as a file.
+            if repo.master_key_file.is_none() && config.repository.master_key_file.is_none() {
+                return Err(
+                    "physical test restores hand PostgreSQL's restore_command the master key as a file, never through its environment: set [repository] master_key_file (or pass --master-key-file), readable by the user PostgreSQL runs as"
+                        .to_string(),
+                );
+            }
             self_invocation(&config, &data_dir, &repo, source, "wal-fetch")
                 .map_err(|e| format!("{e:#}"))
         }),

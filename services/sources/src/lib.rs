@@ -13,7 +13,9 @@
 //! - Parts are uncompressed: the repository chunks, deduplicates and compresses them.
 //! - Passwords never appear in argv, logs or errors: external tools get them through `PGPASSWORD`
 //!   and every connection string shown is redacted.
+//! - External programs never inherit Backstop's secrets ([`child_env`]).
 
+pub mod child_env;
 mod error;
 pub mod pg;
 

@@ -76,7 +76,11 @@ pub(crate) async fn locate(
         if !path.is_file() {
             continue;
         }
-        let out = match Command::new(&path).arg("--version").output().await {
+        let out = match crate::child_env::scrub_tool(&mut Command::new(&path))
+            .arg("--version")
+            .output()
+            .await
+        {
             Ok(o) if o.status.success() => o,
             _ => continue,
         };
@@ -115,6 +119,7 @@ impl Tool {
     /// A command for this tool with quiet, predictable defaults.
     pub fn command(&self) -> Command {
         let mut cmd = Command::new(&self.path);
+        crate::child_env::scrub_tool(&mut cmd);
         cmd.kill_on_drop(true)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -64,8 +64,15 @@ fn find_program(name: &str) -> Option<PathBuf> {
     dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
 }
 
-/// A command running `program` as `user` (when given), else directly.
+/// A command running `program` as `user` (when given), else directly, without Backstop's
+/// secrets in its environment (`crate::child_env::SERVER_SECRETS`).
 pub(crate) fn command_as(user: Option<&str>, program: &Path) -> Command {
+    let mut c = command_as_inner(user, program);
+    crate::child_env::scrub_server(&mut c);
+    c
+}
+
+fn command_as_inner(user: Option<&str>, program: &Path) -> Command {
     let Some(user) = user else {
         return Command::new(program);
     };

@@ -159,7 +159,11 @@ impl Server {
                 let c = os::command_as(Some(u), &self.pg_ctl);
                 c.into_std()
             }
-            None => std::process::Command::new(&self.pg_ctl),
+            None => {
+                let mut c = std::process::Command::new(&self.pg_ctl);
+                crate::child_env::scrub_server_std(&mut c);
+                c
+            }
         };
         let _ = cmd
             .arg("-D")
