@@ -1,44 +1,64 @@
-//! The audit export: a file an auditor verifies offline, with nothing but the file (and,
-//! preferably, the ledger's public key obtained separately).
+//! The audit export: a file an auditor verifies offline, with nothing but the file and the
+//! ledger's public key obtained separately (`--pubkey`, or `ledger.public_key` in the config).
 //!
-//! Format `backstop-audit-export/1` (documented in `docs/FORMAT.md`, "Audit export"). JSON Lines:
+//! Format `backstop-audit-export/2` (documented in `docs/FORMAT.md`, "Audit export"). JSON Lines:
 //!
 //! ```text
-//! line 1        {"format":"backstop-audit-export/1", "first_position":F, "last_position":C,
+//! line 1        {"format":"backstop-audit-export/2", "first_position":S, "last_position":C,
 //!                "range_first_position":F, "range_last_position":R, "events":N,
-//!                "prev_hash":"<hash of event F-1, zeros when F = 1>", "public_key":"<hex>",
-//!                "from":..., "to":..., "exported_at":..., "truncated": bool}
-//! lines 2..N+1  one envelope per line, positions F..=C in order, exactly as the ledger holds them
-//! last line     {"checkpoint": {"position":C, "hash":..., "signed_at":..., "public_key":..., "signature":...}}
+//!                "prev_hash":"<hash of event S-1, zeros when S = 1>", "public_key":"<hex>",
+//!                "from":..., "to":..., "from_position":..., "to_position":...,
+//!                "exported_at":..., "truncated": bool,
+//!                "opening_checkpoint": {signed checkpoint at position S} | null (S = 1)}
+//! lines 2..N+1  one envelope per line, positions S..=C in order, exactly as the ledger holds them
+//! line N+2      {"checkpoint": {"position":C, "hash":..., "signed_at":..., "public_key":..., "signature":...}}
+//! last line     {"statement": {format, header_sha3, first/last/range positions, events, from, to,
+//!                 lines_sha3, closing_checkpoint}, "signature": "<ed25519, hex>"}
 //! ```
 //!
-//! CSV has the same records, one per line: a `record` column (`header`, `event`, `checkpoint`),
-//! the envelope's fields for events (payload as canonical JSON), and the header or checkpoint as
-//! JSON in the `payload` column for the other two.
+//! CSV has the same records, one per line: a `record` column (`header`, `event`, `checkpoint`,
+//! `statement`), the envelope's fields for events (payload as canonical JSON), and the header,
+//! checkpoint or statement as JSON in the `payload` column for the others.
 //!
-//! Why it proves something: each event's hash is SHA3-256 of its canonical encoding, which covers
-//! the previous event's hash; the checkpoint is an ed25519 signature over (position, hash) of the
-//! last line. So the signature covers every event back to the first line, and the first line's
-//! `prev_hash` ties the export to the ledger before it. A changed byte in an event changes its
-//! hash; a removed, added or reordered line breaks the positions and the links; a forged
-//! signature needs the private key. A forger could replace the whole file, key included, with a
-//! self-made chain: that is why `verify` takes the key from the auditor too (`--pubkey`).
+//! Why it proves the range complete:
+//! - each event's hash is SHA3-256 of its canonical encoding, which covers the previous event's
+//!   hash: a changed byte, or a removed, added or reordered line, breaks a hash or a link;
+//! - the chain starts at a signed checkpoint (`opening_checkpoint`, the last one at or before
+//!   the event just before the range) or at the ledger's first event, and ends at a signed
+//!   checkpoint (the first at or after the event just after the range): cutting events from the
+//!   start leaves a first line no signature covers;
+//! - the file always holds the event just before the range and, when it exists, the one just
+//!   after it, and `recorded_at` grows with the position, so the verifier sees with its own eyes
+//!   that nothing recorded in `[from, to)` lies outside the file;
+//! - the statement, signed by the ledger's checkpoint key (signed bytes: `BKSTP-ST1` + the
+//!   statement's canonical JSON), fixes the header (its SHA3), the positions, the number of events
+//!   and the SHA3 over their hashes: cutting the tail back to an earlier real checkpoint, or
+//!   editing the header's range, contradicts it, and only the ledger's key can sign another.
 //!
-//! The events run from the first event recorded at or after `from` to the first signed checkpoint
-//! at or after the last event recorded before `to`: the events after the requested range (at most
-//! one checkpoint interval) are included so that the chain reaches the signature. When no
-//! checkpoint has been signed yet past the range, the export stops at the latest checkpoint and
-//! says so (`truncated: true`).
+//! A forger could replace the whole file, keys included, with a self-made chain: that is why
+//! `verify` takes the key from the auditor (`--pubkey`) and says so when it had to trust the file.
+//!
+//! When no checkpoint has been signed yet past the range, the export stops at the latest
+//! checkpoint and says so (`truncated: true`).
+//!
+//! Format `backstop-audit-export/1` (an unsigned header, one closing checkpoint) is no longer
+//! written by `export`, but still verified, with `coverage_signed: false` in the report: it proves
+//! the events it holds were not altered, not that none were cut from either end. Its writer
+//! ([`write_v1_from`]) stays so that the golden vectors keep pinning those bytes.
 
 use std::io::{BufRead, Write};
 
 use backstop_events::{Digest, Envelope, canonical};
-use backstop_ledger::checkpoint::verify_checkpoint;
-use backstop_ledger::{Checkpoint, LedgerError, Store};
+use backstop_ledger::checkpoint::{verify_checkpoint, verify_statement};
+use backstop_ledger::{Checkpoint, CheckpointSigner, LedgerError, Store};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
+use sha3::{Digest as _, Sha3_256};
 
-pub const FORMAT: &str = "backstop-audit-export/1";
+/// The format `export` writes.
+pub const FORMAT: &str = "backstop-audit-export/2";
+/// The earlier format, still verified (without proof of coverage).
+pub const FORMAT_V1: &str = "backstop-audit-export/1";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -67,8 +87,37 @@ pub struct ExportRange {
     pub to_position: Option<u64>,
 }
 
+/// The first line of a `backstop-audit-export/2` file.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Header {
+    pub format: String,
+    /// The first event in the file: the opening checkpoint's, or 1.
+    pub first_position: u64,
+    /// The last event in the file: the closing checkpoint's.
+    pub last_position: u64,
+    /// The events asked for (by time or position) are `range_first..=range_last`.
+    pub range_first_position: u64,
+    pub range_last_position: u64,
+    pub events: u64,
+    pub prev_hash: Digest,
+    pub public_key: String,
+    #[serde(default)]
+    pub from: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub to: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub from_position: Option<u64>,
+    #[serde(default)]
+    pub to_position: Option<u64>,
+    pub exported_at: DateTime<Utc>,
+    pub truncated: bool,
+    /// The signed checkpoint at `first_position`; `None` when the file starts at position 1.
+    pub opening_checkpoint: Option<Checkpoint>,
+}
+
+/// The first line of a `backstop-audit-export/1` file (verified, no longer written by `export`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct HeaderV1 {
     pub format: String,
     pub first_position: u64,
     pub last_position: u64,
@@ -83,6 +132,39 @@ pub struct Header {
     pub to: Option<DateTime<Utc>>,
     pub exported_at: DateTime<Utc>,
     pub truncated: bool,
+}
+
+/// What the ledger's key signs at the end of a `/2` file.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Statement {
+    pub format: String,
+    /// SHA3-256 of the header's canonical JSON.
+    pub header_sha3: Digest,
+    pub first_position: u64,
+    pub last_position: u64,
+    pub range_first_position: u64,
+    pub range_last_position: u64,
+    pub events: u64,
+    #[serde(default)]
+    pub from: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub to: Option<DateTime<Utc>>,
+    /// SHA3-256 over the exported events' hashes (32 bytes each), in position order.
+    pub lines_sha3: Digest,
+    /// The position of the closing checkpoint.
+    pub closing_checkpoint: u64,
+}
+
+impl Statement {
+    fn signed_bytes(&self) -> Vec<u8> {
+        canonical::json_bytes(&serde_json::to_value(self).unwrap_or_default())
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+struct SignedStatement {
+    statement: Statement,
+    signature: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,10 +183,17 @@ pub enum ExportError {
     BadRange(String),
 }
 
-/// The plan of an export: which positions, which checkpoint.
+/// The plan of an export: which positions, which checkpoints.
 #[derive(Clone, Debug)]
 pub struct Plan {
     pub header: Header,
+    pub checkpoint: Checkpoint,
+}
+
+/// The plan of a `/1` export (the golden vectors).
+#[derive(Clone, Debug)]
+pub struct PlanV1 {
+    pub header: HeaderV1,
     pub checkpoint: Checkpoint,
 }
 
@@ -143,7 +232,7 @@ fn first_at_or_after(
     Ok(lo)
 }
 
-/// Decides the positions and the checkpoint of an export.
+/// Decides the positions and the checkpoints of an export.
 pub fn plan(store: &Store, public_key: &str, range: &ExportRange) -> Result<Plan, ExportError> {
     let head = store.head()?.position;
     if head == 0 {
@@ -168,85 +257,147 @@ pub fn plan(store: &Store, public_key: &str, range: &ExportRange) -> Result<Plan
     if first > last {
         return Err(ExportError::Empty { head });
     }
-    let (checkpoint, truncated) = match store.checkpoint_at_or_after(last)? {
+    // The file starts at a signed checkpoint no later than the event just before the range (so
+    // that event is in the file, and a signature covers the first line), or at position 1.
+    let opening = if first > 1 {
+        store.checkpoint_at_or_before(first - 1)?
+    } else {
+        None
+    };
+    let start = opening.as_ref().map(|c| c.position).unwrap_or(1);
+    // It ends at a signed checkpoint no earlier than the event just after the range, when there
+    // is one, so that the verifier sees where the range ends.
+    let want = if last < head { last + 1 } else { last };
+    let (checkpoint, truncated) = match store.checkpoint_at_or_after(want)? {
         Some(cp) => (cp, false),
         None => match store.last_checkpoint()? {
-            Some(cp) if cp.position >= first => (cp, true),
+            Some(cp) if cp.position >= first => (cp.clone(), cp.position < last),
             _ => return Err(ExportError::NoCheckpoint { position: first }),
         },
     };
-    let prev_hash = if first == 1 {
+    let prev_hash = if start == 1 {
         Digest::ZERO
     } else {
         store
-            .get(first - 1)?
+            .get(start - 1)?
             .map(|e| e.hash)
             .ok_or_else(|| LedgerError::Corrupt {
-                position: first - 1,
+                position: start - 1,
                 what: "the event is missing".into(),
             })?
     };
     Ok(Plan {
         header: Header {
             format: FORMAT.into(),
-            first_position: first,
+            first_position: start,
             last_position: checkpoint.position,
             range_first_position: first,
             range_last_position: last.min(checkpoint.position),
-            events: checkpoint.position - first + 1,
+            events: checkpoint.position - start + 1,
             prev_hash,
             public_key: public_key.to_string(),
             from: range.from,
             to: range.to,
+            from_position: range.from_position,
+            to_position: range.to_position,
             exported_at: backstop_events::now_micros(),
             truncated,
+            opening_checkpoint: opening,
         },
         checkpoint,
     })
 }
 
-/// Writes the export planned by [`plan`]. Reads the ledger in chunks, so memory stays small
-/// whatever the range.
+/// Writes the export planned by [`plan`], signing its statement with `signer` (the ledger's
+/// checkpoint key). Reads the ledger in chunks, so memory stays small whatever the range.
 pub fn write(
     store: &Store,
     plan: &Plan,
+    signer: &CheckpointSigner,
     format: Format,
     out: &mut dyn Write,
-) -> Result<(), ExportError> {
-    write_from(plan, format, out, |from, limit| store.range(from, limit))
-}
-
-/// Writes an export from any source of envelopes: `range(from, limit)` returns up to `limit`
-/// envelopes from position `from` on, in position order, as [`Store::range`] does. [`write`]
-/// passes the ledger; the golden vectors (`tests/vectors/`) pass a fixed excerpt, so they pin
-/// the bytes this very code writes.
-pub fn write_from(
-    plan: &Plan,
-    format: Format,
-    out: &mut dyn Write,
-    mut range: impl FnMut(u64, usize) -> Result<Vec<Envelope>, LedgerError>,
 ) -> Result<(), ExportError> {
     let h = &plan.header;
+    let header = serde_json::to_value(h).map_err(std::io::Error::other)?;
+    write_record(out, format, "header", h, true)?;
+    let mut lines = Sha3_256::new();
+    write_events(
+        h.first_position,
+        h.last_position,
+        format,
+        out,
+        |from, limit| store.range(from, limit),
+        |e| lines.update(e.hash.0),
+    )?;
+    write_record(out, format, "checkpoint", &plan.checkpoint, false)?;
+    let statement = Statement {
+        format: h.format.clone(),
+        header_sha3: Digest::of(&canonical::json_bytes(&header)),
+        first_position: h.first_position,
+        last_position: h.last_position,
+        range_first_position: h.range_first_position,
+        range_last_position: h.range_last_position,
+        events: h.events,
+        from: h.from,
+        to: h.to,
+        lines_sha3: Digest(lines.finalize().into()),
+        closing_checkpoint: plan.checkpoint.position,
+    };
+    let signature = signer.sign_statement(&statement.signed_bytes());
+    let signed = SignedStatement {
+        statement,
+        signature,
+    };
+    write_record(out, format, "statement", &signed, false)?;
+    out.flush()?;
+    Ok(())
+}
+
+/// One header, checkpoint or statement record. In JSON Lines, checkpoints and statements are
+/// wrapped (`{"checkpoint": ...}`, `{"statement": ..., "signature": ...}` is already an object).
+fn write_record(
+    out: &mut dyn Write,
+    format: Format,
+    kind: &str,
+    value: &impl Serialize,
+    first: bool,
+) -> Result<(), ExportError> {
     match format {
         Format::Jsonl => {
-            serde_json::to_writer(&mut *out, h).map_err(std::io::Error::other)?;
+            if kind == "checkpoint" {
+                let v = serde_json::json!({ "checkpoint": value });
+                serde_json::to_writer(&mut *out, &v).map_err(std::io::Error::other)?;
+            } else {
+                serde_json::to_writer(&mut *out, value).map_err(std::io::Error::other)?;
+            }
             out.write_all(b"\n")?;
         }
         Format::Csv => {
-            out.write_all(CSV_COLUMNS.join(",").as_bytes())?;
-            out.write_all(b"\n")?;
-            let json = serde_json::to_string(h).map_err(std::io::Error::other)?;
-            write_csv_row(
-                out,
-                &[
-                    "header", "", "", "", "", "", "", "", "", "", "", "", &json, "", "",
-                ],
-            )?;
+            if first {
+                out.write_all(CSV_COLUMNS.join(",").as_bytes())?;
+                out.write_all(b"\n")?;
+            }
+            let json = serde_json::to_string(value).map_err(std::io::Error::other)?;
+            let mut row = [""; 15];
+            row[0] = kind;
+            row[12] = &json;
+            write_csv_row(out, &row)?;
         }
     }
-    let mut next = h.first_position;
-    while next <= h.last_position {
-        let chunk = range(next, 1024.min((h.last_position - next + 1) as usize))?;
+    Ok(())
+}
+
+fn write_events(
+    first: u64,
+    last: u64,
+    format: Format,
+    out: &mut dyn Write,
+    mut range: impl FnMut(u64, usize) -> Result<Vec<Envelope>, LedgerError>,
+    mut seen: impl FnMut(&Envelope),
+) -> Result<(), ExportError> {
+    let mut next = first;
+    while next <= last {
+        let chunk = range(next, 1024.min((last - next + 1) as usize))?;
         if chunk.is_empty() {
             return Err(LedgerError::Corrupt {
                 position: next,
@@ -255,7 +406,7 @@ pub fn write_from(
             .into());
         }
         for e in &chunk {
-            if e.position > h.last_position {
+            if e.position > last {
                 break;
             }
             match format {
@@ -265,39 +416,34 @@ pub fn write_from(
                 }
                 Format::Csv => write_csv_event(out, e)?,
             }
+            seen(e);
             next = e.position + 1;
         }
     }
-    let cp = serde_json::json!({ "checkpoint": plan.checkpoint });
-    match format {
-        Format::Jsonl => {
-            serde_json::to_writer(&mut *out, &cp).map_err(std::io::Error::other)?;
-            out.write_all(b"\n")?;
-        }
-        Format::Csv => {
-            let json = serde_json::to_string(&plan.checkpoint).map_err(std::io::Error::other)?;
-            write_csv_row(
-                out,
-                &[
-                    "checkpoint",
-                    "",
-                    "",
-                    "",
-                    "",
-                    "",
-                    "",
-                    "",
-                    "",
-                    "",
-                    "",
-                    "",
-                    &json,
-                    "",
-                    "",
-                ],
-            )?;
-        }
-    }
+    Ok(())
+}
+
+/// Writes a `backstop-audit-export/1` file from any source of envelopes: `range(from, limit)`
+/// returns up to `limit` envelopes from position `from` on, in position order, as
+/// [`Store::range`] does. Kept for the golden vectors (`tests/vectors/`), which pin the bytes of
+/// the format the verifier still reads.
+pub fn write_v1_from(
+    plan: &PlanV1,
+    format: Format,
+    out: &mut dyn Write,
+    range: impl FnMut(u64, usize) -> Result<Vec<Envelope>, LedgerError>,
+) -> Result<(), ExportError> {
+    let h = &plan.header;
+    write_record(out, format, "header", h, true)?;
+    write_events(
+        h.first_position,
+        h.last_position,
+        format,
+        out,
+        range,
+        |_| {},
+    )?;
+    write_record(out, format, "checkpoint", &plan.checkpoint, false)?;
     out.flush()?;
     Ok(())
 }
@@ -305,13 +451,13 @@ pub fn write_from(
 /// Plans and writes an export in one call.
 pub fn export(
     store: &Store,
-    public_key: &str,
+    signer: &CheckpointSigner,
     range: &ExportRange,
     format: Format,
     out: &mut dyn Write,
 ) -> Result<Header, ExportError> {
-    let p = plan(store, public_key, range)?;
-    write(store, &p, format, out)?;
+    let p = plan(store, &signer.public_key_hex(), range)?;
+    write(store, &p, signer, format, out)?;
     Ok(p.header)
 }
 
@@ -417,17 +563,24 @@ fn parse_csv_line(line: &str) -> Result<Vec<String>, String> {
 #[derive(Clone, Debug, Serialize)]
 pub struct Verified {
     pub format: Format,
+    /// The file's format (`backstop-audit-export/2`, or `/1`).
+    pub version: String,
     pub events: u64,
     pub first_position: u64,
     pub last_position: u64,
     pub range_first_position: u64,
     pub range_last_position: u64,
+    /// The signed checkpoint the file starts at (`None`: it starts at the ledger's first event).
+    pub opening_checkpoint_position: Option<u64>,
     pub checkpoint_position: u64,
     pub checkpoint_signed_at: DateTime<Utc>,
     pub public_key: String,
     /// Whether the key was given by the auditor (`--pubkey`) rather than taken from the file.
     pub key_given: bool,
     pub truncated: bool,
+    /// Whether the file proves that nothing was cut from either end of its range (`/2`: a signed
+    /// statement and checkpoints at both ends). A `/1` file proves only its events are unaltered.
+    pub coverage_signed: bool,
 }
 
 /// Why a file does not verify, and the line (1-based) where it was found.
@@ -446,9 +599,10 @@ fn fail<T>(line: usize, what: impl Into<String>) -> Result<T, VerifyError> {
 }
 
 enum Record {
-    Header(Box<Header>),
+    Header(serde_json::Value),
     Event(Box<Envelope>),
     Checkpoint(Checkpoint),
+    Statement(Box<SignedStatement>),
 }
 
 fn parse_jsonl(line_no: usize, line: &str, first: bool) -> Result<Record, VerifyError> {
@@ -459,14 +613,17 @@ fn parse_jsonl(line_no: usize, line: &str, first: bool) -> Result<Record, Verify
         )
     })?;
     if first {
-        return serde_json::from_value(v)
-            .map(|h| Record::Header(Box::new(h)))
-            .or_else(|e| fail(line_no, format!("not an audit export header: {e}")));
+        return Ok(Record::Header(v));
     }
     if let Some(cp) = v.get("checkpoint") {
         return serde_json::from_value(cp.clone())
             .map(Record::Checkpoint)
             .or_else(|e| fail(line_no, format!("malformed checkpoint: {e}")));
+    }
+    if v.get("statement").is_some() {
+        return serde_json::from_value(v)
+            .map(|s| Record::Statement(Box::new(s)))
+            .or_else(|e| fail(line_no, format!("malformed signed statement: {e}")));
     }
     serde_json::from_value(v)
         .map(|e| Record::Event(Box::new(e)))
@@ -487,12 +644,15 @@ fn parse_csv(line_no: usize, line: &str, first_record: bool) -> Result<Record, V
     };
     match (f[0].as_str(), first_record) {
         ("header", true) => serde_json::from_str(&f[12])
-            .map(|h| Record::Header(Box::new(h)))
+            .map(Record::Header)
             .map_err(|e| bad("header", e.to_string())),
         (_, true) => fail(line_no, "the first record must be the header"),
         ("checkpoint", _) => serde_json::from_str(&f[12])
             .map(Record::Checkpoint)
             .map_err(|e| bad("checkpoint", e.to_string())),
+        ("statement", _) => serde_json::from_str(&f[12])
+            .map(|s| Record::Statement(Box::new(s)))
+            .map_err(|e| bad("signed statement", e.to_string())),
         ("event", _) => {
             let time = |s: &str, what: &str| {
                 DateTime::parse_from_rfc3339(s)
@@ -539,9 +699,80 @@ fn parse_csv(line_no: usize, line: &str, first_record: bool) -> Result<Record, V
     }
 }
 
+/// The header of either format, with the fields the chain checks need.
+struct Common {
+    version: String,
+    first_position: u64,
+    last_position: u64,
+    range_first_position: u64,
+    range_last_position: u64,
+    events: u64,
+    prev_hash: Digest,
+    public_key: String,
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+    truncated: bool,
+    opening: Option<Checkpoint>,
+}
+
+fn common(line: usize, v: &serde_json::Value) -> Result<Common, VerifyError> {
+    let format = v.get("format").and_then(|f| f.as_str()).unwrap_or("");
+    if format == FORMAT {
+        let h: Header = serde_json::from_value(v.clone())
+            .or_else(|e| fail(line, format!("not an audit export header: {e}")))?;
+        Ok(Common {
+            version: h.format,
+            first_position: h.first_position,
+            last_position: h.last_position,
+            range_first_position: h.range_first_position,
+            range_last_position: h.range_last_position,
+            events: h.events,
+            prev_hash: h.prev_hash,
+            public_key: h.public_key,
+            from: h.from,
+            to: h.to,
+            truncated: h.truncated,
+            opening: h.opening_checkpoint,
+        })
+    } else if format == FORMAT_V1 {
+        let h: HeaderV1 = serde_json::from_value(v.clone())
+            .or_else(|e| fail(line, format!("not an audit export header: {e}")))?;
+        Ok(Common {
+            version: h.format,
+            first_position: h.first_position,
+            last_position: h.last_position,
+            range_first_position: h.range_first_position,
+            range_last_position: h.range_last_position,
+            events: h.events,
+            prev_hash: h.prev_hash,
+            public_key: h.public_key,
+            from: h.from,
+            to: h.to,
+            truncated: h.truncated,
+            opening: None,
+        })
+    } else {
+        fail(
+            line,
+            format!("format {format:?}: this build reads {FORMAT:?} and {FORMAT_V1:?}"),
+        )
+    }
+}
+
 /// Verifies an export read from `input`. `pubkey`: the ledger's public key (hex) as the auditor
-/// obtained it; `None` trusts the key in the file (and the report says so).
+/// obtained it; `None` trusts the key in the file (and the report says so). Only `/2` files are
+/// accepted: a `/1` file proves no coverage, and anyone can turn a cut `/2` file into one.
 pub fn verify(input: impl BufRead, pubkey: Option<&str>) -> Result<Verified, VerifyError> {
+    verify_with(input, pubkey, false)
+}
+
+/// [`verify`], also accepting `/1` files when `accept_v1` (`backstop audit verify --accept-v1`,
+/// for files exported before `/2`): their events are checked, their coverage is not proved.
+pub fn verify_with(
+    input: impl BufRead,
+    pubkey: Option<&str>,
+    accept_v1: bool,
+) -> Result<Verified, VerifyError> {
     let mut lines = input.lines().enumerate().map(|(i, l)| (i + 1, l));
     let Some((n, first)) = lines.next() else {
         return fail(1, "the file is empty");
@@ -571,13 +802,17 @@ pub fn verify(input: impl BufRead, pubkey: Option<&str>) -> Result<Verified, Ver
             None => return fail(2, "no header record"),
         }
     };
-    let Record::Header(header) = parse(header_line, &header_text, true)? else {
+    let Record::Header(header_value) = parse(header_line, &header_text, true)? else {
         return fail(header_line, "the first record must be the header");
     };
-    if header.format != FORMAT {
+    let header = common(header_line, &header_value)?;
+    let v2 = header.version == FORMAT;
+    if !v2 && !accept_v1 {
         return fail(
             header_line,
-            format!("format {:?}, this build reads {FORMAT:?}", header.format),
+            format!(
+                "a {FORMAT_V1} file: it proves its events unaltered but not that none were cut from either end (a cut {FORMAT} file can be rewritten as one); export again, or pass --accept-v1 for a file exported before {FORMAT}"
+            ),
         );
     }
     let key = match pubkey {
@@ -600,7 +835,12 @@ pub fn verify(input: impl BufRead, pubkey: Option<&str>) -> Result<Verified, Ver
     let mut expected_position = header.first_position;
     let mut prev = header.prev_hash;
     let mut events = 0u64;
+    let mut lines_sha3 = Sha3_256::new();
+    let mut first_hash: Option<Digest> = None;
+    let mut before_range: Option<(usize, DateTime<Utc>)> = None;
+    let mut after_range: Option<(usize, DateTime<Utc>)> = None;
     let mut checkpoint: Option<(usize, Checkpoint)> = None;
+    let mut statement: Option<(usize, SignedStatement)> = None;
     for (n, line) in lines {
         let line = line.or_else(|e| fail(n, format!("unreadable: {e}")))?;
         if line.trim().is_empty() {
@@ -609,7 +849,17 @@ pub fn verify(input: impl BufRead, pubkey: Option<&str>) -> Result<Verified, Ver
                 "an empty line: a line was removed or the file was altered",
             );
         }
-        if let Some((cp_line, _)) = &checkpoint {
+        if let Some((st_line, _)) = &statement {
+            return fail(
+                n,
+                format!(
+                    "a record after the signed statement on line {st_line}: lines were added or moved"
+                ),
+            );
+        }
+        if let Some((cp_line, _)) = &checkpoint
+            && !v2
+        {
             return fail(
                 n,
                 format!(
@@ -619,8 +869,34 @@ pub fn verify(input: impl BufRead, pubkey: Option<&str>) -> Result<Verified, Ver
         }
         match parse(n, &line, false)? {
             Record::Header(_) => return fail(n, "a second header"),
-            Record::Checkpoint(cp) => checkpoint = Some((n, cp)),
+            Record::Checkpoint(cp) => {
+                if let Some((cp_line, _)) = &checkpoint {
+                    return fail(
+                        n,
+                        format!("a second checkpoint after the one on line {cp_line}"),
+                    );
+                }
+                checkpoint = Some((n, cp))
+            }
+            Record::Statement(st) if v2 => {
+                if checkpoint.is_none() {
+                    return fail(
+                        n,
+                        "the signed statement comes before the closing checkpoint: lines were removed or moved",
+                    );
+                }
+                statement = Some((n, *st))
+            }
+            Record::Statement(_) => return fail(n, "a signed statement in a /1 file"),
             Record::Event(e) => {
+                if let Some((cp_line, _)) = &checkpoint {
+                    return fail(
+                        n,
+                        format!(
+                            "an event after the checkpoint on line {cp_line}: lines were added or moved"
+                        ),
+                    );
+                }
                 if e.position != expected_position {
                     return fail(
                         n,
@@ -649,6 +925,28 @@ pub fn verify(input: impl BufRead, pubkey: Option<&str>) -> Result<Verified, Ver
                         ),
                     );
                 }
+                if v2 {
+                    let p = e.position;
+                    if p + 1 == header.range_first_position {
+                        before_range = Some((n, e.recorded_at));
+                    } else if p == header.range_last_position + 1 {
+                        after_range = Some((n, e.recorded_at));
+                    } else if p >= header.range_first_position && p <= header.range_last_position {
+                        let early = header.from.is_some_and(|f| e.recorded_at < f);
+                        let late = header.to.is_some_and(|t| e.recorded_at >= t);
+                        if early || late {
+                            return fail(
+                                n,
+                                format!(
+                                    "the event at position {p} was recorded at {}, outside the range the header announces",
+                                    e.recorded_at
+                                ),
+                            );
+                        }
+                    }
+                }
+                first_hash.get_or_insert(e.hash);
+                lines_sha3.update(e.hash.0);
                 prev = e.hash;
                 expected_position += 1;
                 events += 1;
@@ -672,10 +970,16 @@ pub fn verify(input: impl BufRead, pubkey: Option<&str>) -> Result<Verified, Ver
             ),
         );
     }
-    if header.range_first_position != header.first_position
-        || header.range_last_position > header.last_position
-        || header.range_last_position + 1 < header.range_first_position
-    {
+    let range_ok = if v2 {
+        header.range_first_position >= header.first_position
+            && header.range_last_position <= header.last_position
+            && header.range_first_position <= header.range_last_position
+    } else {
+        header.range_first_position == header.first_position
+            && header.range_last_position <= header.last_position
+            && header.range_last_position + 1 >= header.range_first_position
+    };
+    if !range_ok {
         return fail(
             header_line,
             "the header's range is inconsistent with its positions",
@@ -693,19 +997,180 @@ pub fn verify(input: impl BufRead, pubkey: Option<&str>) -> Result<Verified, Ver
             ),
         );
     }
+    if v2 {
+        verify_coverage(
+            &header,
+            &header_value,
+            header_line,
+            &key,
+            first_hash,
+            Digest(lines_sha3.finalize().into()),
+            before_range,
+            after_range,
+            &cp,
+            statement,
+            last_line + 1,
+        )?;
+    }
     Ok(Verified {
         format,
+        version: header.version.clone(),
         events,
         first_position: header.first_position,
         last_position: last,
         range_first_position: header.range_first_position,
         range_last_position: header.range_last_position,
+        opening_checkpoint_position: header.opening.as_ref().map(|c| c.position),
         checkpoint_position: cp.position,
         checkpoint_signed_at: cp.signed_at,
         public_key: key,
         key_given: pubkey.is_some(),
         truncated: header.truncated,
+        coverage_signed: v2,
     })
+}
+
+/// The `/2` checks that prove nothing was cut: the opening checkpoint, the range's boundaries and
+/// the signed statement.
+#[allow(clippy::too_many_arguments)]
+fn verify_coverage(
+    header: &Common,
+    header_value: &serde_json::Value,
+    header_line: usize,
+    key: &str,
+    first_hash: Option<Digest>,
+    lines_sha3: Digest,
+    before_range: Option<(usize, DateTime<Utc>)>,
+    after_range: Option<(usize, DateTime<Utc>)>,
+    closing: &Checkpoint,
+    statement: Option<(usize, SignedStatement)>,
+    statement_line: usize,
+) -> Result<(), VerifyError> {
+    match &header.opening {
+        None if header.first_position != 1 || header.prev_hash != Digest::ZERO => {
+            return fail(
+                header_line,
+                format!(
+                    "the file starts at position {} with no signed checkpoint there: events before it were cut, or the header was altered",
+                    header.first_position
+                ),
+            );
+        }
+        None => {}
+        Some(op) => {
+            if let Err(why) = verify_checkpoint(op, key) {
+                return fail(
+                    header_line,
+                    format!("the opening checkpoint's signature is invalid: {why}"),
+                );
+            }
+            if op.position != header.first_position || Some(op.hash) != first_hash {
+                return fail(
+                    header_line,
+                    format!(
+                        "the opening checkpoint covers position {} with hash {}, but the file starts at position {}{}: events were cut from the start",
+                        op.position,
+                        op.hash,
+                        header.first_position,
+                        first_hash
+                            .map(|h| format!(" with hash {h}"))
+                            .unwrap_or_default()
+                    ),
+                );
+            }
+        }
+    }
+    if let Some(from) = header.from
+        && header.range_first_position > 1
+    {
+        match before_range {
+            Some((_, at)) if at < from => {}
+            Some((n, at)) => {
+                return fail(
+                    n,
+                    format!(
+                        "the event just before the range was recorded at {at}, not before `from` ({from}): events of the range were left out at the start"
+                    ),
+                );
+            }
+            None => {
+                return fail(
+                    header_line,
+                    "the event just before the range is not in the file, so nothing proves the range starts where the header says",
+                );
+            }
+        }
+    }
+    if let (Some(to), Some((n, at))) = (header.to, after_range)
+        && at < to
+    {
+        return fail(
+            n,
+            format!(
+                "the event just after the range was recorded at {at}, before `to` ({to}): events of the range were left out at the end"
+            ),
+        );
+    }
+    let Some((st_line, signed)) = statement else {
+        return fail(
+            statement_line,
+            "no signed statement at the end: the file was cut short, or its end replaced by an earlier checkpoint",
+        );
+    };
+    if let Err(why) = verify_statement(&signed.statement.signed_bytes(), &signed.signature, key) {
+        return fail(
+            st_line,
+            format!(
+                "the statement's signature is invalid ({why}): the statement was altered or signed by another key"
+            ),
+        );
+    }
+    let st = &signed.statement;
+    let header_sha3 = Digest::of(&canonical::json_bytes(header_value));
+    let mut wrong = Vec::new();
+    if st.header_sha3 != header_sha3 {
+        wrong.push("the header was altered".to_string());
+    }
+    if st.format != header.version {
+        wrong.push(format!("format {}", st.format));
+    }
+    if (st.first_position, st.last_position) != (header.first_position, header.last_position) {
+        wrong.push(format!(
+            "positions {}..={} signed, {}..={} in the file",
+            st.first_position, st.last_position, header.first_position, header.last_position
+        ));
+    }
+    if (st.range_first_position, st.range_last_position)
+        != (header.range_first_position, header.range_last_position)
+        || (st.from, st.to) != (header.from, header.to)
+    {
+        wrong.push("the range differs from the signed one".to_string());
+    }
+    if st.events != header.events {
+        wrong.push(format!(
+            "{} events signed, {} in the file",
+            st.events, header.events
+        ));
+    }
+    if st.lines_sha3 != lines_sha3 {
+        wrong.push("the events differ from the signed ones".to_string());
+    }
+    if st.closing_checkpoint != closing.position {
+        wrong.push(format!(
+            "the closing checkpoint was signed at position {}, the file ends at {}: the tail was cut back to an earlier checkpoint",
+            st.closing_checkpoint, closing.position
+        ));
+    }
+    if !wrong.is_empty() {
+        return fail(
+            st_line,
+            format!(
+                "the file does not match the signed statement: {}",
+                wrong.join("; ")
+            ),
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -465,8 +465,13 @@ pub async fn audit_export(
         .parse()
         .map_err(ApiError::BadRequest)?;
     let caller = state.authorize(&ctx, Need::AuditExport).await?;
+    let signer = state.0.export_signer.clone().ok_or_else(|| {
+        ApiError::Unavailable(
+            "the audit export needs the ledger's signing key in this process (ledger.signing_key); this server was started without it".into(),
+        )
+    })?;
     let store = state.0.ledger.store().clone();
-    let key = state.0.ledger.public_key().to_string();
+    let key = signer.public_key_hex();
     let plan = {
         let store = store.clone();
         tokio::task::spawn_blocking(move || audit_export::plan(&store, &key, &range))
@@ -497,7 +502,7 @@ pub async fn audit_export(
             tx: tx.clone(),
             buf: Vec::new(),
         };
-        if let Err(e) = audit_export::write(&store, &plan, format, &mut w) {
+        if let Err(e) = audit_export::write(&store, &plan, &signer, format, &mut w) {
             tracing::warn!(error = %e, "audit export stopped");
             let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
         }

@@ -150,6 +150,8 @@ struct Inner {
     schedules: Option<Arc<dyn ScheduleView>>,
     cost: Option<Arc<dyn CostView>>,
     prometheus: Option<PrometheusHandle>,
+    /// Signs the audit export's coverage statement: the ledger's checkpoint key.
+    export_signer: Option<Arc<backstop_ledger::CheckpointSigner>>,
     /// The weekly summary's zone and prices ([`ApiState::with_reports`]).
     report_zone: chrono_tz::Tz,
     report_cost: Option<backstop_ops::alerting::CostEstimator>,
@@ -194,6 +196,7 @@ impl ApiState {
             schedules: None,
             cost: None,
             prometheus: None,
+            export_signer: None,
             report_zone: chrono_tz::America::New_York,
             report_cost: None,
             report_cache: tokio::sync::Mutex::new(None),
@@ -236,6 +239,18 @@ impl ApiState {
     pub fn with_cost(mut self, view: Arc<dyn CostView>) -> ApiState {
         if let Some(inner) = Arc::get_mut(&mut self.0) {
             inner.cost = Some(view);
+        }
+        self
+    }
+
+    /// Adds the ledger's checkpoint key, which signs the audit export's coverage statement
+    /// (call before serving; without it the export answers 503).
+    pub fn with_export_signer(
+        mut self,
+        signer: Arc<backstop_ledger::CheckpointSigner>,
+    ) -> ApiState {
+        if let Some(inner) = Arc::get_mut(&mut self.0) {
+            inner.export_signer = Some(signer);
         }
         self
     }

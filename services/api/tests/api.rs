@@ -131,6 +131,9 @@ async fn env_from(
         projections.clone(),
         stop,
     )
+    .with_export_signer(Arc::new(
+        backstop_ledger::CheckpointSigner::load_or_create(&cfg.signing_key).unwrap(),
+    ))
     .with_storage(Arc::new(DirProbe(match repository {
         Some(name) => dir.path().join(name),
         None => dir.path().to_path_buf(),

@@ -1,4 +1,5 @@
-//! Golden vectors of the audit export (`backstop-audit-export/1`, JSON Lines and CSV): the
+//! Golden vectors of the audit export's earlier format (`backstop-audit-export/1`, JSON Lines and
+//! CSV, still verified with `--accept-v1`; `/2` adds a signed statement over live data): the
 //! three-event ledger excerpt and its signed checkpoint (pinned by `events/tests/vectors.rs` and
 //! `ledger/tests/vectors.rs`) written by the export's own writer with a fixed header, compared
 //! byte for byte, then checked by the offline verifier an auditor runs (`backstop audit verify`).
@@ -7,7 +8,7 @@
 #[path = "../../../tests/vectors/support.rs"]
 mod support;
 
-use backstop_api::audit_export::{self, Format, Header, Plan, VerifyError};
+use backstop_api::audit_export::{self, Format, HeaderV1, PlanV1, VerifyError};
 use backstop_events::{Digest, Envelope};
 use backstop_ledger::Checkpoint;
 use chrono::{DateTime, Utc};
@@ -35,10 +36,10 @@ fn checkpoint() -> Checkpoint {
 /// The plan `audit_export::plan` makes for `--from 03:04:05Z --to 03:04:07Z` on a ledger that
 /// holds the excerpt and signed at its head: events 1 and 2 are in the range, event 3 follows
 /// so that the chain reaches the signature.
-fn plan(checkpoint: Checkpoint) -> Plan {
-    Plan {
-        header: Header {
-            format: audit_export::FORMAT.into(),
+fn plan(checkpoint: Checkpoint) -> PlanV1 {
+    PlanV1 {
+        header: HeaderV1 {
+            format: audit_export::FORMAT_V1.into(),
             first_position: 1,
             last_position: 3,
             range_first_position: 1,
@@ -58,7 +59,7 @@ fn plan(checkpoint: Checkpoint) -> Plan {
 fn export(format: Format) -> Vec<u8> {
     let events = excerpt();
     let mut out = Vec::new();
-    audit_export::write_from(&plan(checkpoint()), format, &mut out, |from, limit| {
+    audit_export::write_v1_from(&plan(checkpoint()), format, &mut out, |from, limit| {
         Ok(events
             .iter()
             .filter(|e| e.position >= from)
@@ -71,7 +72,8 @@ fn export(format: Format) -> Vec<u8> {
 }
 
 fn verify(bytes: &[u8], key: &str) -> Result<audit_export::Verified, VerifyError> {
-    audit_export::verify(bytes, Some(key))
+    // `/1` is no longer written by `export`, and accepted only when asked for.
+    audit_export::verify_with(bytes, Some(key), true)
 }
 
 fn check_export(name: &str, format: Format) -> Vec<u8> {

@@ -49,6 +49,10 @@ pub enum AuditCommand {
         /// The ledger's public key (hex), obtained separately; strongly recommended.
         #[arg(long)]
         pubkey: Option<String>,
+        /// Also accept a `backstop-audit-export/1` file (exported before /2): its events are
+        /// checked, but nothing proves none were cut from either end.
+        #[arg(long)]
+        accept_v1: bool,
         #[arg(long)]
         json: bool,
     },
@@ -100,13 +104,8 @@ pub async fn run(
                 let file = std::fs::File::create(&tmp)
                     .with_context(|| format!("cannot create {}", tmp.display()))?;
                 let mut w = std::io::BufWriter::new(file);
-                let header = audit_export::export(
-                    ledger.store(),
-                    ledger.public_key(),
-                    &range,
-                    format,
-                    &mut w,
-                )?;
+                let signer = backstop_ledger::CheckpointSigner::load_or_create(&lc.signing_key)?;
+                let header = audit_export::export(ledger.store(), &signer, &range, format, &mut w)?;
                 let file = w
                     .into_inner()
                     .map_err(|e| anyhow::anyhow!("writing {}: {}", tmp.display(), e.error()))?;
@@ -144,10 +143,15 @@ pub async fn run(
             }
             Ok(std::process::ExitCode::SUCCESS)
         }
-        AuditCommand::Verify { file, pubkey, json } => {
+        AuditCommand::Verify {
+            file,
+            pubkey,
+            accept_v1,
+            json,
+        } => {
             let f = std::fs::File::open(&file)
                 .with_context(|| format!("cannot open {}", file.display()))?;
-            match audit_export::verify(BufReader::new(f), pubkey.as_deref()) {
+            match audit_export::verify_with(BufReader::new(f), pubkey.as_deref(), accept_v1) {
                 Ok(v) => {
                     if json {
                         println!("{}", serde_json::json!({ "ok": true, "report": v }));
@@ -161,6 +165,29 @@ pub async fn run(
                             v.checkpoint_position,
                             v.checkpoint_signed_at
                         );
+                        if v.coverage_signed {
+                            println!(
+                                "complete: the range asked for is positions {}..={}; {} and a checkpoint at {}, and the ledger's signed statement, prove nothing was cut from either end{}.",
+                                v.range_first_position,
+                                v.range_last_position,
+                                match v.opening_checkpoint_position {
+                                    Some(p) => format!("a signed checkpoint at {p}"),
+                                    None => "the ledger's first event".to_string(),
+                                },
+                                v.checkpoint_position,
+                                if v.truncated {
+                                    " (the export stopped at the latest checkpoint: later events were not covered yet)"
+                                } else {
+                                    ""
+                                }
+                            );
+                        } else {
+                            println!(
+                                "warning: a {} file: its events are unaltered, but nothing proves none were cut from either end; export again to get a {} file.",
+                                v.version,
+                                audit_export::FORMAT
+                            );
+                        }
                         if v.key_given {
                             println!(
                                 "signature checked with the public key you gave: {}",

@@ -246,6 +246,8 @@ pub async fn check_read_side(
 /// What `serve` passes to [`spawn_read_side`].
 pub struct ReadSide<'a> {
     pub config: &'a Config,
+    /// Where the ledger's signing key is by default (it signs the audit export's statement).
+    pub data_dir: &'a Path,
     pub ledger: &'a Ledger,
     pub appender: Arc<dyn Appender>,
     pub checked: CheckedReadSide,
@@ -324,6 +326,14 @@ pub fn spawn_read_side(
     );
     if let Some(probe) = side.storage {
         state = state.with_storage(probe);
+    }
+    // The ledger opened (or created) this key already; the export signs its statement with it.
+    let key_path = config.ledger_config(side.data_dir).signing_key;
+    match backstop_ledger::CheckpointSigner::load_or_create(&key_path) {
+        Ok(signer) => state = state.with_export_signer(Arc::new(signer)),
+        Err(e) => {
+            tracing::warn!(error = %e, "the audit export is off: it cannot sign without the ledger's key")
+        }
     }
     if let Some(view) = side.schedules {
         state = state.with_schedules(view);

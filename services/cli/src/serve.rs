@@ -118,6 +118,11 @@ pub async fn serve(
     let policy = config.retry_policy();
     let mut tasks = JoinSet::new();
     tasks.spawn(control.run(shutdown.clone()));
+    // A writer that met a storage error refuses every append: stop rather than serve on.
+    {
+        let (ledger, shutdown) = (ledger.clone(), shutdown.clone());
+        tasks.spawn(async move { ledger.failed(shutdown).await });
+    }
     if let Some(repo) = wal_repo {
         let every = std::time::Duration::from_secs(60);
         tasks.spawn(backstop_ops::wal::wal_catch_up_loop(
@@ -236,6 +241,7 @@ pub async fn serve(
     crate::projections_cmd::spawn_read_side(
         crate::projections_cmd::ReadSide {
             config,
+            data_dir,
             ledger: &ledger,
             appender: Arc::new(ledger.clone()),
             checked: read_side,
