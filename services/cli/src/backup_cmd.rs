@@ -156,12 +156,13 @@ pub async fn run_backup(
         });
         f
     });
-    let opts = BackupOptions {
+    let mut opts = BackupOptions {
         progress,
         jobs: args.jobs,
         tags: args.tags.clone(),
         ..Default::default()
     };
+    config.job_limits().apply(&mut opts);
     let result = run(&dp, &request, requested_at, &actor, None, &opts).await;
     if let Some(bar) = bar {
         bar.finish_and_clear();

@@ -207,6 +207,10 @@ pub struct WorkersSection {
     /// Seconds a running backup or restore holds its lease; renewed every third of it, and a
     /// job whose lease lapses is recorded as abandoned by `serve` (default 60).
     pub lease_seconds: Option<u64>,
+    /// A backup running longer is stopped and recorded as failed (default 24h).
+    pub job_deadline: Option<backstop_ops::schedule::ConfigDuration>,
+    /// How long a logical backup waits for a table's lock before failing (default 10m).
+    pub lock_wait_timeout: Option<backstop_ops::schedule::ConfigDuration>,
 }
 
 impl Config {
@@ -344,6 +348,18 @@ impl Config {
     }
 
     /// How long a running job's lease lasts (`[workers] lease_seconds`).
+    /// The deadline and lock wait every backup runs with (`[workers] job_deadline`,
+    /// `lock_wait_timeout`).
+    pub fn job_limits(&self) -> backstop_ops::backup::JobLimits {
+        let secs = |d: Option<backstop_ops::schedule::ConfigDuration>, default: u64| {
+            std::time::Duration::from_secs(d.map(|d| d.as_secs()).unwrap_or(default))
+        };
+        backstop_ops::backup::JobLimits {
+            deadline: Some(secs(self.workers.job_deadline, 24 * 3600)),
+            lock_wait_timeout: Some(secs(self.workers.lock_wait_timeout, 600)),
+        }
+    }
+
     pub fn lease_period(&self) -> std::time::Duration {
         self.workers
             .lease_seconds

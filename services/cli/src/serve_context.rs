@@ -55,6 +55,7 @@ pub async fn worker_context(
         schedules: schedules.clone(),
         retention: None,
         notify: None,
+        job_limits: config.job_limits(),
     };
     let loc = match location(config, data_dir, &RepoArgs::default()) {
         Ok(l) => l,
@@ -124,6 +125,7 @@ pub async fn worker_context(
             verify,
             retention: None,
             notify: None,
+            job_limits: config.job_limits(),
         },
         Some(probe),
     )

@@ -78,6 +78,27 @@ pub struct BackupOptions {
     /// Tags recorded in the manifest (`extra.tags`), which retention's keep-by-tag rules read
     /// (`pre-deploy` kept 30 days by default).
     pub tags: Vec<String>,
+    /// The whole backup is stopped past this (its `pg_dump`/`pg_basebackup` children killed) and
+    /// recorded as failed: nothing hangs forever on a stuck server or network.
+    pub deadline: Option<Duration>,
+    /// Logical: how long the dump waits for a table's lock (a migration holding an ACCESS
+    /// EXCLUSIVE lock) before it fails with the table named, instead of waiting without end.
+    pub lock_wait_timeout: Option<Duration>,
+}
+
+/// The time limits of a backup, from the configuration; [`JobLimits::apply`] puts them on a
+/// backup's options.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct JobLimits {
+    pub deadline: Option<Duration>,
+    pub lock_wait_timeout: Option<Duration>,
+}
+
+impl JobLimits {
+    pub fn apply(&self, opts: &mut BackupOptions) {
+        opts.deadline = opts.deadline.or(self.deadline);
+        opts.lock_wait_timeout = opts.lock_wait_timeout.or(self.lock_wait_timeout);
+    }
 }
 
 /// What the source reported about a finished backup.
@@ -162,9 +183,21 @@ pub async fn run_backup(
     // The lease: renewed beside the work, so a process killed mid-backup is recorded as
     // abandoned by serve's lease monitor instead of staying "started" forever (crate::lease).
     let heartbeat = Heartbeat::new(appender, LeasedJob::Backup, request.backup_id, actor, cause);
-    let taken = heartbeat
-        .beside(take(&repo, spec, request, parent, actor, opts))
-        .await;
+    let work = take(&repo, spec, request, parent, actor, opts);
+    let bounded = async {
+        match opts.deadline {
+            // Dropping the work at the deadline kills its children (kill_on_drop) and uploads
+            // no manifest: what it uploaded is unreferenced and left to the prune.
+            Some(limit) => tokio::time::timeout(limit, work).await.unwrap_or_else(|_| {
+                Err(OpsError::DeadlineExceeded {
+                    what: format!("backup {} of `{}`", request.backup_id, request.source),
+                    limit_secs: limit.as_secs(),
+                })
+            }),
+            None => work.await,
+        }
+    };
+    let taken = heartbeat.beside(bounded).await;
     let (result, report) = match taken {
         Ok(done) => done,
         Err(e) => {
@@ -296,12 +329,12 @@ async fn take(
     );
     let ticker = opts.progress.clone().map(|f| {
         let w = writer.clone();
-        tokio::spawn(async move {
+        AbortOnDrop(Some(tokio::spawn(async move {
             loop {
                 f(w.progress());
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-        })
+        })))
     });
     let sink = Arc::new(WriterSink {
         writer: writer.clone(),
@@ -311,6 +344,7 @@ async fn take(
         BackupMethod::Logical => {
             let options = DumpOptions {
                 jobs: opts.jobs.unwrap_or(spec.jobs).max(1),
+                lock_wait_timeout: opts.lock_wait_timeout,
                 ..Default::default()
             };
             logical::dump(&spec.conninfo, &options, sink.clone())
@@ -334,7 +368,9 @@ async fn take(
                 .map_err(OpsError::from)
         }
     };
-    if let Some(t) = ticker {
+    if let Some(mut t) = ticker
+        && let Some(t) = t.0.take()
+    {
         t.abort();
         // The ticker holds a handle on the writer: wait until it is gone.
         let _ = t.await;
@@ -354,6 +390,17 @@ async fn take(
     }
     let result = writer.finish(extra).await?;
     Ok((result, report))
+}
+
+/// Aborts the progress ticker if the backup is dropped (at its deadline) before it ends.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(t) = &self.0 {
+            t.abort();
+        }
+    }
 }
 
 /// Records `backup.completed` for a backup whose manifest is in the repository, from the

@@ -99,6 +99,12 @@ pub enum OpsError {
     #[error("{what} was abandoned: {why}")]
     Abandoned { what: String, why: String },
 
+    /// A job ran past its deadline and was stopped (its external programs killed).
+    #[error(
+        "{what} ran past its deadline of {limit_secs} s and was stopped; if it legitimately needs longer, raise [workers] job_deadline"
+    )]
+    DeadlineExceeded { what: String, limit_secs: u64 },
+
     #[error("local I/O failed while {doing}: {source}")]
     Io {
         doing: String,
@@ -133,9 +139,10 @@ impl OpsError {
             OpsError::DamagedManifest { .. }
             | OpsError::BadManifest { .. }
             | OpsError::RowCounts { .. } => Data,
-            OpsError::Scratch { .. } | OpsError::Abandoned { .. } | OpsError::Io { .. } => {
-                Environment
-            }
+            OpsError::Scratch { .. }
+            | OpsError::Abandoned { .. }
+            | OpsError::DeadlineExceeded { .. }
+            | OpsError::Io { .. } => Environment,
             OpsError::Repo(e) => repo_class(e),
             OpsError::Source(e) => source_class(e),
             OpsError::Physical(e) => physical_class(e),
@@ -212,6 +219,7 @@ fn source_class(e: &SourceError) -> FailureClass {
         | SourceError::ToolFailed { .. }
         | SourceError::ToolSpawn { .. }
         | SourceError::LockConflict { .. }
+        | SourceError::LockTimeout { .. }
         | SourceError::SinkStoppedEarly { .. }
         | SourceError::Io { .. }
         | SourceError::Task(_) => Environment,
@@ -228,7 +236,9 @@ fn source_class(e: &SourceError) -> FailureClass {
 
 fn source_transient(e: &SourceError) -> bool {
     match e {
-        SourceError::Connect { .. } | SourceError::LockConflict { .. } => true,
+        SourceError::Connect { .. }
+        | SourceError::LockConflict { .. }
+        | SourceError::LockTimeout { .. } => true,
         SourceError::Sink { source, .. } | SourceError::Source { source, .. } => {
             repo_inside(source).is_some_and(RepoError::is_transient)
         }

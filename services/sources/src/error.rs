@@ -79,6 +79,11 @@ pub enum SourceError {
     )]
     LockConflict { table: String },
 
+    #[error(
+        "a table of {target} is locked by another session (a migration, or a long transaction holding an ACCESS EXCLUSIVE lock), and the backup stopped waiting for it while {doing} ([workers] lock_wait_timeout); it is retried later. The holder: SELECT pid, state, query FROM pg_stat_activity WHERE pid IN (SELECT pid FROM pg_locks WHERE mode = 'AccessExclusiveLock')"
+    )]
+    LockTimeout { doing: String, target: String },
+
     #[error("storing part {part:?} failed: {source}")]
     Sink {
         part: String,
@@ -183,6 +188,15 @@ impl SourceError {
     }
 
     pub(crate) fn query(doing: impl Into<String>, target: &ConnInfo, source: sqlx::Error) -> Self {
+        // 55P03 lock_not_available: lock_timeout ran out.
+        if let sqlx::Error::Database(db) = &source
+            && db.code().as_deref() == Some("55P03")
+        {
+            return SourceError::LockTimeout {
+                doing: doing.into(),
+                target: target.redacted(),
+            };
+        }
         SourceError::Query {
             doing: doing.into(),
             target: target.redacted(),

@@ -27,6 +27,8 @@ pub struct BackupWorker {
     /// A scheduled backup that starts inside its schedule's trading hours runs with fewer jobs
     /// and a bandwidth cap ([`Schedule::limits_at`]).
     pub schedules: Vec<Schedule>,
+    /// Every backup's deadline and lock wait.
+    pub limits: backstop_ops::backup::JobLimits,
 }
 
 impl BackupWorker {
@@ -37,6 +39,7 @@ impl BackupWorker {
             failures: FailureRecording::UnlessTransient,
             ..Default::default()
         };
+        self.limits.apply(&mut opts);
         let Trigger::Schedule { schedule } = &request.trigger else {
             return opts;
         };

@@ -51,6 +51,8 @@ pub struct WorkerContext {
     /// The configured schedules: a scheduled backup runs under its schedule's trading-hours
     /// limits.
     pub schedules: Vec<backstop_ops::schedule::Schedule>,
+    /// Every backup's deadline and lock wait (`[workers] job_deadline`, `lock_wait_timeout`).
+    pub job_limits: backstop_ops::backup::JobLimits,
     /// The retention policies and the ledger's facts; without them no retention worker.
     pub retention: Option<retention::RetentionSettings>,
     /// The `[notify]` channels; without them no notifier.
@@ -75,6 +77,7 @@ pub fn handlers(only: &[String], ctx: WorkerContext) -> Result<Vec<Arc<dyn Handl
         (Some(dp), true) => all.push(Arc::new(backup::BackupWorker {
             data_path: dp.clone(),
             schedules: ctx.schedules.clone(),
+            limits: ctx.job_limits,
         })),
         (None, true) if !only.is_empty() => {
             return Err("the backup worker needs a repository and its master key (see [repository] in the configuration reference)".into());

@@ -192,6 +192,7 @@ async fn backup_worker_decides_by_failure_class() {
         let worker = BackupWorker {
             data_path: w.dp.clone(),
             schedules: Vec::new(),
+            limits: Default::default(),
         };
         let (_, event) = request(case.source, case.method, case.trigger.clone());
         let got = worker.handle(&event, w.ledger.as_ref()).await;
@@ -216,6 +217,7 @@ async fn backup_worker_gives_up_with_one_recorded_failure() {
     let worker = BackupWorker {
         data_path: w.dp.clone(),
         schedules: Vec::new(),
+        limits: Default::default(),
     };
     let (backup_id, event) = request("main", BackupMethod::Logical, Trigger::Manual);
     let error = worker
@@ -256,6 +258,7 @@ async fn backup_worker_completes_a_redelivered_request_from_its_manifest() {
     let worker = BackupWorker {
         data_path: w.dp.clone(),
         schedules: Vec::new(),
+        limits: Default::default(),
     };
     let event = delivered(
         &streams::backup(stored.backup_id),

@@ -148,6 +148,18 @@ pub(crate) async fn server_info(conn: &mut PgConnection) -> Result<ServerInfo, s
     })
 }
 
+/// Makes the server notice within a second that its client went away, even while the session
+/// waits for a lock (PostgreSQL 14 and later; a no-op before). A backup stopped at its deadline
+/// drops its connections, and without this their sessions would go on waiting, and queueing
+/// other lock requests behind them, until the lock came free.
+pub(crate) const NOTICE_DEAD_CLIENT: &str = "SELECT pg_catalog.set_config('client_connection_check_interval', '1000', false) \
+     WHERE pg_catalog.current_setting('server_version_num')::int >= 140000";
+
+/// The same for an external tool's sessions (`PGOPTIONS`), on servers that have the setting.
+pub(crate) fn notice_dead_client_options(server_version_num: u32) -> Option<&'static str> {
+    (server_version_num >= 140_000).then_some("-c client_connection_check_interval=1000")
+}
+
 /// Session settings for COPY in both directions: the same text representation on both ends
 /// whatever the servers' defaults (as pg_dump sets them), no timeouts, and no row security
 /// (a dump must fail rather than silently skip rows a policy hides).

@@ -23,7 +23,7 @@ use sqlx::postgres::PgConnection;
 use tokio::io::AsyncReadExt;
 use tokio::task::JoinSet;
 
-use super::catalog::{self, COPY_SESSION, CatalogTable};
+use super::catalog::{self, COPY_SESSION, CatalogTable, NOTICE_DEAD_CLIENT};
 use super::stream::{BATCH, PartWriter, ReaderGone, count_newlines, part_stream};
 use super::{
     DumpReport, DumpSink, LARGE_OBJECTS_PART, PartReport, SCHEMA_PART, SEQUENCES_PART,
@@ -158,6 +158,14 @@ pub async fn dump(
 
     // 1. The coordinator: snapshot, catalog, locks.
     let mut coord = ci.connect_source().await?;
+    // Its own statement: a query before BEGIN in one batch would open the transaction.
+    exec(
+        &mut coord,
+        &ci,
+        "asking the server to notice a client that went away",
+        NOTICE_DEAD_CLIENT.to_string(),
+    )
+    .await?;
     let lock_timeout = options
         .lock_wait_timeout
         .map(|d| format!("SET lock_timeout = '{}ms'", d.as_millis().max(1)))
@@ -239,6 +247,7 @@ pub async fn dump(
         let (tool, ci, sink, snapshot) =
             (pg_dump.clone(), ci.clone(), sink.clone(), snapshot.clone());
         let lock_wait = options.lock_wait_timeout;
+        let server_version_num = info.server_version_num;
         set.spawn(async move {
             let mut done = Vec::new();
             let mut cmd = tool.command();
@@ -253,6 +262,9 @@ pub async fn dump(
                 cmd.arg(format!("--lock-wait-timeout={}", d.as_millis().max(1)));
             }
             ci.apply_to_tool(&mut cmd);
+            if let Some(o) = catalog::notice_dead_client_options(server_version_num) {
+                cmd.env("PGOPTIONS", o);
+            }
             done.push(Done::Part(
                 tool_part(&tool, cmd, SCHEMA_PART, &*sink).await?,
             ));
@@ -266,6 +278,9 @@ pub async fn dump(
                     &format!("--snapshot={snapshot}"),
                 ]);
                 ci.apply_to_tool(&mut cmd);
+                if let Some(o) = catalog::notice_dead_client_options(server_version_num) {
+                    cmd.env("PGOPTIONS", o);
+                }
                 done.push(Done::Part(
                     tool_part(&tool, cmd, LARGE_OBJECTS_PART, &*sink).await?,
                 ));
@@ -565,6 +580,13 @@ async fn copy_worker(
     sink: Arc<dyn DumpSink>,
 ) -> Result<Vec<Done>, SourceError> {
     let mut conn = ci.connect_source().await?;
+    exec(
+        &mut conn,
+        &ci,
+        "asking the server to notice a client that went away",
+        NOTICE_DEAD_CLIENT.to_string(),
+    )
+    .await?;
     exec(
         &mut conn,
         &ci,
