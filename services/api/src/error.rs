@@ -31,6 +31,9 @@ pub enum ApiError {
     NotReady(String),
     #[error("{0}")]
     Internal(String),
+    /// A client past one of its limits (refusals, sign-ins): 429 with `Retry-After`.
+    #[error("{what}; retry in {retry_after} s")]
+    TooManyRequests { retry_after: u64, what: String },
 }
 
 impl ApiError {
@@ -43,6 +46,7 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unavailable(_) | ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -54,6 +58,7 @@ impl ApiError {
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             ApiError::NotReady(_) => Some(crate::READ_MODELS_RETRY_AFTER_SECS),
+            ApiError::TooManyRequests { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }

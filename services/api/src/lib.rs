@@ -11,8 +11,15 @@
 //! Invariants:
 //! - Every error goes through [`error::ApiError`] (one mapping to status codes); malformed input
 //!   is a 400 with a message, never a 500.
-//! - Every refused request (401, 403) is recorded as an `access.denied` event before the answer
-//!   is sent ([`auth`] has the role matrix).
+//! - Every refused request (401, 403, and the 429s past a client's refusal limit) is counted in
+//!   an `access.denied` event: the first of a client's window at once, the rest of the window as
+//!   one event with their count ([`guard`]; [`auth`] has the role matrix). A flood of refusals
+//!   writes a few events, never one per request.
+//! - Limits, each a tower layer in [`router`]: request bodies of at most `api.max_body_bytes`
+//!   (413), an answer within `api.request_timeout_seconds` (408), at most
+//!   `api.max_concurrent_requests` requests in progress (the others wait for a slot).
+//! - An anonymous viewer of a public dashboard never sees hosts, operators, endpoints, storage
+//!   locations or error texts ([`redact`]).
 //! - Without a projections database the API still serves `/healthz`, `/metrics` (ledger figures)
 //!   and the live event stream; pages that need projections answer 503 with what to configure.
 //! - Until the read models are ready ([`ReadModels`]: `serve` listens before the projections'
@@ -26,12 +33,14 @@ pub mod audit_export;
 pub mod auth;
 pub mod charts;
 pub mod error;
+pub mod guard;
 mod handlers;
 mod live;
 mod metrics_text;
 mod ops_pages;
 mod pages;
 pub mod params;
+pub mod redact;
 mod reports;
 
 use std::net::SocketAddr;
@@ -85,6 +94,29 @@ pub struct ApiConfig {
     pub metrics_public: bool,
     /// Whether events are published to NATS (so the publication lag means something).
     pub publication: bool,
+    /// The largest request body accepted (413 beyond); `api.max_body_bytes`, default 64 KiB.
+    pub max_body_bytes: usize,
+    /// The longest a request may take to be answered (408 beyond; a stream's body is not
+    /// counted); `api.request_timeout_seconds`, default 30.
+    pub request_timeout: Duration,
+    /// Requests in progress at once; `api.max_concurrent_requests`, default 256.
+    pub max_concurrent_requests: usize,
+    /// Refused requests a client may make per minute before it gets 429s (and as many at once);
+    /// `api.refusals_per_minute`, default 30.
+    pub refusals_per_minute: u32,
+    /// Sign-in attempts per client and minute; `api.sign_ins_per_minute`, default 10.
+    pub sign_ins_per_minute: u32,
+    /// A client's refusals within this window are recorded as one event with their count;
+    /// `api.denial_window_seconds`, default 60.
+    pub denial_window: Duration,
+    /// How long a sign-in session lasts; `api.session_hours`, default 12.
+    pub session_ttl: Duration,
+    /// Mark the sign-in cookie `Secure` (always); `api.secure_cookies`. When false it is still
+    /// marked when a trusted proxy says the request came over HTTPS.
+    pub secure_cookies: bool,
+    /// Proxies whose `X-Forwarded-For` and `X-Forwarded-Proto` are believed;
+    /// `api.trusted_proxies`, default none.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 impl Default for ApiConfig {
@@ -94,6 +126,15 @@ impl Default for ApiConfig {
             public_dashboard: false,
             metrics_public: true,
             publication: false,
+            max_body_bytes: 64 * 1024,
+            request_timeout: Duration::from_secs(30),
+            max_concurrent_requests: 256,
+            refusals_per_minute: 30,
+            sign_ins_per_minute: 10,
+            denial_window: Duration::from_secs(60),
+            session_ttl: Duration::from_secs(12 * 3600),
+            secure_cookies: false,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -143,6 +184,7 @@ pub struct ProbeResult {
 
 struct Inner {
     config: ApiConfig,
+    guards: guard::Guards,
     projections: Option<Projections>,
     ledger: Ledger,
     appender: Arc<dyn Appender>,
@@ -187,7 +229,19 @@ impl ApiState {
         projections: Option<Projections>,
         shutdown: watch::Receiver<bool>,
     ) -> ApiState {
+        let guards = guard::Guards {
+            clock: Arc::new(backstop_ops::schedule::clock::SystemClock),
+            refusals: guard::Buckets::new(guard::Rate {
+                per_minute: config.refusals_per_minute,
+            }),
+            sign_ins: guard::Buckets::new(guard::Rate {
+                per_minute: config.sign_ins_per_minute,
+            }),
+            denials: guard::Denials::new(config.denial_window),
+            sessions: guard::Sessions::new(config.session_ttl),
+        };
         ApiState(Arc::new(Inner {
+            guards,
             config,
             projections,
             ledger,
@@ -215,6 +269,15 @@ impl ApiState {
     pub fn with_read_models(mut self, readiness: watch::Receiver<ReadModels>) -> ApiState {
         if let Some(inner) = Arc::get_mut(&mut self.0) {
             inner.read_models = readiness;
+        }
+        self
+    }
+
+    /// Replaces the clock the limits, the denial windows and the sessions read (call before
+    /// serving; tests pass a `ManualClock`).
+    pub fn with_clock(mut self, clock: Arc<dyn backstop_ops::schedule::clock::Clock>) -> ApiState {
+        if let Some(inner) = Arc::get_mut(&mut self.0) {
+            inner.guards.clock = clock;
         }
         self
     }
@@ -387,45 +450,169 @@ impl ApiState {
         result
     }
 
-    /// Decides whether the request may proceed; records a refusal as an `access.denied` event.
+    fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        self.0.guards.clock.now()
+    }
+
+    /// Who is calling: the bearer token's holder, or (on reads) the sign-in session's.
+    pub(crate) fn caller(&self, ctx: &Ctx) -> Caller {
+        if let Some(token) = ctx.bearer() {
+            return auth::identify(&self.0.config.tokens, Some(&token));
+        }
+        if ctx.method == Method::GET || ctx.method == Method::HEAD {
+            if let Some(id) = pages::cookie_session(&ctx.headers)
+                && let Some(s) = self.0.guards.sessions.get(&id, self.now())
+            {
+                return Caller::Known {
+                    name: s.name,
+                    role: s.role,
+                };
+            }
+        }
+        Caller::Anonymous
+    }
+
+    /// The client a request comes from, for its limits: the peer address, or the address a
+    /// trusted proxy names (the last of `X-Forwarded-For`).
+    pub(crate) fn client_ip(&self, ctx: &Ctx) -> String {
+        let Some(peer) = ctx.peer else {
+            return "unknown address".into();
+        };
+        if self.0.config.trusted_proxies.contains(&peer.ip())
+            && let Some(forwarded) = ctx
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.rsplit(',').next())
+                .and_then(|v| v.trim().parse::<std::net::IpAddr>().ok())
+        {
+            return forwarded.to_string();
+        }
+        peer.ip().to_string()
+    }
+
+    /// Whether the request came over HTTPS, as far as this server can tell: `secure_cookies` on,
+    /// or a trusted proxy saying so in `X-Forwarded-Proto`.
+    pub(crate) fn https(&self, ctx: &Ctx) -> bool {
+        self.0.config.secure_cookies
+            || ctx.peer.is_some_and(|p| {
+                self.0.config.trusted_proxies.contains(&p.ip())
+                    && ctx
+                        .headers
+                        .get("x-forwarded-proto")
+                        .and_then(|v| v.to_str().ok())
+                        .is_some_and(|v| v.trim().eq_ignore_ascii_case("https"))
+            })
+    }
+
+    /// The sign-in sessions.
+    pub(crate) fn sessions(&self) -> &guard::Sessions {
+        &self.0.guards.sessions
+    }
+
+    /// Takes a sign-in attempt from the client's bucket (before the token is checked); a 429
+    /// once the client has used its attempts, counted as a refusal but not written on its own.
+    pub(crate) async fn sign_in_attempt(&self, ctx: &Ctx) -> Result<(), ApiError> {
+        let client = self.client_ip(ctx);
+        if let Err(secs) = self.0.guards.sign_ins.take(&client, self.now()) {
+            let refusal = ApiError::TooManyRequests {
+                retry_after: secs,
+                what: "too many sign-in attempts from your address".into(),
+            };
+            self.count_refusal(ctx, &client, &Caller::Anonymous, &refusal)
+                .await;
+            return Err(refusal);
+        }
+        Ok(())
+    }
+
+    /// Decides whether the request may proceed; counts a refusal in the `access.denied` events
+    /// (see [`guard`]). A client past its refusal limit is answered 429 before its credentials
+    /// are looked at; a valid token is never throttled.
     pub(crate) async fn authorize(&self, ctx: &Ctx, need: Need) -> Result<Caller, ApiError> {
-        let token = ctx.token();
-        let caller = auth::identify(&self.0.config.tokens, token.as_deref());
-        let refusal = match (&caller, need) {
+        let caller = self.caller(ctx);
+        match (&caller, need) {
             (Caller::Known { role, .. }, need) if need.allows(*role) => return Ok(caller),
             (Caller::Anonymous, Need::Dashboard) if self.0.config.public_dashboard => {
+                redact::mark_anonymous();
                 return Ok(caller);
             }
-            (Caller::Anonymous, _) => ApiError::Unauthorized(if self.0.config.tokens.is_empty() {
-                "no token given, and no API token is configured on this server: add [[api.tokens]] (name, role, sha3) or api.tokens_file to the configuration, then send `Authorization: Bearer TOKEN`".into()
-            } else {
-                "no token given: send `Authorization: Bearer TOKEN` (or sign in at /login for the dashboard)".into()
-            }),
-            (Caller::UnknownToken { .. }, _) => ApiError::Unauthorized(
-                "the token is not valid on this server (unknown or revoked)".into(),
-            ),
-            (Caller::Known { role, .. }, need) => ApiError::Forbidden(format!(
-                "{}; your token has the {role} role",
-                need.describe()
-            )),
+            _ => {}
+        }
+        let client = self.client_ip(ctx);
+        let refusal = if let Err(secs) = self.0.guards.refusals.take(&client, self.now()) {
+            ApiError::TooManyRequests {
+                retry_after: secs,
+                what: "too many refused requests from your address".into(),
+            }
+        } else {
+            match (&caller, need) {
+                (Caller::Anonymous, _) => {
+                    ApiError::Unauthorized(if self.0.config.tokens.is_empty() {
+                        "no token given, and no API token is configured on this server: add [[api.tokens]] (name, role, sha3) or api.tokens_file to the configuration, then send `Authorization: Bearer TOKEN`".into()
+                    } else {
+                        "no token given: send `Authorization: Bearer TOKEN` (or sign in at /login for the dashboard)".into()
+                    })
+                }
+                (Caller::UnknownToken { .. }, _) => ApiError::Unauthorized(
+                    "the token is not valid on this server (unknown or revoked)".into(),
+                ),
+                (Caller::Known { role, .. }, need) => ApiError::Forbidden(format!(
+                    "{}; your token has the {role} role",
+                    need.describe()
+                )),
+            }
         };
-        self.record_denial(ctx, &caller, &refusal).await;
+        self.count_refusal(ctx, &client, &caller, &refusal).await;
         Err(refusal)
     }
 
-    async fn record_denial(&self, ctx: &Ctx, caller: &Caller, refusal: &ApiError) {
-        let actor = match caller {
-            Caller::Known { name, .. } => Actor::operator(name.clone()),
-            _ => Actor::worker("api"),
+    /// Counts a refusal in its client's window; records what the window says to record now.
+    async fn count_refusal(&self, ctx: &Ctx, client: &str, caller: &Caller, refusal: &ApiError) {
+        let operator = match caller {
+            Caller::Known { name, .. } => Some(name.clone()),
+            _ => None,
         };
-        let event = Event::AccessDenied(AccessDenied {
+        // A known token's holder is counted apart, so the aggregate's actor stays right.
+        let key = match &operator {
+            Some(name) => format!("{client} {name}"),
+            None => client.to_string(),
+        };
+        let r = guard::Refusal {
+            operator,
             caller: caller.describe(&ctx.peer()),
             role: caller.role().map(|r| r.to_string()),
             method: ctx.method.to_string(),
             path: ctx.path.chars().take(512).collect(),
             reason: refusal.to_string(),
-            count: 1,
-            window_seconds: 0,
+        };
+        if let Some(a) = self.0.guards.denials.refused(&key, r, self.now()) {
+            self.record_denial(a).await;
+        }
+    }
+
+    /// Records the refusals of the windows that are over (all of them when `all`, at shutdown).
+    /// `serve` calls it every window; tests call it after moving their clock.
+    pub async fn flush_denials(&self, all: bool) {
+        for a in self.0.guards.denials.flush(self.now(), all) {
+            self.record_denial(a).await;
+        }
+    }
+
+    async fn record_denial(&self, a: guard::Aggregated) {
+        let r = a.refusal;
+        let actor = match &r.operator {
+            Some(name) => Actor::operator(name.clone()),
+            None => Actor::worker("api"),
+        };
+        let event = Event::AccessDenied(AccessDenied {
+            caller: r.caller,
+            role: r.role,
+            method: r.method,
+            path: r.path,
+            reason: r.reason,
+            count: a.count,
+            window_seconds: a.window_seconds,
         });
         let stream = streams::access();
         let e = NewEvent::new(stream.clone(), actor, &event);
@@ -456,8 +643,8 @@ impl Ctx {
             .unwrap_or_else(|| "unknown address".into())
     }
 
-    /// The bearer token, or the sign-in cookie on reads.
-    fn token(&self) -> Option<String> {
+    /// The bearer token of the `Authorization` header, if there is one.
+    pub(crate) fn bearer(&self) -> Option<String> {
         if let Some(v) = self.headers.get(axum::http::header::AUTHORIZATION) {
             let v = v.to_str().unwrap_or("");
             let t = v
@@ -467,9 +654,6 @@ impl Ctx {
                 .trim();
             // A malformed header counts as a token that matches nothing (401, recorded).
             return Some(t.to_string());
-        }
-        if self.method == Method::GET || self.method == Method::HEAD {
-            return pages::cookie_token(&self.headers);
         }
         None
     }
@@ -493,6 +677,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Ctx {
 
 /// The routes. See [`auth`] for who may call what.
 pub fn router(state: ApiState) -> Router {
+    let limits = state.0.config.clone();
     Router::new()
         .route("/", get(pages::overview))
         .route("/partials/overview", get(pages::overview_partial))
@@ -525,6 +710,26 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/audit/export", get(handlers::audit_export))
         .route("/api/events/stream", get(live::stream))
         .fallback(handlers::not_found)
+        // Innermost first: the answers to anonymous viewers are redacted after the handler;
+        .layer(axum::middleware::from_fn(redact::layer))
+        // a body past the limit is refused with 413 before a handler buffers it;
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(
+            limits.max_body_bytes,
+        ))
+        // at most this many requests run at once; the others wait for a slot. The API's work is
+        // PostgreSQL queries, ledger reads and appends: past a few hundred in flight they only
+        // queue up in the pool and the writer, each holding its memory meanwhile, so a burst
+        // waits here, where waiting costs nothing, rather than inside. One semaphore for all
+        // routes (the `Global` layer: `Router::layer` wraps each route on its own);
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            limits.max_concurrent_requests.max(1),
+        ))
+        // and a request waiting for a slot or for its answer past the time limit gets a 408
+        // (a live stream's or an export's body, sent after the answer starts, is not counted).
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            limits.request_timeout,
+        ))
         .layer(axum::middleware::from_fn(metrics_text::track))
         .with_state(state)
 }
@@ -535,10 +740,30 @@ pub async fn serve(
     state: ApiState,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
+    // The refusals of each denial window are recorded when it ends, even if the client went
+    // quiet; what is left is recorded at shutdown.
+    let flusher = {
+        let state = state.clone();
+        let mut stop = shutdown.clone();
+        tokio::spawn(async move {
+            let window = chrono::Duration::from_std(state.0.config.denial_window)
+                .unwrap_or(chrono::Duration::seconds(60));
+            loop {
+                let next = state.now() + window;
+                tokio::select! {
+                    _ = state.0.guards.clock.sleep_until(next) => state.flush_denials(false).await,
+                    _ = async { stop.wait_for(|s| *s).await.is_ok() } => break,
+                }
+            }
+            state.flush_denials(true).await;
+        })
+    };
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, app)
+    let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             let _ = shutdown.wait_for(|s| *s).await;
         })
-        .await
+        .await;
+    let _ = flusher.await;
+    served
 }

@@ -1,8 +1,8 @@
 //! Live updates: `GET /api/events/stream`, server-sent events fed by a ledger subscription.
 //!
 //! Each committed event is sent as `event: ledger`, `id: <position>`, and a JSON summary
-//! (position, type, stream, actor, recorded_at; position, type and time only for the anonymous
-//! viewers of a public dashboard), never the payload: the stream is for "something
+//! (position, type, stream, actor, recorded_at), never the payload. It needs a token or a sign-in
+//! session (any role), even on a public dashboard: the stream is for "something
 //! changed, refresh", and the audit trail is where payloads are read. A browser that reconnects
 //! sends `Last-Event-ID` and resumes after it; `?from=POSITION` starts elsewhere. Without either
 //! the stream starts at the next event. The stream ends when the server shuts down.
@@ -35,13 +35,9 @@ pub async fn stream(
                 .ok_or_else(|| ApiError::bad("Last-Event-ID must be a ledger position"))?,
         ),
     };
-    // A public dashboard's anonymous viewers get positions and types only: streams and actors
-    // belong to the audit trail, which always needs a token.
-    let full = state
-        .authorize(&ctx, Need::Dashboard)
-        .await?
-        .role()
-        .is_some();
+    // The stream names streams and actors: it needs a token or a sign-in session, even on a
+    // public dashboard (whose anonymous viewers refresh on a timer instead).
+    state.authorize(&ctx, Need::Read).await?;
     let start = match (last_seen, from) {
         (Some(p), _) => p + 1,
         (None, Some(f)) => f,
@@ -60,21 +56,13 @@ pub async fn stream(
     })
     .flat_map(move |batch| {
         futures::stream::iter(batch.into_iter().map(move |e| {
-            let summary = if full {
-                serde_json::json!({
-                    "position": e.position,
-                    "type": e.event_type,
-                    "stream": e.stream,
-                    "actor": e.actor.to_string(),
-                    "recorded_at": e.recorded_at,
-                })
-            } else {
-                serde_json::json!({
-                    "position": e.position,
-                    "type": e.event_type,
-                    "recorded_at": e.recorded_at,
-                })
-            };
+            let summary = serde_json::json!({
+                "position": e.position,
+                "type": e.event_type,
+                "stream": e.stream,
+                "actor": e.actor.to_string(),
+                "recorded_at": e.recorded_at,
+            });
             Ok(Event::default()
                 .event("ledger")
                 .id(e.position.to_string())

@@ -83,7 +83,7 @@ pub async fn health_page(State(state): State<ApiState>, ctx: Ctx, params: Params
                     |v| format!("{v:.0} ms"),
                 )),
                 checks => points.len(),
-                ..Value::from_serialize(e)
+                ..Value::from_serialize(crate::redact::view(e))
             }
         })
         .collect();
@@ -179,7 +179,7 @@ pub async fn cost_page(State(state): State<ApiState>, ctx: Ctx, params: Params) 
             summary => summary,
             total => format!("{:.2}", r.estimate.total_usd),
             budget => format!("{:.2}", r.budget_usd),
-            ..Value::from_serialize(&r)
+            ..Value::from_serialize(crate::redact::view(&r))
         },
     )
     .into_response()

@@ -1,14 +1,17 @@
 //! The dashboard's HTML pages: minijinja templates embedded in the binary (`templates/`),
 //! rendered on the server with inline SVG charts, plus one small inline script for live updates.
 //!
-//! Sign-in: `/login` takes a token and sets the `backstop_token` cookie (HttpOnly,
-//! SameSite=Strict, path /). The cookie authorizes reads only (see `auth`).
+//! Sign-in: `/login` takes a token, checks it, and sets the `backstop_session` cookie to a random
+//! session id the server keeps with an expiry (`api.session_hours`), never the token (HttpOnly,
+//! SameSite=Strict, path /, and `Secure` over HTTPS: `api.secure_cookies`, or a trusted proxy's
+//! `X-Forwarded-Proto`). The cookie authorizes reads only (see `auth`); `/logout` ends the
+//! session on the server. Sign-in attempts are limited per client (`api.sign_ins_per_minute`).
 
 use std::collections::HashMap;
 
 use axum::Form;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use chrono::{DateTime, Utc};
 use minijinja::{Environment, Value, context};
@@ -21,7 +24,7 @@ use crate::handlers::{audit_filter, backup_detail, overview_data};
 use crate::params::Params;
 use crate::{ApiState, Ctx};
 
-pub const COOKIE: &str = "backstop_token";
+pub const COOKIE: &str = "backstop_session";
 
 pub fn templates() -> Environment<'static> {
     let mut env = Environment::new();
@@ -140,8 +143,8 @@ fn url_encode(s: &str) -> String {
     out
 }
 
-/// The sign-in cookie's token, if any.
-pub fn cookie_token(headers: &HeaderMap) -> Option<String> {
+/// The sign-in cookie's session id, if any.
+pub fn cookie_session(headers: &HeaderMap) -> Option<String> {
     for v in headers.get_all(header::COOKIE) {
         let Ok(v) = v.to_str() else { continue };
         for part in v.split(';') {
@@ -171,7 +174,7 @@ pub(crate) fn render(state: &ApiState, name: &str, ctx: Value) -> Result<Html<St
 pub(crate) async fn page_auth(state: &ApiState, ctx: &Ctx, need: Need) -> Result<Caller, Response> {
     match state.authorize(ctx, need).await {
         Ok(c) => Ok(c),
-        Err(ApiError::Unauthorized(_)) if ctx.token().is_none() => {
+        Err(ApiError::Unauthorized(_)) if ctx.bearer().is_none() => {
             Err(Redirect::to("/login").into_response())
         }
         Err(e) => Err(PageError(e).into_response()),
@@ -186,7 +189,7 @@ fn overview_context(state: &ApiState, o: &crate::handlers::Overview) -> Value {
         sizes_chart => Value::from_safe_string(charts::sizes(&o.sizes)),
         storage_chart => Value::from_safe_string(charts::storage(&o.storage_series, o.chart_since, now)),
         verification_strip => Value::from_safe_string(charts::verification_strip(&o.verification_days, now, 7)),
-        ..Value::from_serialize(o)
+        ..Value::from_serialize(crate::redact::view(o))
     }
 }
 
@@ -233,9 +236,9 @@ pub async fn backup(State(state): State<ApiState>, ctx: Ctx, Path(id): Path<Stri
         "backup.html",
         context! {
             ledger_head => state.0.ledger.head().position,
-            b => Value::from_serialize(&d.backup),
-            tables => Value::from_serialize(&d.tables),
-            verifications => Value::from_serialize(&d.verifications),
+            b => Value::from_serialize(crate::redact::view(&d.backup)),
+            tables => Value::from_serialize(crate::redact::view(&d.tables)),
+            verifications => Value::from_serialize(crate::redact::view(&d.verifications)),
         },
     )
     .into_response()
@@ -307,6 +310,11 @@ pub async fn login(
     let Ok(Form(form)) = form else {
         return PageError(ApiError::bad("the sign-in form needs a `token` field")).into_response();
     };
+    // Each attempt takes one of the client's few sign-in tokens before the token is checked, so
+    // guessing is throttled however the guesses fare.
+    if let Err(e) = state.sign_in_attempt(&ctx).await {
+        return PageError(e).into_response();
+    }
     let token = form.token.trim().to_string();
     // Checked as if sent in the header, so that a wrong token is refused and recorded.
     ctx.headers.insert(
@@ -322,23 +330,35 @@ pub async fn login(
         },
     );
     match state.authorize(&ctx, Need::Read).await {
-        Ok(_) => {
-            let cookie =
-                format!("{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age=43200");
+        Ok(Caller::Known { name, role }) => {
+            // The cookie holds a random session id the server maps to the caller, never the
+            // token: a stolen cookie dies with the session, and the token is never in a browser.
+            let sessions = state.sessions();
+            let id = sessions.create(&name, role, state.0.guards.clock.now());
+            let secure = if state.https(&ctx) { "; Secure" } else { "" };
+            let cookie = format!(
+                "{COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{secure}",
+                sessions.ttl().as_secs()
+            );
             ([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response()
         }
+        Ok(_) => PageError(ApiError::Unauthorized("a token is required".into())).into_response(),
         Err(e) => {
+            let status = e.status();
             let page = render(
                 &state,
                 "login.html",
                 context! { ledger_head => state.0.ledger.head().position, error => e.to_string() },
             );
-            (StatusCode::UNAUTHORIZED, page).into_response()
+            (status, page).into_response()
         }
     }
 }
 
-pub async fn logout() -> Response {
+pub async fn logout(State(state): State<ApiState>, ctx: Ctx) -> Response {
+    if let Some(id) = cookie_session(&ctx.headers) {
+        state.sessions().remove(&id);
+    }
     (
         [(
             header::SET_COOKIE,

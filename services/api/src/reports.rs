@@ -96,7 +96,7 @@ pub async fn weekly_page(State(state): State<ApiState>, ctx: Ctx, params: Params
     let ctx = context! {
         title => report.title(),
         text => report.text(),
-        report => minijinja::Value::from_serialize(&report),
+        report => minijinja::Value::from_serialize(crate::redact::view(&report)),
     };
     match render(&state, "report_weekly.html", ctx) {
         Ok(html) => html.into_response(),

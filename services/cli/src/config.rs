@@ -179,6 +179,25 @@ pub struct ApiSection {
     /// Tokens by their SHA3-256: `[[api.tokens]] name = "alice", role = "operator", sha3 = "<hex>"`.
     #[serde(default)]
     pub tokens: Vec<ApiToken>,
+    /// The largest request body accepted, in bytes (413 beyond; default 65536).
+    pub max_body_bytes: Option<usize>,
+    /// The longest a request may take to be answered, in seconds (408 beyond; default 30).
+    pub request_timeout_seconds: Option<u64>,
+    /// Requests in progress at once; the others wait (default 256).
+    pub max_concurrent_requests: Option<usize>,
+    /// Refused requests per client and minute before 429s (default 30).
+    pub refusals_per_minute: Option<u32>,
+    /// Sign-in attempts per client and minute (default 10).
+    pub sign_ins_per_minute: Option<u32>,
+    /// One `access.denied` event per client and window, with a count (default 60 seconds).
+    pub denial_window_seconds: Option<u64>,
+    /// How long a dashboard sign-in lasts (default 12 hours).
+    pub session_hours: Option<u64>,
+    /// Always mark the sign-in cookie `Secure` (set it when clients reach the API over HTTPS).
+    pub secure_cookies: Option<bool>,
+    /// Reverse proxies (IP addresses) whose X-Forwarded-For and X-Forwarded-Proto are believed.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]

@@ -207,6 +207,7 @@ pub async fn check_read_side(
     listen: Option<String>,
 ) -> anyhow::Result<CheckedReadSide> {
     let tokens = tokens(config)?;
+    trusted_proxies(config)?;
     let projections = match database_url(config, projections_url) {
         None => None,
         Some(url) => {
@@ -241,6 +242,20 @@ pub async fn check_read_side(
         projections,
         listener,
     })
+}
+
+/// `api.trusted_proxies`, parsed.
+fn trusted_proxies(config: &Config) -> anyhow::Result<Vec<std::net::IpAddr>> {
+    config
+        .api
+        .trusted_proxies
+        .iter()
+        .map(|p| {
+            p.trim().parse().with_context(|| {
+                format!("api.trusted_proxies: {p:?} is not an IP address (give the proxy's address, e.g. \"127.0.0.1\")")
+            })
+        })
+        .collect()
 }
 
 /// What `serve` passes to [`spawn_read_side`].
@@ -303,12 +318,44 @@ pub fn spawn_read_side(
             "no API token is configured: every API request will be refused (401); add [[api.tokens]] or api.tokens_file"
         );
     }
+    let defaults = ApiConfig::default();
     let mut state = ApiState::new(
         ApiConfig {
             tokens,
             public_dashboard: config.api.public_dashboard.unwrap_or(false),
             metrics_public: config.api.metrics_public.unwrap_or(true),
             publication: side.publication,
+            max_body_bytes: config.api.max_body_bytes.unwrap_or(defaults.max_body_bytes),
+            request_timeout: config
+                .api
+                .request_timeout_seconds
+                .map(std::time::Duration::from_secs)
+                .unwrap_or(defaults.request_timeout),
+            max_concurrent_requests: config
+                .api
+                .max_concurrent_requests
+                .unwrap_or(defaults.max_concurrent_requests),
+            refusals_per_minute: config
+                .api
+                .refusals_per_minute
+                .unwrap_or(defaults.refusals_per_minute),
+            sign_ins_per_minute: config
+                .api
+                .sign_ins_per_minute
+                .unwrap_or(defaults.sign_ins_per_minute),
+            denial_window: config
+                .api
+                .denial_window_seconds
+                .map(std::time::Duration::from_secs)
+                .unwrap_or(defaults.denial_window),
+            session_ttl: config
+                .api
+                .session_hours
+                .map(|h| std::time::Duration::from_secs(h * 3600))
+                .unwrap_or(defaults.session_ttl),
+            secure_cookies: config.api.secure_cookies.unwrap_or(false),
+            // Checked by `check_read_side`.
+            trusted_proxies: trusted_proxies(config).unwrap_or_default(),
         },
         side.ledger.clone(),
         side.appender,
