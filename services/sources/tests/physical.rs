@@ -137,6 +137,20 @@ async fn restore_to_a_time_between_two_inserts_holds_exactly_the_earlier_rows() 
     )
     .await
     .expect("restore latest");
+    // The restored cluster asks to preload a library (its owners' choice, and missing here):
+    // the verification server loads none, so it starts and verifies.
+    {
+        use std::io::Write;
+        let mut conf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.join("postgresql.auto.conf"))
+            .unwrap();
+        writeln!(
+            conf,
+            "shared_preload_libraries = 'backstop_no_such_library'"
+        )
+        .unwrap();
+    }
     let verified = physical::verify_restored(&dir, &verify_opts())
         .await
         .expect("verification of the latest restore");

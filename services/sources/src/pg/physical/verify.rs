@@ -6,6 +6,10 @@
 //!   restored cluster's own passwords and `pg_hba.conf` don't matter and nobody else can connect.
 //! - It cannot touch production: `archive_mode = off`, `primary_conninfo = ''`,
 //!   `synchronous_standby_names = ''` are forced on the command line, which outranks every file.
+//! - It loads no code of the restored cluster's choosing: `shared_preload_libraries`,
+//!   `session_preload_libraries` and `local_preload_libraries` are emptied the same way (a
+//!   library the source preloads could do anything with the server's rights, or be missing on
+//!   this machine and keep the server from starting).
 //! - It is always stopped (immediately, if verification failed or was abandoned): a guard stops
 //!   it on drop. The directory is removed afterwards when asked.
 //! - Recovery failure is detected, not waited out: the postmaster's disappearance ends the wait,
@@ -256,7 +260,9 @@ async fn verify_inner(
     let options = format!(
         "-c listen_addresses='' -c unix_socket_directories='{sockdir}' -c port={SOCKET_PORT} \
          -c hba_file='{}' -c archive_mode=off -c primary_conninfo='' \
-         -c synchronous_standby_names='' -c logging_collector=off -c cluster_name=backstop-verify",
+         -c synchronous_standby_names='' -c logging_collector=off -c cluster_name=backstop-verify \
+         -c shared_preload_libraries='' -c session_preload_libraries='' \
+         -c local_preload_libraries='' -c archive_command=''",
         hba.display()
     );
     let mut start = os::command_as(user.as_deref(), &pg_ctl.path);
