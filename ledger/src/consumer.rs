@@ -13,17 +13,37 @@
 //! Failures: a retryable error is retried with backoff up to `max_deliveries` attempts; after
 //! that, or at once for a permanent error, the consumer appends a `worker.dead_lettered` event
 //! naming the event and the error, and moves on. Nothing is dropped silently.
+//!
+//! Trust (distributed mode): anyone who can reach NATS can publish on `backstop.events.>`, so
+//! before a handler sees a JetStream message (and before `wants` is asked) the consumer checks
+//! it ([`check_message`]):
+//! - the payload decodes as an envelope, and its `Backstop-Position` header names its position;
+//! - its hash is SHA3-256 of its canonical encoding (the ledger's own check, see `verify`);
+//! - its position is at most its stream sequence (the outbox publishes position p at sequence
+//!   p, or above p once foreign messages took sequences, never below; see [`crate::outbox`]);
+//! - on a first delivery, its position is above the last one this consumer accepted (a replayed
+//!   old event is refused; a redelivery of a retried event is not a first delivery), and when
+//!   it is the very next position its `prev_hash` is the hash of the event accepted before it.
+//!
+//! A message that fails is never given to the handler: it is terminated (JetStream will not
+//! deliver it again), logged as an error, and recorded as a `consumer.refused` event on the
+//! workers stream with the reason. The event's id is derived from the stream and sequence, so the
+//! many consumers that meet the same message record it once (the first one's report stands; the
+//! others' `IdReused` means "already reported").
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer::pull};
 use async_trait::async_trait;
-use backstop_events::{Actor, Envelope, Event, NewEvent, WorkerDeadLettered, streams};
+use backstop_events::{
+    Actor, ConsumerRefused, Digest, Envelope, Event, NewEvent, WorkerDeadLettered, streams,
+    uuid_v7_derived,
+};
 use futures::StreamExt;
 
 use crate::error::LedgerError;
-use crate::outbox::SUBJECT_PREFIX;
+use crate::outbox::{POSITION_HEADER, SUBJECT_PREFIX};
 use crate::{Appender, ExpectedVersion, Ledger};
 
 /// Why a handler could not handle an event. The message carries the whole chain of causes (it
@@ -263,6 +283,8 @@ pub async fn run_jetstream(
 ) -> Result<(), LedgerError> {
     let name = handler.name().to_string();
     let mut pause = Duration::from_millis(200);
+    // The last event this consumer accepted, kept across reconnects.
+    let mut seen = None;
     loop {
         if *shutdown.borrow() {
             return Ok(());
@@ -274,6 +296,7 @@ pub async fn run_jetstream(
             handler.as_ref(),
             &policy,
             &mut shutdown,
+            &mut seen,
         )
         .await;
         match result {
@@ -297,6 +320,7 @@ async fn consume_until_error(
     handler: &dyn Handler,
     policy: &RetryPolicy,
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    seen: &mut Option<Seen>,
 ) -> Result<(), LedgerError> {
     let name = handler.name();
     let consumer = durable_consumer(js, stream_name, name, policy).await?;
@@ -314,20 +338,47 @@ async fn consume_until_error(
             _ = shutdown.changed() => return Ok(()),
         };
         let delivered = msg.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
+        let stream_sequence = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
         if delivered > 1 {
             metrics::counter!("backstop_worker_redeliveries_total", "consumer" => name.to_string())
                 .increment(1);
         }
         let ack_err = |e: async_nats::Error| LedgerError::Nats(format!("ack: {e}"));
-        let event: Envelope = match serde_json::from_slice(&msg.payload) {
-            Ok(e) => e,
-            Err(e) => {
-                // Not ours to fix by retrying; the ledger still has the original.
-                tracing::error!(consumer = %name, error = %e, subject = %msg.subject, "undecodable message terminated");
+        let header = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(POSITION_HEADER))
+            .map(|v| v.as_str().to_string());
+        let event = match check_message(
+            &msg.payload,
+            header.as_deref(),
+            stream_sequence,
+            delivered,
+            seen.as_ref(),
+        ) {
+            Ok(event) => event,
+            Err(refusal) => {
+                // Never acted on; not ours to fix by retrying (the ledger keeps the original of
+                // any real event).
+                refuse(
+                    appender,
+                    name,
+                    stream_name,
+                    &msg.subject,
+                    stream_sequence,
+                    &refusal,
+                )
+                .await?;
                 msg.ack_with(AckKind::Term).await.map_err(ack_err)?;
                 continue;
             }
         };
+        if seen.is_none_or(|s| event.position > s.position) {
+            *seen = Some(Seen {
+                position: event.position,
+                hash: event.hash,
+            });
+        }
         if !handler.wants(&event.event_type) {
             msg.ack().await.map_err(ack_err)?;
             continue;
@@ -366,5 +417,116 @@ async fn consume_until_error(
                 msg.ack_with(AckKind::Term).await.map_err(ack_err)?;
             }
         }
+    }
+}
+
+/// The last event a consumer accepted.
+#[derive(Clone, Copy, Debug)]
+pub struct Seen {
+    pub position: u64,
+    pub hash: Digest,
+}
+
+/// Why a message was refused, with what it claims when it decodes that far.
+#[derive(Debug)]
+pub struct Refusal {
+    pub reason: String,
+    pub claimed: Option<Envelope>,
+}
+
+/// The checks a JetStream message passes before any handler sees it (module docs). `header` is
+/// its `Backstop-Position` header, `stream_sequence` its sequence in the stream, `delivered` how
+/// many times JetStream has delivered it, `seen` the last event this consumer accepted.
+pub fn check_message(
+    payload: &[u8],
+    header: Option<&str>,
+    stream_sequence: u64,
+    delivered: u32,
+    seen: Option<&Seen>,
+) -> Result<Envelope, Refusal> {
+    let env: Envelope = serde_json::from_slice(payload).map_err(|e| Refusal {
+        reason: format!("the message is not an event envelope: {e}"),
+        claimed: None,
+    })?;
+    let refuse = |reason: String| Refusal {
+        reason,
+        claimed: Some(env.clone()),
+    };
+    if header != Some(env.position.to_string().as_str()) {
+        return Err(refuse(format!(
+            "its {POSITION_HEADER} header ({}) does not name its position {}",
+            header.unwrap_or("absent"),
+            env.position
+        )));
+    }
+    if env.compute_hash() != env.hash {
+        return Err(refuse(format!(
+            "its hash {} is not the hash of its content ({})",
+            env.hash.to_hex(),
+            env.compute_hash().to_hex()
+        )));
+    }
+    if env.position == 0 || env.position > stream_sequence {
+        return Err(refuse(format!(
+            "position {} cannot sit at stream sequence {stream_sequence}: the ledger publishes each position at a sequence at or above it",
+            env.position
+        )));
+    }
+    if let Some(seen) = seen {
+        if delivered <= 1 && env.position <= seen.position {
+            return Err(refuse(format!(
+                "position {} arrives for the first time after position {} was accepted: a replay",
+                env.position, seen.position
+            )));
+        }
+        if env.position == seen.position + 1 && env.prev_hash != seen.hash {
+            return Err(refuse(format!(
+                "its prev_hash {} is not the hash {} of position {}",
+                env.prev_hash.to_hex(),
+                seen.hash.to_hex(),
+                seen.position
+            )));
+        }
+    }
+    Ok(env)
+}
+
+/// Reports a refused message: an error log and a `consumer.refused` event (module docs).
+async fn refuse(
+    appender: &dyn Appender,
+    consumer: &str,
+    stream_name: &str,
+    subject: &str,
+    stream_sequence: u64,
+    refusal: &Refusal,
+) -> Result<(), LedgerError> {
+    let claimed = refusal.claimed.as_ref();
+    tracing::error!(consumer, stream_sequence, subject, reason = %refusal.reason, "message on the events stream refused; no handler saw it");
+    metrics::counter!("backstop_consumer_refused_total", "consumer" => consumer.to_string())
+        .increment(1);
+    let event = Event::ConsumerRefused(ConsumerRefused {
+        consumer: consumer.to_string(),
+        subject: subject.to_string(),
+        stream_sequence,
+        position: claimed.map(|e| e.position),
+        event_id: claimed.map(|e| e.id),
+        event_type: claimed.map(|e| e.event_type.clone()),
+        reason: refusal.reason.clone(),
+    });
+    let id = uuid_v7_derived(
+        uuid::Uuid::nil(),
+        chrono::DateTime::UNIX_EPOCH,
+        &format!("refused:{stream_name}:{stream_sequence}"),
+    );
+    let e = NewEvent::new(streams::workers(), Actor::worker(consumer), &event).with_id(id);
+    match appender
+        .append(&streams::workers(), ExpectedVersion::Any, vec![e])
+        .await
+    {
+        Ok(_) => Ok(()),
+        // Another consumer reported the same message first.
+        Err(LedgerError::IdReused { .. }) => Ok(()),
+        Err(LedgerError::Refused { kind, .. }) if kind == "id_reused" => Ok(()),
+        Err(e) => Err(e),
     }
 }

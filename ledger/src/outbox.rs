@@ -2,14 +2,29 @@
 //!
 //! Wire format: one JetStream message per event, subject `backstop.events.<type>` (for example
 //! `backstop.events.backup.completed`), payload the envelope as JSON (the same bytes the ledger
-//! stores), headers `Nats-Msg-Id: <event id>` and `Backstop-Position: <position>`.
+//! stores), headers `Nats-Msg-Id: <the event's hash, hex>` and `Backstop-Position: <position>`.
+//! The message id is the hash, not the event id, because event ids can be predicted (derived
+//! ids) and a foreign message that took an event's id first would make JetStream drop the real
+//! one as a duplicate; the hash covers the previous event's hash and the commit time, so nobody
+//! can know it before the ledger publishes it.
 //!
 //! The stream (`BACKSTOP_EVENTS` by default) uses file storage, denies delete and purge, and
-//! keeps messages without limit. Every publish carries `Nats-Expected-Last-Sequence: position-1`,
-//! so the stream's sequence numbers equal ledger positions: JetStream itself rejects a gap or a
-//! reordering. That makes the outbox restart-safe beyond the duplicate window: after a crash or
-//! an outage it resumes at the stream's last sequence + 1, whatever its own cursor says, and a
-//! message it re-sends within the window is dropped as a duplicate by `Nats-Msg-Id`.
+//! keeps messages without limit. The ledger's events enter it in position order with no gap:
+//! the first publish after a (re)start carries `Nats-Expected-Last-Sequence` (the stream's last
+//! sequence, just read) and every following one `Nats-Expected-Last-Msg-Id` (the previous
+//! event's message id), so JetStream itself rejects a gap or a reordering, and a message anyone
+//! else slips in between breaks the chain: the next publish fails, the outbox starts over.
+//!
+//! Where it resumes: the last *genuine* ledger event in the stream, found by walking back from
+//! the stream's last message (a genuine message is byte for byte the ledger's envelope at its
+//! position). Anything else on `backstop.events.>` (published by someone who could reach NATS)
+//! is skipped with a warning, so a foreign message can never make the outbox skip a real event.
+//! Without foreign messages the stream sequence equals the position; with them a genuine event
+//! sits at a sequence above its position, never below (the consumers check that, see
+//! [`crate::consumer`]). A well-formed envelope beyond the ledger's head is skipped too, with an
+//! error: it is a forgery, or this ledger is older than the stream (restored from a backup). Not
+//! stopping keeps a forger from halting publication; after a restore, the consumers refuse the
+//! re-used positions as replays (they have seen higher ones), so nothing acts on two histories.
 //!
 //! The cursor in sled (`meta/publication`) records the next position to publish, for
 //! `ledger stats` and for resuming without asking the server. Only features of nats-server 2.9
@@ -100,10 +115,16 @@ pub async fn run(
         if *shutdown.borrow() {
             return Ok(());
         }
+        let before = ledger.store().publication_cursor()?;
         let result =
             publish_until_error(&ledger, &js, &config, &mut shutdown, observe.as_ref()).await;
         // Not publishing now: appends must not wait for us.
         ledger.report_published(None);
+        if ledger.store().publication_cursor()? > before {
+            // It made progress before this error (a foreign message broke the chain, say):
+            // start over soon.
+            backoff = Duration::from_millis(100);
+        }
         match result {
             Ok(()) => return Ok(()),
             Err(e) => {
@@ -130,14 +151,9 @@ async fn publish_until_error(
         .info()
         .await
         .map_err(|e| LedgerError::Nats(format!("stream info: {e}")))?;
-    let published = info.state.last_sequence;
-    let head = ledger.head().position;
-    if published > head {
-        return Err(LedgerError::Nats(format!(
-            "stream {} holds {published} events but the ledger only {head}: this ledger is older than the stream (restored from a backup?); see docs/RUNBOOK.md",
-            config.stream
-        )));
-    }
+    let last_sequence = info.state.last_sequence;
+    let floor = ledger.store().publication_cursor()?.saturating_sub(1);
+    let published = last_genuine(ledger, &stream, last_sequence, floor, &config.stream).await?;
     let mut next = published + 1;
     ledger.store().set_publication_cursor(next)?;
     ledger.report_published(Some(published));
@@ -147,6 +163,8 @@ async fn publish_until_error(
     // whose ack (and every earlier one) has arrived.
     let mut in_flight = FuturesOrdered::new();
     let mut acked = published;
+    // What the next publish expects to follow (module docs).
+    let mut expect = Expect::Sequence(last_sequence);
     loop {
         tokio::select! {
             biased;
@@ -161,9 +179,8 @@ async fn publish_until_error(
                         lag: Duration::from_micros((now - recorded_at).max(0) as u64),
                     });
                 }
-                if in_flight.is_empty() || acked % 256 == 0 {
-                    ledger.store().set_publication_cursor(acked + 1)?;
-                }
+                // Every ack: the cursor bounds the walk back on the next start (module docs).
+                ledger.store().set_publication_cursor(acked + 1)?;
             }
             batch = sub.next_batch(config.batch.min(512)), if in_flight.len() < MAX_IN_FLIGHT => {
                 let batch = batch?;
@@ -172,7 +189,8 @@ async fn publish_until_error(
                 }
                 for env in &batch {
                     debug_assert_eq!(env.position, next);
-                    in_flight.push_back(publish(js, env).await?);
+                    in_flight.push_back(publish(js, env, &expect).await?);
+                    expect = Expect::MessageId(message_id(env));
                     next += 1;
                 }
             }
@@ -195,17 +213,138 @@ const MAX_IN_FLIGHT: usize = 4096;
 
 type AckFuture = std::pin::Pin<Box<dyn Future<Output = Result<(u64, i64), LedgerError>> + Send>>;
 
+/// Most foreign messages the outbox walks back over to find the last genuine event.
+const MAX_FOREIGN: u64 = 100_000;
+
+/// The highest position of a genuine ledger event in the stream, walking back from
+/// `last_sequence` over foreign messages (module docs); 0 if there is none.
+///
+/// A genuine message can also be a replay (someone re-published a real envelope), so the first
+/// genuine message met is not necessarily the last one published. `floor` is the last position
+/// the outbox saw acknowledged (its cursor, which lags only by what a crash lost): the walk goes
+/// on until it has seen a genuine position at or above the floor and then one at or below it.
+/// Real publications have increasing positions in stream order, so nothing higher lies further
+/// back. A cursor above anything in the stream (a wiped stream) walks to the start and counts
+/// for nothing.
+async fn last_genuine(
+    ledger: &Ledger,
+    stream: &stream::Stream,
+    last_sequence: u64,
+    floor: u64,
+    stream_name: &str,
+) -> Result<u64, LedgerError> {
+    let head = ledger.head().position;
+    let mut sequence = last_sequence;
+    let mut foreign = 0u64;
+    let mut highest = 0u64;
+    while sequence > 0 {
+        if foreign >= MAX_FOREIGN {
+            return Err(LedgerError::Nats(format!(
+                "stream {stream_name} ends with more than {MAX_FOREIGN} messages the ledger did not publish; restrict who may publish on {SUBJECT_PREFIX}.> (deploy/nats/)"
+            )));
+        }
+        let msg = stream
+            .get_raw_message(sequence)
+            .await
+            .map_err(|e| LedgerError::Nats(format!("read message {sequence}: {e}")))?;
+        match classify(ledger, &msg.payload, head)? {
+            Found::Genuine(position) => {
+                highest = highest.max(position);
+                if highest >= floor && position <= floor {
+                    if foreign > 0 {
+                        tracing::warn!(
+                            stream = stream_name,
+                            foreign,
+                            position = highest,
+                            "publication resumes after messages the ledger did not publish"
+                        );
+                    }
+                    return Ok(highest);
+                }
+            }
+            Found::Beyond(position) => {
+                // Either a forgery or the event of a newer ledger (this one restored from a
+                // backup). Stopping here would let anyone who can publish stop publication, so
+                // it is skipped like any foreign message, loudly; consumers refuse whatever the
+                // two histories make ambiguous (module docs).
+                tracing::error!(
+                    stream = stream_name,
+                    sequence,
+                    position,
+                    head,
+                    "the events stream holds a well-formed event beyond the ledger's head: a forgery, or this ledger is older than the stream (restored from a backup?); skipped"
+                );
+                foreign += 1;
+            }
+            Found::Foreign(why) => {
+                tracing::warn!(stream = stream_name, sequence, subject = %msg.subject, why, "a message the ledger did not publish is on the events stream; skipped");
+                foreign += 1;
+            }
+        }
+        sequence -= 1;
+    }
+    Ok(highest)
+}
+
+enum Found {
+    /// The ledger's own envelope at this position.
+    Genuine(u64),
+    /// A canonical envelope beyond the ledger's head.
+    Beyond(u64),
+    Foreign(&'static str),
+}
+
+fn classify(ledger: &Ledger, payload: &[u8], head: u64) -> Result<Found, LedgerError> {
+    let Ok(env) = serde_json::from_slice::<Envelope>(payload) else {
+        return Ok(Found::Foreign("it is not an envelope"));
+    };
+    if env.position > head {
+        return Ok(if env.position > 0 && env.compute_hash() == env.hash {
+            Found::Beyond(env.position)
+        } else {
+            Found::Foreign("its position is beyond the head and its hash is wrong")
+        });
+    }
+    let genuine = match ledger.store().get(env.position)? {
+        Some(stored) => serde_json::to_vec(&stored).ok().as_deref() == Some(payload),
+        None => false,
+    };
+    Ok(if genuine {
+        Found::Genuine(env.position)
+    } else {
+        Found::Foreign("it is not the ledger's event at its position")
+    })
+}
+
+/// What the stream must end with for a publish to go in.
+enum Expect {
+    Sequence(u64),
+    MessageId(String),
+}
+
+/// The `Nats-Msg-Id` of an event (module docs).
+pub fn message_id(env: &Envelope) -> String {
+    env.hash.to_hex()
+}
+
 /// Sends one event and returns a future of its acknowledgement: (position, recorded-at µs).
-async fn publish(js: &jetstream::Context, env: &Envelope) -> Result<AckFuture, LedgerError> {
+async fn publish(
+    js: &jetstream::Context,
+    env: &Envelope,
+    expect: &Expect,
+) -> Result<AckFuture, LedgerError> {
     let payload = serde_json::to_vec(env).map_err(|e| LedgerError::Corrupt {
         position: env.position,
         what: e.to_string(),
     })?;
     let msg = jetstream::message::PublishMessage::build()
         .payload(Bytes::from(payload))
-        .message_id(env.id.to_string())
-        .expected_last_sequence(env.position - 1)
+        .message_id(message_id(env))
         .header(POSITION_HEADER, env.position.to_string().as_str());
+    let msg = match expect {
+        Expect::Sequence(s) => msg.expected_last_sequence(*s),
+        Expect::MessageId(id) => msg.expected_last_message_id(id),
+    };
     let position = env.position;
     let recorded_at = env.recorded_at.timestamp_micros();
     let ack: PublishAckFuture = js

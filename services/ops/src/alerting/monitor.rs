@@ -122,6 +122,11 @@ impl AlertMonitor {
                 .await
             {
                 Ok(done) => new += done.events.iter().filter(|c| !c.duplicate).count(),
+                // Another monitor (or this one, before reading back its append) recorded this
+                // raise or resolution first, with its own wording of the moment: it stands.
+                Err(err) if crate::health::is_already_recorded(&err) => {
+                    tracing::debug!(event = %id, "alert event already recorded by another monitor");
+                }
                 Err(err) => {
                     tracing::warn!(error = %err, event = %id, transient = err.is_transient(), "alert monitor: cannot record an alert event; trying again at the next evaluation");
                 }
