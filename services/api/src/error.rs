@@ -31,6 +31,9 @@ pub enum ApiError {
     NotReady(String),
     #[error("{0}")]
     Internal(String),
+    /// A request body past `api.max_body_bytes`: 413.
+    #[error("{0}")]
+    TooLarge(String),
     /// A client past one of its limits (refusals, sign-ins): 429 with `Retry-After`.
     #[error("{what}; retry in {retry_after} s")]
     TooManyRequests { retry_after: u64, what: String },
@@ -47,6 +50,7 @@ impl ApiError {
             ApiError::Unavailable(_) | ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         }
     }
 

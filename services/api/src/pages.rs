@@ -165,7 +165,8 @@ pub(crate) fn render(state: &ApiState, name: &str, ctx: Value) -> Result<Html<St
         .templates
         .get_template(name)
         .map_err(|e| ApiError::Internal(format!("template {name}: {e}")))?;
-    t.render(ctx)
+    // `anonymous`: the viewer of a public dashboard who has not signed in (no live stream).
+    t.render(context! { anonymous => crate::redact::is_anonymous(), ..ctx })
         .map(Html)
         .map_err(|e| PageError(ApiError::Internal(format!("rendering {name}: {e:#}"))))
 }

@@ -151,6 +151,10 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(v)) => Ok(JsonBody(v)),
+            // A body without a length that grows past `api.max_body_bytes` while it is read.
+            Err(e) if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => Err(
+                ApiError::TooLarge(format!("the request body is too large: {}", e.body_text())),
+            ),
             Err(e) => Err(ApiError::bad(format!(
                 "malformed request body: {}",
                 e.body_text()

@@ -61,7 +61,8 @@ pub(crate) fn mark_anonymous() {
     let _ = ANONYMOUS.try_with(|f| f.store(true, Ordering::Release));
 }
 
-fn anonymous() -> bool {
+/// Whether the current request is an anonymous viewer's (see [`mark_anonymous`]).
+pub(crate) fn is_anonymous() -> bool {
     ANONYMOUS
         .try_with(|f| f.load(Ordering::Acquire))
         .unwrap_or(false)
@@ -93,7 +94,7 @@ pub fn redact(v: &mut Value) {
 /// What a page renders from: `v` itself, redacted when the viewer is anonymous.
 pub(crate) fn view<T: Serialize>(v: &T) -> Value {
     let mut json = serde_json::to_value(v).unwrap_or(Value::Null);
-    if anonymous() {
+    if is_anonymous() {
         redact(&mut json);
     }
     json

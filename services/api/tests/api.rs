@@ -148,6 +148,17 @@ async fn env_from(
     }
 }
 
+/// A new peer address for each request: the refusals of one client in a window are aggregated
+/// into one event (`tests/hardening.rs` tests that), and these tests look at each refusal.
+fn next_peer() -> axum::extract::ConnectInfo<std::net::SocketAddr> {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    axum::extract::ConnectInfo(std::net::SocketAddr::from((
+        [10, (n >> 16) as u8, (n >> 8) as u8, n as u8],
+        40000,
+    )))
+}
+
 async fn call(
     env: &Env,
     method: &str,
@@ -155,7 +166,10 @@ async fn call(
     token: Option<&str>,
     body: Option<&str>,
 ) -> (StatusCode, String) {
-    let mut req = Request::builder().method(method).uri(uri);
+    let mut req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .extension(next_peer());
     if let Some(t) = token {
         req = req.header("authorization", format!("Bearer {t}"));
     }
@@ -514,7 +528,8 @@ async fn without_projections_pages_say_what_to_configure_and_health_and_metrics_
     assert_eq!(s, StatusCode::OK, "{body}");
 }
 
-async fn raw(env: &Env, req: Request<Body>) -> axum::response::Response {
+async fn raw(env: &Env, mut req: Request<Body>) -> axum::response::Response {
+    req.extensions_mut().insert(next_peer());
     backstop_api::router(env.state.clone())
         .oneshot(req)
         .await
