@@ -47,6 +47,9 @@ postgres = "{source}"
 [verify]
 scratch = "{scratch}"
 max_retries = 1
+
+[restore]
+allowed_targets = ["{restored}"]
 "#,
             tokens = tokens.display(),
             projections = pg.conninfo("backstop"),
@@ -54,6 +57,7 @@ max_retries = 1
             key = dir.join("master.key").display(),
             source = pg.conninfo("trading"),
             scratch = pg.conninfo("postgres"),
+            restored = pg.conninfo("restored"),
         ),
     )
     .unwrap();

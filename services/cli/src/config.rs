@@ -41,6 +41,9 @@ pub struct Config {
     /// Garbage collection (`backstop prune` and the daily maintenance job).
     #[serde(default)]
     pub prune: PruneSection,
+    /// Where restores requested through the API or the ledger may go (`[restore]`).
+    #[serde(default)]
+    pub restore: RestoreSection,
     /// The weekly summary (`[reports]`).
     #[serde(default)]
     pub reports: ReportsSection,
@@ -55,6 +58,15 @@ pub struct Config {
     /// Cost tracking: budget, price table, storage class (`[cost]`).
     #[serde(default)]
     pub cost: backstop_ops::cost::CostConfig,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreSection {
+    /// `postgres://HOST[:PORT]/DB` or `postgres://HOST[:PORT]/*`; none: the restore worker
+    /// refuses every request.
+    #[serde(default)]
+    pub allowed_targets: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -264,6 +276,8 @@ impl Config {
     fn check(&self) -> anyhow::Result<()> {
         self.alerts.validate().map_err(anyhow::Error::msg)?;
         self.reports.zone()?;
+        backstop_ops::restore::RestoreTargets::parse(&self.restore.allowed_targets)
+            .map_err(anyhow::Error::msg)?;
         if let Some(n) = &self.notify {
             n.check().map_err(anyhow::Error::msg)?;
         }
@@ -367,6 +381,12 @@ impl Config {
     }
 
     /// How long a running job's lease lasts (`[workers] lease_seconds`).
+    /// The restore worker's allow-list (checked when the configuration was loaded).
+    pub fn restore_targets(&self) -> backstop_ops::restore::RestoreTargets {
+        backstop_ops::restore::RestoreTargets::parse(&self.restore.allowed_targets)
+            .unwrap_or_default()
+    }
+
     /// The deadline and lock wait every backup runs with (`[workers] job_deadline`,
     /// `lock_wait_timeout`).
     pub fn job_limits(&self) -> backstop_ops::backup::JobLimits {

@@ -56,6 +56,7 @@ pub async fn worker_context(
         retention: None,
         notify: None,
         job_limits: config.job_limits(),
+        restore_targets: config.restore_targets(),
     };
     let loc = match location(config, data_dir, &RepoArgs::default()) {
         Ok(l) => l,
@@ -126,6 +127,7 @@ pub async fn worker_context(
             retention: None,
             notify: None,
             job_limits: config.job_limits(),
+            restore_targets: config.restore_targets(),
         },
         Some(probe),
     )

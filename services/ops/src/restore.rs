@@ -38,6 +38,69 @@ use crate::parts::ManifestSource;
 use crate::record::record;
 
 /// Who runs a recovery and what it covers.
+/// Where restores requested through the ledger may go (`[restore] allowed_targets`).
+///
+/// The restore worker decrypts a whole backup into whatever target a `recovery.requested`
+/// names, so the list is checked where the work happens, not only by the API: a forged request
+/// (from anyone who can append) naming another server is refused and recorded. Entries are
+/// `postgres://HOST[:PORT]/DATABASE`, or `postgres://HOST[:PORT]/*` for every database of a
+/// server; users and passwords in entries are ignored, and a target carrying a password is
+/// always refused (credentials come from the worker's environment or `~/.pgpass`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RestoreTargets {
+    allowed: Vec<(String, u16, Option<String>)>,
+}
+
+impl RestoreTargets {
+    /// Parses the configured entries; a malformed one is an error that names it.
+    pub fn parse(entries: &[String]) -> Result<RestoreTargets, String> {
+        let mut allowed = Vec::new();
+        for entry in entries {
+            let (url, any_db) = match entry.strip_suffix("/*") {
+                Some(server) => (format!("{server}/postgres"), true),
+                None => (entry.clone(), false),
+            };
+            let ci = backstop_sources::pg::ConnInfo::parse(&url).map_err(|e| {
+                format!("restore.allowed_targets: {entry:?} is not a postgres:// URL: {e}")
+            })?;
+            if ci.has_password() {
+                return Err(format!(
+                    "restore.allowed_targets: {entry:?} carries a password; list the server and database only"
+                ));
+            }
+            let (host, port, db) = ci.place();
+            allowed.push((host, port, (!any_db).then_some(db)));
+        }
+        Ok(RestoreTargets { allowed })
+    }
+
+    /// Refuses a target not on the list (the reason is recorded in `recovery.failed`).
+    pub fn check(&self, target: &str) -> Result<(), String> {
+        let ci = backstop_sources::pg::ConnInfo::parse(target)
+            .map_err(|e| format!("the restore target is not a PostgreSQL URL: {e}"))?;
+        if ci.has_password() {
+            return Err("the restore target carries a password; requests never do (the worker's environment or ~/.pgpass supplies it)".into());
+        }
+        let (host, port, db) = ci.place();
+        let ok = self
+            .allowed
+            .iter()
+            .any(|(h, p, d)| *h == host && *p == port && d.as_ref().is_none_or(|d| *d == db));
+        if ok {
+            return Ok(());
+        }
+        if self.allowed.is_empty() {
+            return Err(format!(
+                "restores through the ledger are off: no [restore] allowed_targets in the worker's configuration; add \"postgres://{host}:{port}/{db}\" (or \"postgres://{host}:{port}/*\") if this target is meant to receive restores"
+            ));
+        }
+        Err(format!(
+            "{} is not in [restore] allowed_targets; refused (a request naming any other server is refused and recorded)",
+            ci.redacted()
+        ))
+    }
+}
+
 pub struct Recovery {
     pub recovery_id: Uuid,
     pub requested_at: DateTime<Utc>,

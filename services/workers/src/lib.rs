@@ -53,6 +53,8 @@ pub struct WorkerContext {
     pub schedules: Vec<backstop_ops::schedule::Schedule>,
     /// Every backup's deadline and lock wait (`[workers] job_deadline`, `lock_wait_timeout`).
     pub job_limits: backstop_ops::backup::JobLimits,
+    /// Where requested restores may go (`[restore] allowed_targets`).
+    pub restore_targets: backstop_ops::restore::RestoreTargets,
     /// The retention policies and the ledger's facts; without them no retention worker.
     pub retention: Option<retention::RetentionSettings>,
     /// The `[notify]` channels; without them no notifier.
@@ -88,6 +90,7 @@ pub fn handlers(only: &[String], ctx: WorkerContext) -> Result<Vec<Arc<dyn Handl
     match (&ctx.data_path, wanted(restore::NAME)) {
         (Some(dp), true) => all.push(Arc::new(restore::RestoreWorker {
             data_path: dp.clone(),
+            allowed_targets: ctx.restore_targets.clone(),
         })),
         (None, true) if !only.is_empty() => {
             return Err("the restore worker needs a repository and its master key".into());

@@ -7,6 +7,9 @@
 //!
 //! Credentials for the target never travel in events: the API refuses a target with a password,
 //! and the worker's environment supplies it (`PGPASSWORD`, `PGPASSFILE` or `~/.pgpass`).
+//! Targets come from an allow-list (`[restore] allowed_targets`, checked here, where the backup
+//! is decrypted): a request naming any other server, forged or mistaken, is recorded as failed
+//! and nothing is restored.
 //! Physical (point-in-time) restores lay out a data directory on the machine that will run it,
 //! with `backstop restore --physical`; this worker records such a request as failed with that
 //! instruction.
@@ -25,6 +28,8 @@ pub const NAME: &str = "restore";
 
 pub struct RestoreWorker {
     pub data_path: DataPath,
+    /// Where requested restores may go; anything else is refused and recorded.
+    pub allowed_targets: backstop_ops::restore::RestoreTargets,
 }
 
 #[async_trait]
@@ -85,6 +90,11 @@ impl Handler for RestoreWorker {
         };
         let directory_target =
             r.scope.point_in_time.is_some() || !r.scope.target.starts_with("postgres");
+        if !directory_target && let Err(why) = self.allowed_targets.check(&r.scope.target) {
+            tracing::warn!(recovery = %r.recovery_id, target = %r.scope.target, operator = %r.operator, actor = %event.actor, "restore refused: {why}");
+            refuse(why).await?;
+            return Ok(());
+        }
         match (catalog::method_of(&manifest), directory_target) {
             (BackupMethod::Logical, false) => {}
             (BackupMethod::Logical, true) | (BackupMethod::Physical, _) => {

@@ -461,6 +461,22 @@ async fn restore_worker_claims_once_and_refuses_what_it_cannot_run() {
             reason: Some("--physical --to-dir"),
         },
         Case {
+            name: "a forged request naming another server: refused and recorded, nothing restored",
+            physical: Some(false),
+            target: "postgres://restore@10.9.9.9:5432/prod",
+            claimed: false,
+            recorded: &["recovery.started", "recovery.failed"],
+            reason: Some("not in [restore] allowed_targets"),
+        },
+        Case {
+            name: "a target carrying a password: refused",
+            physical: Some(false),
+            target: "postgres://restore:hunter2@127.0.0.1:1/copy",
+            claimed: false,
+            recorded: &["recovery.started", "recovery.failed"],
+            reason: Some("carries a password"),
+        },
+        Case {
             name: "a logical backup without its schema part: failed with the reason, once",
             physical: Some(false),
             target: "postgres://restore@127.0.0.1:1/copy",
@@ -531,6 +547,10 @@ async fn restore_worker_claims_once_and_refuses_what_it_cannot_run() {
         }
         let worker = RestoreWorker {
             data_path: w.dp.clone(),
+            allowed_targets: backstop_ops::restore::RestoreTargets::parse(&[
+                "postgres://127.0.0.1:1/*".to_string(),
+            ])
+            .unwrap(),
         };
         for _ in 0..2 {
             let got = worker.handle(&event, w.ledger.as_ref()).await;
@@ -547,4 +567,31 @@ async fn restore_worker_claims_once_and_refuses_what_it_cannot_run() {
             assert!(f.reason.contains(want), "{}: {}", case.name, f.reason);
         }
     }
+}
+
+#[test]
+fn restore_targets_match_server_and_database_and_say_how_to_allow_one() {
+    use backstop_ops::restore::RestoreTargets;
+    let t = RestoreTargets::parse(&[
+        "postgres://db-recovery:5433/*".to_string(),
+        "postgres://restore@10.0.0.5/copy".to_string(),
+    ])
+    .unwrap();
+    assert!(t.check("postgres://lead@db-recovery:5433/anything").is_ok());
+    assert!(t.check("postgres://10.0.0.5:5432/copy").is_ok());
+    assert!(t.check("postgres://10.0.0.5:5432/other").is_err());
+    assert!(
+        t.check("postgres://db-recovery:5432/anything").is_err(),
+        "another port"
+    );
+    let none = RestoreTargets::default()
+        .check("postgres://db:5432/x")
+        .unwrap_err();
+    assert!(
+        none.contains("allowed_targets") && none.contains("postgres://db:5432/x"),
+        "{none}"
+    );
+    let e = RestoreTargets::parse(&["postgres://u:pw@db/x".to_string()]).unwrap_err();
+    assert!(e.contains("carries a password"), "{e}");
+    assert!(RestoreTargets::parse(&["not a url".to_string()]).is_err());
 }

@@ -80,6 +80,24 @@ impl ConnInfo {
         out
     }
 
+    /// Where the connection goes: the host (or socket directory; empty for libpq's default),
+    /// the port (5432 when unset) and the database (the user's name when unset, as libpq does).
+    pub fn place(&self) -> (String, u16, String) {
+        (
+            self.host.clone().unwrap_or_default(),
+            self.port.unwrap_or(5432),
+            self.dbname
+                .clone()
+                .or_else(|| self.user.clone())
+                .unwrap_or_default(),
+        )
+    }
+
+    /// Whether the connection carries a password.
+    pub fn has_password(&self) -> bool {
+        self.password.is_some()
+    }
+
     /// `user@host:port/dbname`, for messages; never the password.
     pub fn redacted(&self) -> String {
         let mut out = self.server();
