@@ -459,15 +459,14 @@ impl ApiState {
         if let Some(token) = ctx.bearer() {
             return auth::identify(&self.0.config.tokens, Some(&token));
         }
-        if ctx.method == Method::GET || ctx.method == Method::HEAD {
-            if let Some(id) = pages::cookie_session(&ctx.headers)
-                && let Some(s) = self.0.guards.sessions.get(&id, self.now())
-            {
-                return Caller::Known {
-                    name: s.name,
-                    role: s.role,
-                };
-            }
+        if (ctx.method == Method::GET || ctx.method == Method::HEAD)
+            && let Some(id) = pages::cookie_session(&ctx.headers)
+            && let Some(s) = self.0.guards.sessions.get(&id, self.now())
+        {
+            return Caller::Known {
+                name: s.name,
+                role: s.role,
+            };
         }
         Caller::Anonymous
     }
