@@ -431,7 +431,7 @@ pub struct Seen {
 #[derive(Debug)]
 pub struct Refusal {
     pub reason: String,
-    pub claimed: Option<Envelope>,
+    pub claimed: Option<Box<Envelope>>,
 }
 
 /// The checks a JetStream message passes before any handler sees it (module docs). `header` is
@@ -450,7 +450,7 @@ pub fn check_message(
     })?;
     let refuse = |reason: String| Refusal {
         reason,
-        claimed: Some(env.clone()),
+        claimed: Some(Box::new(env.clone())),
     };
     if header != Some(env.position.to_string().as_str()) {
         return Err(refuse(format!(
