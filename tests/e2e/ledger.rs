@@ -292,3 +292,69 @@ fn bad_input_gets_a_clear_error_and_harms_nothing() {
     assert!(verify.status.success());
     assert!(stdout(&verify).contains("1 events"), "{}", stdout(&verify));
 }
+
+/// A pinned public key: `ledger verify` checks the checkpoints against it, so a ledger signed
+/// by another key fails, and `serve` refuses to start with a signing key that is not the pinned
+/// one.
+#[test]
+fn a_pinned_public_key_catches_a_replaced_signing_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(
+        dir.path(),
+        &[
+            "ledger",
+            "append",
+            "--stream",
+            "storage",
+            "--type",
+            "storage.usage_sampled",
+            "--payload",
+            r#"{"region":"r","storage_class":"STANDARD","bytes":1,"objects":1}"#,
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let own = stdout(&run(dir.path(), &["ledger", "pubkey"]))
+        .trim()
+        .to_string();
+    assert_eq!(own.len(), 64, "{own}");
+    let ok = run(dir.path(), &["ledger", "verify", "--pubkey", &own]);
+    assert!(ok.status.success(), "{}{}", stdout(&ok), stderr(&ok));
+    let unpinned = run(dir.path(), &["ledger", "verify"]);
+    assert!(
+        stderr(&unpinned).contains("pin it"),
+        "{}",
+        stderr(&unpinned)
+    );
+
+    // Another key pinned: the checkpoints do not verify under it.
+    let other = "11".repeat(32);
+    let bad = run(dir.path(), &["ledger", "verify", "--pubkey", &other]);
+    assert!(!bad.status.success(), "{}", stdout(&bad));
+
+    // serve with another key pinned in the configuration refuses to start, and says why.
+    let config = dir.path().join("backstop.toml");
+    std::fs::write(
+        &config,
+        format!("[ledger]\npublic_key = \"{other}\"\n[api]\nlisten = \"127.0.0.1:0\"\n"),
+    )
+    .unwrap();
+    let serve = run(dir.path(), &["--config", config.to_str().unwrap(), "serve"]);
+    assert!(!serve.status.success());
+    assert!(
+        stderr(&serve).contains("is not the pinned [ledger] public_key"),
+        "{}",
+        stderr(&serve)
+    );
+    // A malformed pin is a configuration error at once.
+    std::fs::write(&config, "[ledger]\npublic_key = \"xyz\"\n").unwrap();
+    let bad_pin = run(
+        dir.path(),
+        &["--config", config.to_str().unwrap(), "ledger", "verify"],
+    );
+    assert!(!bad_pin.status.success());
+    assert!(
+        stderr(&bad_pin).contains("64 hex digits"),
+        "{}",
+        stderr(&bad_pin)
+    );
+}

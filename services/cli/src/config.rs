@@ -164,6 +164,9 @@ pub struct LedgerSection {
     pub checkpoint_every: Option<u64>,
     /// ... or every N seconds, whichever comes first (default 10).
     pub checkpoint_seconds: Option<u64>,
+    /// The ledger's public key (hex, `backstop ledger pubkey`), pinned: `ledger verify` checks
+    /// the signed checkpoints against it, and `serve` refuses to start with another signing key.
+    pub public_key: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -275,6 +278,13 @@ impl Config {
 
     fn check(&self) -> anyhow::Result<()> {
         self.alerts.validate().map_err(anyhow::Error::msg)?;
+        if let Some(k) = &self.ledger.public_key
+            && !(k.len() == 64 && k.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            bail!(
+                "ledger.public_key must be 64 hex digits (as `backstop ledger pubkey` prints it)"
+            );
+        }
         self.reports.zone()?;
         backstop_ops::restore::RestoreTargets::parse(&self.restore.allowed_targets)
             .map_err(anyhow::Error::msg)?;

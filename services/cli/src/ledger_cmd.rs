@@ -33,6 +33,9 @@ pub enum LedgerCommand {
     Verify {
         #[arg(long)]
         json: bool,
+        /// The public key the checkpoints must be signed with (hex); default [ledger] public_key.
+        #[arg(long)]
+        pubkey: Option<String>,
     },
     /// Positions, streams, checkpoints, the publication cursor and lag.
     Stats {
@@ -83,9 +86,18 @@ pub async fn run(
             tail(&ledger, follow, json, from, stream.as_deref()).await?;
             std::process::ExitCode::SUCCESS
         }
-        LedgerCommand::Verify { json } => {
+        LedgerCommand::Verify { json, pubkey } => {
             let opened = ledger.opened("verify")?;
-            let report = verify::verify(opened.store(), opened.public_key())?;
+            // A pinned key catches a signing key replaced along with re-signed checkpoints;
+            // without one the ledger can only be checked against its own key.
+            let pinned = pubkey.or_else(|| config.ledger.public_key.clone());
+            let key = pinned.as_deref().unwrap_or(opened.public_key());
+            if pinned.is_none() && !json {
+                eprintln!(
+                    "note: checked against the ledger's own signing key; pin it ([ledger] public_key, or --pubkey) so that a replaced key is caught"
+                );
+            }
+            let report = verify::verify(opened.store(), key)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else if report.ok() {

@@ -75,6 +75,15 @@ pub async fn serve(
     let shutdown = shutdown_signal();
     let ledger = Ledger::open(&config.ledger_config(data_dir))
         .with_context(|| format!("cannot open the ledger in {}", data_dir.display()))?;
+    if let Some(pinned) = &config.ledger.public_key
+        && !pinned.eq_ignore_ascii_case(ledger.public_key())
+    {
+        let actual = ledger.public_key().to_string();
+        ledger.close().await;
+        anyhow::bail!(
+            "the ledger's signing key (public key {actual}) is not the pinned [ledger] public_key {pinned}: the key file was replaced or the wrong one is configured; restore the right key file, or pin the new key deliberately"
+        );
+    }
     tracing::info!(
         data_dir = %data_dir.display(),
         head = ledger.head().position,
