@@ -214,10 +214,13 @@ pub fn conditions(
                 id.to_string(),
                 Severity::Warning,
                 Some(r.source.clone()),
+                // Said from the start time, not the elapsed time, so that every evaluation
+                // (and every monitor) words it the same: the ledger compares a re-offered
+                // event's content with the stored one.
                 format!(
-                    "backup {id} of `{}` has been running for {} s (threshold {})",
+                    "backup {id} of `{}` has been running since {} (more than {})",
                     r.source,
-                    running.num_seconds(),
+                    r.started.at.to_rfc3339(),
                     t.running_warn_after
                 ),
                 r.started,
