@@ -25,6 +25,12 @@
 //!   old event is refused; a redelivery of a retried event is not a first delivery), and when
 //!   it is the very next position its `prev_hash` is the hash of the event accepted before it.
 //!
+//! - with the ledger's public key pinned ([`RetryPolicy::ledger_public_key`]), its
+//!   `Backstop-Signature` is the ledger's signature over its position and hash
+//!   ([`crate::outbox::event_statement`]). This is what stops a well-formed forgery that links to
+//!   the chain and arrives before the real event; without a pinned key only the checks above
+//!   hold, and keeping others from publishing (NATS permissions) must do the rest.
+//!
 //! A message that fails is never given to the handler: it is terminated (JetStream will not
 //! deliver it again), logged as an error, and recorded as a `consumer.refused` event on the
 //! workers stream with the reason. The event's id is derived from the stream and sequence, so the
@@ -43,7 +49,7 @@ use backstop_events::{
 use futures::StreamExt;
 
 use crate::error::LedgerError;
-use crate::outbox::{POSITION_HEADER, SUBJECT_PREFIX};
+use crate::outbox::{POSITION_HEADER, SIGNATURE_HEADER, SUBJECT_PREFIX};
 use crate::{Appender, ExpectedVersion, Ledger};
 
 /// Why a handler could not handle an event. The message carries the whole chain of causes (it
@@ -136,6 +142,9 @@ pub struct RetryPolicy {
     /// JetStream: how long the server waits for an ack before redelivering (a worker that died
     /// mid-event gets its event back after this).
     pub ack_wait: Duration,
+    /// JetStream: the ledger's public key (hex, `[nats] ledger_public_key`). When set, a message
+    /// is accepted only with a valid `Backstop-Signature` by that key (module docs).
+    pub ledger_public_key: Option<String>,
 }
 
 impl Default for RetryPolicy {
@@ -149,6 +158,7 @@ impl Default for RetryPolicy {
                 Duration::from_secs(30),
             ],
             ack_wait: Duration::from_secs(60),
+            ledger_public_key: None,
         }
     }
 }
@@ -344,17 +354,23 @@ async fn consume_until_error(
                 .increment(1);
         }
         let ack_err = |e: async_nats::Error| LedgerError::Nats(format!("ack: {e}"));
-        let header = msg
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(POSITION_HEADER))
-            .map(|v| v.as_str().to_string());
+        let header = |name: &str| {
+            msg.headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_string())
+        };
+        let headers = MessageHeaders {
+            position: header(POSITION_HEADER),
+            signature: header(SIGNATURE_HEADER),
+        };
         let event = match check_message(
             &msg.payload,
-            header.as_deref(),
+            &headers,
             stream_sequence,
             delivered,
             seen.as_ref(),
+            policy.ledger_public_key.as_deref(),
         ) {
             Ok(event) => event,
             Err(refusal) => {
@@ -434,16 +450,28 @@ pub struct Refusal {
     pub claimed: Option<Box<Envelope>>,
 }
 
-/// The checks a JetStream message passes before any handler sees it (module docs). `header` is
-/// its `Backstop-Position` header, `stream_sequence` its sequence in the stream, `delivered` how
-/// many times JetStream has delivered it, `seen` the last event this consumer accepted.
+/// The headers of a message that the checks read.
+#[derive(Clone, Debug, Default)]
+pub struct MessageHeaders {
+    /// `Backstop-Position`.
+    pub position: Option<String>,
+    /// `Backstop-Signature`.
+    pub signature: Option<String>,
+}
+
+/// The checks a JetStream message passes before any handler sees it (module docs).
+/// `stream_sequence` is its sequence in the stream, `delivered` how many times JetStream has
+/// delivered it, `seen` the last event this consumer accepted, `ledger_key` the pinned public
+/// key of the ledger (hex), if any.
 pub fn check_message(
     payload: &[u8],
-    header: Option<&str>,
+    headers: &MessageHeaders,
     stream_sequence: u64,
     delivered: u32,
     seen: Option<&Seen>,
+    ledger_key: Option<&str>,
 ) -> Result<Envelope, Refusal> {
+    let header = headers.position.as_deref();
     let env: Envelope = serde_json::from_slice(payload).map_err(|e| Refusal {
         reason: format!("the message is not an event envelope: {e}"),
         claimed: None,
@@ -465,6 +493,20 @@ pub fn check_message(
             env.hash.to_hex(),
             env.compute_hash().to_hex()
         )));
+    }
+    if let Some(key) = ledger_key {
+        let statement = crate::outbox::event_statement(env.position, &env.hash);
+        let signature = headers.signature.as_deref().unwrap_or("");
+        if let Err(why) = crate::checkpoint::verify_statement(&statement, signature, key) {
+            return Err(refuse(format!(
+                "it is not signed by the ledger's pinned key ({}): {why}",
+                if signature.is_empty() {
+                    "no Backstop-Signature header"
+                } else {
+                    "Backstop-Signature present"
+                }
+            )));
+        }
     }
     if env.position == 0 || env.position > stream_sequence {
         return Err(refuse(format!(

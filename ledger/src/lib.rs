@@ -96,6 +96,8 @@ pub struct Ledger {
     published: Arc<watch::Sender<Option<u64>>>,
     /// Set once the writer has met a storage error and refuses appends (see `writer`).
     failed: watch::Receiver<Option<String>>,
+    /// The checkpoint key, shared with the writer; the outbox signs each published event.
+    signer: Arc<CheckpointSigner>,
 }
 
 impl Ledger {
@@ -114,7 +116,7 @@ impl Ledger {
         faults: FlushFaults,
     ) -> Result<Ledger, LedgerError> {
         let store = Store::open(&config.path)?;
-        let signer = CheckpointSigner::load_or_create(&config.signing_key)?;
+        let signer = Arc::new(CheckpointSigner::load_or_create(&config.signing_key)?);
         let public_key: Arc<str> = signer.public_key_hex().into();
         let head = store.head()?;
         let (head_tx, head_rx) = watch::channel(head);
@@ -123,7 +125,7 @@ impl Ledger {
         let (failed_tx, failed) = watch::channel(None);
         let w = writer::Writer::new(
             store.clone(),
-            signer,
+            signer.clone(),
             writer::WriterConfig {
                 checkpoint_every: config.checkpoint_every.max(1),
                 checkpoint_interval: config.checkpoint_interval,
@@ -146,7 +148,16 @@ impl Ledger {
             stopped,
             published: Arc::new(published_tx),
             failed,
+            signer,
         })
+    }
+
+    /// The ledger's signature (hex) over an event it publishes: its position and hash, signed
+    /// with the checkpoint key (see [`outbox::event_statement`]). Consumers that pin the
+    /// ledger's public key accept only events signed this way.
+    pub fn sign_event(&self, position: u64, hash: &backstop_events::Digest) -> String {
+        self.signer
+            .sign_statement(&outbox::event_statement(position, hash))
     }
 
     /// Why the writer refuses appends, once it has met a storage error (see `writer`).

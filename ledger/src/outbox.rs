@@ -2,7 +2,9 @@
 //!
 //! Wire format: one JetStream message per event, subject `backstop.events.<type>` (for example
 //! `backstop.events.backup.completed`), payload the envelope as JSON (the same bytes the ledger
-//! stores), headers `Nats-Msg-Id: <the event's hash, hex>` and `Backstop-Position: <position>`.
+//! stores), headers `Nats-Msg-Id: <the event's hash, hex>`, `Backstop-Position: <position>` and
+//! `Backstop-Signature: <hex>`, the ledger's ed25519 signature (its checkpoint key) over
+//! [`event_statement`], which consumers that pin the ledger's public key require.
 //! The message id is the hash, not the event id, because event ids can be predicted (derived
 //! ids) and a foreign message that took an event's id first would make JetStream drop the real
 //! one as a duplicate; the hash covers the previous event's hash and the commit time, so nobody
@@ -44,6 +46,19 @@ use crate::error::LedgerError;
 pub const DEFAULT_STREAM: &str = "BACKSTOP_EVENTS";
 pub const SUBJECT_PREFIX: &str = "backstop.events";
 pub const POSITION_HEADER: &str = "Backstop-Position";
+/// The ledger's ed25519 signature over [`event_statement`], hex.
+pub const SIGNATURE_HEADER: &str = "Backstop-Signature";
+
+/// What the outbox signs for each event it publishes: `backstop-event/1`, a newline, the
+/// position (u64 big-endian) and the hash (32 bytes). Signed through
+/// `CheckpointSigner::sign_statement`, whose own prefix keeps it apart from checkpoints; the
+/// audit export's statements are canonical JSON, which never starts with these bytes.
+pub fn event_statement(position: u64, hash: &backstop_events::Digest) -> Vec<u8> {
+    let mut b = b"backstop-event/1\n".to_vec();
+    b.extend_from_slice(&position.to_be_bytes());
+    b.extend_from_slice(&hash.0);
+    b
+}
 
 #[derive(Clone, Debug)]
 pub struct OutboxConfig {
@@ -189,7 +204,8 @@ async fn publish_until_error(
                 }
                 for env in &batch {
                     debug_assert_eq!(env.position, next);
-                    in_flight.push_back(publish(js, env, &expect).await?);
+                    let signature = ledger.sign_event(env.position, &env.hash);
+                    in_flight.push_back(publish(js, env, &expect, &signature).await?);
                     expect = Expect::MessageId(message_id(env));
                     next += 1;
                 }
@@ -332,6 +348,7 @@ async fn publish(
     js: &jetstream::Context,
     env: &Envelope,
     expect: &Expect,
+    signature: &str,
 ) -> Result<AckFuture, LedgerError> {
     let payload = serde_json::to_vec(env).map_err(|e| LedgerError::Corrupt {
         position: env.position,
@@ -340,7 +357,8 @@ async fn publish(
     let msg = jetstream::message::PublishMessage::build()
         .payload(Bytes::from(payload))
         .message_id(message_id(env))
-        .header(POSITION_HEADER, env.position.to_string().as_str());
+        .header(POSITION_HEADER, env.position.to_string().as_str())
+        .header(SIGNATURE_HEADER, signature);
     let msg = match expect {
         Expect::Sequence(s) => msg.expected_last_sequence(*s),
         Expect::MessageId(id) => msg.expected_last_message_id(id),

@@ -151,7 +151,7 @@ pub(crate) struct WriterConfig {
 
 pub(crate) struct Writer {
     store: Store,
-    signer: CheckpointSigner,
+    signer: Arc<CheckpointSigner>,
     config: WriterConfig,
     head_tx: watch::Sender<Head>,
     /// The last position the outbox has seen acknowledged; `None` without a healthy outbox.
@@ -167,7 +167,7 @@ pub(crate) struct Writer {
 impl Writer {
     pub fn new(
         store: Store,
-        signer: CheckpointSigner,
+        signer: Arc<CheckpointSigner>,
         config: WriterConfig,
         head_tx: watch::Sender<Head>,
         published: watch::Receiver<Option<u64>>,

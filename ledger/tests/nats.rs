@@ -318,6 +318,7 @@ async fn jetstream_workers_retry_with_backoff_then_succeed_or_dead_letter() {
         max_deliveries: 3,
         backoff: vec![Duration::from_millis(100)],
         ack_wait: Duration::from_secs(5),
+        ..RetryPolicy::default()
     };
     // Fails twice, then succeeds on the third delivery: one result.
     let handler = Arc::new(Flaky {

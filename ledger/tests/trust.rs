@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use backstop_events::{Actor, Digest, Envelope, Event, NewEvent, StorageUsageSampled};
-use backstop_ledger::consumer::{self, Handler, HandlerError, RetryPolicy, Seen};
+use backstop_ledger::consumer::{self, Handler, HandlerError, MessageHeaders, RetryPolicy, Seen};
 use backstop_ledger::{Appender, ExpectedVersion, Ledger, LedgerConfig, outbox, verify};
 use backstop_testkit::Nats;
 use bytes::Bytes;
@@ -279,6 +279,13 @@ async fn wait_for(mut done: impl FnMut() -> bool, what: &str) -> Result<(), Stri
     Ok(())
 }
 
+fn at(position: u64) -> MessageHeaders {
+    MessageHeaders {
+        position: Some(position.to_string()),
+        signature: None,
+    }
+}
+
 /// The link check, which a live stream rarely lets a forgery reach: an event at the next
 /// position whose `prev_hash` is not the hash of the event before it.
 #[test]
@@ -302,7 +309,7 @@ fn an_event_that_does_not_link_to_the_previous_one_is_refused() {
         first.hash,
     );
     let body = serde_json::to_vec(&linked).unwrap();
-    assert!(consumer::check_message(&body, Some("2"), 2, 1, Some(&seen)).is_ok());
+    assert!(consumer::check_message(&body, &at(2), 2, 1, Some(&seen), None).is_ok());
     let unlinked = Envelope::seal(
         sample("in", 2),
         2,
@@ -311,14 +318,129 @@ fn an_event_that_does_not_link_to_the_previous_one_is_refused() {
         Digest::of(b"another chain"),
     );
     let body = serde_json::to_vec(&unlinked).unwrap();
-    let refused = consumer::check_message(&body, Some("2"), 2, 1, Some(&seen)).unwrap_err();
+    let refused = consumer::check_message(&body, &at(2), 2, 1, Some(&seen), None).unwrap_err();
     assert!(refused.reason.contains("prev_hash"), "{}", refused.reason);
     // The header must name the position the envelope claims.
     let body = serde_json::to_vec(&linked).unwrap();
-    let refused = consumer::check_message(&body, Some("3"), 3, 1, Some(&seen)).unwrap_err();
+    let refused = consumer::check_message(&body, &at(3), 3, 1, Some(&seen), None).unwrap_err();
     assert!(refused.reason.contains("header"), "{}", refused.reason);
     // A redelivery (not a first delivery) of an accepted event is not a replay.
     let body = serde_json::to_vec(&first).unwrap();
-    assert!(consumer::check_message(&body, Some("1"), 1, 2, Some(&seen)).is_ok());
-    assert!(consumer::check_message(&body, Some("1"), 1, 1, Some(&seen)).is_err());
+    assert!(consumer::check_message(&body, &at(1), 1, 2, Some(&seen), None).is_ok());
+    assert!(consumer::check_message(&body, &at(1), 1, 1, Some(&seen), None).is_err());
+}
+
+/// With the ledger's public key pinned, a well-formed forgery that links to the chain and
+/// arrives before the real event (which the structural checks cannot tell from a real one) is
+/// refused, as is one signed by another key; the real event that follows is handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_ledgers_key_pinned_a_linked_forgery_is_refused() {
+    let nats = Nats::start().expect("nats-server");
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::open(&LedgerConfig::in_data_dir(dir.path())).unwrap();
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let config = outbox::OutboxConfig::default();
+    outbox::ensure_stream(&js, &config).await.unwrap();
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let publisher = tokio::spawn(outbox::run(
+        ledger.clone(),
+        js.clone(),
+        config.clone(),
+        stop.clone(),
+        None,
+    ));
+    let recorder = Arc::new(Recorder::default());
+    let policy = RetryPolicy {
+        ledger_public_key: Some(ledger.public_key().to_string()),
+        ..RetryPolicy::default()
+    };
+    let worker = tokio::spawn(consumer::run_jetstream(
+        js.clone(),
+        config.stream.clone(),
+        Arc::new(ledger.clone()),
+        recorder.clone(),
+        policy,
+        stop.clone(),
+    ));
+    ledger
+        .append("in", ExpectedVersion::Any, vec![sample("in", 1)])
+        .await
+        .unwrap();
+    wait_for(
+        || recorder.seen.lock().unwrap().len() == 1,
+        "the first event",
+    )
+    .await
+    .unwrap();
+    let last = ledger.read(1, 1).unwrap().remove(0);
+    // What an attacker who watches the bus can build: the next position, linked, well sealed.
+    let forged = Envelope::seal(
+        sample("in", 666),
+        2,
+        2,
+        backstop_events::now_micros(),
+        last.hash,
+    );
+    forge(
+        &js,
+        "backstop.events.storage.usage_sampled",
+        "2",
+        serde_json::to_vec(&forged).unwrap(),
+    )
+    .await;
+    // The same, signed with a key of the attacker's own.
+    let other =
+        backstop_ledger::CheckpointSigner::load_or_create(&dir.path().join("other.key")).unwrap();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(outbox::POSITION_HEADER, "2");
+    headers.insert(
+        outbox::SIGNATURE_HEADER,
+        other
+            .sign_statement(&outbox::event_statement(2, &forged.hash))
+            .as_str(),
+    );
+    js.publish_with_headers(
+        "backstop.events.storage.usage_sampled",
+        headers,
+        Bytes::from(serde_json::to_vec(&forged).unwrap()),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    ledger
+        .append("in", ExpectedVersion::Any, vec![sample("in", 2)])
+        .await
+        .unwrap();
+    wait_for(
+        || recorder.seen.lock().unwrap().len() == 2 && refusals(&ledger).len() == 2,
+        "the real second event handled and both forgeries recorded",
+    )
+    .await
+    .unwrap_or_else(|what| {
+        panic!(
+            "{what}: handled {:?}, refused {:#?}",
+            recorder.seen.lock().unwrap(),
+            refusals(&ledger)
+        )
+    });
+    let handled = recorder.seen.lock().unwrap().clone();
+    let real: Vec<u64> = ledger
+        .read(1, 100)
+        .unwrap()
+        .iter()
+        .filter(|e| e.stream == "in")
+        .map(|e| e.position)
+        .collect();
+    assert_eq!(handled, real);
+    for r in refusals(&ledger) {
+        assert!(
+            r.reason.contains("not signed by the ledger's pinned key"),
+            "{r:?}"
+        );
+        assert_eq!(r.position, Some(2));
+    }
+    stop_tx.send(true).unwrap();
+    publisher.await.unwrap().unwrap();
+    worker.await.unwrap().unwrap();
 }

@@ -116,6 +116,8 @@ pub struct VerifySection {
     pub max_retries: Option<u32>,
     /// Parallel restore jobs (default 2).
     pub jobs: Option<usize>,
+    /// Allow a superuser as the scratch role (default false: refused, see docs/RUNBOOK.md).
+    pub allow_superuser: Option<bool>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -178,6 +180,9 @@ pub struct NatsSection {
     pub stream: Option<String>,
     /// Stream replicas (3 on a three-node cluster; default 1).
     pub replicas: Option<usize>,
+    /// The ledger's public key (hex, `backstop ledger stats` shows it). When set, JetStream
+    /// workers act only on events signed by it and refuse (and record) anything else.
+    pub ledger_public_key: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -213,6 +218,10 @@ pub struct ApiSection {
     /// Reverse proxies (IP addresses) whose X-Forwarded-For and X-Forwarded-Proto are believed.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    /// Serve HTTPS: the certificate chain (PEM), with `tls_key`.
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM; readable by the owner only).
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -424,6 +433,12 @@ impl Config {
         if let Some(s) = self.workers.ack_wait_seconds {
             p.ack_wait = std::time::Duration::from_secs(s.max(1));
         }
+        // One pinned key serves both: `[ledger] public_key` when `[nats]` names none.
+        p.ledger_public_key = self
+            .nats
+            .ledger_public_key
+            .clone()
+            .or_else(|| self.ledger.public_key.clone());
         p
     }
 }
