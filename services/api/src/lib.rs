@@ -62,6 +62,7 @@ use tokio::sync::watch;
 
 pub use auth::{Need, Role, TokenEntry, Tokens};
 pub use error::ApiError;
+pub use tokio_rustls::TlsAcceptor;
 
 use auth::Caller;
 
@@ -494,6 +495,7 @@ impl ApiState {
     /// or a trusted proxy saying so in `X-Forwarded-Proto`.
     pub(crate) fn https(&self, ctx: &Ctx) -> bool {
         self.0.config.secure_cookies
+            || ctx.over_tls()
             || ctx.peer.is_some_and(|p| {
                 self.0.config.trusted_proxies.contains(&p.ip())
                     && ctx
@@ -633,9 +635,15 @@ pub(crate) struct Ctx {
     pub method: Method,
     pub path: String,
     pub peer: Option<SocketAddr>,
+    /// The request came over this server's own TLS.
+    pub tls: bool,
 }
 
 impl Ctx {
+    fn over_tls(&self) -> bool {
+        self.tls
+    }
+
     fn peer(&self) -> String {
         self.peer
             .map(|p| p.ip().to_string())
@@ -670,6 +678,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Ctx {
                 .extensions
                 .get::<ConnectInfo<SocketAddr>>()
                 .map(|c| c.0),
+            tls: parts.extensions.get::<OverTls>().is_some(),
         })
     }
 }
@@ -733,30 +742,148 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
+/// Marks a request that came over this server's own TLS (`api.tls_cert`): its cookie is `Secure`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct OverTls;
+
+/// Why the TLS certificate or key cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TlsError(String);
+
+/// The TLS configuration from PEM files: `cert` holds the certificate chain (leaf first), `key`
+/// the private key (PKCS#8, PKCS#1 or SEC1). TLS 1.2 and 1.3, rustls's safe defaults, ALPN for
+/// HTTP/2 and HTTP/1.1.
+pub fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls;
+    let certs = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| TlsError(format!("api.tls_cert {}: {e}", cert.display())))?;
+    if certs.is_empty() {
+        return Err(TlsError(format!(
+            "api.tls_cert {}: no certificate in the file (expected PEM `BEGIN CERTIFICATE` blocks)",
+            cert.display()
+        )));
+    }
+    let private = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| TlsError(format!("api.tls_key {}: {e}", key.display())))?;
+    // The provider is named: with more than one compiled in, rustls will not pick one itself.
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError(format!("TLS: {e}")))?
+        .with_no_client_auth()
+        .with_single_cert(certs, private)
+        .map_err(|e| {
+            TlsError(format!(
+                "api.tls_cert and api.tls_key do not make a usable pair: {e}"
+            ))
+        })?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// How long a client may take to finish the TLS handshake: one that connects and says nothing
+/// would otherwise hold a task for good.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves the router over TLS on `listener` until `shutdown` turns true; then stops accepting and
+/// waits for the connections in progress (live streams end with the same watch).
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    state: ApiState,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tower::ServiceExt as _;
+    let flusher = spawn_denial_flusher(&state, shutdown.clone());
+    let app = router(state);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors, usually: the next accept may succeed.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = async { shutdown.wait_for(|s| *s).await.is_ok() } => break,
+        };
+        let (acceptor, app) = (acceptor.clone(), app.clone());
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+            {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let service = hyper::service::service_fn(
+                move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(ConnectInfo(peer));
+                    req.extensions_mut().insert(OverTls);
+                    app.clone().oneshot(req)
+                },
+            );
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                .into_owned();
+            if let Err(e) = watcher.watch(conn).await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    let _ = flusher.await;
+    Ok(())
+}
+
+/// The refusals of each denial window are recorded when it ends, even if the client went quiet;
+/// what is left is recorded at shutdown.
+fn spawn_denial_flusher(
+    state: &ApiState,
+    shutdown: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    let state = state.clone();
+    let mut stop = shutdown;
+    tokio::spawn(async move {
+        let window = chrono::Duration::from_std(state.0.config.denial_window)
+            .unwrap_or(chrono::Duration::seconds(60));
+        loop {
+            let next = state.now() + window;
+            tokio::select! {
+                _ = state.0.guards.clock.sleep_until(next) => state.flush_denials(false).await,
+                _ = async { stop.wait_for(|s| *s).await.is_ok() } => break,
+            }
+        }
+        state.flush_denials(true).await;
+    })
+}
+
 /// Serves the router on `listener` until `shutdown` turns true.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: ApiState,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    // The refusals of each denial window are recorded when it ends, even if the client went
-    // quiet; what is left is recorded at shutdown.
-    let flusher = {
-        let state = state.clone();
-        let mut stop = shutdown.clone();
-        tokio::spawn(async move {
-            let window = chrono::Duration::from_std(state.0.config.denial_window)
-                .unwrap_or(chrono::Duration::seconds(60));
-            loop {
-                let next = state.now() + window;
-                tokio::select! {
-                    _ = state.0.guards.clock.sleep_until(next) => state.flush_denials(false).await,
-                    _ = async { stop.wait_for(|s| *s).await.is_ok() } => break,
-                }
-            }
-            state.flush_denials(true).await;
-        })
-    };
+    let flusher = spawn_denial_flusher(&state, shutdown.clone());
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move {

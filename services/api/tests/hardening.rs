@@ -625,3 +625,144 @@ async fn an_anonymous_viewer_of_the_public_dashboard_sees_statuses_not_who_or_wh
     assert!(page.contains("data-live=\"1\""));
     assert!(page.contains("db1"), "the operator's page shows the host");
 }
+
+/// A throwaway certificate for `localhost` and 127.0.0.1, made by the `openssl` command.
+fn throwaway_certificate(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let out = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+        .args(["-subj", "/CN=localhost"])
+        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        // An end-entity certificate, trusted as its own anchor (webpki refuses a CA as a leaf).
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (cert, key)
+}
+
+/// One HTTP/1.1 request over TLS, trusting only `ca`; the whole answer.
+async fn https_request(
+    port: u16,
+    ca: &std::path::Path,
+    request: &str,
+) -> Result<String, std::io::Error> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await?;
+    tls.write_all(request.as_bytes()).await?;
+    let mut out = Vec::new();
+    tls.read_to_end(&mut out).await?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_tls_serves_https_with_secure_cookies_and_refuses_plain_http() {
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = throwaway_certificate(certs.path());
+    let acceptor = backstop_api::tls_acceptor(&cert, &key).expect("the pair loads");
+    let env = env(ApiConfig::default(), None).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(backstop_api::serve_tls(
+        listener,
+        acceptor,
+        env.state.clone(),
+        stop,
+    ));
+
+    let answer = https_request(
+        port,
+        &cert,
+        "GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .expect("a TLS client that trusts the certificate gets an answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // Signing in over the server's own TLS gives a Secure cookie, with no configuration.
+    let form = format!("token={OPERATOR}");
+    let answer = https_request(
+        port,
+        &cert,
+        &format!(
+            "POST /login HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{form}",
+            form.len()
+        ),
+    )
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 303"), "{answer}");
+    let cookie = answer
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .expect("a cookie");
+    assert!(
+        cookie.contains("; Secure") && cookie.contains("HttpOnly"),
+        "{cookie}"
+    );
+
+    // A client that does not trust the certificate is refused by its own TLS stack.
+    let other = tempfile::tempdir().unwrap();
+    let (other_cert, _) = throwaway_certificate(other.path());
+    let e = https_request(port, &other_cert, "GET /healthz HTTP/1.1\r\n\r\n")
+        .await
+        .expect_err("an untrusted certificate");
+    assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
+
+    // Plain HTTP on the TLS port gets no HTTP answer.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        let _ = tcp.read_to_end(&mut out).await;
+        assert!(
+            !String::from_utf8_lossy(&out).contains("200 OK"),
+            "{:?}",
+            String::from_utf8_lossy(&out)
+        );
+    }
+
+    stop_tx.send_replace(true);
+    server.await.unwrap().unwrap();
+
+    // A key that is not the certificate's is refused with what is wrong.
+    let Err(e) = backstop_api::tls_acceptor(&cert, &other.path().join("key.pem")) else {
+        panic!("another certificate's key was accepted");
+    };
+    assert!(
+        e.to_string().contains("tls_key") || e.to_string().contains("pair"),
+        "{e}"
+    );
+}

@@ -194,6 +194,8 @@ pub struct CheckedReadSide {
     projections: Option<(Projections, String)>,
     /// The API's address, already bound; `None` when the default address was taken.
     listener: Option<tokio::net::TcpListener>,
+    /// HTTPS (`api.tls_cert`, `api.tls_key`), loaded.
+    tls: Option<backstop_api::TlsAcceptor>,
 }
 
 /// Checks what the read side is configured with, so that a mistake stops `serve` at once with its
@@ -208,6 +210,13 @@ pub async fn check_read_side(
 ) -> anyhow::Result<CheckedReadSide> {
     let tokens = tokens(config)?;
     trusted_proxies(config)?;
+    let tls = match (&config.api.tls_cert, &config.api.tls_key) {
+        (Some(cert), Some(key)) => Some(backstop_api::tls_acceptor(cert, key)?),
+        (None, None) => None,
+        _ => anyhow::bail!(
+            "api.tls_cert and api.tls_key go together: give both (PEM files) to serve HTTPS, or neither"
+        ),
+    };
     let projections = match database_url(config, projections_url) {
         None => None,
         Some(url) => {
@@ -241,6 +250,7 @@ pub async fn check_read_side(
         tokens,
         projections,
         listener,
+        tls,
     })
 }
 
@@ -287,6 +297,7 @@ pub fn spawn_read_side(
         tokens,
         projections,
         listener,
+        tls,
     } = side.checked;
     let (read_models, read_models_rx) = watch::channel(ReadModels::Migrating);
     let read_models = Arc::new(read_models);
@@ -394,10 +405,14 @@ pub fn spawn_read_side(
             tracing::warn!(error = %e, "no process metrics recorder; /metrics shows projections and ledger figures only")
         }
     }
-    tracing::info!(address = ?local, "API and dashboard listening");
+    tracing::info!(address = ?local, https = tls.is_some(), "API and dashboard listening");
     let shutdown = shutdown.clone();
     tasks.spawn(async move {
-        if let Err(e) = backstop_api::serve(listener, state, shutdown).await {
+        let served = match tls {
+            Some(acceptor) => backstop_api::serve_tls(listener, acceptor, state, shutdown).await,
+            None => backstop_api::serve(listener, state, shutdown).await,
+        };
+        if let Err(e) = served {
             tracing::error!(error = %e, "the API server stopped");
         }
         Ok(())
