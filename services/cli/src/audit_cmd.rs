@@ -7,9 +7,11 @@
 //! final name.
 //!
 //! `verify` needs nothing but the file. It should also be given the ledger's public key through
-//! another channel (`--pubkey`, from `backstop ledger pubkey` run by the operator, or a key
-//! published in advance): the key inside the file only proves the file is self-consistent, since
-//! whoever forges a whole file can also put their own key in it.
+//! another channel (`--pubkey`, or `[ledger] public_key` pinned in the configuration, from
+//! `backstop ledger pubkey` run by the operator, or a key published in advance): the key inside
+//! the file only proves the file is self-consistent, since whoever forges a whole file can also
+//! put their own key in it. A `/2` file also proves that nothing was cut from either end of its
+//! range; a `/1` file is read only with `--accept-v1` (see `docs/FORMAT.md`, "Audit export").
 
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
@@ -46,7 +48,8 @@ pub enum AuditCommand {
     /// Check an export offline: every hash, every link, the checkpoint's signature.
     Verify {
         file: PathBuf,
-        /// The ledger's public key (hex), obtained separately; strongly recommended.
+        /// The ledger's public key (hex), obtained separately; default `[ledger] public_key`
+        /// from the configuration. Without either, the key inside the file is trusted (a warning).
         #[arg(long)]
         pubkey: Option<String>,
         /// Also accept a `backstop-audit-export/1` file (exported before /2): its events are
@@ -149,6 +152,8 @@ pub async fn run(
             accept_v1,
             json,
         } => {
+            // The key given on the command line, else the one pinned in the configuration.
+            let pubkey = pubkey.or_else(|| config.ledger.public_key.clone());
             let f = std::fs::File::open(&file)
                 .with_context(|| format!("cannot open {}", file.display()))?;
             match audit_export::verify_with(BufReader::new(f), pubkey.as_deref(), accept_v1) {
