@@ -306,12 +306,32 @@ async fn damage_is_named_and_a_wrong_key_writes_nothing() {
     std::fs::write(&manifest, &bytes).unwrap();
     let out = repo.run(&["check", "--read-data"]);
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    // A superuser as the scratch role is refused, with the role to make instead, and nothing
+    // is recorded against the backup.
+    let failed_before = events_of_type(&repo.data(), "verification.failed").len();
     let out = repo.run(&[
         "verify",
         &backup_id,
         "--restore",
         "--scratch",
         &pg.conninfo("postgres"),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("is a superuser") && stderr(&out).contains("CREATEDB"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        events_of_type(&repo.data(), "verification.failed").len(),
+        failed_before
+    );
+    let out = repo.run(&[
+        "verify",
+        &backup_id,
+        "--restore",
+        "--scratch",
+        &pg.scratch_role().unwrap(),
     ]);
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
     assert!(stdout(&out).contains("test restore"), "{}", stdout(&out));

@@ -56,7 +56,7 @@ allowed_targets = ["{restored}"]
             repo = dir.join("repo").display(),
             key = dir.join("master.key").display(),
             source = pg.conninfo("trading"),
-            scratch = pg.conninfo("postgres"),
+            scratch = pg.scratch_role().unwrap(),
             restored = pg.conninfo("restored"),
         ),
     )

@@ -109,6 +109,7 @@ pub async fn worker_context(
             tolerance_percent: config.verify.tolerance_percent.unwrap_or(1.0),
             max_retries: config.verify.max_retries.unwrap_or(2),
             jobs: config.verify.jobs.unwrap_or(2),
+            allow_superuser: config.verify.allow_superuser.unwrap_or(false),
             physical: Some(physical_verify_settings(
                 config,
                 data_dir,

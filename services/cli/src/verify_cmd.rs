@@ -83,6 +83,7 @@ pub async fn verify(
             tolerance_percent: config.verify.tolerance_percent.unwrap_or(1.0),
             max_retries: 0,
             jobs: config.verify.jobs.unwrap_or(2),
+            allow_superuser: config.verify.allow_superuser.unwrap_or(false),
             // A physical backup is test-restored as a temporary cluster (no scratch database).
             physical: Some(physical_verify_settings(config, data_dir, &args.repo)),
         };

@@ -71,6 +71,9 @@ pub struct VerifySettings {
     pub jobs: usize,
     /// Physical test restores; `None` leaves physical backups unverified (with a warning).
     pub physical: Option<PhysicalVerifySettings>,
+    /// Run logical test restores even when the scratch role is a superuser (refused by default:
+    /// a restore evaluates code the source's owners wrote, with the restoring role's rights).
+    pub allow_superuser: bool,
 }
 
 /// What a test restore found.
@@ -144,6 +147,14 @@ async fn test_restore_logical(
     let scratch = ConnInfo::parse(scratch).map_err(OpsError::from)?;
     let db = format!("backstop_verify_{}", manifest.backup_id.simple());
     let target = scratch.with_database(&db).url();
+    let superuser = scratch_is_superuser(&scratch).await?;
+    if superuser && !settings.allow_superuser {
+        return Err(OpsError::Invalid(format!(
+            "the scratch role of {} is a superuser, and a test restore evaluates code the source's owners wrote (CHECK constraints, generated columns, the functions they call) with the restoring role's rights. Give test restores a role that may create databases and nothing more (CREATE ROLE backstop_verify LOGIN CREATEDB; [verify] scratch = \"postgres://backstop_verify@HOST/postgres\"), or accept the risk with [verify] allow_superuser = true",
+            scratch.redacted()
+        ))
+        .into());
+    }
     drop_database(&scratch, &db).await?;
     let raw_bytes = manifest.totals.raw_bytes;
     let objects = manifest.distinct_chunks().len() as u64 + 1;
@@ -159,6 +170,9 @@ async fn test_restore_logical(
     let options = RestoreOptions {
         jobs: settings.jobs.max(1),
         create_db: true,
+        // A role that is not a superuser cannot give objects to the source's owners; the row
+        // counts do not depend on who owns the tables.
+        no_owner: !superuser,
         ..Default::default()
     };
     let started = Instant::now();
@@ -220,6 +234,26 @@ async fn test_restore_logical(
         bytes_per_sec: raw_bytes as f64 / secs,
         physical: None,
     })
+}
+
+/// Whether the scratch role is a superuser (connecting to the maintenance database).
+async fn scratch_is_superuser(scratch: &ConnInfo) -> Result<bool, OpsError> {
+    use sqlx::Connection;
+    let admin = scratch.with_database("postgres").url();
+    let scratch_error = |source| OpsError::Scratch {
+        server: scratch.redacted(),
+        source,
+    };
+    let mut conn = sqlx::PgConnection::connect(&admin)
+        .await
+        .map_err(scratch_error)?;
+    let superuser: bool =
+        sqlx::query_scalar("SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user")
+            .fetch_one(&mut conn)
+            .await
+            .map_err(scratch_error)?;
+    let _ = conn.close().await;
+    Ok(superuser)
 }
 
 /// Connects to the scratch server's maintenance database, or says why it cannot.

@@ -377,6 +377,7 @@ async fn verify_worker_tells_damage_from_an_unusable_environment() {
                     work_dir: None,
                     verify: Default::default(),
                 }),
+                allow_superuser: false,
             },
         };
         for delivery in 0..2 {
@@ -416,6 +417,7 @@ async fn verify_worker_without_physical_settings_leaves_physical_backups_alone()
             max_retries: 2,
             jobs: 1,
             physical: None,
+            allow_superuser: false,
         },
     };
     let got = worker.handle(&event, w.ledger.as_ref()).await;

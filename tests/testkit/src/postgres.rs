@@ -564,6 +564,21 @@ impl Postgres {
         cmd
     }
 
+    /// A role for test restores, as Backstop's docs tell operators to make one: it may log in
+    /// and create databases, and is not a superuser. Returns its maintenance-database URL
+    /// (trust authentication, no password). Creating it twice is harmless.
+    pub fn scratch_role(&self) -> anyhow::Result<String> {
+        self.psql(
+            "postgres",
+            "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'backstop_verify') \
+             THEN CREATE ROLE backstop_verify LOGIN CREATEDB; END IF; END $$",
+        )?;
+        Ok(format!(
+            "postgres://backstop_verify@127.0.0.1:{}/postgres",
+            self.port
+        ))
+    }
+
     /// `CREATE DATABASE "name"`.
     pub fn create_db(&self, name: &str) -> anyhow::Result<()> {
         self.psql(
