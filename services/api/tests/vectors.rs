@@ -136,3 +136,100 @@ fn audit_export_csv_with_a_signed_checkpoint() {
     assert_ne!(edited, text);
     assert!(verify(edited.as_bytes(), &checkpoint().public_key).is_err());
 }
+
+/// The test checkpoint key (`checkpoint-signing.seed`), loaded as the ledger loads its key file.
+fn signer() -> (tempfile::TempDir, backstop_ledger::CheckpointSigner) {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("ledger-signing.key");
+    std::fs::write(&path, support::read("checkpoint-signing.seed")).expect("the seed is copied");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .expect("the key file is private");
+    }
+    let signer = backstop_ledger::CheckpointSigner::load_or_create(&path).expect("the test key");
+    (dir, signer)
+}
+
+/// The plan `audit_export::plan` makes (format `/2`) for the same range: the file starts at
+/// position 1 (no checkpoint before the range), ends at the checkpoint at 3 (event 3 is the one
+/// just after the range), and the statement is signed with the test key.
+fn plan_v2(checkpoint: Checkpoint) -> audit_export::Plan {
+    audit_export::Plan {
+        header: audit_export::Header {
+            format: audit_export::FORMAT.into(),
+            first_position: 1,
+            last_position: 3,
+            range_first_position: 1,
+            range_last_position: 2,
+            events: 3,
+            prev_hash: Digest::ZERO,
+            public_key: checkpoint.public_key.clone(),
+            from: Some(time("2026-01-02T03:04:05Z")),
+            to: Some(time("2026-01-02T03:04:07Z")),
+            from_position: None,
+            to_position: None,
+            exported_at: time("2026-01-02T03:05:00Z"),
+            truncated: false,
+            opening_checkpoint: None,
+        },
+        checkpoint,
+    }
+}
+
+fn check_export_v2(name: &str, format: Format) {
+    let events = excerpt();
+    let (_dir, signer) = signer();
+    assert_eq!(signer.public_key_hex(), checkpoint().public_key);
+    let mut made = Vec::new();
+    audit_export::write_from(
+        &plan_v2(checkpoint()),
+        &signer,
+        format,
+        &mut made,
+        |from, limit| {
+            Ok(events
+                .iter()
+                .filter(|e| e.position >= from)
+                .take(limit)
+                .cloned()
+                .collect())
+        },
+    )
+    .expect("the export writes");
+    let stored = golden(name, &made);
+    let key = checkpoint().public_key;
+    let v = audit_export::verify(&stored[..], Some(&key))
+        .unwrap_or_else(|e| panic!("{name} does not verify: {e}"));
+    assert!(v.coverage_signed && v.key_given && !v.truncated);
+    assert_eq!((v.first_position, v.last_position), (1, 3));
+    assert_eq!((v.range_first_position, v.range_last_position), (1, 2));
+    assert_eq!(v.opening_checkpoint_position, None);
+    // Any one line removed is found.
+    let text = String::from_utf8(stored).expect("UTF-8");
+    let lines: Vec<&str> = text.lines().collect();
+    for skip in 0..lines.len() {
+        let cut: String = lines
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != skip)
+            .map(|(_, l)| format!("{l}\n"))
+            .collect();
+        assert!(
+            audit_export::verify(cut.as_bytes(), Some(&key)).is_err(),
+            "{name} without line {}",
+            skip + 1
+        );
+    }
+}
+
+#[test]
+fn audit_export_v2_jsonl_with_a_signed_statement() {
+    check_export_v2("audit-export-v2.jsonl", Format::Jsonl);
+}
+
+#[test]
+fn audit_export_v2_csv_with_a_signed_statement() {
+    check_export_v2("audit-export-v2.csv", Format::Csv);
+}
