@@ -1,8 +1,10 @@
 //! The public dashboard's redaction: with `api.public_dashboard = true`, an anonymous viewer sees
 //! statuses, sizes, counts and ages, never who or where. Every field whose name is in
-//! [`HIDDEN`] (hosts, operators and actors, endpoints and storage targets, repository locations,
-//! error and failure texts) is blanked, at any depth, in the JSON answers and in the context the
-//! pages are rendered from. A signed-in caller sees everything.
+//! [`HIDDEN`] (hosts, operators and actors, endpoint addresses and storage targets, repository
+//! locations, error and failure texts) is blanked, at any depth, in the JSON answers and in the
+//! context the pages are rendered from. A signed-in caller sees everything. Names an operator
+//! chose as labels (sources, health endpoints' names, schedules) stay: they are what a status is
+//! about; the health endpoints' URLs never reach the dashboard at all.
 //!
 //! How a request is known to be anonymous: [`layer`] runs each request with a task-local flag
 //! that `ApiState::authorize` raises when it lets an anonymous caller through on the public
@@ -31,7 +33,6 @@ pub const HIDDEN: &[&str] = &[
     "operator",
     "actor",
     "caller",
-    "endpoint",
     "target",
     "backend",
     "repository",
