@@ -240,8 +240,9 @@ const MAX_FOREIGN: u64 = 100_000;
 /// the outbox saw acknowledged (its cursor, which lags only by what a crash lost): the walk goes
 /// on until it has seen a genuine position at or above the floor and then one at or below it.
 /// Real publications have increasing positions in stream order, so nothing higher lies further
-/// back. A cursor above anything in the stream (a wiped stream) walks to the start and counts
-/// for nothing.
+/// back. A genuine event at a sequence equal to its position ends the walk too (nothing but the
+/// positions before it fits before it). A cursor above anything in the stream (a wiped stream)
+/// walks to the start and counts for nothing.
 async fn last_genuine(
     ledger: &Ledger,
     stream: &stream::Stream,
@@ -266,7 +267,9 @@ async fn last_genuine(
         match classify(ledger, &msg.payload, head)? {
             Found::Genuine(position) => {
                 highest = highest.max(position);
-                if highest >= floor && position <= floor {
+                // At sequence == position, sequences 1.. hold exactly positions 1.. (a real
+                // event never sits below its position): nothing higher lies further back.
+                if (highest >= floor && position <= floor) || position == sequence {
                     if foreign > 0 {
                         tracing::warn!(
                             stream = stream_name,
