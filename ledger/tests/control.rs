@@ -458,3 +458,29 @@ async fn another_user_is_refused_by_peer_credentials_and_recorded() {
     );
     s.shutdown().await;
 }
+
+/// A pre-claimed id with other content is refused through the socket as `id_reused`, permanent,
+/// and the stored event stays as it was.
+#[tokio::test]
+async fn an_id_reused_with_other_content_is_refused_through_the_socket() {
+    let s = serve().await;
+    let first = sample("s", 1);
+    s.client
+        .append("s", ExpectedVersion::Any, vec![first.clone()])
+        .await
+        .unwrap();
+    let other = sample("s", 2).with_id(first.id);
+    let err = s
+        .client
+        .append("s", ExpectedVersion::Any, vec![other])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, LedgerError::Refused { kind, .. } if kind == "id_reused"),
+        "{err}"
+    );
+    assert!(!err.is_transient());
+    assert_eq!(s.ledger.head().position, 1);
+    assert_eq!(s.ledger.read(1, 1).unwrap()[0].payload, first.payload);
+    s.stop.send(true).unwrap();
+}

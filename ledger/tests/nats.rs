@@ -193,6 +193,21 @@ async fn remote_appends_validate_and_bad_input_harms_nothing() {
         .await
         .unwrap();
     assert!(again.events[0].duplicate);
+    // The same id with other content (a pre-claimed id) is refused as `id_reused`, permanent.
+    let err = remote
+        .append(
+            "r",
+            ExpectedVersion::Any,
+            vec![sample("r", 9).with_id(e.id)],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, LedgerError::Refused { kind, .. } if kind == "id_reused"),
+        "{err}"
+    );
+    assert!(!err.is_transient());
+    assert_eq!(ledger.head().position, 1);
 
     // A conflict carries the real version.
     let err = remote
