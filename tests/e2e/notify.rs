@@ -4,76 +4,13 @@
 
 mod support;
 
-use std::net::TcpListener;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use backstop_events::{Actor, AlertRaised, Envelope, Event, NewEvent, Severity, uuid_v7};
 use backstop_ledger::remote::RemoteLedger;
 use backstop_ledger::{Appender, ExpectedVersion};
 use backstop_testkit::{Nats, Smtp, SmtpTls, free_port};
-use support::{Process, run, stderr, stdout};
-
-/// An HTTP server on 127.0.0.1 that records every POSTed JSON body and answers 200.
-struct Webhook {
-    port: u16,
-    bodies: Arc<Mutex<Vec<serde_json::Value>>>,
-}
-
-impl Webhook {
-    fn start() -> Webhook {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the webhook receiver");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let port = listener.local_addr().expect("local addr").port();
-        let bodies = Arc::new(Mutex::new(Vec::new()));
-        let sink = bodies.clone();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                let app = axum::Router::new().route(
-                    "/hook",
-                    axum::routing::post(move |axum::Json(v): axum::Json<serde_json::Value>| {
-                        let sink = sink.clone();
-                        async move {
-                            sink.lock().unwrap().push(v);
-                            "ok"
-                        }
-                    }),
-                );
-                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
-                axum::serve(listener, app).await.expect("serve");
-            });
-        });
-        Webhook { port, bodies }
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/hook", self.port)
-    }
-
-    fn bodies(&self) -> Vec<serde_json::Value> {
-        self.bodies.lock().unwrap().clone()
-    }
-
-    fn wait_for(&self, n: usize) -> Vec<serde_json::Value> {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let b = self.bodies();
-            if b.len() >= n {
-                return b;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} webhook bodies, waiting for {n}",
-                b.len()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
+use support::{Process, Webhook, run, stderr, stdout};
 
 fn config(dir: &std::path::Path, smtp_port: u16, webhook: &str, extra: &str) -> String {
     let api_port = free_port();

@@ -183,6 +183,20 @@ pub struct NatsSection {
     /// The ledger's public key (hex, `backstop ledger stats` shows it). When set, JetStream
     /// workers act only on events signed by it and refuse (and record) anything else.
     pub ledger_public_key: Option<String>,
+    /// User name and a file holding the password (the file's first line), for servers with
+    /// `authorization { users: [...] }` (see deploy/nats/auth.conf).
+    pub user: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// A `.creds` file (JWT and nkey seed) for servers run with operator/account JWTs.
+    pub creds_file: Option<PathBuf>,
+    /// A file holding an nkey user seed (`SU...`).
+    pub nkey_seed_file: Option<PathBuf>,
+    /// TLS: the CA that signed the servers' certificates, a client certificate and key (mutual
+    /// TLS), and whether TLS is required even when the URL says nats://.
+    pub tls_ca_file: Option<PathBuf>,
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    pub tls_required: Option<bool>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -299,6 +313,12 @@ impl Config {
             .map_err(anyhow::Error::msg)?;
         if let Some(n) = &self.notify {
             n.check().map_err(anyhow::Error::msg)?;
+        }
+        if self.nats.user.is_some() != self.nats.password_file.is_some() {
+            bail!("nats.user and nats.password_file go together: set both, or neither");
+        }
+        if self.nats.tls_cert_file.is_some() != self.nats.tls_key_file.is_some() {
+            bail!("nats.tls_cert_file and nats.tls_key_file go together: set both, or neither");
         }
         if let Some(url) = &self.nats.url {
             for u in url.split(',') {

@@ -37,23 +37,58 @@ pub fn shutdown_signal() -> watch::Receiver<bool> {
 
 /// Connects to NATS, retrying the first connection a few times so that a server that is still
 /// starting does not fail the command; an unreachable server gets a clear error.
-pub async fn connect_nats(url: &str) -> anyhow::Result<async_nats::Client> {
+pub async fn connect_nats(
+    url: &str,
+    auth: &crate::config::NatsSection,
+) -> anyhow::Result<async_nats::Client> {
     let mut last = None;
     for attempt in 0..3u64 {
-        match async_nats::ConnectOptions::new()
-            .name("backstop")
-            .connection_timeout(Duration::from_secs(3))
-            // After the first connection, ride out outages: keep reconnecting for ever.
-            .max_reconnects(None)
-            .connect(url)
-            .await
-        {
+        let options = nats_options(auth).await?;
+        match options.connect(url).await {
             Ok(c) => return Ok(c),
             Err(e) => last = Some(anyhow::Error::from(e)),
         }
         tokio::time::sleep(Duration::from_millis(300 * (attempt + 1))).await;
     }
     Err(last.unwrap_or_else(|| anyhow::anyhow!("unknown error"))).with_context(|| {
-        format!("cannot reach NATS at {url}: check that nats-server is running with JetStream (-js) and the URL is right")
+        format!("cannot reach NATS at {url}: check that nats-server is running with JetStream (-js), the URL is right, and the [nats] credentials are the ones its authorization expects")
     })
+}
+
+/// The connection options: a name, timeouts, and the credentials and TLS of `[nats]`.
+async fn nats_options(
+    auth: &crate::config::NatsSection,
+) -> anyhow::Result<async_nats::ConnectOptions> {
+    let mut o = async_nats::ConnectOptions::new()
+        .name("backstop")
+        .connection_timeout(Duration::from_secs(3))
+        // After the first connection, ride out outages: keep reconnecting for ever.
+        .max_reconnects(None);
+    if let (Some(user), Some(file)) = (&auth.user, &auth.password_file) {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read nats.password_file {}", file.display()))?;
+        let password = text.lines().next().unwrap_or_default().to_string();
+        o = o.user_and_password(user.clone(), password);
+    }
+    if let Some(creds) = &auth.creds_file {
+        o = o
+            .credentials_file(creds)
+            .await
+            .with_context(|| format!("cannot use nats.creds_file {}", creds.display()))?;
+    }
+    if let Some(seed) = &auth.nkey_seed_file {
+        let text = std::fs::read_to_string(seed)
+            .with_context(|| format!("cannot read nats.nkey_seed_file {}", seed.display()))?;
+        o = o.nkey(text.trim().to_string());
+    }
+    if let Some(ca) = &auth.tls_ca_file {
+        o = o.add_root_certificates(ca.clone());
+    }
+    if let (Some(cert), Some(key)) = (&auth.tls_cert_file, &auth.tls_key_file) {
+        o = o.add_client_certificate(cert.clone(), key.clone());
+    }
+    if let Some(required) = auth.tls_required {
+        o = o.require_tls(required);
+    }
+    Ok(o)
 }

@@ -221,7 +221,7 @@ pub async fn serve(
             }
         }
         Some(url) => {
-            let client = connect_nats(&url).await?;
+            let client = connect_nats(&url, &config.nats).await?;
             let js = async_nats::jetstream::new(client.clone());
             let outbox_config = config.outbox_config();
             outbox::ensure_stream(&js, &outbox_config).await?;
@@ -289,7 +289,7 @@ pub async fn worker(
         .or_else(|| config.nats.url.clone())
         .context("`backstop worker` needs NATS: pass --nats nats://HOST:PORT or set nats.url")?;
     let schedules = crate::wiring::schedules(config)?;
-    let client = connect_nats(&url).await?;
+    let client = connect_nats(&url, &config.nats).await?;
     let js = async_nats::jetstream::new(client.clone());
     let appender: Arc<dyn Appender> = Arc::new(remote::RemoteLedger::new(client));
     let (mut context, _) =

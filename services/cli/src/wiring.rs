@@ -47,7 +47,7 @@ impl Events {
             }),
             Err(LedgerError::Locked { path }) => match &config.nats.url {
                 Some(url) => {
-                    let client = crate::runtime::connect_nats(url).await?;
+                    let client = crate::runtime::connect_nats(url, &config.nats).await?;
                     Ok(Events {
                         appender: Arc::new(backstop_ledger::remote::RemoteLedger::new(client)),
                         ledger: None,

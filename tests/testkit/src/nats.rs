@@ -30,6 +30,8 @@ pub struct Nats {
     store_dir: PathBuf,
     log_path: PathBuf,
     child: Option<Child>,
+    /// A configuration file (`-c`) and the environment it reads, when started with one.
+    config: Option<(PathBuf, Vec<(String, String)>)>,
     // Last: removed after `Drop::drop` has killed the server.
     tmp: TempDir,
 }
@@ -50,6 +52,22 @@ fn info_has_jetstream(port: u16) -> anyhow::Result<bool> {
 impl Nats {
     /// Starts nats-server (on PATH, /usr/sbin or /usr/bin) with JetStream enabled.
     pub fn start() -> anyhow::Result<Nats> {
+        Nats::start_inner(None)
+    }
+
+    /// Starts it with `config` as its configuration file (for example an `include` of
+    /// deploy/nats/auth.conf), whose `$VARIABLES` come from `env`. Ports, JetStream and the store
+    /// directory are still the kit's (command-line flags outrank the file).
+    pub fn start_with_config(config: &str, env: &[(&str, &str)]) -> anyhow::Result<Nats> {
+        Nats::start_inner(Some((
+            config.to_string(),
+            env.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )))
+    }
+
+    fn start_inner(config: Option<(String, Vec<(String, String)>)>) -> anyhow::Result<Nats> {
         let bin = crate::require_tool("nats-server")?;
         let tmp = tempfile::Builder::new()
             .prefix("backstop-nats-")
@@ -57,6 +75,15 @@ impl Nats {
             .context("could not create a temporary directory for nats-server")?;
         let store_dir = tmp.path().join("jetstream");
         let log_path = tmp.path().join("nats.log");
+        let config = match config {
+            Some((text, env)) => {
+                let path = tmp.path().join("nats.conf");
+                std::fs::write(&path, text)
+                    .with_context(|| format!("could not write {}", path.display()))?;
+                Some((path, env))
+            }
+            None => None,
+        };
         let mut nats = Nats {
             bin,
             port: 0,
@@ -64,6 +91,7 @@ impl Nats {
             store_dir,
             log_path,
             child: None,
+            config,
             tmp,
         };
         let mut last = None;
@@ -103,6 +131,10 @@ impl Nats {
             .try_clone()
             .context("could not duplicate the log file handle")?;
         let mut cmd = Command::new(&self.bin);
+        if let Some((path, env)) = &self.config {
+            cmd.arg("-c").arg(path);
+            cmd.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        }
         cmd.args(["-js", "-a", "127.0.0.1", "-n", "backstop-test"])
             .arg("-p")
             .arg(self.port.to_string())
