@@ -222,7 +222,12 @@ impl Ledger {
     pub async fn sync(&self) {
         let target = self.store.head().map(|h| h.position).unwrap_or(0);
         let mut rx = self.head.clone();
-        let _ = rx.wait_for(|h| h.position >= target).await;
+        let mut failed = self.failed.clone();
+        // After a storage error the head never reaches what sled holds in memory.
+        tokio::select! {
+            _ = rx.wait_for(|h| h.position >= target) => {}
+            _ = failed.wait_for(Option::is_some) => {}
+        }
     }
 
     /// Drops this handle and waits for the writer to finish its last flush, when this was the

@@ -348,6 +348,10 @@ async fn after_a_failed_flush_the_writer_refuses_appends_until_restarted() {
     assert!(matches!(stopped, LedgerError::Failed { .. }), "{stopped}");
     // The head the ledger reports never moved past the acknowledged event.
     assert_eq!(ledger.head().position, 1);
+    // Waiting for the writer does not hang on a head that will never move.
+    tokio::time::timeout(std::time::Duration::from_secs(5), ledger.sync())
+        .await
+        .expect("sync returns after a storage error");
     ledger.close().await;
     // After a restart the retry goes through (written, or a duplicate if it reached the disk).
     let ledger = Ledger::open(&config(dir.path())).unwrap();
