@@ -453,6 +453,14 @@ async fn serve_killed_while_projecting_resumes_exactly_and_matches_a_rebuild() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // serve's own monitors (alerts on the sample's failures and silences, the weekly summary)
+    // append events of their own after start: count against the head the projectors reached.
+    let head = metric(port, "backstop_ledger_head_position").unwrap();
+    assert_eq!(
+        metric(port, "backstop_projection_lag_events{projector=\"state\"}"),
+        Some(0),
+        "nothing appended after the catch-up"
+    );
     assert!(serve.terminate().success(), "{}", serve.log());
 
     // Every event applied exactly once...
