@@ -14,6 +14,7 @@
 
 mod api;
 mod backup;
+mod fuzz;
 mod ledger;
 mod physical;
 mod prune;
@@ -48,6 +49,9 @@ enum BenchCommand {
     /// Backstop's physical base backups, restores and WAL archiving beside pgBackRest on the
     /// trading dataset: times, stored bytes, the second backup after a day's churn, segments/s.
     Physical(physical::BenchPhysicalArgs),
+    /// The cargo-fuzz targets of the parsers (fuzz/), each for --seconds (default 600): executions,
+    /// coverage and crashes. Needs the nightly toolchain; installs cargo-fuzz if missing.
+    Fuzz(fuzz::BenchFuzzArgs),
     /// Ledger append throughput and latency, with and without NATS publication.
     Ledger(ledger::BenchLedgerArgs),
     /// Garbage collection over 1,000,000 chunks referenced by 1,000 manifests, half of them
@@ -96,5 +100,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         BenchCommand::Backup(args) => backup::run(args, &backstop()?).await,
         BenchCommand::Physical(args) => physical::run(args, &backstop()?).await,
         BenchCommand::Prune(args) => prune::run(args).await,
+        BenchCommand::Fuzz(args) => fuzz::run(args).await,
     }
 }

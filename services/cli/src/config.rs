@@ -289,7 +289,14 @@ impl Config {
                 });
             }
         };
-        let config: Config = toml::from_str(&text).map_err(|e| {
+        Config::parse(&text, &path)
+    }
+
+    /// Decodes and checks the text of the configuration file read from `path` (named in
+    /// errors). The one decoding path of [`Config::load`]; separate so that the fuzz target
+    /// `config` (fuzz/, which compiles this file as a module) feeds it arbitrary text.
+    pub fn parse(text: &str, path: &Path) -> anyhow::Result<Config> {
+        let config: Config = toml::from_str(text).map_err(|e| {
             anyhow::anyhow!(
                 "configuration file {} is malformed: {e}\nSee the configuration reference in README.md.",
                 path.display()

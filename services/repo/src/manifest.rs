@@ -40,11 +40,56 @@ use uuid::Uuid;
 use backstop_events::BackupKind;
 
 use crate::chunk::Hash32;
+use crate::error::{RepoError, Result};
 use crate::keys::KeyPurpose;
 
 pub const MANIFEST_FORMAT: &str = "backstop-manifest";
 pub const MANIFEST_VERSION: u32 = 1;
 pub const MANIFEST_PREFIX: &str = "manifests/";
+
+/// Decodes a manifest's plaintext (the opened sealed object at `path`) and checks what the
+/// plaintext alone can prove: the format and version, that it names `backup_id` in repository
+/// `repository_id`, and that every chunk's key index is in range. The reader's one decoding path;
+/// public so that the fuzz target `manifest` (fuzz/) feeds it arbitrary bytes.
+pub fn parse_manifest(
+    path: &str,
+    plain: &[u8],
+    backup_id: Uuid,
+    repository_id: Uuid,
+) -> Result<Manifest> {
+    let m: Manifest = serde_json::from_slice(plain)
+        .map_err(|e| RepoError::format(path, format!("manifest JSON does not decode: {e}")))?;
+    if m.format != MANIFEST_FORMAT || m.format_version != MANIFEST_VERSION {
+        return Err(RepoError::format(
+            path,
+            format!(
+                "manifest format {} v{}; this build reads {MANIFEST_FORMAT} v{MANIFEST_VERSION}",
+                m.format, m.format_version
+            ),
+        ));
+    }
+    if m.backup_id != backup_id || m.repository_id != repository_id {
+        return Err(RepoError::damaged(
+            path,
+            "the manifest names another backup or repository",
+        ));
+    }
+    if let Some(bad) = m
+        .streams
+        .iter()
+        .flat_map(|s| s.chunks.iter())
+        .find(|c| c.key as usize >= m.keys.len())
+    {
+        return Err(RepoError::damaged(
+            path,
+            format!(
+                "chunk {} refers to key index {} out of range",
+                bad.id, bad.key
+            ),
+        ));
+    }
+    Ok(m)
+}
 
 /// `manifests/<backup id>`.
 pub fn manifest_key(backup_id: &Uuid) -> String {

@@ -28,9 +28,7 @@ use uuid::Uuid;
 use crate::chunk::{Hash32, chunk_id};
 use crate::error::{RepoError, Result};
 use crate::keys::DataKey;
-use crate::manifest::{
-    ChunkRef, MANIFEST_FORMAT, MANIFEST_PREFIX, MANIFEST_VERSION, Manifest, manifest_key,
-};
+use crate::manifest::{ChunkRef, MANIFEST_PREFIX, Manifest, manifest_key};
 use crate::repository::{Repository, join_err};
 use crate::seal::{self, ObjectKind};
 
@@ -251,38 +249,7 @@ impl Repository {
             },
             other => other,
         })?;
-        let m: Manifest = serde_json::from_slice(&plain)
-            .map_err(|e| RepoError::format(&path, format!("manifest JSON does not decode: {e}")))?;
-        if m.format != MANIFEST_FORMAT || m.format_version != MANIFEST_VERSION {
-            return Err(RepoError::format(
-                &path,
-                format!(
-                    "manifest format {} v{}; this build reads {MANIFEST_FORMAT} v{MANIFEST_VERSION}",
-                    m.format, m.format_version
-                ),
-            ));
-        }
-        if m.backup_id != backup_id || m.repository_id != self.id() {
-            return Err(RepoError::damaged(
-                &path,
-                "the manifest names another backup or repository",
-            ));
-        }
-        if let Some(bad) = m
-            .streams
-            .iter()
-            .flat_map(|s| s.chunks.iter())
-            .find(|c| c.key as usize >= m.keys.len())
-        {
-            return Err(RepoError::damaged(
-                &path,
-                format!(
-                    "chunk {} refers to key index {} out of range",
-                    bad.id, bad.key
-                ),
-            ));
-        }
-        Ok(m)
+        crate::manifest::parse_manifest(&path, &plain, backup_id, self.id())
     }
 
     /// Ids of every backup with a manifest, oldest first (ids are UUIDv7).

@@ -54,6 +54,14 @@ pub use digest::{TableDigest, row_counts, table_digests};
 pub use dump::{DumpOptions, dump};
 pub use restore::{RestoreOptions, RestoreReport, TableRestored, restore};
 
+/// Parses the header and table of contents of a custom-format `pg_dump` archive, as a restore
+/// does, and returns the number of entries. It exists for fuzzing (the `pg_toc` target in
+/// fuzz/): the parser itself stays private to this module.
+pub fn parse_toc(data: &[u8]) -> Result<usize, SourceError> {
+    let toc = toc::parse(data)?;
+    Ok(toc.entries.len())
+}
+
 /// A part's byte stream.
 pub type PartReader = Pin<Box<dyn AsyncRead + Send>>;
 

@@ -54,6 +54,20 @@ pub use verify::{
     DatabaseRows, PhysicalVerifyOptions, PhysicalVerifyReport, TableCount, verify_restored,
 };
 
+/// Runs the streaming tar reader over `data` handed over in pieces of `piece` bytes (at least
+/// one), as a restore does with a stored base backup, then checks that the archive ended
+/// properly; returns the number of events it produced. It exists for fuzzing (the `tar` target
+/// in fuzz/): the reader itself stays private to this module.
+pub fn scan_tar(data: &[u8], piece: usize) -> Result<usize, String> {
+    let mut scanner = tar::TarScanner::new();
+    let mut events = 0;
+    for part in data.chunks(piece.max(1)) {
+        events += scanner.feed(part)?.len();
+    }
+    scanner.finish()?;
+    Ok(events)
+}
+
 /// Name of the base backup's part.
 pub const BASE_PART: &str = "base/base.tar";
 
