@@ -21,9 +21,14 @@
 //! - its hash is SHA3-256 of its canonical encoding (the ledger's own check, see `verify`);
 //! - its position is at most its stream sequence (the outbox publishes position p at sequence
 //!   p, or above p once foreign messages took sequences, never below; see [`crate::outbox`]);
-//! - on a first delivery, its position is above the last one this consumer accepted (a replayed
-//!   old event is refused; a redelivery of a retried event is not a first delivery), and when
-//!   it is the very next position its `prev_hash` is the hash of the event accepted before it.
+//! - when it is the position right after the highest one this consumer accepted, its
+//!   `prev_hash` is the hash of that event.
+//!
+//! A message that passes but names a position this consumer already finished (acknowledged or
+//! terminated) is acknowledged without acting, with a warning: it is a replay of a real envelope
+//! or a redelivery whose ack was lost (after a NATS restart JetStream can even deliver it as
+//! new), and acting again could only repeat work. A retried event (one the handler asked to see
+//! again) is not finished, so its redelivery goes to the handler.
 //!
 //! - with the ledger's public key pinned ([`RetryPolicy::ledger_public_key`]), its
 //!   `Backstop-Signature` is the ledger's signature over its position and hash
@@ -293,8 +298,8 @@ pub async fn run_jetstream(
 ) -> Result<(), LedgerError> {
     let name = handler.name().to_string();
     let mut pause = Duration::from_millis(200);
-    // The last event this consumer accepted, kept across reconnects.
-    let mut seen = None;
+    // What this consumer accepted and finished, kept across reconnects.
+    let mut seen = Tracker::default();
     loop {
         if *shutdown.borrow() {
             return Ok(());
@@ -330,7 +335,7 @@ async fn consume_until_error(
     handler: &dyn Handler,
     policy: &RetryPolicy,
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
-    seen: &mut Option<Seen>,
+    seen: &mut Tracker,
 ) -> Result<(), LedgerError> {
     let name = handler.name();
     let consumer = durable_consumer(js, stream_name, name, policy).await?;
@@ -368,8 +373,7 @@ async fn consume_until_error(
             &msg.payload,
             &headers,
             stream_sequence,
-            delivered,
-            seen.as_ref(),
+            seen.last.as_ref(),
             policy.ledger_public_key.as_deref(),
         ) {
             Ok(event) => event,
@@ -389,14 +393,24 @@ async fn consume_until_error(
                 continue;
             }
         };
-        if seen.is_none_or(|s| event.position > s.position) {
-            *seen = Some(Seen {
+        if seen.finished(event.position) {
+            // Done here already: a replay of a real envelope, or a redelivery whose ack was lost
+            // (a NATS restart can even deliver it as new). Acting again could only repeat work.
+            tracing::warn!(consumer = %name, position = event.position, stream_sequence, delivered, "event already finished by this consumer (a replay, or a redelivery after a lost ack); skipped");
+            metrics::counter!("backstop_consumer_replays_skipped_total", "consumer" => name.to_string())
+                .increment(1);
+            msg.ack().await.map_err(ack_err)?;
+            continue;
+        }
+        if seen.last.is_none_or(|s| event.position > s.position) {
+            seen.last = Some(Seen {
                 position: event.position,
                 hash: event.hash,
             });
         }
         if !handler.wants(&event.event_type) {
             msg.ack().await.map_err(ack_err)?;
+            seen.finish(event.position);
             continue;
         }
         // Keep the server from redelivering while a long handler (a test restore) is working.
@@ -417,6 +431,7 @@ async fn consume_until_error(
         match outcome {
             Ok(()) => {
                 msg.double_ack().await.map_err(ack_err)?;
+                seen.finish(event.position);
                 if delivered > 1 {
                     tracing::info!(consumer = %name, position = event.position, delivered, "redelivered event handled");
                 }
@@ -431,6 +446,37 @@ async fn consume_until_error(
                 handler.give_up(&event, &e, appender).await?;
                 dead_letter(appender, name, &event, delivered, &e.message).await?;
                 msg.ack_with(AckKind::Term).await.map_err(ack_err)?;
+                seen.finish(event.position);
+            }
+        }
+    }
+}
+
+/// Most finished positions a consumer remembers one by one; below the lowest it forgets, every
+/// position counts as finished.
+const MAX_FINISHED: usize = 65_536;
+
+/// What a JetStream consumer has accepted and finished (acknowledged or terminated), so that a
+/// second delivery of a finished event is skipped, never acted on again.
+#[derive(Default, Debug)]
+pub struct Tracker {
+    /// The highest position accepted, for the link check.
+    pub last: Option<Seen>,
+    finished: std::collections::BTreeSet<u64>,
+    /// Every position below this is treated as finished (the set's forgotten part).
+    below: u64,
+}
+
+impl Tracker {
+    pub fn finished(&self, position: u64) -> bool {
+        position < self.below || self.finished.contains(&position)
+    }
+
+    pub fn finish(&mut self, position: u64) {
+        self.finished.insert(position);
+        while self.finished.len() > MAX_FINISHED {
+            if let Some(p) = self.finished.pop_first() {
+                self.below = self.below.max(p + 1);
             }
         }
     }
@@ -460,14 +506,12 @@ pub struct MessageHeaders {
 }
 
 /// The checks a JetStream message passes before any handler sees it (module docs).
-/// `stream_sequence` is its sequence in the stream, `delivered` how many times JetStream has
-/// delivered it, `seen` the last event this consumer accepted, `ledger_key` the pinned public
-/// key of the ledger (hex), if any.
+/// `stream_sequence` is its sequence in the stream, `seen` the highest event this consumer
+/// accepted, `ledger_key` the pinned public key of the ledger (hex), if any.
 pub fn check_message(
     payload: &[u8],
     headers: &MessageHeaders,
     stream_sequence: u64,
-    delivered: u32,
     seen: Option<&Seen>,
     ledger_key: Option<&str>,
 ) -> Result<Envelope, Refusal> {
@@ -514,21 +558,16 @@ pub fn check_message(
             env.position
         )));
     }
-    if let Some(seen) = seen {
-        if delivered <= 1 && env.position <= seen.position {
-            return Err(refuse(format!(
-                "position {} arrives for the first time after position {} was accepted: a replay",
-                env.position, seen.position
-            )));
-        }
-        if env.position == seen.position + 1 && env.prev_hash != seen.hash {
-            return Err(refuse(format!(
-                "its prev_hash {} is not the hash {} of position {}",
-                env.prev_hash.to_hex(),
-                seen.hash.to_hex(),
-                seen.position
-            )));
-        }
+    if let Some(seen) = seen
+        && env.position == seen.position + 1
+        && env.prev_hash != seen.hash
+    {
+        return Err(refuse(format!(
+            "its prev_hash {} is not the hash {} of position {}",
+            env.prev_hash.to_hex(),
+            seen.hash.to_hex(),
+            seen.position
+        )));
     }
     Ok(env)
 }
