@@ -74,8 +74,13 @@ impl Reader<'_> {
         Ok(b)
     }
 
+    /// Bytes left after `pos` (`pos` never passes the end: every step is checked first).
+    fn left(&self) -> usize {
+        self.data.len() - self.pos
+    }
+
     fn skip(&mut self, n: usize) -> Result<(), SourceError> {
-        if self.pos + n > self.data.len() {
+        if n > self.left() {
             return Err(self.fail("unexpected end of archive"));
         }
         self.pos += n;
@@ -91,7 +96,13 @@ impl Reader<'_> {
                 v |= b << (8 * i);
             }
         }
-        Ok(if negative { -v } else { v })
+        // i64::MIN has no negation: pg_dump never writes it, so it is damage, not a value.
+        match negative {
+            true => v
+                .checked_neg()
+                .ok_or_else(|| self.fail("integer out of range")),
+            false => Ok(v),
+        }
     }
 
     fn string(&mut self) -> Result<Option<String>, SourceError> {
@@ -100,7 +111,7 @@ impl Reader<'_> {
             return Ok(None);
         }
         let len = usize::try_from(len).map_err(|_| self.fail("bad string length"))?;
-        if self.pos + len > self.data.len() {
+        if len > self.left() {
             return Err(self.fail("string runs past the end of the archive"));
         }
         let s = String::from_utf8_lossy(&self.data[self.pos..self.pos + len]).into_owned();
@@ -156,7 +167,9 @@ pub(crate) fn parse(data: &[u8]) -> Result<Toc, SourceError> {
     if !(0..=50_000_000).contains(&count) {
         return Err(r.fail("implausible entry count"));
     }
-    let mut entries = Vec::with_capacity(count as usize);
+    // The count is the archive's word: reserve no more than the bytes left could hold (every
+    // entry is at least one integer), so a few bytes cannot claim gigabytes.
+    let mut entries = Vec::with_capacity((count as usize).min(r.left() / (1 + r.int_size)));
     for _ in 0..count {
         let dump_id = r.int()?;
         let _had_dumper = r.int()?;
@@ -552,6 +565,54 @@ mod tests {
         list.iter()
             .map(|n| QualifiedName::new("public", *n))
             .collect()
+    }
+
+    /// The header of a custom-format archive, version 1.14, 4-byte integers, up to the entry
+    /// count, which is `count` (sign byte, then little-endian).
+    fn header(count: &[u8]) -> Vec<u8> {
+        let int = |v: u8| [0, v, 0, 0, 0];
+        let mut b = b"PGDMP".to_vec();
+        b.extend_from_slice(&[1, 14, 0, 4, 8, 1]);
+        b.extend_from_slice(&int(0)); // compression
+        for _ in 0..7 {
+            b.extend_from_slice(&int(0)); // the dump's time
+        }
+        for s in ["db", "15.0", "15.0"] {
+            b.extend_from_slice(&int(s.len() as u8));
+            b.extend_from_slice(s.as_bytes());
+        }
+        b.extend_from_slice(count);
+        b
+    }
+
+    /// A string longer than the archive is refused; the negation of i64::MIN (found by the
+    /// `pg_toc` fuzz target) overflowed.
+    #[test]
+    fn huge_lengths_and_the_most_negative_integer_are_typed_errors() {
+        let mut b = header(&[0, 1, 0, 0, 0]);
+        b.extend_from_slice(&[0, 1, 0, 0, 0]); // dump id
+        b.extend_from_slice(&[0, 0, 0, 0, 0]); // had dumper
+        b.push(0); // table oid: a length of ...
+        b.extend_from_slice(&[0xff; 4]); // ... 4 GiB - 1
+        let e = parse(&b).expect_err("a string past the end");
+        assert!(e.to_string().contains("past the end"), "{e}");
+
+        let mut r = Reader {
+            data: &[1, 0, 0, 0, 0, 0, 0, 0, 0x80],
+            pos: 0,
+            int_size: 8,
+        };
+        let e = r.int().expect_err("-i64::MIN");
+        assert!(e.to_string().contains("out of range"), "{e}");
+    }
+
+    /// Found by the `pg_toc` fuzz target: a count of 50,000,000 entries in a few bytes reserved
+    /// gigabytes before the first entry was read.
+    #[test]
+    fn an_entry_count_the_archive_cannot_hold_fails_without_reserving_it() {
+        let b = header(&[0, 0x80, 0xf0, 0xfa, 0x02]); // 50,000,000
+        let e = parse(&b).expect_err("no entries follow");
+        assert!(e.to_string().contains("unexpected end"), "{e}");
     }
 
     #[test]

@@ -564,7 +564,17 @@ pub fn check_segment_header(file: &WalFile, data: &[u8]) -> Result<SegmentHeader
             h.segment_size
         ));
     }
-    let expected = file.segno(h.segment_size as u64) * h.segment_size as u64;
+    // A name past the end of the 64-bit WAL address space (a segment number the header's size
+    // cannot reach) has no page address: refused, not an overflow.
+    let Some(expected) = file
+        .segno(h.segment_size as u64)
+        .checked_mul(h.segment_size as u64)
+    else {
+        return Err(format!(
+            "its name {} is past the end of the WAL address space for {}-byte segments",
+            file.name, h.segment_size
+        ));
+    };
     if h.page_address != expected {
         return Err(format!(
             "its first page is for {} but the name says {}",
