@@ -670,4 +670,17 @@ mod tests {
         assert!(check_segment_header(&other, &data).is_err());
         assert!(check_segment_header(&f, &data[..4096]).is_err());
     }
+
+    /// The highest name with a tiny segment size in its header: the segment's address does not
+    /// fit in 64 bits, which overflowed instead of refusing the file.
+    #[test]
+    fn a_name_past_the_address_space_is_refused() {
+        let f = WalFile::parse("FFFFFFFFFFFFFFFFFFFFFFFF").unwrap();
+        let mut data = vec![0u8; 64];
+        data[0..2].copy_from_slice(&0xD110u16.to_le_bytes());
+        data[2..4].copy_from_slice(&2u16.to_le_bytes());
+        data[32..36].copy_from_slice(&64u32.to_le_bytes());
+        let e = check_segment_header(&f, &data).unwrap_err();
+        assert!(e.contains("past the end of the WAL address space"), "{e}");
+    }
 }
