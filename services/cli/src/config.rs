@@ -315,6 +315,13 @@ impl Config {
                 "ledger.public_key must be 64 hex digits (as `backstop ledger pubkey` prints it)"
             );
         }
+        if let Some(k) = &self.nats.ledger_public_key
+            && !(k.len() == 64 && k.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            bail!(
+                "nats.ledger_public_key must be 64 hex digits (as `backstop ledger pubkey` prints it)"
+            );
+        }
         self.reports.zone()?;
         backstop_ops::restore::RestoreTargets::parse(&self.restore.allowed_targets)
             .map_err(anyhow::Error::msg)?;
@@ -488,6 +495,23 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("missing.toml"), "{e}");
+    }
+
+    #[test]
+    fn the_pinned_ledger_key_reaches_the_jetstream_workers() {
+        let p = Path::new("k.toml");
+        let (a, b) = ("a".repeat(64), "b".repeat(64));
+        let c = Config::parse(&format!("[ledger]\npublic_key = \"{a}\"\n"), p).unwrap();
+        assert_eq!(c.retry_policy().ledger_public_key, Some(a.clone()));
+        let text = format!("[ledger]\npublic_key = \"{a}\"\n[nats]\nledger_public_key = \"{b}\"\n");
+        let c = Config::parse(&text, p).unwrap();
+        assert_eq!(c.retry_policy().ledger_public_key, Some(b));
+        let c = Config::parse("", p).unwrap();
+        assert_eq!(c.retry_policy().ledger_public_key, None);
+        let e = Config::parse("[nats]\nledger_public_key = \"xyz\"\n", p)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nats.ledger_public_key"), "{e}");
     }
 
     #[test]
