@@ -585,8 +585,8 @@ mod tests {
         b
     }
 
-    /// A string longer than the archive is refused; the negation of i64::MIN (found by the
-    /// `pg_toc` fuzz target) overflowed.
+    /// A string longer than the archive is refused; the negation of i64::MIN (found while
+    /// writing the `pg_toc` fuzz target) overflowed.
     #[test]
     fn huge_lengths_and_the_most_negative_integer_are_typed_errors() {
         let mut b = header(&[0, 1, 0, 0, 0]);
@@ -606,8 +606,8 @@ mod tests {
         assert!(e.to_string().contains("out of range"), "{e}");
     }
 
-    /// Found by the `pg_toc` fuzz target: a count of 50,000,000 entries in a few bytes reserved
-    /// gigabytes before the first entry was read.
+    /// Found while writing the `pg_toc` fuzz target: a count of 50,000,000 entries in a few
+    /// bytes reserved gigabytes before the first entry was read.
     #[test]
     fn an_entry_count_the_archive_cannot_hold_fails_without_reserving_it() {
         let b = header(&[0, 0x80, 0xf0, 0xfa, 0x02]); // 50,000,000
