@@ -30,7 +30,7 @@ use backstop_events::{
     Trigger, VerificationFailed, VerificationPassed, VerificationStarted, VerifyTier, streams,
     uuid_v7_derived,
 };
-use backstop_ledger::{Appender, ExpectedVersion};
+use backstop_ledger::{Appender, ExpectedVersion, LedgerError};
 use backstop_repo::{Hash32, Manifest, Repository};
 use backstop_sources::pg::ConnInfo;
 use backstop_sources::pg::logical::{RestoreOptions, row_counts};
@@ -451,7 +451,7 @@ pub async fn verify_completed(
     };
     match outcome {
         Ok(v) => {
-            append(
+            let passed = append(
                 "verification-passed",
                 Event::VerificationPassed(VerificationPassed {
                     verification_id,
@@ -464,7 +464,20 @@ pub async fn verify_completed(
                     tables: v.tables,
                 }),
             )
-            .await?;
+            .await;
+            match passed {
+                Ok(()) => {}
+                // The pass was recorded before, by an earlier delivery of this backup.completed
+                // that ended before its ack: its timings differ from this run's, so the ledger
+                // refuses this copy. Accepting that cannot make a bad backup look good (this run
+                // passed too); a taken id on a *failure* stays an error, so no failure is ever
+                // swallowed.
+                Err(LedgerError::IdReused { id }) => {
+                    tracing::warn!(backup = %done.backup_id, event = %id, "this verification's pass was already recorded (a redelivery); this run's result is not recorded again");
+                    return Ok(VerifyOutcome::Passed);
+                }
+                Err(e) => return Err(e.into()),
+            }
             tracing::info!(backup = %done.backup_id, method = %done.method, restore_ms = v.restore_ms, "backup verified");
             Ok(VerifyOutcome::Passed)
         }

@@ -1,0 +1,99 @@
+//! A `backup.completed` delivered again after its verification was recorded (a verifier killed
+//! before its ack) is verified again and ends quietly: the ledger, which compares a re-offered
+//! event's content, refuses the second pass (its timings differ) and the use case counts the
+//! pass as recorded, instead of dead-lettering the event. Real PostgreSQL, a real ledger.
+
+use std::sync::Arc;
+
+use backstop_events::{Actor, BackupKind, BackupMethod, BackupRequested, Event, Trigger, uuid_v7};
+use backstop_ledger::{Ledger, LedgerConfig};
+use backstop_ops::backup::{BackupOptions, run_backup};
+use backstop_ops::verify::{VerifyOutcome, VerifySettings, verify_completed};
+use backstop_ops::{DataPath, SourceSpec};
+use backstop_repo::{KeyAccessLog, MasterKey, RepoParams, Repository};
+use backstop_testkit::{MemoryBackend, Postgres};
+use chrono::Utc;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_completion_after_a_recorded_pass_ends_quietly() {
+    let pg = Postgres::start().unwrap();
+    pg.create_db("app").unwrap();
+    pg.psql(
+        "app",
+        "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 50);",
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::open(&LedgerConfig::in_data_dir(dir.path())).unwrap();
+    let repo = Repository::init(
+        Arc::new(MemoryBackend::new()),
+        &MasterKey::from_bytes([5; 64]),
+        RepoParams::default(),
+        Arc::new(KeyAccessLog::new()),
+    )
+    .await
+    .unwrap();
+    let dp = DataPath {
+        repo,
+        appender: Arc::new(ledger.clone()),
+        sources: vec![SourceSpec {
+            name: "app".into(),
+            conninfo: pg.conninfo("app"),
+            jobs: 1,
+        }],
+    };
+    let request = BackupRequested {
+        backup_id: uuid_v7(),
+        source: "app".into(),
+        kind: BackupKind::Full,
+        method: BackupMethod::Logical,
+        trigger: Trigger::Manual,
+        attempt: 1,
+    };
+    let actor = Actor::worker("verify");
+    run_backup(
+        &dp,
+        &request,
+        Utc::now(),
+        &actor,
+        None,
+        &BackupOptions::default(),
+    )
+    .await
+    .unwrap();
+    let completed = ledger
+        .read(1, 1000)
+        .unwrap()
+        .into_iter()
+        .find(|e| e.event_type == "backup.completed")
+        .expect("the backup completed");
+    let Ok(Event::BackupCompleted(done)) = completed.event() else {
+        unreachable!()
+    };
+    let settings = VerifySettings {
+        scratch: Some(pg.scratch_role().unwrap()),
+        tolerance_percent: 0.0,
+        max_retries: 0,
+        jobs: 1,
+        physical: None,
+        allow_superuser: false,
+    };
+    for delivery in 0..2 {
+        let outcome = verify_completed(&dp, &settings, &completed, &done, &actor)
+            .await
+            .unwrap_or_else(|e| panic!("delivery {delivery}: {}", e.chain()));
+        assert!(
+            matches!(outcome, VerifyOutcome::Passed),
+            "delivery {delivery}"
+        );
+    }
+    let passes = ledger
+        .read(1, 1000)
+        .unwrap()
+        .iter()
+        .filter(|e| e.event_type == "verification.passed")
+        .count();
+    assert_eq!(passes, 1, "one pass recorded for two deliveries");
+    drop(dp);
+    ledger.close().await;
+}
