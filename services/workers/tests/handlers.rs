@@ -597,3 +597,57 @@ fn restore_targets_match_server_and_database_and_say_how_to_allow_one() {
     assert!(e.contains("carries a password"), "{e}");
     assert!(RestoreTargets::parse(&["not a url".to_string()]).is_err());
 }
+
+/// A backup request delivered again after its backup completed and was recorded (the worker
+/// died before its ack): the worker finds the manifest and ends without taking it again or
+/// failing, on a real ledger (which compares a re-offered event's content) and PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_worker_redelivered_after_completion_takes_nothing_and_fails_nothing() {
+    let pg = backstop_testkit::Postgres::start().unwrap();
+    pg.create_db("app").unwrap();
+    pg.psql(
+        "app",
+        "CREATE TABLE t AS SELECT generate_series(1, 20) AS id",
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ledger =
+        backstop_ledger::Ledger::open(&backstop_ledger::LedgerConfig::in_data_dir(dir.path()))
+            .unwrap();
+    let mut w = world().await;
+    w.dp.appender = Arc::new(ledger.clone());
+    w.dp.sources = vec![SourceSpec {
+        name: "main".into(),
+        conninfo: pg.conninfo("app"),
+        jobs: 1,
+    }];
+    let worker = BackupWorker {
+        data_path: w.dp.clone(),
+        schedules: Vec::new(),
+        limits: Default::default(),
+    };
+    let (_, event) = request("main", BackupMethod::Logical, Trigger::Manual);
+    for delivery in 0..2 {
+        let got = worker.handle(&event, &ledger).await;
+        assert_eq!(
+            decision(&got),
+            Decision::Done,
+            "delivery {delivery}: {got:?}"
+        );
+    }
+    let types: Vec<String> = ledger
+        .read(1, 1000)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event_type)
+        .collect();
+    assert_eq!(
+        types.iter().filter(|t| *t == "backup.completed").count(),
+        1,
+        "{types:?}"
+    );
+    assert!(!types.iter().any(|t| t == "backup.failed"), "{types:?}");
+    drop(worker);
+    drop(w);
+    ledger.close().await;
+}
