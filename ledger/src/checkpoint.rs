@@ -235,7 +235,10 @@ mod tests {
         let good = CheckpointSigner::load_or_create(&path).unwrap();
         for mode in [0o644, 0o640, 0o604, 0o660] {
             write_with_mode(&path, &hex::encode(good.key.to_bytes()), mode);
-            let e = CheckpointSigner::load_or_create(&path).err().unwrap().to_string();
+            let e = CheckpointSigner::load_or_create(&path)
+                .err()
+                .unwrap()
+                .to_string();
             assert!(e.contains(&format!("chmod 600 {}", path.display())), "{e}");
             assert!(e.contains(&format!("{mode:o}")), "{e}");
         }
