@@ -9,7 +9,10 @@ use libfuzzer_sys::fuzz_target;
 /// The name before the first newline (lossy UTF-8) and the bytes after it.
 fn split(data: &[u8]) -> (String, &[u8]) {
     match data.iter().position(|&b| b == b'\n') {
-        Some(i) => (String::from_utf8_lossy(&data[..i]).into_owned(), &data[i + 1..]),
+        Some(i) => (
+            String::from_utf8_lossy(&data[..i]).into_owned(),
+            &data[i + 1..],
+        ),
         None => (String::from_utf8_lossy(data).into_owned(), &[]),
     }
 }
