@@ -180,3 +180,34 @@ impl Manifest {
         self.finished_at - self.started_at
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REPO: Uuid = Uuid::from_u128(0xa001);
+    const BACKUP: Uuid = Uuid::from_u128(0xb001);
+
+    /// The seed of the `manifest` fuzz target, with these ids and the chunk's key index `key`.
+    fn manifest(key: u32) -> Vec<u8> {
+        let text = include_str!("../../../fuzz/corpus/manifest/golden-shape.json")
+            .replace("01941f29-7c00-7000-8000-00000000a001", &REPO.to_string())
+            .replace("01941f29-7c00-7000-8000-00000000b001", &BACKUP.to_string())
+            .replace("\"key\": 0", &format!("\"key\": {key}"));
+        text.into_bytes()
+    }
+
+    #[test]
+    fn a_manifest_decodes_and_what_it_cannot_prove_is_refused() {
+        let path = manifest_key(&BACKUP);
+        let m = parse_manifest(&path, &manifest(0), BACKUP, REPO).unwrap();
+        assert_eq!(m.stream_names(), ["public.trades"]);
+        let other = Uuid::from_u128(0xb002);
+        let e = parse_manifest(&path, &manifest(0), other, REPO).unwrap_err();
+        assert!(e.to_string().contains("another backup"), "{e}");
+        let e = parse_manifest(&path, &manifest(1), BACKUP, REPO).unwrap_err();
+        assert!(e.to_string().contains("out of range"), "{e}");
+        let e = parse_manifest(&path, b"\xff{not json", BACKUP, REPO).unwrap_err();
+        assert!(matches!(e, RepoError::Format { .. }), "{e}");
+    }
+}
