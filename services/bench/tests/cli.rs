@@ -16,7 +16,7 @@ fn help_lists_every_benchmark() {
     let out = bench().arg("--help").output().expect("run backstop-bench");
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout);
-    for name in ["api", "backup", "physical", "ledger", "--backstop"] {
+    for name in ["api", "backup", "physical", "ledger", "fuzz", "--backstop"] {
         assert!(
             text.contains(name),
             "--help does not mention {name}:\n{text}"
@@ -57,4 +57,29 @@ fn bad_arguments_are_usage_errors() {
         .output()
         .expect("run backstop-bench");
     assert_eq!(out.status.code(), Some(2), "{out:?}");
+}
+
+/// Refused before cargo or the nightly toolchain is run: an unknown target is named beside the
+/// real ones, and a checkout without fuzz/ is named.
+#[test]
+fn fuzz_refuses_an_unknown_target_and_a_checkout_without_fuzz() {
+    let out = bench()
+        .args(["fuzz", "--seconds", "1", "--target", "nope"])
+        .output()
+        .expect("run backstop-bench");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("\"nope\"") && err.contains("pg_toc") && err.contains("config"),
+        "{err}"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = bench()
+        .args(["fuzz", "--repo"])
+        .arg(dir.path())
+        .output()
+        .expect("run backstop-bench");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("fuzz/Cargo.toml"), "{err}");
 }
