@@ -93,8 +93,7 @@ async fn code_in_the_source_cannot_use_the_test_restores_rights() {
         &actor,
     )
     .await
-    .err()
-    .expect("a superuser scratch role is refused");
+    .expect_err("a superuser scratch role is refused");
     assert!(
         refused.error.to_string().contains("is a superuser"),
         "{}",

@@ -499,6 +499,31 @@ impl StoredKey {
     }
 }
 
+/// Refuses a key file whose mode lets its group or others read or write it.
+#[cfg(unix)]
+fn refuse_shared(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = match std::fs::metadata(path) {
+        Ok(m) => m.permissions().mode() & 0o777,
+        // Unreadable or missing: reading it says so, with the path.
+        Err(_) => return Ok(()),
+    };
+    if mode & 0o077 != 0 {
+        return Err(RepoError::Config(format!(
+            "the master key file {} has mode {mode:o}: its group or others can read it, and it opens every backup. Run `chmod 600 {}` (and give it to the user that runs backstop, e.g. `chown postgres {}` on a database host)",
+            path.display(),
+            path.display(),
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn refuse_shared(_path: &Path) -> Result<()> {
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -578,29 +603,4 @@ mod tests {
         }
         assert!("nope".parse::<KeyPurpose>().is_err());
     }
-}
-
-/// Refuses a key file whose mode lets its group or others read or write it.
-#[cfg(unix)]
-fn refuse_shared(path: &Path) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = match std::fs::metadata(path) {
-        Ok(m) => m.permissions().mode() & 0o777,
-        // Unreadable or missing: reading it says so, with the path.
-        Err(_) => return Ok(()),
-    };
-    if mode & 0o077 != 0 {
-        return Err(RepoError::Config(format!(
-            "the master key file {} has mode {mode:o}: its group or others can read it, and it opens every backup. Run `chmod 600 {}` (and give it to the user that runs backstop, e.g. `chown postgres {}` on a database host)",
-            path.display(),
-            path.display(),
-            path.display()
-        )));
-    }
-    Ok(())
-}
-
-#[cfg(not(unix))]
-fn refuse_shared(_path: &Path) -> Result<()> {
-    Ok(())
 }
