@@ -2,14 +2,15 @@
 //! with the reason; a backup stuck past its deadline is stopped, its `pg_dump` killed, and
 //! recorded as failed. Real PostgreSQL; the waits are the server's (a second or so), not ours.
 
+mod support;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backstop_events::{BackupKind, BackupMethod, BackupRequested, Event, Trigger, uuid_v7};
+use backstop_events::{BackupRequested, Event};
 use backstop_ops::backup::{BackupOptions, run_backup};
-use backstop_ops::{DataPath, OpsError, SourceSpec};
-use backstop_repo::{KeyAccessLog, MasterKey, RepoParams, Repository};
-use backstop_testkit::{MemoryBackend, Postgres, RecordingAppender};
+use backstop_ops::{DataPath, OpsError};
+use backstop_testkit::{Postgres, RecordingAppender};
 use chrono::Utc;
 use sqlx::Connection;
 
@@ -36,24 +37,13 @@ async fn world() -> World {
         .execute(&mut locker)
         .await
         .unwrap();
-    let repo = Repository::init(
-        Arc::new(MemoryBackend::new()),
-        &MasterKey::from_bytes([9; 64]),
-        RepoParams::default(),
-        Arc::new(KeyAccessLog::new()),
-    )
-    .await
-    .unwrap();
     let ledger = Arc::new(RecordingAppender::new());
-    let dp = DataPath {
-        repo,
-        appender: ledger.clone(),
-        sources: vec![SourceSpec {
-            name: "app".into(),
-            conninfo: pg.conninfo("app"),
-            jobs: 1,
-        }],
-    };
+    let dp = support::data_path(
+        support::memory_repo().await,
+        ledger.clone(),
+        "app",
+        pg.conninfo("app"),
+    );
     World {
         pg,
         ledger,
@@ -63,14 +53,7 @@ async fn world() -> World {
 }
 
 fn request() -> BackupRequested {
-    BackupRequested {
-        backup_id: uuid_v7(),
-        source: "app".into(),
-        kind: BackupKind::Full,
-        method: BackupMethod::Logical,
-        trigger: Trigger::Manual,
-        attempt: 1,
-    }
+    support::logical_request("app")
 }
 
 fn failure_reason(ledger: &RecordingAppender) -> String {

@@ -4,14 +4,15 @@
 //! prescribe (LOGIN CREATEDB) restores the rows while the function is denied, so the program
 //! never runs. Real PostgreSQL.
 
+mod support;
+
 use std::sync::Arc;
 
-use backstop_events::{Actor, BackupKind, BackupMethod, BackupRequested, Trigger, uuid_v7};
+use backstop_events::Actor;
 use backstop_ops::backup::{BackupOptions, run_backup};
+use backstop_ops::catalog;
 use backstop_ops::verify::{VerifySettings, test_restore};
-use backstop_ops::{DataPath, SourceSpec, catalog};
-use backstop_repo::{KeyAccessLog, MasterKey, RepoParams, Repository};
-use backstop_testkit::{MemoryBackend, Postgres, RecordingAppender, server_tempdir};
+use backstop_testkit::{Postgres, RecordingAppender, server_tempdir};
 use chrono::Utc;
 
 fn settings(scratch: String, allow_superuser: bool) -> VerifySettings {
@@ -45,31 +46,14 @@ async fn code_in_the_source_cannot_use_the_test_restores_rights() {
     // The source's own INSERT ran the program as the source's superuser: clear it.
     let _ = std::fs::remove_file(&mark);
 
-    let repo = Repository::init(
-        Arc::new(MemoryBackend::new()),
-        &MasterKey::from_bytes([3; 64]),
-        RepoParams::default(),
-        Arc::new(KeyAccessLog::new()),
-    )
-    .await
-    .unwrap();
-    let dp = DataPath {
-        repo: repo.clone(),
-        appender: Arc::new(RecordingAppender::new()),
-        sources: vec![SourceSpec {
-            name: "app".into(),
-            conninfo: pg.conninfo("app"),
-            jobs: 1,
-        }],
-    };
-    let request = BackupRequested {
-        backup_id: uuid_v7(),
-        source: "app".into(),
-        kind: BackupKind::Full,
-        method: BackupMethod::Logical,
-        trigger: Trigger::Manual,
-        attempt: 1,
-    };
+    let repo = support::memory_repo().await;
+    let dp = support::data_path(
+        repo.clone(),
+        Arc::new(RecordingAppender::new()),
+        "app",
+        pg.conninfo("app"),
+    );
+    let request = support::logical_request("app");
     let actor = Actor::operator("alice");
     run_backup(
         &dp,

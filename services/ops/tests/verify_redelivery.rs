@@ -3,15 +3,15 @@
 //! event's content, refuses the second pass (its timings differ) and the use case counts the
 //! pass as recorded, instead of dead-lettering the event. Real PostgreSQL, a real ledger.
 
+mod support;
+
 use std::sync::Arc;
 
-use backstop_events::{Actor, BackupKind, BackupMethod, BackupRequested, Event, Trigger, uuid_v7};
+use backstop_events::{Actor, Event};
 use backstop_ledger::{Ledger, LedgerConfig};
 use backstop_ops::backup::{BackupOptions, run_backup};
 use backstop_ops::verify::{VerifyOutcome, VerifySettings, verify_completed};
-use backstop_ops::{DataPath, SourceSpec};
-use backstop_repo::{KeyAccessLog, MasterKey, RepoParams, Repository};
-use backstop_testkit::{MemoryBackend, Postgres};
+use backstop_testkit::Postgres;
 use chrono::Utc;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -25,31 +25,13 @@ async fn a_redelivered_completion_after_a_recorded_pass_ends_quietly() {
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let ledger = Ledger::open(&LedgerConfig::in_data_dir(dir.path())).unwrap();
-    let repo = Repository::init(
-        Arc::new(MemoryBackend::new()),
-        &MasterKey::from_bytes([5; 64]),
-        RepoParams::default(),
-        Arc::new(KeyAccessLog::new()),
-    )
-    .await
-    .unwrap();
-    let dp = DataPath {
-        repo,
-        appender: Arc::new(ledger.clone()),
-        sources: vec![SourceSpec {
-            name: "app".into(),
-            conninfo: pg.conninfo("app"),
-            jobs: 1,
-        }],
-    };
-    let request = BackupRequested {
-        backup_id: uuid_v7(),
-        source: "app".into(),
-        kind: BackupKind::Full,
-        method: BackupMethod::Logical,
-        trigger: Trigger::Manual,
-        attempt: 1,
-    };
+    let dp = support::data_path(
+        support::memory_repo().await,
+        Arc::new(ledger.clone()),
+        "app",
+        pg.conninfo("app"),
+    );
+    let request = support::logical_request("app");
     let actor = Actor::worker("verify");
     run_backup(
         &dp,
