@@ -76,6 +76,16 @@ pub enum LedgerError {
 }
 
 impl LedgerError {
+    /// Whether the ledger already holds one of the appended ids with other content: locally
+    /// [`LedgerError::IdReused`], through NATS or the control socket the refusal `id_reused`.
+    pub fn is_id_reused(&self) -> bool {
+        match self {
+            LedgerError::IdReused { .. } => true,
+            LedgerError::Refused { kind, .. } => kind == "id_reused",
+            _ => false,
+        }
+    }
+
     /// Whether the same append may succeed if retried later (the events are valid and the
     /// failure was about the environment).
     pub fn is_transient(&self) -> bool {
@@ -83,5 +93,31 @@ impl LedgerError {
             self,
             LedgerError::Storage(_) | LedgerError::Nats(_) | LedgerError::Remote(_)
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_id_reused_is_recognised_locally_and_as_a_remote_refusal() {
+        assert!(
+            LedgerError::IdReused {
+                id: uuid::Uuid::nil()
+            }
+            .is_id_reused()
+        );
+        let remote = LedgerError::Refused {
+            kind: "id_reused".into(),
+            message: "event 0 was already appended with different content".into(),
+        };
+        assert!(remote.is_id_reused());
+        let other = LedgerError::Refused {
+            kind: "denied".into(),
+            message: "no".into(),
+        };
+        assert!(!other.is_id_reused());
+        assert!(!LedgerError::Remote("down".into()).is_id_reused());
     }
 }

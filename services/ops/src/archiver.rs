@@ -180,7 +180,7 @@ pub async fn run_probe(
                         .append(&stream, ExpectedVersion::Any, vec![e])
                         .await
                         // Another `serve` recorded this slot first, with its own reading.
-                        && !crate::health::is_already_recorded(&err)
+                        && !err.is_id_reused()
                     {
                         tracing::warn!(source = %source.name, error = %err, "cannot record the archiver's state; it is probed again in 5 minutes");
                         // Not recorded: forget it, so the next probe records it.

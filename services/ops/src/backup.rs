@@ -31,7 +31,7 @@ use backstop_events::{
     Actor, BackupCompleted, BackupFailed, BackupMethod, BackupRequested, BackupStarted, Envelope,
     Event, LeasedJob, TableRows, UploadVerified, streams,
 };
-use backstop_ledger::{Appender, LedgerError};
+use backstop_ledger::Appender;
 use backstop_repo::{BackupMeta, BackupResult, KeyPurpose, Manifest, Repository, WriterOptions};
 use backstop_sources::pg::logical::{self, DumpOptions, DumpReport};
 use backstop_sources::pg::physical::{self, BaseBackupOptions, BaseBackupReport};
@@ -455,8 +455,8 @@ pub async fn complete_from_manifest(
         // The run that wrote this manifest recorded its completion before it died: the ledger
         // refuses this copy because its duration is the manifest's, not the run's measure. The
         // completion stands; a taken id can only hide a completion, never fake one.
-        Err(LedgerError::IdReused { id }) => {
-            tracing::info!(backup = %manifest.backup_id, event = %id, "the completion was recorded by the run that wrote the manifest");
+        Err(e) if e.is_id_reused() => {
+            tracing::info!(backup = %manifest.backup_id, error = %e, "the completion was recorded by the run that wrote the manifest");
             Ok(())
         }
         Err(e) => Err(e.into()),

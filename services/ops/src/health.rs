@@ -31,7 +31,7 @@
 //!   `occurred_at` is the slot, so a retried append is stored once, and two `serve` processes
 //!   checking the same endpoint record one event per slot between them: the second is refused
 //!   by the ledger as an id reused with other content (its latency differs), which the monitor
-//!   takes as "already recorded" ([`is_already_recorded`]).
+//!   takes as "already recorded" ([`LedgerError::is_id_reused`]).
 //! - Latency is measured on the injected [`Clock`] (wall time in `serve`), so tests drive slow
 //!   answers by moving a [`crate::schedule::ManualClock`] rather than by waiting.
 //! - A restarted monitor resumes each endpoint from its last recorded check
@@ -43,7 +43,7 @@
 use std::time::Duration;
 
 use backstop_events::{Actor, Event, HealthChecked, HealthState, NewEvent, streams};
-use backstop_ledger::{Appender, ExpectedVersion, Ledger, LedgerError};
+use backstop_ledger::{Appender, ExpectedVersion, Ledger};
 use chrono::{DateTime, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -363,16 +363,6 @@ pub fn checked_event(
     e
 }
 
-/// Whether an append failed only because another monitor already recorded this slot (same id,
-/// other content): not an error for a monitor.
-pub fn is_already_recorded(e: &LedgerError) -> bool {
-    match e {
-        LedgerError::IdReused { .. } => true,
-        LedgerError::Refused { kind, .. } => kind == "id_reused",
-        _ => false,
-    }
-}
-
 /// Appends `event`, treating "already recorded by another monitor" as done. A failure is
 /// logged; the monitor goes on (a lost sample is not worth stopping for).
 pub async fn append_once(appender: &dyn Appender, event: NewEvent) -> bool {
@@ -382,7 +372,7 @@ pub async fn append_once(appender: &dyn Appender, event: NewEvent) -> bool {
         .await
     {
         Ok(_) => true,
-        Err(e) if is_already_recorded(&e) => {
+        Err(e) if e.is_id_reused() => {
             tracing::debug!(%stream, "slot already recorded by another monitor");
             true
         }

@@ -16,7 +16,7 @@
 //! since the epoch; the UTC day for usage) and the backend, and `occurred_at` is that slot, so a
 //! retried append is stored once and two `serve` processes record one event per slot between
 //! them (the second is refused as an id reused with other content, which counts as recorded;
-//! see [`crate::health::is_already_recorded`]).
+//! see [`backstop_ledger::LedgerError::is_id_reused`]).
 
 use std::sync::Arc;
 use std::time::Duration;

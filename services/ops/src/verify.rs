@@ -30,7 +30,7 @@ use backstop_events::{
     Trigger, VerificationFailed, VerificationPassed, VerificationStarted, VerifyTier, streams,
     uuid_v7_derived,
 };
-use backstop_ledger::{Appender, ExpectedVersion, LedgerError};
+use backstop_ledger::{Appender, ExpectedVersion};
 use backstop_repo::{Hash32, Manifest, Repository};
 use backstop_sources::pg::ConnInfo;
 use backstop_sources::pg::logical::{RestoreOptions, row_counts};
@@ -472,8 +472,8 @@ pub async fn verify_completed(
                 // refuses this copy. Accepting that cannot make a bad backup look good (this run
                 // passed too); a taken id on a *failure* stays an error, so no failure is ever
                 // swallowed.
-                Err(LedgerError::IdReused { id }) => {
-                    tracing::warn!(backup = %done.backup_id, event = %id, "this verification's pass was already recorded (a redelivery); this run's result is not recorded again");
+                Err(e) if e.is_id_reused() => {
+                    tracing::warn!(backup = %done.backup_id, error = %e, "this verification's pass was already recorded (a redelivery); this run's result is not recorded again");
                     return Ok(VerifyOutcome::Passed);
                 }
                 Err(e) => return Err(e.into()),

@@ -124,7 +124,7 @@ impl AlertMonitor {
                 Ok(done) => new += done.events.iter().filter(|c| !c.duplicate).count(),
                 // Another monitor (or this one, before reading back its append) recorded this
                 // raise or resolution first, with its own wording of the moment: it stands.
-                Err(err) if crate::health::is_already_recorded(&err) => {
+                Err(err) if err.is_id_reused() => {
                     tracing::debug!(event = %id, "alert event already recorded by another monitor");
                 }
                 Err(err) => {

@@ -492,7 +492,7 @@ impl Notifier {
                         // Another worker handled the same event at the same time (a redelivery
                         // while this one was slow) and recorded its send first, with other
                         // content (its own time and attempt): the notification is recorded.
-                        Err(e) if id_reused(&e) => {
+                        Err(e) if e.is_id_reused() => {
                             tracing::warn!(channel = %config.name, "sent concurrently by another worker; its notification.sent stands");
                         }
                         Err(e) => return Err(e),
@@ -531,16 +531,6 @@ impl Notifier {
                 }
             }
         }
-    }
-}
-
-/// The ledger already holds this id with other content (locally, or as the remote ledger's
-/// refusal code).
-fn id_reused(e: &LedgerError) -> bool {
-    match e {
-        LedgerError::IdReused { .. } => true,
-        LedgerError::Refused { kind, .. } => kind == "id_reused",
-        _ => false,
     }
 }
 
