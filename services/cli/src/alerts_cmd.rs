@@ -89,8 +89,7 @@ pub async fn run(
 }
 
 fn list(facts: &Facts, json: bool) -> anyhow::Result<std::process::ExitCode> {
-    let mut open: Vec<_> = facts.open.iter().collect();
-    open.sort_by_key(|(_, a)| (std::cmp::Reverse(a.severity as u8), a.raised.at));
+    let open = facts.open_by_urgency();
     if json {
         let rows: Vec<serde_json::Value> = open
             .iter()

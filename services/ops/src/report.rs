@@ -178,9 +178,9 @@ impl ReportBuilder {
                 }),
             });
         }
-        let mut open: Vec<_> = self.facts.open.iter().collect();
-        open.sort_by_key(|(_, a)| (std::cmp::Reverse(a.severity as u8), a.raised.at));
-        r.open_alerts = open
+        r.open_alerts = self
+            .facts
+            .open_by_urgency()
             .into_iter()
             .map(|(key, a)| OpenAlertLine {
                 key: key.clone(),

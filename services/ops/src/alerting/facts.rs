@@ -317,6 +317,14 @@ impl Facts {
         }
     }
 
+    /// The open alerts with their keys, critical first, then oldest first (ties in key order):
+    /// the order `backstop alerts` and the weekly summary list them in.
+    pub fn open_by_urgency(&self) -> Vec<(&String, &OpenAlert)> {
+        let mut open: Vec<_> = self.open.iter().collect();
+        open.sort_by_key(|(_, a)| (std::cmp::Reverse(a.severity as u8), a.raised.at));
+        open
+    }
+
     fn verdict(&mut self, backup_id: Uuid, passed: bool, reason: String, cause: Cause) {
         let Some(source) = self.backup_sources.get(&backup_id).cloned() else {
             return;
