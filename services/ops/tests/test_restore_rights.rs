@@ -9,22 +9,9 @@ mod support;
 use std::sync::Arc;
 
 use backstop_events::Actor;
-use backstop_ops::backup::{BackupOptions, run_backup};
 use backstop_ops::catalog;
-use backstop_ops::verify::{VerifySettings, test_restore};
+use backstop_ops::verify::test_restore;
 use backstop_testkit::{Postgres, RecordingAppender, server_tempdir};
-use chrono::Utc;
-
-fn settings(scratch: String, allow_superuser: bool) -> VerifySettings {
-    VerifySettings {
-        scratch: Some(scratch),
-        tolerance_percent: 0.0,
-        max_retries: 0,
-        jobs: 1,
-        physical: None,
-        allow_superuser,
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn code_in_the_source_cannot_use_the_test_restores_rights() {
@@ -53,18 +40,8 @@ async fn code_in_the_source_cannot_use_the_test_restores_rights() {
         "app",
         pg.conninfo("app"),
     );
-    let request = support::logical_request("app");
     let actor = Actor::operator("alice");
-    run_backup(
-        &dp,
-        &request,
-        Utc::now(),
-        &actor,
-        None,
-        &BackupOptions::default(),
-    )
-    .await
-    .unwrap();
+    let request = support::back_up(&dp, "app", &actor).await;
     let manifest = catalog::load_manifest(&repo, request.backup_id)
         .await
         .unwrap();
@@ -72,7 +49,7 @@ async fn code_in_the_source_cannot_use_the_test_restores_rights() {
     // The default: a superuser scratch role is refused before anything runs.
     let refused = test_restore(
         &repo,
-        &settings(pg.conninfo("postgres"), false),
+        &support::scratch_settings(pg.conninfo("postgres"), false),
         manifest.clone(),
         &actor,
     )
@@ -91,7 +68,13 @@ async fn code_in_the_source_cannot_use_the_test_restores_rights() {
 
     // The prescribed role: the function is denied, so the program never runs.
     let role = pg.scratch_role().unwrap();
-    let as_role = test_restore(&repo, &settings(role, false), manifest.clone(), &actor).await;
+    let as_role = test_restore(
+        &repo,
+        &support::scratch_settings(role, false),
+        manifest.clone(),
+        &actor,
+    )
+    .await;
     assert!(
         !mark.exists(),
         "the owners' program ran during a non-superuser test restore"
@@ -109,7 +92,7 @@ async fn code_in_the_source_cannot_use_the_test_restores_rights() {
     // What the refusal prevents: the same restore as a superuser runs the owners' program.
     let _ = test_restore(
         &repo,
-        &settings(pg.conninfo("postgres"), true),
+        &support::scratch_settings(pg.conninfo("postgres"), true),
         manifest,
         &actor,
     )

@@ -9,10 +9,8 @@ use std::sync::Arc;
 
 use backstop_events::{Actor, Event};
 use backstop_ledger::{Ledger, LedgerConfig};
-use backstop_ops::backup::{BackupOptions, run_backup};
-use backstop_ops::verify::{VerifyOutcome, VerifySettings, verify_completed};
+use backstop_ops::verify::{VerifyOutcome, verify_completed};
 use backstop_testkit::Postgres;
-use chrono::Utc;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redelivered_completion_after_a_recorded_pass_ends_quietly() {
@@ -31,18 +29,8 @@ async fn a_redelivered_completion_after_a_recorded_pass_ends_quietly() {
         "app",
         pg.conninfo("app"),
     );
-    let request = support::logical_request("app");
     let actor = Actor::worker("verify");
-    run_backup(
-        &dp,
-        &request,
-        Utc::now(),
-        &actor,
-        None,
-        &BackupOptions::default(),
-    )
-    .await
-    .unwrap();
+    support::back_up(&dp, "app", &actor).await;
     let completed = ledger
         .read(1, 1000)
         .unwrap()
@@ -52,14 +40,7 @@ async fn a_redelivered_completion_after_a_recorded_pass_ends_quietly() {
     let Ok(Event::BackupCompleted(done)) = completed.event() else {
         unreachable!()
     };
-    let settings = VerifySettings {
-        scratch: Some(pg.scratch_role().unwrap()),
-        tolerance_percent: 0.0,
-        max_retries: 0,
-        jobs: 1,
-        physical: None,
-        allow_superuser: false,
-    };
+    let settings = support::scratch_settings(pg.scratch_role().unwrap(), false);
     for delivery in 0..2 {
         let outcome = verify_completed(&dp, &settings, &completed, &done, &actor)
             .await
