@@ -14,6 +14,7 @@ mod cost_cmd;
 mod forget_cmd;
 mod identity;
 mod init_cmd;
+mod key_cmd;
 mod ledger_cmd;
 mod notify_cmd;
 mod projections_cmd;
@@ -142,6 +143,9 @@ enum Command {
     /// The WAL archive: continuity and checksums.
     #[command(subcommand)]
     Wal(wal_cmd::WalCommand),
+    /// The repository's data keys: list them, export one purpose's key to a host.
+    #[command(subcommand)]
+    Key(key_cmd::KeyCommand),
 }
 
 fn init_logging(format: &str) {
@@ -221,6 +225,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::WalPush(args) => wal_cmd::wal_push(&config, &data_dir, args).await,
         Command::WalFetch(args) => wal_cmd::wal_fetch(&config, &data_dir, args).await,
         Command::Wal(cmd) => wal_cmd::wal(&config, &data_dir, cmd).await,
+        Command::Key(cmd) => key_cmd::run(&config, &data_dir, cmd).await,
         Command::Check {
             repo,
             read_data,
