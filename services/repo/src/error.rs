@@ -105,6 +105,24 @@ pub enum RepoError {
     #[error("no data key {what} in the repository; {hint}")]
     NoKey { what: String, hint: String },
 
+    /// A purpose-key file (`backstop key export`) was asked to open an object sealed with a key
+    /// it does not hold: another purpose's (a backup's chunks or manifest), or a version of its
+    /// own purpose made after the file was exported.
+    #[error(
+        "object {key} is sealed with key {key_id}, and this key file holds only the {purpose} key ({held}): {hint}"
+    )]
+    KeyNotHeld {
+        key: String,
+        key_id: String,
+        purpose: crate::keys::KeyPurpose,
+        held: String,
+        hint: String,
+    },
+
+    /// A purpose-key file that is damaged, was modified, or belongs to another repository.
+    #[error("key file {path}: {detail}")]
+    KeyFile { path: String, detail: String },
+
     /// Bad parameters or settings supplied by the caller.
     #[error("invalid configuration: {0}")]
     Config(String),
@@ -188,6 +206,7 @@ impl RepoError {
             | RepoError::Corrupt { key, .. }
             | RepoError::Damaged { key, .. }
             | RepoError::Locked { key, .. }
+            | RepoError::KeyNotHeld { key, .. }
             | RepoError::Format { key, .. } => Some(key),
             _ => None,
         }

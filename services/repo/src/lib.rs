@@ -11,6 +11,8 @@
 //! - [`reader`]: manifests, restore streams, dry runs.
 //! - [`check`]: consistency and data checks.
 //! - [`gc`]: garbage collection (`prune`): mark, then sweep after a grace period.
+//! - [`purpose_key`]: one purpose's keys exported to a file (`backstop key export`), and the
+//!   repository handle a host opens with it (WAL only; it cannot open backups).
 //! - [`lock`]: S3 object lock maintenance (`extend_locks`) for what the repository still needs.
 //! - [`bench`]: a micro-benchmark of the data path; [`gc_bench`]: the prune benchmark.
 //!
@@ -30,6 +32,7 @@ pub mod gc_bench;
 pub mod keys;
 pub mod lock;
 pub mod manifest;
+pub mod purpose_key;
 pub mod reader;
 mod repository;
 pub mod seal;
@@ -52,6 +55,7 @@ pub use keys::{
 };
 pub use lock::{KeptBackups, LockReport, LockTargets};
 pub use manifest::{ChunkRef, Manifest, StreamManifest, Totals, manifest_key};
+pub use purpose_key::{PurposeKeyFile, PurposeRepository};
 pub use reader::{DryRunReport, ListedBackup, MissingObject, ReadOptions, RestoreStream};
 pub use repository::{KeyRotation, Repository, StoredObject};
 pub use writer::{BackupMeta, BackupResult, BackupWriter, Progress, StreamSummary, WriterOptions};
