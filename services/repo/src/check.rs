@@ -20,7 +20,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::chunk::{ChunkId, Hash32};
+use crate::chunk::Hash32;
 use crate::error::{RepoError, Result};
 use crate::manifest::{ChunkRef, Manifest};
 use crate::reader::decode_chunk;
@@ -108,14 +108,18 @@ impl CheckReport {
 /// A chunk to check, with the key id that sealed it and the backups referencing it.
 struct Target {
     cref: ChunkRef,
+    /// Where the object is (a re-sealed chunk has a path of its own).
+    path: String,
     key_id: String,
     backups: Vec<Uuid>,
 }
 
-fn add_refs(targets: &mut HashMap<ChunkId, Target>, m: &Manifest) {
+fn add_refs(targets: &mut HashMap<String, Target>, m: &Manifest) {
     for c in m.streams.iter().flat_map(|s| s.chunks.iter()) {
-        let t = targets.entry(c.id).or_insert_with(|| Target {
+        let path = m.chunk_path(c);
+        let t = targets.entry(path.clone()).or_insert_with(|| Target {
             cref: *c,
+            path,
             key_id: m.keys[c.key as usize].clone(),
             backups: Vec::new(),
         });
@@ -162,7 +166,7 @@ impl Repository {
         }
         let listed = self.list_backups().await?;
         report.manifests = listed.len() as u64;
-        let mut targets: HashMap<ChunkId, Target> = HashMap::new();
+        let mut targets: HashMap<String, Target> = HashMap::new();
         for b in &listed {
             match &b.manifest {
                 Ok(m) => {
@@ -209,22 +213,26 @@ impl Repository {
 
     async fn check_targets(
         &self,
-        targets: HashMap<ChunkId, Target>,
+        targets: HashMap<String, Target>,
         opts: &CheckOptions,
         report: &mut CheckReport,
         count_unreferenced: bool,
     ) -> Result<()> {
         report.chunks_referenced = targets.len() as u64;
-        let present: HashMap<ChunkId, u64> = self
+        let present: HashMap<String, u64> = self
             .backend()
             .list("chunks/")
             .await?
             .into_iter()
-            .filter_map(|o| Hash32::from_chunk_key(&o.key).map(|id| (id, o.size)))
+            .filter(|o| {
+                Hash32::from_chunk_key(&o.key).is_some()
+                    || Hash32::from_resealed_chunk_key(&o.key).is_some()
+            })
+            .map(|o| (o.key, o.size))
             .collect();
         if count_unreferenced {
-            for (id, size) in &present {
-                if !targets.contains_key(id) {
+            for (path, size) in &present {
+                if !targets.contains_key(path) {
                     report.unreferenced_chunks += 1;
                     report.unreferenced_bytes += size;
                 }
@@ -232,10 +240,10 @@ impl Repository {
         }
         let mut readable = Vec::new();
         let mut ordered: Vec<Target> = targets.into_values().collect();
-        ordered.sort_by_key(|t| t.cref.id);
+        ordered.sort_by(|a, b| a.path.cmp(&b.path));
         for t in ordered {
-            let key = t.cref.object_key();
-            match present.get(&t.cref.id) {
+            let key = t.path.clone();
+            match present.get(&t.path) {
                 None => report.problems.push(Problem {
                     kind: ProblemKind::Missing,
                     key,
@@ -317,14 +325,15 @@ impl Repository {
                     let Some(key) = key else {
                         return (t, Ok(0));
                     };
-                    let obj = match backend.get(&t.cref.object_key()).await {
+                    let obj = match backend.get(&t.path).await {
                         Ok(o) => o,
                         Err(e) => return (t, Err(e)),
                     };
                     let cref = t.cref;
+                    let path = t.path.clone();
                     let res = tokio::task::spawn_blocking(move || {
                         let n = obj.len() as u64;
-                        decode_chunk(&repo_id, &cid_key, &key, &cref, &obj, true).map(|_| n)
+                        decode_chunk(&repo_id, &cid_key, &key, &cref, &path, &obj, true).map(|_| n)
                     })
                     .await
                     .map_err(join_err)
@@ -348,7 +357,7 @@ impl Repository {
                     report.objects_read += 1;
                     report
                         .problems
-                        .push(problem_from(&e, t.cref.object_key(), t.backups))
+                        .push(problem_from(&e, t.path.clone(), t.backups))
                 }
             }
         }

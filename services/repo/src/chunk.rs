@@ -56,6 +56,57 @@ impl Hash32 {
         }
         name.parse().ok()
     }
+
+    /// The object key of this chunk re-sealed by re-encryption: `chunks/ab/ab12....<seal>`,
+    /// where `seal` is `<key id>.<job tag, 8 hex>` ([`resealed_suffix`]). A path of its own, so
+    /// the re-sealed object is written beside the original, never over it, and each
+    /// re-encryption job writes paths no earlier job wrote (see `crate::reencrypt`).
+    pub fn resealed_chunk_key(&self, seal: &str) -> String {
+        format!("{}.{seal}", self.chunk_key())
+    }
+
+    /// Parses `chunks/ab/<64 hex>.<key id>.<8 hex>` into the chunk id and the seal suffix;
+    /// `None` for anything else (a backup's own `chunks/ab/<64 hex>` included).
+    pub fn from_resealed_chunk_key(key: &str) -> Option<(Hash32, &str)> {
+        let rest = key.strip_prefix("chunks/")?;
+        let (dir, name) = rest.split_once('/')?;
+        if dir.len() != 2 || name.len() < 66 || !name.is_char_boundary(64) {
+            return None;
+        }
+        let (hex_id, tail) = name.split_at(64);
+        let seal = tail.strip_prefix('.')?;
+        let (key_id, tag) = seal.rsplit_once('.')?;
+        let key_ok = !key_id.is_empty()
+            && key_id
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        let tag_ok = tag.len() == 8 && tag.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        if !key_ok || !tag_ok {
+            return None;
+        }
+        let id: Hash32 = hex_id.parse().ok()?;
+        (id.to_hex() == hex_id && hex_id.starts_with(dir)).then_some((id, seal))
+    }
+
+    /// The id garbage collection uses for a re-sealed chunk object: the chunk id's first byte (so
+    /// it falls in the same `chunks/<xx>/` bucket), then 31 bytes of SHA3-256 over the seal
+    /// suffix and the chunk id. It differs from every chunk id (but with negligible
+    /// probability), so a re-sealed object and the original are judged separately.
+    pub fn resealed_ref_id(&self, seal: &str) -> Hash32 {
+        let mut h = Sha3_256::new();
+        h.update(b"backstop/v1/resealed-chunk");
+        h.update((seal.len() as u32).to_be_bytes());
+        h.update(seal.as_bytes());
+        h.update(self.0);
+        let mut out: [u8; 32] = h.finalize().into();
+        out[0] = self.0[0];
+        Hash32(out)
+    }
+}
+
+/// The suffix of a re-sealed chunk's path: `<key id>.<tag as 8 lowercase hex digits>`.
+pub fn resealed_suffix(key_id: &str, tag: u32) -> String {
+    format!("{key_id}.{tag:08x}")
 }
 
 impl fmt::Display for Hash32 {
@@ -262,6 +313,31 @@ mod tests {
         assert!(key.starts_with(&format!("chunks/{}/", &a.to_hex()[..2])));
         assert_eq!(Hash32::from_chunk_key(&key), Some(a));
         assert_eq!(Hash32::from_chunk_key("chunks/zz/abc"), None);
+        let seal = resealed_suffix("database-v2-0a1b2c3d", 0xfeed);
+        assert_eq!(seal, "database-v2-0a1b2c3d.0000feed");
+        let resealed = a.resealed_chunk_key(&seal);
+        assert_eq!(
+            Hash32::from_resealed_chunk_key(&resealed),
+            Some((a, seal.as_str()))
+        );
+        assert_eq!(Hash32::from_resealed_chunk_key(&key), None);
+        assert_eq!(Hash32::from_chunk_key(&resealed), None);
+        assert_eq!(
+            Hash32::from_resealed_chunk_key(&format!("{key}.x.0000feed")),
+            Some((a, "x.0000feed"))
+        );
+        assert_eq!(
+            Hash32::from_resealed_chunk_key(&format!("{key}.X.0000feed")),
+            None
+        );
+        assert_eq!(
+            Hash32::from_resealed_chunk_key(&format!("{key}.x.feed")),
+            None
+        );
+        let r = a.resealed_ref_id(&seal);
+        assert_eq!(r.0[0], a.0[0]);
+        assert_ne!(r, a);
+        assert_ne!(r, a.resealed_ref_id("database-v2-0a1b2c3d.0000beef"));
         let json = serde_json::to_string(&a).unwrap();
         assert_eq!(serde_json::from_str::<Hash32>(&json).unwrap(), a);
     }

@@ -30,6 +30,15 @@
 //!
 //! `now` is injected ([`PruneOptions::now`]): no decision reads a clock.
 //!
+//! # Re-encryption running during a prune
+//! A re-encryption job (`crate::reencrypt`) writes re-sealed chunks at paths of their own
+//! (`chunks/ab/<64 hex>.<key id>.<tag>`, judged by [`Hash32::resealed_ref_id`]) and then
+//! rewrites manifests *in place*, which the refresh before each batch (new manifest ids only)
+//! would not see. So while its state object `reencryption/state` exists, or if it existed when
+//! the run started, the sweep is deferred ([`PruneReport::sweep_deferred_for_reencryption`]);
+//! marking still runs. A job's paths carry its own tag, so nothing an earlier (abandoned) job
+//! left, which a prune may have marked, is ever referenced by a later job.
+//!
 //! # Why nothing referenced is ever deleted
 //! - A delete only ever targets an entry of a pending list that was durable (written with
 //!   `put_blob`: fsynced or uploaded, then read back) in an earlier run, and only after the
@@ -202,6 +211,9 @@ pub struct PruneReport {
     pub waiting: u64,
     /// Backups in progress (no manifest yet) that made this run skip the sweep.
     pub sweep_deferred_for: Vec<Uuid>,
+    /// An unfinished re-encryption job (`reencryption/state`) made this run skip the sweep.
+    #[serde(default)]
+    pub sweep_deferred_for_reencryption: bool,
     /// Whether the reference set went to disk.
     pub spilled: bool,
     pub mark_ms: u64,
@@ -431,10 +443,16 @@ struct LateRefs {
     ids: HashSet<Id>,
 }
 
-/// The chunk id of a chunk key in its canonical form (`chunks/ab/ab12...`, lowercase), the only
-/// form a manifest's reference names.
+/// The id a chunk object is judged by: for a chunk key in its canonical form
+/// (`chunks/ab/ab12...`, lowercase) its chunk id; for a re-sealed chunk
+/// (`chunks/ab/ab12....<key id>.<tag>`, `crate::reencrypt`) [`Hash32::resealed_ref_id`]. These
+/// are the only forms a manifest's reference names ([`crate::Manifest::chunk_ref_id`]).
 fn canonical_chunk_id(key: &str) -> Option<Hash32> {
-    Hash32::from_chunk_key(key).filter(|id| id.chunk_key() == key)
+    if let Some(id) = Hash32::from_chunk_key(key).filter(|id| id.chunk_key() == key) {
+        return Some(id);
+    }
+    let (id, seal) = Hash32::from_resealed_chunk_key(key)?;
+    Some(id.resealed_ref_id(seal))
 }
 
 /// A candidate key the caller may name: anything but the repository's own bookkeeping.
@@ -443,7 +461,8 @@ fn check_candidate(key: &str) -> Result<()> {
     let reserved = key == CONFIG_KEY
         || key.starts_with("keys/")
         || key.starts_with(MANIFEST_PREFIX)
-        || key.starts_with(GC_PREFIX);
+        || key.starts_with(GC_PREFIX)
+        || key.starts_with(crate::reencrypt::REENCRYPTION_PREFIX);
     if reserved {
         return Err(RepoError::Usage(format!(
             "prune cannot take {key:?} as a candidate: config, keys/, manifests/ and gc/ objects are the repository's own (forget a backup to drop its manifest)"
@@ -573,6 +592,7 @@ impl Repository {
             ..Default::default()
         };
         let mark_started = Instant::now();
+        let reencryption_at_start = self.reencryption_state().await?.is_some();
 
         // Pending lists present now: the sweep's input, and what the mark must not list again.
         let mut pending = IdSet::new(&scratch.dir, "pending", opts.memory_ids);
@@ -631,12 +651,17 @@ impl Repository {
         report.mark_ms = mark_started.elapsed().as_millis() as u64;
 
         let sweep_started = Instant::now();
+        // A re-encryption job rewrites manifests in place, which the late-reference refresh
+        // (new manifest ids only) cannot see: no sweep while one is unfinished, nor when one
+        // was unfinished as this run started (its rewrites may postdate the reference set).
+        report.sweep_deferred_for_reencryption =
+            reencryption_at_start || self.reencryption_state().await?.is_some();
         for id in &opts.backups_in_progress {
             if self.backend().head(&manifest_key(id)).await?.is_none() {
                 report.sweep_deferred_for.push(*id);
             }
         }
-        if report.sweep_deferred_for.is_empty() {
+        if report.sweep_deferred_for.is_empty() && !report.sweep_deferred_for_reencryption {
             for l in lists.iter().filter(|l| l.due) {
                 self.sweep_list(opts, &l.key, &refs, &mut late, &candidates, &mut report)
                     .await?;
@@ -647,7 +672,11 @@ impl Repository {
                 .filter(|l| l.due)
                 .map(|l| l.entries)
                 .sum::<u64>();
-            info!(backups = ?report.sweep_deferred_for, "sweep deferred: backups in progress");
+            info!(
+                backups = ?report.sweep_deferred_for,
+                reencryption = report.sweep_deferred_for_reencryption,
+                "sweep deferred: backups or a re-encryption in progress"
+            );
         }
         report.sweep_ms = sweep_started.elapsed().as_millis() as u64;
         info!(
@@ -687,7 +716,7 @@ impl Repository {
                 Ok(m) => {
                     report.manifests += 1;
                     for c in m.streams.iter().flat_map(|s| s.chunks.iter()) {
-                        refs.insert(c.id.0)?;
+                        refs.insert(m.chunk_ref_id(c).0)?;
                     }
                 }
                 // Forgotten since the listing: it protects nothing any more.
@@ -712,7 +741,7 @@ impl Repository {
                         m.streams
                             .iter()
                             .flat_map(|s| s.chunks.iter())
-                            .map(|c| c.id.0),
+                            .map(|c| m.chunk_ref_id(c).0),
                     );
                 }
                 Err(RepoError::NotFound { .. }) => {}

@@ -175,6 +175,7 @@ pub async fn bench_prune_with(
                     sealed_len: content.len() as u32,
                     sealed_sha3: Hash32(seal::sha3(&content)),
                     key: 0,
+                    resealed: None,
                 }
             })
             .collect();
@@ -198,6 +199,7 @@ pub async fn bench_prune_with(
                 chunks: refs,
             }],
             extra: serde_json::Value::Null,
+            revisions: Vec::new(),
         };
         let path = manifest_key(id);
         let key = mkey.clone();

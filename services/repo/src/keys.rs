@@ -22,7 +22,12 @@
 //! version of a stored key makes it fail to unwrap. Key ids are `<purpose>-v<version>-<8 hex>`;
 //! the random suffix keeps ids unique even after an interrupted `init`. Rotation adds a new
 //! version; older versions stay, so everything sealed with them stays readable. The newest
-//! version of a purpose seals new data.
+//! version of a purpose seals new data. Re-encryption (`crate::reencrypt`) re-seals backups
+//! with the newest versions; a version nothing in the repository is sealed with any more is
+//! then *retired*: the key object gains `"unused_since"` and later `"retired_at"` (both outside
+//! the wrapping's associated data, so the wrapping stays valid). A retired version is kept and
+//! still unwraps (a locked, overwritten object version may still need it); it is never deleted
+//! by Backstop.
 //!
 //! # Key accesses
 //! Every unwrap of a data key is reported, with the actor and the reason, to the
@@ -389,6 +394,14 @@ pub(crate) struct StoredKey {
     pub version: u32,
     pub created_at: DateTime<Utc>,
     pub wrapped: String,
+    /// When a retirement scan first found nothing in the repository sealed with this version
+    /// (`crate::reencrypt`); cleared if a later scan finds something. Not part of the wrapping.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unused_since: Option<DateTime<Utc>>,
+    /// When the version was retired: unused since `unused_since` and past any object-lock hold.
+    /// A retired version still unwraps; nothing new is sealed with it. Not part of the wrapping.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retired_at: Option<DateTime<Utc>>,
 }
 
 pub(crate) const STORED_KEY_FORMAT: &str = "backstop-data-key";
@@ -416,6 +429,18 @@ impl StoredKey {
         purpose: KeyPurpose,
         version: u32,
     ) -> StoredKey {
+        StoredKey::generate_at(wrap_key, repository_id, purpose, version, crate::now())
+    }
+
+    /// The same, created at `created_at` (rotation takes its time from the caller's clock, so
+    /// that the rotation schedule's age test reads one clock).
+    pub(crate) fn generate_at(
+        wrap_key: &[u8; 64],
+        repository_id: uuid::Uuid,
+        purpose: KeyPurpose,
+        version: u32,
+        created_at: DateTime<Utc>,
+    ) -> StoredKey {
         let key_id = format!(
             "{}-v{}-{:08x}",
             purpose,
@@ -431,7 +456,7 @@ impl StoredKey {
                 purpose,
                 key_id,
                 version,
-                created_at: crate::now(),
+                created_at,
             },
             &secret,
         )
@@ -459,6 +484,8 @@ impl StoredKey {
             version: info.version,
             created_at: info.created_at,
             wrapped: STANDARD.encode(wrapped),
+            unused_since: None,
+            retired_at: None,
         }
     }
 

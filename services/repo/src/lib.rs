@@ -11,6 +11,8 @@
 //! - [`reader`]: manifests, restore streams, dry runs.
 //! - [`check`]: consistency and data checks.
 //! - [`gc`]: garbage collection (`prune`): mark, then sweep after a grace period.
+//! - [`reencrypt`]: re-sealing every backup with the newest key versions (resumable), and the
+//!   retirement of versions nothing is sealed with.
 //! - [`purpose_key`]: one purpose's keys exported to a file (`backstop key export`), and the
 //!   repository handle a host opens with it (WAL only; it cannot open backups).
 //! - [`lock`]: S3 object lock maintenance (`extend_locks`) for what the repository still needs.
@@ -34,6 +36,7 @@ pub mod lock;
 pub mod manifest;
 pub mod purpose_key;
 pub mod reader;
+pub mod reencrypt;
 mod repository;
 pub mod seal;
 pub mod writer;
@@ -54,9 +57,13 @@ pub use keys::{
     MasterKey,
 };
 pub use lock::{KeptBackups, LockReport, LockTargets};
-pub use manifest::{ChunkRef, Manifest, StreamManifest, Totals, manifest_key};
+pub use manifest::{ChunkRef, Manifest, ManifestRevision, StreamManifest, Totals, manifest_key};
 pub use purpose_key::{PurposeKeyFile, PurposeRepository};
 pub use reader::{DryRunReport, ListedBackup, MissingObject, ReadOptions, RestoreStream};
+pub use reencrypt::{
+    KeyState, ReencryptOptions, ReencryptReport, ReencryptStep, ReencryptionState, RetireOptions,
+    RetireReport,
+};
 pub use repository::{KeyRotation, Repository, StoredObject};
 pub use writer::{BackupMeta, BackupResult, BackupWriter, Progress, StreamSummary, WriterOptions};
 

@@ -31,8 +31,9 @@
 //!
 //! # Cost
 //! One HeadObject per object (the current date) and one PutObjectRetention per object that
-//! needs a later date, 16 objects at a time. Memory: the distinct chunk ids of the kept backups
-//! (32 bytes each plus the hash set's overhead, about 50 MB for a million chunks), and one
+//! needs a later date, 16 objects at a time. Memory: the distinct chunk paths of the kept
+//! backups (about 100 bytes each with the hash set's overhead, about 100 MB for a million
+//! chunks), and one
 //! manifest at a time per worker (4).
 
 use std::collections::{BTreeSet, HashSet};
@@ -44,7 +45,6 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::backend::LockExtension;
-use crate::chunk::Hash32;
 use crate::config::CONFIG_KEY;
 use crate::error::{RepoError, Result};
 use crate::manifest::manifest_key;
@@ -200,7 +200,8 @@ impl Repository {
         };
 
         // Chunks before the manifests that reference them, as a backup writes them.
-        let mut chunks: HashSet<Hash32> = HashSet::new();
+        // Object paths, not ids: a re-sealed chunk (`crate::reencrypt`) has a path of its own.
+        let mut chunks: HashSet<String> = HashSet::new();
         let mut manifests = Vec::with_capacity(kept.len());
         let mut loaded = futures::stream::iter(kept)
             .map(|id| async move { (id, self.load_manifest(id).await) })
@@ -209,7 +210,12 @@ impl Repository {
             match m {
                 Ok(m) => {
                     report.manifests += 1;
-                    chunks.extend(m.streams.iter().flat_map(|s| s.chunks.iter()).map(|c| c.id));
+                    chunks.extend(
+                        m.streams
+                            .iter()
+                            .flat_map(|s| s.chunks.iter())
+                            .map(|c| m.chunk_path(c)),
+                    );
                     manifests.push(manifest_key(&id));
                 }
                 Err(e) if e.is_transient() => return Err(e),
@@ -238,8 +244,7 @@ impl Repository {
         );
         let extra: BTreeSet<&String> = targets.extra.iter().collect();
         let keys = chunks
-            .iter()
-            .map(|c| c.chunk_key())
+            .into_iter()
             .chain(manifests)
             .chain(fixed)
             .chain(extra.into_iter().cloned());

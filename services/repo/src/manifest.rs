@@ -108,12 +108,32 @@ pub struct ChunkRef {
     pub sealed_sha3: Hash32,
     /// Index into [`Manifest::keys`].
     pub key: u16,
+    /// Set when re-encryption re-sealed the chunk: the tag of the job that did, which with the
+    /// key id names the object's own path `chunks/ab/<64 hex>.<key id>.<tag, 8 hex>`
+    /// ([`Manifest::chunk_path`]). Absent in what backups write (the object is at
+    /// `chunks/ab/<64 hex>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resealed: Option<u32>,
 }
 
 impl ChunkRef {
+    /// The path backups write this chunk to (`chunks/ab/<64 hex>`). Where the object of this
+    /// reference is depends on [`resealed`](Self::resealed): use [`Manifest::chunk_path`].
     pub fn object_key(&self) -> String {
         self.id.chunk_key()
     }
+}
+
+/// One re-encryption of a manifest: what it replaced. Authenticated with the rest of the
+/// manifest, so a reader holding the SHA3-256 of an earlier form (from `backup.completed`) can
+/// tell that this manifest is its re-encrypted successor, not a substitute.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestRevision {
+    /// SHA3-256 of the sealed manifest this one replaced.
+    pub replaced_sha3: Hash32,
+    /// The key ids of the replaced form (its `keys` and the key that sealed it).
+    pub replaced_keys: Vec<String>,
+    pub reencrypted_at: DateTime<Utc>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -154,6 +174,9 @@ pub struct Manifest {
     pub streams: Vec<StreamManifest>,
     #[serde(default)]
     pub extra: serde_json::Value,
+    /// Re-encryptions of this manifest, oldest first. Absent (empty) in what backups write.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revisions: Vec<ManifestRevision>,
 }
 
 impl Manifest {
@@ -174,6 +197,45 @@ impl Manifest {
             .filter(|c| seen.insert(c.id))
             .copied()
             .collect()
+    }
+
+    /// Where the object of `c`, a chunk of this manifest, is stored: the backup's path, or the
+    /// re-sealed path named by its key id and job tag.
+    pub fn chunk_path(&self, c: &ChunkRef) -> String {
+        match self.chunk_seal(c) {
+            Some(seal) => c.id.resealed_chunk_key(&seal),
+            None => c.id.chunk_key(),
+        }
+    }
+
+    /// The seal suffix of a re-sealed chunk of this manifest (`<key id>.<tag>`), `None` for a
+    /// chunk at the backup's own path.
+    pub fn chunk_seal(&self, c: &ChunkRef) -> Option<String> {
+        let tag = c.resealed?;
+        // parse_manifest refuses an index out of range; a hand-made manifest gets a path that
+        // does not exist rather than a panic.
+        let key = self.keys.get(c.key as usize).map_or("?", String::as_str);
+        Some(crate::chunk::resealed_suffix(key, tag))
+    }
+
+    /// The id garbage collection judges the object of `c` by: the chunk id for a chunk at the
+    /// backup's path, [`Hash32::resealed_ref_id`] for a re-sealed one.
+    pub fn chunk_ref_id(&self, c: &ChunkRef) -> Hash32 {
+        match self.chunk_seal(c) {
+            Some(seal) => c.id.resealed_ref_id(&seal),
+            None => c.id,
+        }
+    }
+
+    /// The key id that sealed chunk `c` of this manifest.
+    pub fn chunk_key_id(&self, c: &ChunkRef) -> Option<&str> {
+        self.keys.get(c.key as usize).map(String::as_str)
+    }
+
+    /// Whether an earlier sealed form of this manifest had SHA3-256 `sha3` (see
+    /// [`ManifestRevision`]).
+    pub fn replaced(&self, sha3: &Hash32) -> bool {
+        self.revisions.iter().any(|r| &r.replaced_sha3 == sha3)
     }
 
     pub fn duration(&self) -> chrono::Duration {

@@ -328,6 +328,32 @@ impl Repository {
             })
     }
 
+    /// Every key version as stored (for retirement bookkeeping).
+    pub(crate) fn stored_keys(&self) -> Vec<StoredKey> {
+        self.inner
+            .keyring
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Rewrites a key object (its retirement fields; the wrapped key is unchanged) and the
+    /// keyring's copy. An atomic put: a crash leaves the old or the new document.
+    pub(crate) async fn replace_stored_key(&self, sk: StoredKey) -> Result<()> {
+        let path = sk.info().object_key();
+        let bytes =
+            serde_json::to_vec_pretty(&sk).map_err(|e| RepoError::format(&path, e.to_string()))?;
+        self.inner.backend.put(&path, Bytes::from(bytes)).await?;
+        self.inner
+            .keyring
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(sk.key_id.clone(), sk);
+        Ok(())
+    }
+
     fn stored_key(&self, key_id: &str) -> Option<StoredKey> {
         self.inner
             .keyring
@@ -402,9 +428,25 @@ impl Repository {
     /// Makes a new version of `purpose`'s key. Older versions stay and keep opening what they
     /// sealed; new data is sealed with the new one. The caller records `key.rotated`.
     pub async fn rotate_key(&self, purpose: KeyPurpose) -> Result<KeyRotation> {
+        self.rotate_key_at(purpose, crate::now()).await
+    }
+
+    /// [`rotate_key`](Self::rotate_key) with the new version's creation time from the caller's
+    /// clock (the rotation schedule compares key ages with its own clock).
+    pub async fn rotate_key_at(
+        &self,
+        purpose: KeyPurpose,
+        created_at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<KeyRotation> {
         self.reload_keys().await?;
         let old = self.current_key(purpose)?;
-        let sk = StoredKey::generate(&self.inner.wrap_key, self.id(), purpose, old.version + 1);
+        let sk = StoredKey::generate_at(
+            &self.inner.wrap_key,
+            self.id(),
+            purpose,
+            old.version + 1,
+            created_at,
+        );
         let path = sk.info().object_key();
         let bytes =
             serde_json::to_vec_pretty(&sk).map_err(|e| RepoError::format(&path, e.to_string()))?;

@@ -170,6 +170,8 @@ pub(crate) struct Known {
     /// `None` until described by a manifest or read back.
     pub sha3: Option<Hash32>,
     pub key_id: Option<Arc<str>>,
+    /// A copy re-sealed by re-encryption (its job tag; the key id is `key_id`), at its own path.
+    pub resealed: Option<u32>,
 }
 
 #[derive(Clone, Debug)]
@@ -177,6 +179,7 @@ struct Described {
     sealed_len: u64,
     sha3: Hash32,
     key_id: Arc<str>,
+    resealed: Option<u32>,
 }
 
 enum Entry {
@@ -267,6 +270,7 @@ impl PendingGuard {
                 sealed_len: d.sealed_len,
                 sha3: Some(d.sha3),
                 key_id: Some(d.key_id.clone()),
+                resealed: d.resealed,
             }),
         );
         if let Some(tx) = self.tx.take() {
@@ -294,8 +298,9 @@ enum Claim {
     Done(Described),
     Wait(watch::Receiver<Option<Described>>),
     Upload(PendingGuard),
-    /// Present but undescribed: read it back and compare.
-    Describe(PendingGuard),
+    /// Present but undescribed: read it back and compare. With the re-sealed copy's key id and
+    /// tag when the entry is one.
+    Describe(PendingGuard, Option<(Arc<str>, u32)>),
 }
 
 impl Repository {
@@ -324,7 +329,7 @@ impl Repository {
         }
         let chunk_key = repo.key_for(meta.purpose).await?;
         let manifest_key = repo.key_for(KeyPurpose::Database).await?;
-        let index = load_index(&repo, &meta, opts.recent_manifests).await?;
+        let index = load_index(&repo, &meta, opts.recent_manifests, chunk_key.key_id()).await?;
         info!(
             backup = %meta.backup_id,
             known_chunks = index.len(),
@@ -367,30 +372,50 @@ impl Repository {
 }
 
 /// Every chunk in the repository, described from the most recent manifests (and the parent).
+///
+/// Where re-encryption left a copy re-sealed with `key_id` (the key this backup seals with), the
+/// index holds that copy instead of the original: the backup then references it, and the
+/// original, sealed with an older key, can go.
 async fn load_index(
     repo: &Repository,
     meta: &BackupMeta,
     recent: usize,
+    key_id: &str,
 ) -> Result<HashMap<ChunkId, Known>> {
     let (chunks, manifests) = tokio::try_join!(
         repo.backend().list("chunks/"),
         repo.backend().list(MANIFEST_PREFIX)
     )?;
-    let mut index: HashMap<ChunkId, Known> = chunks
-        .into_iter()
-        .filter_map(|o| {
-            Hash32::from_chunk_key(&o.key).map(|id| {
-                (
-                    id,
-                    Known {
-                        sealed_len: o.size,
-                        sha3: None,
-                        key_id: None,
-                    },
-                )
-            })
-        })
-        .collect();
+    let current: Arc<str> = Arc::from(key_id);
+    let mut index: HashMap<ChunkId, Known> = HashMap::with_capacity(chunks.len());
+    let mut resealed: Vec<(ChunkId, u64, u32)> = Vec::new();
+    for o in chunks {
+        if let Some(id) = Hash32::from_chunk_key(&o.key).filter(|id| id.chunk_key() == o.key) {
+            index.entry(id).or_insert(Known {
+                sealed_len: o.size,
+                sha3: None,
+                key_id: None,
+                resealed: None,
+            });
+        } else if let Some((id, seal)) = Hash32::from_resealed_chunk_key(&o.key)
+            && let Some((k, tag)) = seal.rsplit_once('.')
+            && k == key_id
+            && let Ok(tag) = u32::from_str_radix(tag, 16)
+        {
+            resealed.push((id, o.size, tag));
+        }
+    }
+    for (id, size, tag) in resealed {
+        index.insert(
+            id,
+            Known {
+                sealed_len: size,
+                sha3: None,
+                key_id: Some(current.clone()),
+                resealed: Some(tag),
+            },
+        );
+    }
     // Manifest keys end with a UUIDv7, whose text sorts by time: the last ones are the newest.
     let mut ids: Vec<Uuid> = manifests
         .iter()
@@ -423,10 +448,14 @@ async fn load_index(
         };
         let keys: Vec<Arc<str>> = m.keys.iter().map(|k| Arc::from(k.as_str())).collect();
         for c in m.streams.iter().flat_map(|s| s.chunks.iter()) {
+            // The reference must name the very object indexed: the same path (a re-sealed copy
+            // can have the original's length).
             if let Some(k) = index.get_mut(&c.id)
                 && k.sha3.is_none()
+                && k.resealed == c.resealed
                 && k.sealed_len == c.sealed_len as u64
                 && let Some(key_id) = keys.get(c.key as usize)
+                && k.key_id.as_ref().is_none_or(|have| have == key_id)
             {
                 k.sha3 = Some(c.sealed_sha3);
                 k.key_id = Some(key_id.clone());
@@ -602,6 +631,7 @@ impl BackupWriter {
                     sealed_len: d.sealed_len as u32,
                     sealed_sha3: d.sha3,
                     key: k,
+                    resealed: d.resealed,
                 });
             }
             chunk_total += chunks.len() as u64;
@@ -641,6 +671,7 @@ impl BackupWriter {
             },
             streams,
             extra,
+            revisions: Vec::new(),
         };
         let chunk_keys = manifest.keys.clone();
         let path = manifest_key(&id);
@@ -760,12 +791,17 @@ fn claim(inner: &Arc<WriterInner>, id: ChunkId) -> Claim {
             sealed_len,
             sha3: Some(sha3),
             key_id: Some(key_id),
+            resealed,
         })) => Claim::Done(Described {
             sealed_len: *sealed_len,
             sha3: *sha3,
             key_id: key_id.clone(),
+            resealed: *resealed,
         }),
-        Some(Entry::Known(_)) => Claim::Describe(pending(&mut index)),
+        Some(Entry::Known(k)) => {
+            let copy = k.key_id.clone().zip(k.resealed);
+            Claim::Describe(pending(&mut index), copy)
+        }
         Some(Entry::Pending(rx)) => Claim::Wait(rx.clone()),
     }
 }
@@ -819,8 +855,8 @@ async fn process_chunk(inner: Arc<WriterInner>, plaintext: Bytes) -> Result<Proc
                     new: true,
                 });
             }
-            Claim::Describe(guard) => {
-                let (d, new) = match describe_existing(&inner, id, &plaintext).await? {
+            Claim::Describe(guard, copy) => {
+                let (d, new) = match describe_existing(&inner, id, copy, &plaintext).await? {
                     Some(d) => (d, false),
                     None => (upload_chunk(&inner, id, plaintext).await?, true),
                 };
@@ -892,6 +928,7 @@ async fn upload_chunk(inner: &WriterInner, id: ChunkId, plaintext: Bytes) -> Res
         sealed_len,
         sha3: sha,
         key_id: Arc::from(inner.chunk_key.key_id()),
+        resealed: None,
     })
 }
 
@@ -900,9 +937,13 @@ async fn upload_chunk(inner: &WriterInner, id: ChunkId, plaintext: Bytes) -> Res
 async fn describe_existing(
     inner: &WriterInner,
     id: ChunkId,
+    copy: Option<(Arc<str>, u32)>,
     plaintext: &Bytes,
 ) -> Result<Option<Described>> {
-    let path = id.chunk_key();
+    let path = match &copy {
+        Some((key_id, tag)) => id.resealed_chunk_key(&crate::chunk::resealed_suffix(key_id, *tag)),
+        None => id.chunk_key(),
+    };
     let obj = match inner.repo.backend().get(&path).await {
         Ok(o) => o,
         Err(RepoError::NotFound { .. }) => return Ok(None),
@@ -944,5 +985,6 @@ async fn describe_existing(
         sealed_len,
         sha3: sha,
         key_id: Arc::from(header.key_id.as_str()),
+        resealed: copy.map(|(_, tag)| tag),
     }))
 }

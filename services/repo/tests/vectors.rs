@@ -176,6 +176,7 @@ fn build() -> Golden {
                     sealed_len: chunk.len() as u32,
                     sealed_sha3: Hash32(seal::sha3(&chunk)),
                     key: 0,
+                    resealed: None,
                 }],
             },
             StreamManifest {
@@ -188,6 +189,7 @@ fn build() -> Golden {
             "server_version": "15.8",
             "tables": [{"schema": "public", "table": "trades", "rows": 200}],
         }),
+        revisions: Vec::new(),
     };
     // As the backup writer encodes it: compact JSON, sealed as kind 2 with the database key.
     let json = serde_json::to_vec(&manifest).expect("the manifest encodes");
