@@ -27,6 +27,9 @@ pub struct Config {
     pub workers: WorkersSection,
     #[serde(default)]
     pub repository: RepositorySection,
+    /// WAL archiving on a database host (`[wal]`): the key file wal-push and wal-fetch use.
+    #[serde(default)]
+    pub wal: WalSection,
     /// Databases to back up, by name.
     #[serde(default)]
     pub sources: Vec<SourceSection>,
@@ -155,6 +158,15 @@ pub struct SourceSection {
     pub postgres: String,
     /// Parallel COPY jobs (default 2).
     pub jobs: Option<usize>,
+}
+
+/// `[wal]`: what `wal-push` and `wal-fetch` use on a database host.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WalSection {
+    /// A `wal` key file (`backstop key export --purpose wal`, mode 0600), used instead of the
+    /// master key: it seals and opens WAL and cannot open backups.
+    pub key_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]

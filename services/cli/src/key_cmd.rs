@@ -14,13 +14,16 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use anyhow::bail;
+use backstop_events::{Actor, now_micros};
+use backstop_repo::purpose_key::{EXPORTABLE, PurposeKeyFile};
 use backstop_repo::{KeyAccessLog, KeyPurpose, Repository};
 use chrono::{DateTime, Utc};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::wiring::{self, RepoArgs};
+use crate::wiring::{self, Events, RepoArgs};
 
 #[derive(Subcommand)]
 pub enum KeyCommand {
@@ -134,10 +137,52 @@ async fn list(config: &Config, data_dir: &Path, args: KeyListArgs) -> anyhow::Re
     })
 }
 
-async fn export(
-    _config: &Config,
-    _data_dir: &Path,
-    _args: KeyExportArgs,
-) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`backstop key export` is planned: not built yet")
+async fn export(config: &Config, data_dir: &Path, args: KeyExportArgs) -> anyhow::Result<ExitCode> {
+    let purpose: KeyPurpose = args.purpose.parse()?;
+    if !EXPORTABLE.contains(&purpose) {
+        bail!(
+            "the {purpose} key cannot be exported: it opens backups or the audit trail, and stays behind the master key (exportable: {})",
+            EXPORTABLE.map(|p| p.as_str()).join(", ")
+        );
+    }
+    // Refuse before opening anything: the file is never overwritten.
+    if args.out.symlink_metadata().is_ok() {
+        bail!(
+            "{} exists: a key file is never overwritten; remove it first, or choose another path",
+            args.out.display()
+        );
+    }
+    let mut events = Events::open(config, data_dir).await?;
+    let operator = Actor::operator(wiring::operator()).to_string();
+    let result = async {
+        let repo = wiring::open_repository(config, data_dir, &args.repo, &mut events).await?;
+        let reason = format!("exported to the key file {}", args.out.display());
+        let file = PurposeKeyFile::export(&repo, purpose, &operator, &reason, now_micros()).await?;
+        file.write_new(&args.out)?;
+        anyhow::Ok(file)
+    }
+    .await;
+    // The unwraps are recorded as key.accessed events (one per exported version).
+    events.close().await;
+    let file = result?;
+    println!(
+        "wrote {} (mode 0600): the {purpose} key of repository {}, versions {}, sealing with {}",
+        args.out.display(),
+        file.repository_id(),
+        file.key_infos()
+            .iter()
+            .map(|k| k.key_id.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        file.sealing_key().key_id
+    );
+    println!(
+        "It seals and opens WAL and nothing else. On the database host, install it readable by PostgreSQL's user only and configure:\n  [wal]\n  key_file = \"/etc/backstop/{}\"\n(no master_key_file on that host). After `key rotate` of {purpose}, export it again: until then the host keeps sealing with {}.",
+        args.out
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "wal.key".into()),
+        file.sealing_key().key_id
+    );
+    Ok(ExitCode::SUCCESS)
 }

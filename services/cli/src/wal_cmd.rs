@@ -29,7 +29,7 @@ use backstop_events::Actor;
 use backstop_ledger::Appender;
 use backstop_ops::catalog;
 use backstop_ops::wal::{self as repo_wal, RepoWalStore};
-use backstop_repo::{KeyAccess, Location, Repository};
+use backstop_repo::{KeyAccess, Location, PurposeKeyFile, PurposeRepository, Repository};
 use backstop_sources::pg::wal::{
     self, FetchOptions, FetchOutcome, PushOptions, WalProblemKind, WalVerifyOptions,
     WalVerifyReport,
@@ -60,6 +60,10 @@ pub struct WalPushArgs {
     /// Other ready files pushed ahead per call, at most.
     #[arg(long, default_value_t = 16)]
     pub batch: usize,
+    /// A `wal` key file (`backstop key export --purpose wal`), used instead of the master key
+    /// (default: `[wal] key_file`).
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
     /// PostgreSQL's %p: the file to archive, relative to the data directory.
     pub path: PathBuf,
 }
@@ -77,6 +81,9 @@ pub struct WalFetchArgs {
     /// Fetches at once.
     #[arg(long, default_value_t = 4)]
     pub parallel: usize,
+    /// A `wal` key file, used instead of the master key (as for wal-push).
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
     /// PostgreSQL's %f: the file wanted.
     pub name: String,
     /// PostgreSQL's %p: where to put it.
@@ -153,19 +160,64 @@ async fn remote_appender(config: &Config) -> Option<Arc<dyn Appender>> {
     }
 }
 
-/// Opens the repository for `wal-push` / `wal-fetch`: key accesses go to `appender` when there
-/// is one (recorded in the background; see [`finish_key_accesses`]), else to the log.
+/// What `wal-push` and `wal-fetch` opened: the repository with the master key, or, on a
+/// database host, with a `wal` key file (`backstop key export --purpose wal`), which seals and
+/// opens WAL and nothing else.
+enum WalRepo {
+    Full(Repository),
+    KeyFile(PurposeRepository),
+}
+
+impl WalRepo {
+    fn store(&self, actor: &Actor, reason: String, source: &str) -> RepoWalStore {
+        match self {
+            WalRepo::Full(r) => RepoWalStore::new(r.with_access(actor.to_string(), reason), source),
+            WalRepo::KeyFile(repo) => {
+                RepoWalStore::with_key_file(repo.with_access(actor.to_string(), reason), source)
+            }
+        }
+    }
+}
+
+/// The `wal` key file: `--key-file`, else `[wal] key_file`; `None` means the master key.
+fn wal_key_file(config: &Config, flag: Option<&Path>) -> Option<PathBuf> {
+    flag.map(Path::to_path_buf)
+        .or_else(|| config.wal.key_file.clone())
+}
+
+/// Opens the repository for `wal-push` / `wal-fetch`, with the `wal` key file when one is
+/// configured (the master key is then not read at all), else with the master key. Key accesses
+/// go to `appender` when there is one (recorded in the background; see
+/// [`finish_key_accesses`]), else to the log.
 async fn open_for_wal(
     config: &Config,
     data_dir: &Path,
     args: &RepoArgs,
+    key_file: Option<&Path>,
     appender: Option<Arc<dyn Appender>>,
-) -> anyhow::Result<(Repository, tokio::task::JoinHandle<()>)> {
-    let master = wiring::master_key(config, args)?;
+) -> anyhow::Result<(WalRepo, tokio::task::JoinHandle<()>)> {
     let loc = wiring::location(config, data_dir, args)?;
-    let backend = loc.open(Some(wiring::s3_settings(config))).await?;
     let (tx, mut rx) = unbounded_channel::<KeyAccess>();
-    let repo = Repository::open(backend, &master, Arc::new(tx)).await?;
+    let repo = match key_file {
+        Some(path) => {
+            let file = PurposeKeyFile::load(path)?;
+            let backend = loc.open(Some(wiring::s3_settings(config))).await?;
+            let repo = PurposeRepository::open(backend, file, Arc::new(tx)).await?;
+            if let Some(newer) = repo.newer_key() {
+                tracing::warn!(
+                    key_file = %path.display(), sealing = %repo.sealing_key().key_id, newer = %newer.key_id,
+                    "the wal key was rotated after this key file was exported: WAL is still sealed with {}, not {}. Re-export it where the master key is (`backstop key export --purpose wal --out NEW_FILE`) and install it in place of {} (mode 0600)",
+                    repo.sealing_key().key_id, newer.key_id, path.display()
+                );
+            }
+            WalRepo::KeyFile(repo)
+        }
+        None => {
+            let master = wiring::master_key(config, args)?;
+            let backend = loc.open(Some(wiring::s3_settings(config))).await?;
+            WalRepo::Full(Repository::open(backend, &master, Arc::new(tx)).await?)
+        }
+    };
     let recorder = match appender {
         Some(a) => tokio::spawn(backstop_ops::keys::record_key_accesses(rx, a)),
         None => tokio::spawn(async move {
@@ -181,7 +233,7 @@ async fn open_for_wal(
 }
 
 /// Waits (within the budget) for the key accesses to be recorded.
-async fn finish_key_accesses(repo: Repository, recorder: tokio::task::JoinHandle<()>) {
+async fn finish_key_accesses(repo: WalRepo, recorder: tokio::task::JoinHandle<()>) {
     // The channel closes when the last handle on the repository is gone.
     drop(repo);
     if tokio::time::timeout(EVENT_BUDGET, recorder).await.is_err() {
@@ -223,11 +275,16 @@ async fn push_inner(config: &Config, data_dir: &Path, args: &WalPushArgs) -> any
     }
     let appender = remote_appender(config).await;
     let actor = Actor::worker("wal-push");
-    let (repo, recorder) = open_for_wal(config, data_dir, &args.repo, appender.clone()).await?;
-    let store = RepoWalStore::new(
-        repo.with_access(actor.to_string(), format!("archiving WAL of {source}")),
-        source.clone(),
-    );
+    let key_file = wal_key_file(config, args.key_file.as_deref());
+    let (repo, recorder) = open_for_wal(
+        config,
+        data_dir,
+        &args.repo,
+        key_file.as_deref(),
+        appender.clone(),
+    )
+    .await?;
+    let store = repo.store(&actor, format!("archiving WAL of {source}"), &source);
     let report = wal::push(&args.path, &opts, &store).await?;
     // Files that could not be pushed ahead were logged by the push; PostgreSQL asks again.
     drop(store);
@@ -274,19 +331,26 @@ async fn fetch_inner(
         Err(e) => return fatal_fetch(opts, &format!("{e:#}"), false),
     };
     let appender = remote_appender(config).await;
-    let (repo, recorder) = match open_for_wal(config, data_dir, &args.repo, appender).await {
+    let key_file = wal_key_file(config, args.key_file.as_deref());
+    let (repo, recorder) = match open_for_wal(
+        config,
+        data_dir,
+        &args.repo,
+        key_file.as_deref(),
+        appender,
+    )
+    .await
+    {
         Ok(r) => r,
         // A standby retries an unreachable repository; recovery otherwise aborts.
         Err(e) => {
             return fatal_fetch(opts, &format!("cannot open the repository: {e:#}"), true);
         }
     };
-    let store = RepoWalStore::new(
-        repo.with_access(
-            Actor::worker("wal-fetch").to_string(),
-            format!("recovery from the WAL of {source}"),
-        ),
-        source,
+    let store = repo.store(
+        &Actor::worker("wal-fetch"),
+        format!("recovery from the WAL of {source}"),
+        &source,
     );
     let code = match wal::fetch(&args.name, &args.dest, opts, &store).await {
         Ok(FetchOutcome::Unusable { reason, .. }) => {

@@ -19,12 +19,13 @@
 //! repository, and the catch-up records whatever `wal-push` could not.
 
 use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use backstop_events::{Actor, Event, NewEvent, WalArchived, streams};
 use backstop_ledger::{Appender, ExpectedVersion, Ledger, LedgerError};
-use backstop_repo::{KeyPurpose, RepoError, Repository};
+use backstop_repo::{Backend, KeyPurpose, PurposeRepository, RepoError, Repository, StoredObject};
 use backstop_sources::pg::wal::{
     ArchivedWal, PushReport, StoredWal, WalEntry, WalFile, WalKind, WalStore, WalStoreError,
     decode_stored, encode_stored,
@@ -78,10 +79,41 @@ fn store_err(e: RepoError) -> WalStoreError {
     }
 }
 
+/// What a [`RepoWalStore`] seals and opens with: the repository (master key), or a `wal`
+/// key file's handle (a database host's `wal-push` / `wal-fetch`), which opens WAL only.
+#[derive(Clone)]
+enum Archive {
+    Repository(Repository),
+    KeyFile(PurposeRepository),
+}
+
+impl Archive {
+    async fn put_blob(&self, key: &str, data: Bytes) -> Result<StoredObject, RepoError> {
+        match self {
+            Archive::Repository(r) => r.put_blob(key, KeyPurpose::Wal, data).await,
+            Archive::KeyFile(r) => r.put_blob(key, KeyPurpose::Wal, data).await,
+        }
+    }
+
+    async fn get_blob(&self, key: &str) -> Result<Bytes, RepoError> {
+        match self {
+            Archive::Repository(r) => r.get_blob(key, None).await,
+            Archive::KeyFile(r) => r.get_blob(key, None).await,
+        }
+    }
+
+    fn backend(&self) -> &Arc<dyn Backend> {
+        match self {
+            Archive::Repository(r) => r.backend(),
+            Archive::KeyFile(r) => r.backend(),
+        }
+    }
+}
+
 /// One source's WAL archive in the repository (see the module docs for the layout).
 #[derive(Clone)]
 pub struct RepoWalStore {
-    repo: Repository,
+    repo: Archive,
     source: String,
 }
 
@@ -90,7 +122,16 @@ impl RepoWalStore {
     /// one with [`Repository::with_access`]).
     pub fn new(repo: Repository, source: impl Into<String>) -> RepoWalStore {
         RepoWalStore {
-            repo,
+            repo: Archive::Repository(repo),
+            source: source.into(),
+        }
+    }
+
+    /// The archive of `source`, sealed and opened with a `wal` key file instead of the master
+    /// key (give the handle its actor and reason with [`PurposeRepository::with_access`]).
+    pub fn with_key_file(repo: PurposeRepository, source: impl Into<String>) -> RepoWalStore {
+        RepoWalStore {
+            repo: Archive::KeyFile(repo),
             source: source.into(),
         }
     }
@@ -99,8 +140,12 @@ impl RepoWalStore {
         &self.source
     }
 
-    pub fn repository(&self) -> &Repository {
-        &self.repo
+    /// The repository, when the store was opened with the master key.
+    pub fn repository(&self) -> Option<&Repository> {
+        match &self.repo {
+            Archive::Repository(r) => Some(r),
+            Archive::KeyFile(_) => None,
+        }
     }
 }
 
@@ -120,7 +165,7 @@ impl WalStore for RepoWalStore {
         // put_blob reads the object back and checks its SHA3-256 before returning: the file is
         // durably stored when this returns.
         self.repo
-            .put_blob(&key, KeyPurpose::Wal, encode_stored(sha3, &data))
+            .put_blob(&key, encode_stored(sha3, &data))
             .await
             .map_err(store_err)?;
         Ok(key)
@@ -129,7 +174,7 @@ impl WalStore for RepoWalStore {
     async fn get_segment(&self, name: &str) -> Result<Option<StoredWal>, WalStoreError> {
         match self
             .repo
-            .get_blob(&wal_object_key(&self.source, name), None)
+            .get_blob(&wal_object_key(&self.source, name))
             .await
         {
             Ok(b) => Ok(Some(decode_stored(name, b)?)),

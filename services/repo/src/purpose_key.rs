@@ -548,9 +548,10 @@ impl PurposeRepository {
         }
         let newer = newer_version(backend.as_ref(), &file).await;
         if let Some(n) = &newer {
-            warn!(
+            // The caller says what to do (it knows the file's path); this is for the debug log.
+            tracing::debug!(
                 purpose = %file.purpose, held = %file.sealing.key_id(), newer = %n.key_id,
-                "the key was rotated after this key file was exported: new objects are still sealed with the old version until the file is re-exported"
+                "the key was rotated after this key file was exported"
             );
         }
         Ok(PurposeRepository {
