@@ -135,7 +135,7 @@ pub fn verify_statement(
 }
 
 /// The file's mode when its group or others may read or write it.
-fn shared_mode(path: &Path) -> Option<u32> {
+pub(crate) fn shared_mode(path: &Path) -> Option<u32> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -149,7 +149,7 @@ fn shared_mode(path: &Path) -> Option<u32> {
     }
 }
 
-fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+pub(crate) fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
     #[cfg(unix)]
     use std::os::unix::fs::OpenOptionsExt;

@@ -58,6 +58,10 @@ pub enum LedgerError {
     Failed { reason: String },
     #[error("signing key {path}: {why}")]
     SigningKey { path: PathBuf, why: String },
+    /// An append identity or its grants, as configured, are not usable (see
+    /// [`crate::identity`]): a configuration error, permanent.
+    #[error("append identity: {0}")]
+    BadIdentity(String),
     #[error("NATS: {0}")]
     Nats(String),
     #[error("remote ledger: {0}")]

@@ -23,6 +23,7 @@
 pub mod checkpoint;
 pub mod consumer;
 mod error;
+pub mod identity;
 pub mod local;
 pub mod outbox;
 pub mod remote;

@@ -177,7 +177,12 @@ async fn remote_appends_validate_and_bad_input_harms_nothing() {
     let ledger = Ledger::open(&LedgerConfig::in_data_dir(dir.path())).unwrap();
     let client = connect(&nats.url()).await;
     let (tx, rx) = tokio::sync::watch::channel(false);
-    let server = tokio::spawn(remote::serve(ledger.clone(), client.clone(), rx));
+    let server = tokio::spawn(remote::serve(
+        ledger.clone(),
+        client.clone(),
+        Arc::new(backstop_ledger::identity::AppendPolicy::open()),
+        rx,
+    ));
     tokio::time::sleep(Duration::from_millis(200)).await;
     let remote = RemoteLedger::new(connect(&nats.url()).await);
 

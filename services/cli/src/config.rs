@@ -181,6 +181,29 @@ pub struct LedgerSection {
     /// The ledger's public key (hex, `backstop ledger pubkey`), pinned: `ledger verify` checks
     /// the signed checkpoints against it, and `serve` refuses to start with another signing key.
     pub public_key: Option<String>,
+    /// The identities that may append over NATS, each with what it may append
+    /// (`[[ledger.identities]]`; see `backstop ledger identity new`). With any listed, unsigned
+    /// remote appends are refused.
+    #[serde(default)]
+    pub identities: Vec<IdentitySection>,
+    /// Refuse unsigned remote appends even with no identity listed (default: refused as soon as
+    /// one identity is listed).
+    pub require_signed_appends: Option<bool>,
+}
+
+/// One `[[ledger.identities]]` entry. Each list holds exact values or prefixes ending in `*`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentitySection {
+    pub name: String,
+    /// Its ed25519 public key, 64 hex digits.
+    pub public_key: String,
+    /// Event types it may append, e.g. `["wal.archived"]`, `["backup.*", "verification.*"]`.
+    pub event_types: Vec<String>,
+    /// Streams it may append to, e.g. `["wal-*"]`.
+    pub streams: Vec<String>,
+    /// Actors it may append as, e.g. `["worker:*"]` (never `operator:*` for a machine).
+    pub actors: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -195,6 +218,10 @@ pub struct NatsSection {
     /// The ledger's public key (hex, `backstop ledger stats` shows it). When set, JetStream
     /// workers act only on events signed by it and refuse (and record) anything else.
     pub ledger_public_key: Option<String>,
+    /// This process's append identity: its name in the ledger's `[[ledger.identities]]` and its
+    /// key file (mode 0600). Remote appends are signed with it.
+    pub identity: Option<String>,
+    pub identity_key_file: Option<PathBuf>,
     /// User name and a file holding the password (the file's first line), for servers with
     /// `authorization { users: [...] }` (see deploy/nats/auth.conf).
     pub user: Option<String>,
@@ -378,6 +405,12 @@ impl Config {
         if self.nats.replicas == Some(0) {
             bail!("nats.replicas must be at least 1");
         }
+        self.append_policy()?;
+        if self.nats.identity.is_some() != self.nats.identity_key_file.is_some() {
+            bail!(
+                "nats.identity and nats.identity_key_file go together: name the identity and its key file (`backstop ledger identity new NAME --key-file FILE` makes both)"
+            );
+        }
         self.retention_config()?;
         self.maintenance_time()?;
         if self.workers.lease_seconds == Some(0) {
@@ -406,6 +439,44 @@ impl Config {
             c.checkpoint_interval = std::time::Duration::from_secs(s.max(1));
         }
         c
+    }
+
+    /// Who may append over NATS: `[[ledger.identities]]`, checked.
+    pub fn append_policy(&self) -> anyhow::Result<backstop_ledger::identity::AppendPolicy> {
+        use backstop_ledger::identity::{AppendPolicy, Grant};
+        let grants = self
+            .ledger
+            .identities
+            .iter()
+            .map(|i| {
+                Grant::new(
+                    &i.name,
+                    &i.public_key,
+                    &i.event_types,
+                    &i.streams,
+                    &i.actors,
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .context("[[ledger.identities]]")?;
+        let policy = AppendPolicy::new(grants).context("[[ledger.identities]]")?;
+        Ok(if self.ledger.require_signed_appends == Some(true) {
+            policy.require_signatures()
+        } else {
+            policy
+        })
+    }
+
+    /// This process's append identity (`[nats] identity` and `identity_key_file`), loaded.
+    pub fn append_signer(
+        &self,
+    ) -> anyhow::Result<Option<std::sync::Arc<backstop_ledger::identity::AppendSigner>>> {
+        match (&self.nats.identity, &self.nats.identity_key_file) {
+            (Some(name), Some(file)) => Ok(Some(std::sync::Arc::new(
+                backstop_ledger::identity::AppendSigner::load(name, file)?,
+            ))),
+            _ => Ok(None),
+        }
     }
 
     pub fn outbox_config(&self) -> backstop_ledger::outbox::OutboxConfig {

@@ -1,9 +1,9 @@
-//! `backstop ledger ...`: tail, verify, stats, pubkey, append.
+//! `backstop ledger ...`: tail, verify, stats, pubkey, append, identity new.
 //!
 //! These open the ledger directly; while a `backstop serve` holds it, tail and append go through
 //! its control socket (`crate::control`), and verify, stats and pubkey say to stop it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use backstop_events::{Actor, Envelope, NewEvent, now_micros, uuid_v7};
@@ -44,6 +44,9 @@ pub enum LedgerCommand {
     },
     /// Print the public key that verifies this ledger's checkpoints (hex).
     Pubkey,
+    /// Append identities for workers and database hosts: `ledger identity new NAME`.
+    #[command(subcommand)]
+    Identity(IdentityCommand),
     /// Append one event by hand (operators and scripts).
     Append {
         #[arg(long)]
@@ -63,11 +66,102 @@ pub enum LedgerCommand {
     },
 }
 
+#[derive(clap::Subcommand)]
+pub enum IdentityCommand {
+    /// Make a new identity key (mode 0600) and print the config that lists it on the ledger and
+    /// the config that uses it on the worker or host.
+    New {
+        /// Its name, as the ledger lists it and the events' denials name it.
+        name: String,
+        /// Where to write its private key; never overwritten.
+        #[arg(long)]
+        key_file: PathBuf,
+        /// What it may append: `worker` (what `backstop worker` appends, as worker:*) or
+        /// `wal-host` (wal.archived and its key accesses only, as worker:wal-push/wal-fetch).
+        #[arg(long, default_value = "worker", value_parser = ["worker", "wal-host"])]
+        role: String,
+    },
+}
+
+/// The event types a `backstop worker` appends (everything but what only operators and the
+/// ledger itself record: recovery requests, repository creation, access denials).
+const WORKER_EVENT_TYPES: &[&str] = &[
+    "backup.requested",
+    "backup.started",
+    "backup.completed",
+    "backup.failed",
+    "backup.deleted",
+    "upload.verified",
+    "verification.*",
+    "retention.decided",
+    "key.accessed",
+    "key.created",
+    "key.rotated",
+    "reencryption.*",
+    "recovery.started",
+    "recovery.completed",
+    "recovery.failed",
+    "lease.renewed",
+    "replication.*",
+    "wal.*",
+    "schedule.fired",
+    "alert.*",
+    "notification.*",
+    "health.checked",
+    "storage.*",
+    "report.generated",
+    "drill.*",
+    "worker.dead_lettered",
+    "consumer.refused",
+];
+
+fn toml_list(items: &[&str]) -> String {
+    let quoted: Vec<String> = items.iter().map(|i| format!("{i:?}")).collect();
+    format!("[{}]", quoted.join(", "))
+}
+
+fn new_identity(name: &str, key_file: &Path, role: &str) -> anyhow::Result<()> {
+    let signer = backstop_ledger::identity::AppendSigner::create(name, key_file)?;
+    let (types, streams, actors): (&[&str], &[&str], &[&str]) = match role {
+        "wal-host" => (
+            &["wal.archived", "key.accessed"],
+            &["wal-*", "keys-wal"],
+            &["worker:wal-push", "worker:wal-fetch"],
+        ),
+        _ => (WORKER_EVENT_TYPES, &["*"], &["worker:*", "system"]),
+    };
+    println!(
+        "# Identity {name}: its key is in {} (mode 0600; copy it to the {role} only).",
+        key_file.display()
+    );
+    println!("# On the ledger (the serve's config), then restart serve:");
+    println!("[[ledger.identities]]");
+    println!("name = {name:?}");
+    println!("public_key = \"{}\"", signer.public_key_hex());
+    println!("event_types = {}", toml_list(types));
+    println!("streams = {}", toml_list(streams));
+    println!("actors = {}", toml_list(actors));
+    println!();
+    println!("# On the {role}, in [nats]:");
+    println!("identity = {name:?}");
+    println!("identity_key_file = {:?}", key_file.display().to_string());
+    Ok(())
+}
+
 pub async fn run(
     config: &Config,
     data_dir: &Path,
     cmd: LedgerCommand,
 ) -> anyhow::Result<std::process::ExitCode> {
+    if let LedgerCommand::Identity(IdentityCommand::New {
+        name,
+        key_file,
+        role,
+    }) = &cmd
+    {
+        new_identity(name, key_file, role)?;
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
     let ledger_config = config.ledger_config(data_dir);
     if !ledger_config.path.join("db").exists() && !matches!(cmd, LedgerCommand::Append { .. }) {
         anyhow::bail!(
@@ -163,6 +257,8 @@ pub async fn run(
             println!("{}", ledger.opened("pubkey")?.public_key());
             std::process::ExitCode::SUCCESS
         }
+        // Answered above, before the ledger is opened: it needs none.
+        LedgerCommand::Identity(_) => std::process::ExitCode::SUCCESS,
         LedgerCommand::Append {
             stream,
             event_type,

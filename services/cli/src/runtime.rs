@@ -35,16 +35,36 @@ pub fn shutdown_signal() -> watch::Receiver<bool> {
     rx
 }
 
+/// The servers of a `[nats] url` / `--nats` value: comma-separated URLs, each its own server.
+/// (async-nats reads a `&str` as one URL, so `nats://n1:4222,nats://n2:4222` must be split here;
+/// given every node of a cluster, the client fails over to the others when one is lost.)
+pub fn server_addrs(url: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
+    let addrs = url
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            u.parse::<async_nats::ServerAddr>()
+                .with_context(|| format!("`{u}` is not a NATS server URL"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if addrs.is_empty() {
+        anyhow::bail!("the NATS URL `{url}` names no server");
+    }
+    Ok(addrs)
+}
+
 /// Connects to NATS, retrying the first connection a few times so that a server that is still
 /// starting does not fail the command; an unreachable server gets a clear error.
 pub async fn connect_nats(
     url: &str,
     auth: &crate::config::NatsSection,
 ) -> anyhow::Result<async_nats::Client> {
+    let servers = server_addrs(url)?;
     let mut last = None;
     for attempt in 0..3u64 {
         let options = nats_options(auth).await?;
-        match options.connect(url).await {
+        match options.connect(servers.as_slice()).await {
             Ok(c) => return Ok(c),
             Err(e) => last = Some(anyhow::Error::from(e)),
         }
@@ -91,4 +111,41 @@ async fn nats_options(
         o = o.require_tls(required);
     }
     Ok(o)
+}
+
+/// The remote ledger over `client`, signing its appends with `[nats] identity` when one is set.
+pub fn remote_ledger(
+    config: &crate::config::Config,
+    client: async_nats::Client,
+) -> anyhow::Result<backstop_ledger::remote::RemoteLedger> {
+    let remote = backstop_ledger::remote::RemoteLedger::new(client);
+    Ok(match config.append_signer()? {
+        Some(signer) => remote.signed_by(signer),
+        None => remote,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_comma_separated_url_names_each_server() {
+        let addrs =
+            server_addrs("nats://n1:4222, nats://n2:4222,nats://127.0.0.1:4223").expect("parses");
+        let hosts: Vec<(String, u16)> = addrs
+            .iter()
+            .map(|a| (a.host().to_string(), a.port()))
+            .collect();
+        assert_eq!(
+            hosts,
+            [
+                ("n1".to_string(), 4222),
+                ("n2".to_string(), 4222),
+                ("127.0.0.1".to_string(), 4223)
+            ]
+        );
+        assert!(server_addrs(" , ").is_err());
+        assert!(server_addrs("http://n1:4222").is_err());
+    }
 }

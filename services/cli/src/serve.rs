@@ -233,7 +233,13 @@ pub async fn serve(
                 shutdown.clone(),
                 None,
             ));
-            tasks.spawn(remote::serve(ledger.clone(), client, shutdown.clone()));
+            let append_policy = Arc::new(config.append_policy()?);
+            tasks.spawn(remote::serve(
+                ledger.clone(),
+                client,
+                append_policy,
+                shutdown.clone(),
+            ));
             let appender: Arc<dyn Appender> = Arc::new(ledger.clone());
             spawn_jetstream_workers(
                 &mut tasks,
@@ -291,7 +297,7 @@ pub async fn worker(
     let schedules = crate::wiring::schedules(config)?;
     let client = connect_nats(&url, &config.nats).await?;
     let js = async_nats::jetstream::new(client.clone());
-    let appender: Arc<dyn Appender> = Arc::new(remote::RemoteLedger::new(client));
+    let appender: Arc<dyn Appender> = Arc::new(crate::runtime::remote_ledger(config, client)?);
     let (mut context, _) =
         crate::serve_context::worker_context(config, data_dir, appender.clone(), &schedules).await;
     // Whether a notification was already sent is read from JetStream's copy of the ledger.

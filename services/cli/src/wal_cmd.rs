@@ -143,12 +143,26 @@ async fn catch_up(repo: &Repository, events: &Events) {
 /// An appender through NATS when one is configured and answers quickly; `None` otherwise.
 async fn remote_appender(config: &Config) -> Option<Arc<dyn Appender>> {
     let url = config.nats.url.as_deref()?;
+    let servers = match crate::runtime::server_addrs(url) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(%url, error = %e, "bad NATS URL; events left to the catch-up");
+            return None;
+        }
+    };
     let connect = async_nats::ConnectOptions::new()
         .name("backstop-wal")
         .connection_timeout(Duration::from_secs(2))
-        .connect(url);
+        .connect(servers);
     match tokio::time::timeout(Duration::from_secs(3), connect).await {
-        Ok(Ok(client)) => Some(Arc::new(backstop_ledger::remote::RemoteLedger::new(client))),
+        Ok(Ok(client)) => match crate::runtime::remote_ledger(config, client) {
+            Ok(remote) => Some(Arc::new(remote)),
+            // The WAL is still archived; the ledger's catch-up records what this host could not.
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "cannot sign appends; events left to the catch-up");
+                None
+            }
+        },
         Ok(Err(e)) => {
             tracing::warn!(%url, error = %e, "NATS unreachable; events left to the catch-up");
             None
@@ -332,21 +346,14 @@ async fn fetch_inner(
     };
     let appender = remote_appender(config).await;
     let key_file = wal_key_file(config, args.key_file.as_deref());
-    let (repo, recorder) = match open_for_wal(
-        config,
-        data_dir,
-        &args.repo,
-        key_file.as_deref(),
-        appender,
-    )
-    .await
-    {
-        Ok(r) => r,
-        // A standby retries an unreachable repository; recovery otherwise aborts.
-        Err(e) => {
-            return fatal_fetch(opts, &format!("cannot open the repository: {e:#}"), true);
-        }
-    };
+    let (repo, recorder) =
+        match open_for_wal(config, data_dir, &args.repo, key_file.as_deref(), appender).await {
+            Ok(r) => r,
+            // A standby retries an unreachable repository; recovery otherwise aborts.
+            Err(e) => {
+                return fatal_fetch(opts, &format!("cannot open the repository: {e:#}"), true);
+            }
+        };
     let store = repo.store(
         &Actor::worker("wal-fetch"),
         format!("recovery from the WAL of {source}"),

@@ -49,7 +49,7 @@ impl Events {
                 Some(url) => {
                     let client = crate::runtime::connect_nats(url, &config.nats).await?;
                     Ok(Events {
-                        appender: Arc::new(backstop_ledger::remote::RemoteLedger::new(client)),
+                        appender: Arc::new(crate::runtime::remote_ledger(config, client)?),
                         ledger: None,
                         key_recorder: None,
                     })

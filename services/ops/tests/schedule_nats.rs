@@ -38,7 +38,12 @@ async fn a_scheduler_beside_the_ledger_and_one_over_nats_fire_each_slot_once() {
         stop.clone(),
         None,
     ));
-    let server = tokio::spawn(remote::serve(ledger.clone(), client.clone(), stop.clone()));
+    let server = tokio::spawn(remote::serve(
+        ledger.clone(),
+        client.clone(),
+        Arc::new(backstop_ledger::identity::AppendPolicy::open()),
+        stop.clone(),
+    ));
 
     let remote_appender = Arc::new(RemoteLedger::new(
         async_nats::connect(nats.url()).await.expect("connect"),
