@@ -1,7 +1,10 @@
 //! A bus strangers cannot write to: a real nats-server running deploy/nats/auth.conf's users and
 //! permissions. `backstop serve` (user `ledger`) publishes the ledger; `backstop worker` (user
 //! `worker`) handles an event and appends its result; an anonymous client is refused; the
-//! worker's credentials cannot publish an event onto the stream.
+//! worker's credentials cannot publish an event onto the stream. On top of the bus's own
+//! authorization, the worker signs its appends with an identity made by `backstop ledger
+//! identity new` (its printed configuration used as is), and an append the worker's NATS
+//! credentials can send but its identity did not sign is refused and recorded.
 
 mod support;
 
@@ -53,10 +56,31 @@ async fn only_the_ledger_publishes_events_and_strangers_are_refused() {
         free_port(),
         hook.url()
     );
+    // The worker's identity: the command prints the ledger's part, then the worker's.
+    let key_file = dir.path().join("worker-a.key");
+    let made = run(
+        dir.path(),
+        &[
+            "ledger",
+            "identity",
+            "new",
+            "worker-a",
+            "--key-file",
+            key_file.to_str().unwrap(),
+            "--role",
+            "worker",
+        ],
+    );
+    assert!(made.status.success(), "{}", stderr(&made));
+    let printed = support::stdout(&made);
+    let (ledger_part, worker_part) = printed
+        .split_once("# On the worker")
+        .expect("the command prints both parts");
+    let worker_part = worker_part.split_once('\n').unwrap().1;
     let serve_cfg = config(
         dir.path(),
         "serve.toml",
-        &format!("{common}\n",).replace(
+        &format!("{common}\n{ledger_part}").replace(
             "[nats]\n",
             &format!(
                 "[nats]\nuser = \"ledger\"\npassword_file = \"{}\"\n",
@@ -70,7 +94,7 @@ async fn only_the_ledger_publishes_events_and_strangers_are_refused() {
         &common.replace(
             "[nats]\n",
             &format!(
-                "[nats]\nuser = \"worker\"\npassword_file = \"{}\"\n",
+                "[nats]\nuser = \"worker\"\npassword_file = \"{}\"\n{worker_part}\n",
                 secret(dir.path(), "worker.pw", worker_pw)
             ),
         ),
@@ -204,6 +228,39 @@ async fn only_the_ledger_publishes_events_and_strangers_are_refused() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    // The worker's NATS credentials may request appends, but without its identity's signature
+    // the ledger refuses one (here a forged verification) and records who tried.
+    let forged = backstop_ledger::remote::RemoteLedger::new(as_worker.clone());
+    let reply = forged
+        .request_raw(
+            br#"{"stream":"backup-x","expected":{"expect":"any"},"events":[]}"#.to_vec(),
+        )
+        .await
+        .expect("the ledger answers");
+    assert!(
+        matches!(&reply, backstop_ledger::remote::AppendReply::Error { kind, .. } if kind == "denied"),
+        "{reply:?}"
+    );
     drop(worker);
     assert!(serve.terminate().success(), "{}", serve.log());
+    let tail = run(
+        dir.path(),
+        &[
+            "--config", &serve_cfg, "ledger", "tail", "--json", "--from", "1", "--stream",
+            "access",
+        ],
+    );
+    let access = support::stdout(&tail);
+    assert!(
+        access.contains("\"access.denied\"") && access.contains("\"caller\":\"unsigned\""),
+        "the refusal was not recorded: {access}"
+    );
+    assert!(
+        support::stdout(&run(
+            dir.path(),
+            &["--config", &serve_cfg, "ledger", "tail", "--json", "--from", "1"],
+        ))
+        .contains("\"notification.sent\""),
+        "the signed append is in the ledger"
+    );
 }
