@@ -1,0 +1,392 @@
+//! A database host with a WAL-only key, end to end: `backstop key export --purpose wal` writes
+//! the key file where the master key is; a real PostgreSQL whose `archive_command` is `wal-push`
+//! with a configuration that names only that file (no master key anywhere on the "host")
+//! archives its WAL, `wal-fetch` restores it, and the master-key side reads what the host sealed
+//! (`wal verify`). The same file cannot open the backup's manifest (the error names the
+//! purpose), cannot list backups, is refused when modified (another repository id, one flipped
+//! bit) or readable by its group (with the `chmod` to run), and after a rotation of the `wal`
+//! key `wal-push` says to re-export it.
+//!
+//! When the tests run as root, PostgreSQL (and so `wal-push`) runs as the `postgres` user: the
+//! site directory is handed to that user.
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backstop_repo::{
+    KeyAccessLog, KeyPurpose, LocalBackend, MasterKey, PurposeKeyFile, PurposeRepository,
+    RepoError, Repository,
+};
+use backstop_testkit::{Postgres, PostgresOptions, give_to_server_user, server_tempdir};
+use support::{bin, stderr, stdout};
+
+struct Site {
+    tmp: tempfile::TempDir,
+}
+
+impl Site {
+    fn new() -> Site {
+        let site = Site {
+            tmp: server_tempdir().unwrap(),
+        };
+        // Where the master key is: the backup server.
+        std::fs::write(
+            site.path("admin.toml"),
+            format!(
+                "data_dir = {:?}\n[repository]\nlocation = {:?}\nmaster_key_file = {:?}\n",
+                site.path("admin-data"),
+                site.path("repo"),
+                site.path("master.key"),
+            ),
+        )
+        .unwrap();
+        // The database host: the repository and the WAL key file, no master key.
+        std::fs::write(
+            site.path("host.toml"),
+            format!(
+                "data_dir = {:?}\n[repository]\nlocation = {:?}\n[wal]\nkey_file = {:?}\n",
+                site.path("host-data"),
+                site.path("repo"),
+                site.path("wal.key"),
+            ),
+        )
+        .unwrap();
+        let out = site.run(
+            "admin.toml",
+            &[
+                "init",
+                "--generate-key",
+                site.path("master.key").to_str().unwrap(),
+                "--chunk-avg-kib",
+                "64",
+            ],
+        );
+        assert!(out.status.success(), "init: {}", stderr(&out));
+        site
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+
+    fn command(&self, config: &str, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bin());
+        cmd.arg("--config")
+            .arg(self.path(config))
+            .args(args)
+            .current_dir(self.tmp.path())
+            .env_remove("BACKSTOP_MASTER_KEY")
+            .env("BACKSTOP_LOG", "info")
+            .env("BACKSTOP_OPERATOR", "dba");
+        cmd
+    }
+
+    fn run(&self, config: &str, args: &[&str]) -> Output {
+        self.command(config, args).output().expect("run backstop")
+    }
+
+    fn ok(&self, config: &str, args: &[&str]) -> String {
+        let out = self.run(config, args);
+        assert!(
+            out.status.success(),
+            "backstop {args:?} ({config}) failed:\n{}\n{}",
+            stdout(&out),
+            stderr(&out)
+        );
+        stdout(&out)
+    }
+
+    fn archive_command(&self) -> String {
+        format!(
+            "{} --config {} wal-push --source main %p",
+            bin().display(),
+            self.path("host.toml").display()
+        )
+    }
+
+    fn master(&self) -> MasterKey {
+        MasterKey::from_file(&self.path("master.key")).unwrap()
+    }
+
+    fn backend(&self) -> Arc<LocalBackend> {
+        Arc::new(LocalBackend::new(self.path("repo")).unwrap())
+    }
+}
+
+fn query(pg: &Postgres, sql: &str) -> String {
+    pg.psql("postgres", sql).unwrap()
+}
+
+/// Switches to a new WAL segment and waits until the finished one is archived; returns its name.
+fn switch_and_wait(pg: &Postgres) -> String {
+    query(pg, "SELECT pg_logical_emit_message(false, 'e2e', 'x')");
+    let name = query(pg, "SELECT pg_walfile_name(pg_switch_wal())");
+    let start = Instant::now();
+    loop {
+        let last = query(
+            pg,
+            "SELECT coalesce(last_archived_wal, '') || '|' || coalesce(last_failed_wal, '') FROM pg_stat_archiver",
+        );
+        if last.get(..24).is_some_and(|a| a >= name.as_str()) {
+            return name;
+        }
+        assert!(
+            start.elapsed() < backstop_testkit::deadline(),
+            "{name} was not archived in time (pg_stat_archiver: {last}); server log:\n{}",
+            pg.log_tail(40)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn set_mode(p: &Path, mode: u32) {
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// Runs wal-fetch with the host's configuration and a given key file; returns (exit code,
+/// stderr).
+fn fetch_with(site: &Site, key_file: &Path, name: &str, dest: &Path) -> (i32, String) {
+    let out = site.run(
+        "host.toml",
+        &[
+            "wal-fetch",
+            "--source",
+            "main",
+            "--key-file",
+            key_file.to_str().unwrap(),
+            name,
+            dest.to_str().unwrap(),
+        ],
+    );
+    (out.status.code().unwrap_or(-1), stderr(&out))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_host_archives_and_restores_wal_with_only_the_wal_key_file() {
+    let site = Site::new();
+
+    // The keys, listed where the master key is.
+    let listed: serde_json::Value =
+        serde_json::from_str(&site.ok("admin.toml", &["key", "list", "--json"])).unwrap();
+    let keys = listed["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 6, "{listed}");
+    assert!(
+        keys.iter()
+            .all(|k| k["current"] == true && k["version"] == 1)
+    );
+    let table = site.ok("admin.toml", &["key", "list"]);
+    assert!(
+        table.contains("wal") && table.contains("database"),
+        "{table}"
+    );
+
+    // Export the wal key; only wal is exportable, and the file is never overwritten.
+    let key_file = site.path("wal.key");
+    let out = site.ok(
+        "admin.toml",
+        &[
+            "key",
+            "export",
+            "--purpose",
+            "wal",
+            "--out",
+            key_file.to_str().unwrap(),
+        ],
+    );
+    assert!(out.contains("wal-v1-"), "{out}");
+    let mode = std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let exported = std::fs::read(&key_file).unwrap();
+    let again = site.run(
+        "admin.toml",
+        &[
+            "key",
+            "export",
+            "--purpose",
+            "wal",
+            "--out",
+            key_file.to_str().unwrap(),
+        ],
+    );
+    assert!(!again.status.success());
+    assert!(
+        stderr(&again).contains("never overwritten"),
+        "{}",
+        stderr(&again)
+    );
+    assert_eq!(std::fs::read(&key_file).unwrap(), exported);
+    let db = site.run(
+        "admin.toml",
+        &[
+            "key",
+            "export",
+            "--purpose",
+            "database",
+            "--out",
+            site.path("db.key").to_str().unwrap(),
+        ],
+    );
+    assert!(!db.status.success());
+    assert!(
+        stderr(&db).contains("cannot be exported"),
+        "{}",
+        stderr(&db)
+    );
+    assert!(!site.path("db.key").exists());
+    // The export is recorded as a key access by the operator.
+    let events = site.ok("admin.toml", &["ledger", "tail", "--json", "--from", "1"]);
+    assert!(
+        events
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .any(|e| e["type"] == "key.accessed"
+                && e["payload"]["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("exported to the key file"))),
+        "{events}"
+    );
+
+    // A real PostgreSQL archives through the host's configuration: no master key on it.
+    give_to_server_user(site.tmp.path()).unwrap();
+    let mut pg = Postgres::start_with(
+        PostgresOptions::new()
+            .conf("archive_mode = on")
+            .conf(format!("archive_command = '{}'", site.archive_command())),
+    )
+    .unwrap();
+    // A base backup, where the master key is.
+    site.ok(
+        "admin.toml",
+        &[
+            "backup",
+            "--physical",
+            "--pg",
+            &pg.conninfo("postgres"),
+            "--name",
+            "main",
+        ],
+    );
+    let seg = switch_and_wait(&pg);
+    let object = site
+        .path("repo")
+        .join("wal/main")
+        .join(&seg[..8])
+        .join(&seg);
+    assert!(object.exists(), "{} not archived", object.display());
+
+    // wal-fetch with only the key file restores it, byte for byte what the master key reads.
+    let host_copy = site.path("host-copy");
+    let (code, err) = fetch_with(&site, &key_file, &seg, &host_copy);
+    assert_eq!(code, 0, "{err}");
+    let admin_copy = site.path("admin-copy");
+    let out = site.run(
+        "admin.toml",
+        &[
+            "wal-fetch",
+            "--source",
+            "main",
+            &seg,
+            admin_copy.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let restored = std::fs::read(&host_copy).unwrap();
+    assert_eq!(restored.len(), 16 << 20);
+    assert_eq!(restored, std::fs::read(&admin_copy).unwrap());
+    // The master-key side checks the archive the host sealed.
+    let verify = site.ok("admin.toml", &["wal", "verify", "--source", "main"]);
+    assert!(verify.contains("intact"), "{verify}");
+
+    // The key file cannot list backups (every such command needs the master key) ...
+    let list = site.run("host.toml", &["list"]);
+    assert!(!list.status.success());
+    assert!(stderr(&list).contains("no master key"), "{}", stderr(&list));
+    // ... nor open the backup's manifest: the error names the purpose.
+    let file = PurposeKeyFile::load(&key_file).unwrap();
+    let host = PurposeRepository::open(site.backend(), file, Arc::new(KeyAccessLog::new()))
+        .await
+        .unwrap();
+    let manifests: Vec<_> = std::fs::read_dir(site.path("repo").join("manifests"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!manifests.is_empty());
+    for m in &manifests {
+        let e = host
+            .get_blob(&format!("manifests/{m}"), None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                RepoError::KeyNotHeld {
+                    purpose: KeyPurpose::Wal,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("holds only the wal key"), "{e}");
+    }
+
+    // A modified file is refused: another repository id, one flipped bit in the key.
+    let text = String::from_utf8(exported.clone()).unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let repo_id = doc["repository_id"].as_str().unwrap();
+    let other_repo = site.path("other-repo.key");
+    std::fs::write(
+        &other_repo,
+        text.replace(repo_id, "01941f29-7c00-7000-8000-00000000dead"),
+    )
+    .unwrap();
+    // One character of the base64 key changed: some of its bits flip.
+    let key_b64 = doc["keys"][0]["key"].as_str().unwrap();
+    let first = if key_b64.starts_with('A') { "B" } else { "A" };
+    let changed = format!("{first}{}", &key_b64[1..]);
+    let flipped = site.path("flipped.key");
+    std::fs::write(&flipped, text.replace(key_b64, &changed)).unwrap();
+    for bad in [&other_repo, &flipped] {
+        set_mode(bad, 0o600);
+        let (code, err) = fetch_with(&site, bad, &seg, &site.path("bad-copy"));
+        assert_eq!(code, 150, "{err}");
+        assert!(err.contains("MAC does not match"), "{err}");
+        assert!(!site.path("bad-copy").exists());
+    }
+    // A group-readable file is refused, with the chmod to run.
+    let shared = site.path("shared.key");
+    std::fs::write(&shared, &exported).unwrap();
+    set_mode(&shared, 0o640);
+    let (code, err) = fetch_with(&site, &shared, &seg, &site.path("bad-copy"));
+    assert_eq!(code, 150, "{err}");
+    assert!(
+        err.contains(&format!("chmod 600 {}", shared.display())),
+        "{err}"
+    );
+
+    // After a rotation of the wal key, the host keeps archiving with its version and
+    // wal-push says to re-export the file.
+    let repo = Repository::open(
+        site.backend(),
+        &site.master(),
+        Arc::new(KeyAccessLog::new()),
+    )
+    .await
+    .unwrap();
+    let rotation = repo.rotate_key(KeyPurpose::Wal).await.unwrap();
+    give_to_server_user(site.tmp.path()).unwrap();
+    let seg2 = switch_and_wait(&pg);
+    assert!(seg2 > seg);
+    let log = pg.log_tail(200);
+    assert!(
+        log.contains("the wal key was rotated") && log.contains(&rotation.new.key_id),
+        "{log}"
+    );
+    let (code, err) = fetch_with(&site, &key_file, &seg2, &site.path("copy2"));
+    assert_eq!(code, 0, "{err}");
+    pg.stop().unwrap();
+}
