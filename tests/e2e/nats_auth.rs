@@ -45,6 +45,7 @@ async fn only_the_ledger_publishes_events_and_strangers_are_refused() {
         &[
             ("BACKSTOP_NATS_LEDGER_PASSWORD", ledger_pw),
             ("BACKSTOP_NATS_WORKER_PASSWORD", worker_pw),
+            ("BACKSTOP_NATS_WALHOST_PASSWORD", "walhost-pw-51d0e3"),
         ],
     )
     .expect("nats-server with deploy/nats/auth.conf");
@@ -237,6 +238,22 @@ async fn only_the_ledger_publishes_events_and_strangers_are_refused() {
         )
         .await
         .expect("the ledger answers");
+    assert!(
+        matches!(&reply, backstop_ledger::remote::AppendReply::Error { kind, .. } if kind == "denied"),
+        "{reply:?}"
+    );
+    // A database host's NATS user may request appends, and its unsigned one is refused too.
+    let as_walhost = async_nats::ConnectOptions::with_user_and_password(
+        "walhost".into(),
+        "walhost-pw-51d0e3".into(),
+    )
+    .connect(nats.url())
+    .await
+    .expect("the wal host connects");
+    let reply = backstop_ledger::remote::RemoteLedger::new(as_walhost)
+        .request_raw(br#"{"stream":"wal-1","expected":{"expect":"any"},"events":[]}"#.to_vec())
+        .await
+        .expect("the ledger answers the wal host");
     assert!(
         matches!(&reply, backstop_ledger::remote::AppendReply::Error { kind, .. } if kind == "denied"),
         "{reply:?}"
