@@ -15,6 +15,10 @@ use serde::Deserialize;
 pub struct Config {
     /// Where the ledger, keys and local state live.
     pub data_dir: Option<PathBuf>,
+    /// The directory of the configuration file that was read (none: no file). Not a setting:
+    /// the default ledger signing key is there (see [`Config::signing_key_path`]).
+    #[serde(skip)]
+    pub config_dir: Option<PathBuf>,
     #[serde(default)]
     pub ledger: LedgerSection,
     #[serde(default)]
@@ -172,7 +176,10 @@ pub struct WalSection {
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LedgerSection {
-    /// Checkpoint signing key file; default DATA_DIR/keys/ledger-signing.key.
+    /// Checkpoint signing key file (mode 0600). Default: `ledger-signing.key` beside the
+    /// configuration file (e.g. /etc/backstop/ledger-signing.key), outside the data directory;
+    /// with no configuration file, DATA_DIR/keys/ledger-signing.key. A key still at that old
+    /// path is used, with a warning saying how to move it (see [`Config::signing_key_path`]).
     pub signing_key: Option<PathBuf>,
     /// Sign a checkpoint every N events (default 1000).
     pub checkpoint_every: Option<u64>,
@@ -328,7 +335,54 @@ impl Config {
                 });
             }
         };
-        Config::parse(&text, &path)
+        let mut config = Config::parse(&text, &path)?;
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        config.config_dir = Some(std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf()));
+        Ok(config)
+    }
+
+    /// Where the ledger's signing key is: `[ledger] signing_key`, else `ledger-signing.key`
+    /// beside the configuration file, outside the data directory (a copy of the data directory,
+    /// a backup of it, a volume snapshot, does not carry the key that signs its checkpoints),
+    /// else, with no configuration file, DATA_DIR/keys/ledger-signing.key as before. An
+    /// installation whose key is still at that old path keeps it: it is used until moved (see
+    /// [`Config::signing_key_notice`]), so existing signatures keep verifying.
+    pub fn signing_key_path(&self, data_dir: &Path) -> PathBuf {
+        if let Some(k) = &self.ledger.signing_key {
+            return k.clone();
+        }
+        let legacy = data_dir.join("keys").join("ledger-signing.key");
+        let Some(dir) = &self.config_dir else {
+            return legacy;
+        };
+        let preferred = dir.join("ledger-signing.key");
+        if !preferred.exists() && legacy.exists() {
+            return legacy;
+        }
+        preferred
+    }
+
+    /// The warning to show when the signing key is still inside the data directory by default:
+    /// the `mv` that moves it beside the configuration file.
+    pub fn signing_key_notice(&self, data_dir: &Path) -> Option<String> {
+        if self.ledger.signing_key.is_some() {
+            return None;
+        }
+        let dir = self.config_dir.as_ref()?;
+        let legacy = data_dir.join("keys").join("ledger-signing.key");
+        if self.signing_key_path(data_dir) != legacy {
+            return None;
+        }
+        let preferred = dir.join("ledger-signing.key");
+        Some(format!(
+            "the ledger signing key is inside the data directory ({}), where every copy of the data directory carries it; it is still used. Move it beside the configuration file while backstop is stopped: `mv {} {}` (it keeps mode 0600), or set [ledger] signing_key",
+            legacy.display(),
+            legacy.display(),
+            preferred.display()
+        ))
     }
 
     /// Decodes and checks the text of the configuration file read from `path` (named in
@@ -429,9 +483,7 @@ impl Config {
 
     pub fn ledger_config(&self, data_dir: &Path) -> backstop_ledger::LedgerConfig {
         let mut c = backstop_ledger::LedgerConfig::in_data_dir(data_dir);
-        if let Some(k) = &self.ledger.signing_key {
-            c.signing_key = k.clone();
-        }
+        c.signing_key = self.signing_key_path(data_dir);
         if let Some(n) = self.ledger.checkpoint_every {
             c.checkpoint_every = n;
         }
@@ -563,6 +615,48 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_signing_key_defaults_beside_the_configuration_file_and_an_old_one_is_kept() {
+        let dir = tempfile_dir().join("signing-key-default");
+        let _ = std::fs::remove_dir_all(&dir);
+        let etc = dir.join("etc");
+        let data = dir.join("data");
+        std::fs::create_dir_all(&etc).unwrap();
+        let p = etc.join("backstop.toml");
+        std::fs::write(&p, "").unwrap();
+        let c = Config::load(Some(&p)).unwrap();
+        let etc = std::fs::canonicalize(&etc).unwrap();
+        // A new installation: beside the configuration, outside the data directory.
+        assert_eq!(c.signing_key_path(&data), etc.join("ledger-signing.key"));
+        assert_eq!(
+            c.ledger_config(&data).signing_key,
+            etc.join("ledger-signing.key")
+        );
+        assert!(c.signing_key_notice(&data).is_none());
+        // An existing one: its key in the data directory is used, with the mv to run.
+        let legacy = data.join("keys").join("ledger-signing.key");
+        std::fs::create_dir_all(legacy.parent().unwrap()).unwrap();
+        std::fs::write(&legacy, "00").unwrap();
+        assert_eq!(c.signing_key_path(&data), legacy);
+        let notice = c.signing_key_notice(&data).unwrap();
+        assert!(
+            notice.contains(&format!(
+                "mv {} {}",
+                legacy.display(),
+                etc.join("ledger-signing.key").display()
+            )),
+            "{notice}"
+        );
+        // Once moved, the new path wins.
+        std::fs::rename(&legacy, etc.join("ledger-signing.key")).unwrap();
+        assert_eq!(c.signing_key_path(&data), etc.join("ledger-signing.key"));
+        // An explicit path, and no configuration file at all, are as before.
+        let explicit = Config::parse("[ledger]\nsigning_key = \"/k\"\n", &p).unwrap();
+        assert_eq!(explicit.signing_key_path(&data), PathBuf::from("/k"));
+        assert_eq!(Config::default().signing_key_path(&data), legacy);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn unknown_keys_and_bad_urls_are_named() {

@@ -196,6 +196,9 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     };
     backstop_ops::lease::set_period(config.lease_period());
     let data_dir = config.data_dir(cli.data_dir.as_deref());
+    if let Some(notice) = config.signing_key_notice(&data_dir) {
+        tracing::warn!("{notice}");
+    }
     match cli.command {
         Command::Serve(args) => serve::serve(&config, &data_dir, args).await,
         Command::Worker(args) => serve::worker(&config, &data_dir, args).await,
