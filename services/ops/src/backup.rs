@@ -274,7 +274,7 @@ pub async fn record_failure_to(
 ) -> Result<(), OpsError> {
     let reason = error.chain();
     tracing::error!(backup = %request.backup_id, source = %request.source, class = error.class().as_str(), %reason, "backup failed");
-    record(
+    match record(
         appender,
         &streams::backup(request.backup_id),
         actor,
@@ -289,8 +289,18 @@ pub async fn record_failure_to(
             attempt: request.attempt,
         }),
     )
-    .await?;
-    Ok(())
+    .await
+    {
+        Ok(()) => Ok(()),
+        // The failure's id is taken: the lease monitor recorded this run as abandoned while it
+        // was only slow (or another process recorded the same failure). The backup is failed
+        // either way; its reason is the first one recorded.
+        Err(e) if e.is_id_reused() => {
+            tracing::info!(backup = %request.backup_id, "the failure was already recorded (abandoned by the lease monitor?)");
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn table_rows(report: &DumpReport) -> Vec<TableRows> {

@@ -106,6 +106,10 @@ pub struct Recovery {
     pub requested_at: DateTime<Utc>,
     pub operator: String,
     pub scope: RecoveryScope,
+    /// Who records the recovery's events: the operator for a foreground restore, the worker for
+    /// a requested one (whose events are signed by the worker's identity, which may not append
+    /// as an operator; the operator who asked stays in every payload).
+    pub actor: Actor,
 }
 
 impl Recovery {
@@ -116,6 +120,7 @@ impl Recovery {
             requested_at: backstop_events::now_micros(),
             operator: operator.to_string(),
             scope,
+            actor: Actor::operator(operator),
         }
     }
 
@@ -124,7 +129,7 @@ impl Recovery {
     }
 
     fn event(&self, label: &str, event: Event) -> NewEvent {
-        let mut n = NewEvent::new(self.stream(), Actor::operator(&self.operator), &event);
+        let mut n = NewEvent::new(self.stream(), self.actor.clone(), &event);
         n.id = backstop_events::uuid_v7_derived(self.recovery_id, self.requested_at, label);
         n
     }
@@ -194,18 +199,27 @@ impl Recovery {
                 }),
             ),
         };
-        record(
+        match record(
             appender,
             &self.stream(),
-            &Actor::operator(&self.operator),
+            &self.actor,
             cause,
             self.requested_at,
             label,
             self.recovery_id,
             event,
         )
-        .await?;
-        Ok(())
+        .await
+        {
+            Ok(()) => Ok(()),
+            // A failure whose id is taken was recorded already: by the lease monitor, which
+            // judged this slow run abandoned, under the id this run would give it.
+            Err(e) if label == "failed" && e.is_id_reused() => {
+                tracing::info!(recovery = %self.recovery_id, "the failure was already recorded (abandoned by the lease monitor?)");
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 }
 
@@ -280,8 +294,11 @@ pub async fn execute_logical(
     let backup_id = manifest.backup_id;
     let started = Instant::now();
     let repo = dp.repo.with_access(
-        Actor::operator(&recovery.operator).to_string(),
-        format!("restore of backup {backup_id}"),
+        recovery.actor.to_string(),
+        format!(
+            "restore of backup {backup_id} requested by {}",
+            recovery.operator
+        ),
     );
     let restore = async {
         let report = catalog::dump_report(&manifest)?;
@@ -292,7 +309,7 @@ pub async fn execute_logical(
         Ok::<_, OpsError>(logical::restore(target, &options, source, &report).await?)
     };
     // The lease, renewed while the restore runs (crate::lease).
-    let actor = Actor::operator(&recovery.operator);
+    let actor = recovery.actor.clone();
     let heartbeat = Heartbeat::new(
         dp.appender.as_ref(),
         LeasedJob::Recovery,

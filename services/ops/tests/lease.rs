@@ -439,3 +439,49 @@ fn stream_types(ledger: &Ledger, id: Uuid) -> Vec<String> {
         .map(|e| e.event_type)
         .collect()
 }
+
+#[tokio::test]
+async fn a_slow_job_failing_after_the_monitor_recorded_it_abandoned_is_not_an_error() {
+    // The real ledger compares a duplicate id's content: the job's own failure, with another
+    // reason and actor, is refused as IdReused, and the job must take that as "recorded".
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::open(&LedgerConfig::in_data_dir(dir.path())).unwrap();
+    let (id, request) = start_backup(&ledger, t0()).await;
+    let abandoned = backstop_ops::OpsError::DeadlineExceeded {
+        what: "the lease (abandoned)".into(),
+        limit_secs: 30,
+    };
+    backstop_ops::backup::record_failure_to(
+        &ledger,
+        &request,
+        t0(),
+        &Actor::worker(lease::MONITOR),
+        None,
+        &abandoned,
+    )
+    .await
+    .unwrap();
+    let own = backstop_ops::OpsError::DeadlineExceeded {
+        what: "the dump".into(),
+        limit_secs: 86_400,
+    };
+    backstop_ops::backup::record_failure_to(
+        &ledger,
+        &request,
+        t0(),
+        &Actor::worker("backup"),
+        None,
+        &own,
+    )
+    .await
+    .expect("an id already taken by the same failure is not an error");
+    let failed: Vec<_> = ledger
+        .read_stream(&streams::backup(id), 0)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.event_type == "backup.failed")
+        .collect();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].actor, Actor::worker(lease::MONITOR));
+    ledger.close().await;
+}

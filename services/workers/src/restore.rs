@@ -107,6 +107,7 @@ impl Handler for RestoreWorker {
             requested_at: event.occurred_at,
             operator: r.operator.clone(),
             scope: r.scope.clone(),
+            actor: actor.clone(),
         };
         let options = RestoreOptions {
             tables: (!r.scope.tables.is_empty()).then(|| r.scope.tables.clone()),
