@@ -22,8 +22,10 @@ use backstop_repo::{
     KeyAccessLog, KeyPurpose, LocalBackend, MasterKey, PurposeKeyFile, PurposeRepository,
     RepoError, Repository,
 };
-use backstop_testkit::{Postgres, PostgresOptions, give_to_server_user, server_tempdir};
-use support::{bin, stderr, stdout};
+use backstop_testkit::{
+    Nats, Postgres, PostgresOptions, free_port, give_to_server_user, server_tempdir,
+};
+use support::{Process, bin, stderr, stdout};
 
 struct Site {
     tmp: tempfile::TempDir,
@@ -31,6 +33,11 @@ struct Site {
 
 impl Site {
     fn new() -> Site {
+        Site::with("")
+    }
+
+    /// A site whose two configuration files both end with `extra` (e.g. a `[nats]` section).
+    fn with(extra: &str) -> Site {
         let site = Site {
             tmp: server_tempdir().unwrap(),
         };
@@ -38,7 +45,7 @@ impl Site {
         std::fs::write(
             site.path("admin.toml"),
             format!(
-                "data_dir = {:?}\n[repository]\nlocation = {:?}\nmaster_key_file = {:?}\n",
+                "data_dir = {:?}\n[repository]\nlocation = {:?}\nmaster_key_file = {:?}\n{extra}",
                 site.path("admin-data"),
                 site.path("repo"),
                 site.path("master.key"),
@@ -49,7 +56,7 @@ impl Site {
         std::fs::write(
             site.path("host.toml"),
             format!(
-                "data_dir = {:?}\n[repository]\nlocation = {:?}\n[wal]\nkey_file = {:?}\n",
+                "data_dir = {:?}\n[repository]\nlocation = {:?}\n[wal]\nkey_file = {:?}\n{extra}",
                 site.path("host-data"),
                 site.path("repo"),
                 site.path("wal.key"),
@@ -389,4 +396,94 @@ async fn a_database_host_archives_and_restores_wal_with_only_the_wal_key_file() 
     let (code, err) = fetch_with(&site, &key_file, &seg2, &site.path("copy2"));
     assert_eq!(code, 0, "{err}");
     pg.stop().unwrap();
+}
+
+/// With NATS reachable, the host's uses of its key file are recorded: `wal-push` appends a
+/// `key.accessed` (actor `worker:wal-push`, reason "... with a key file") beside its
+/// `wal.archived`, into the ledger `serve` holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hosts_key_uses_are_recorded_through_nats() {
+    let nats = Nats::start().expect("nats-server");
+    let site = Site::with(&format!(
+        "[nats]\nurl = \"{}\"\n[api]\nlisten = \"127.0.0.1:{}\"\n[reports]\nweekly = false\n",
+        nats.url(),
+        free_port()
+    ));
+    let key_file = site.path("wal.key");
+    site.ok(
+        "admin.toml",
+        &[
+            "key",
+            "export",
+            "--purpose",
+            "wal",
+            "--out",
+            key_file.to_str().unwrap(),
+        ],
+    );
+    let mut serve = Process::spawn(
+        &site.path("admin-data"),
+        &[
+            "--config",
+            site.path("admin.toml").to_str().unwrap(),
+            "serve",
+            "--no-workers",
+        ],
+        &[],
+    );
+    serve.wait_for_log("publishing to NATS JetStream", Duration::from_secs(60));
+
+    give_to_server_user(site.tmp.path()).unwrap();
+    let mut pg = Postgres::start_with(
+        PostgresOptions::new()
+            .conf("archive_mode = on")
+            .conf(format!("archive_command = '{}'", site.archive_command())),
+    )
+    .unwrap();
+    let seg = switch_and_wait(&pg);
+
+    let deadline = Instant::now() + backstop_testkit::deadline();
+    let (accessed, archived) = loop {
+        let tail = site.ok("admin.toml", &["ledger", "tail", "--json", "--from", "1"]);
+        let events: Vec<serde_json::Value> = tail
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let accessed: Vec<_> = events
+            .iter()
+            .filter(|e| {
+                e["type"] == "key.accessed"
+                    && e["payload"]["reason"]
+                        .as_str()
+                        .is_some_and(|r| r.contains("with a key file"))
+            })
+            .cloned()
+            .collect();
+        let archived = events.iter().any(|e| {
+            e["type"] == "wal.archived"
+                && serde_json::to_string(&e["payload"]).unwrap().contains(&seg)
+        });
+        if !accessed.is_empty() && archived {
+            break (accessed, archived);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the host's key access was not recorded; server log:\n{}\nserve:\n{}",
+            pg.log_tail(40),
+            serve.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(archived);
+    let a = &accessed[0];
+    assert_eq!(a["actor"], "worker:wal-push", "{a}");
+    assert_eq!(a["payload"]["purpose"], "wal", "{a}");
+    assert!(
+        a["payload"]["key_id"]
+            .as_str()
+            .is_some_and(|k| k.starts_with("wal-v1-")),
+        "{a}"
+    );
+    pg.stop().unwrap();
+    serve.terminate();
 }
