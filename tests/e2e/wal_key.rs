@@ -63,6 +63,19 @@ impl Site {
             ),
         )
         .unwrap();
+        // The backup server again, handing PostgreSQL's restore_command (physical restores and
+        // test restores) the WAL key file instead of the master key.
+        std::fs::write(
+            site.path("restore.toml"),
+            format!(
+                "data_dir = {:?}\n[repository]\nlocation = {:?}\nmaster_key_file = {:?}\n[wal]\nkey_file = {:?}\n{extra}",
+                site.path("admin-data"),
+                site.path("repo"),
+                site.path("master.key"),
+                site.path("wal.key"),
+            ),
+        )
+        .unwrap();
         let out = site.run(
             "admin.toml",
             &[
@@ -266,6 +279,10 @@ async fn a_database_host_archives_and_restores_wal_with_only_the_wal_key_file() 
             .conf(format!("archive_command = '{}'", site.archive_command())),
     )
     .unwrap();
+    query(
+        &pg,
+        "CREATE TABLE t AS SELECT g FROM generate_series(1, 100) g; CHECKPOINT;",
+    );
     // A base backup, where the master key is.
     site.ok(
         "admin.toml",
@@ -277,6 +294,10 @@ async fn a_database_host_archives_and_restores_wal_with_only_the_wal_key_file() 
             "--name",
             "main",
         ],
+    );
+    query(
+        &pg,
+        "INSERT INTO t SELECT g FROM generate_series(101, 150) g",
     );
     let seg = switch_and_wait(&pg);
     let object = site
@@ -308,6 +329,46 @@ async fn a_database_host_archives_and_restores_wal_with_only_the_wal_key_file() 
     // The master-key side checks the archive the host sealed.
     let verify = site.ok("admin.toml", &["wal", "verify", "--source", "main"]);
     assert!(verify.contains("intact"), "{verify}");
+
+    // A point-in-time restore whose restore_command gets the WAL key file, not the master key:
+    // the restored server replays the archived WAL through it.
+    let restored_dir = site.path("restored");
+    site.ok(
+        "restore.toml",
+        &[
+            "restore",
+            "latest",
+            "--allow-unverified",
+            "--physical",
+            "--source",
+            "main",
+            "--to-dir",
+            restored_dir.to_str().unwrap(),
+        ],
+    );
+    let auto = std::fs::read_to_string(restored_dir.join("postgresql.auto.conf")).unwrap();
+    assert!(
+        auto.contains(&format!("--key-file {}", key_file.display())),
+        "{auto}"
+    );
+    assert!(!auto.contains("master"), "{auto}");
+    let copy = Postgres::from_data_dir(&restored_dir, PostgresOptions::new()).unwrap();
+    let start = Instant::now();
+    while copy
+        .psql("postgres", "SELECT pg_is_in_recovery()")
+        .ok()
+        .as_deref()
+        != Some("f")
+    {
+        assert!(
+            start.elapsed() < backstop_testkit::deadline() * 2,
+            "the restored server did not finish recovery; log:\n{}",
+            copy.log_tail(60)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(query(&copy, "SELECT count(*) FROM t"), "150");
+    drop(copy);
 
     // The key file cannot list backups (every such command needs the master key) ...
     let list = site.run("host.toml", &["list"]);

@@ -256,7 +256,9 @@ fn sh_quote(s: &str) -> String {
 
 /// This binary as PostgreSQL should run it (`wal-fetch %f %p` or `wal-push %p`): absolute
 /// paths to the binary, the configuration file, the repository and the key file, so it works
-/// from the data directory and as another user.
+/// from the data directory and as another user. The key file is `[wal] key_file` when one is
+/// configured (a WAL-only key: the server, which in a test restore runs the source database's
+/// own code, then never learns where the master key is), else the master key file.
 pub fn self_invocation(
     config: &Config,
     data_dir: &Path,
@@ -279,6 +281,17 @@ pub fn self_invocation(
     };
     words.push("--repo".into());
     words.push(sh_quote(&loc.to_string()));
+    if let Some(k) = &config.wal.key_file {
+        words.push("--key-file".into());
+        words.push(sh_quote(
+            &std::path::absolute(k)
+                .unwrap_or_else(|_| k.clone())
+                .display()
+                .to_string(),
+        ));
+        words.push(if sub == "wal-fetch" { "%f %p" } else { "%p" }.into());
+        return Ok(words.join(" "));
+    }
     match repo
         .master_key_file
         .clone()
@@ -390,9 +403,12 @@ pub fn physical_verify_settings(
         restore_command: Arc::new(move |source: &str| {
             // The scratch server's environment never carries the master key
             // (backstop_sources::child_env): its wal-fetch must be given the key as a file.
-            if repo.master_key_file.is_none() && config.repository.master_key_file.is_none() {
+            if config.wal.key_file.is_none()
+                && repo.master_key_file.is_none()
+                && config.repository.master_key_file.is_none()
+            {
                 return Err(
-                    "physical test restores hand PostgreSQL's restore_command the master key as a file, never through its environment: set [repository] master_key_file (or pass --master-key-file), readable by the user PostgreSQL runs as"
+                    "physical test restores hand PostgreSQL's restore_command a key file, never a key through its environment: set [wal] key_file to a WAL-only key (`backstop key export --purpose wal`; the scratch server then never sees the master key), or [repository] master_key_file (or pass --master-key-file), readable by the user PostgreSQL runs as"
                         .to_string(),
                 );
             }
