@@ -8,8 +8,11 @@
 //! (microseconds since the epoch).
 //!
 //! The signing key is a 32-byte ed25519 seed, hex-encoded in a file with mode 0600, kept apart
-//! from the ledger data (by default `DATA_DIR/keys/ledger-signing.key`, beside the ledger
-//! directory, not inside it), so that a copy of the ledger does not carry the means to re-sign it.
+//! from the ledger data so that a copy of the ledger does not carry the means to re-sign it. This
+//! crate's default ([`default_key_path`], `DATA_DIR/keys/ledger-signing.key`) is beside the
+//! ledger directory, not inside it; the `backstop` binary defaults to `ledger-signing.key` beside
+//! its configuration file, outside the data directory altogether, and keeps using a key found at
+//! the old path (with a warning giving the `mv`).
 
 use std::path::{Path, PathBuf};
 
