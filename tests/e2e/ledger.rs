@@ -358,3 +358,84 @@ fn a_pinned_public_key_catches_a_replaced_signing_key() {
         stderr(&bad_pin)
     );
 }
+
+/// The signing key lives beside the configuration file, outside the data directory; an
+/// installation whose key is still in the data directory keeps it (same public key), and every
+/// command says the `mv` that moves it; after the move the same key is found at its new place.
+#[test]
+fn the_signing_key_is_kept_outside_the_data_directory_and_an_old_one_is_moved_by_hand() {
+    let dir = tempfile::tempdir().unwrap();
+    let etc = dir.path().join("etc");
+    std::fs::create_dir_all(&etc).unwrap();
+    let config = etc.join("backstop.toml");
+    std::fs::write(&config, "").unwrap();
+    let cfg = config.to_str().unwrap();
+
+    let append = |data_dir: &std::path::Path, config: Option<&str>| {
+        let mut args = Vec::new();
+        if let Some(c) = config {
+            args.extend(["--config", c]);
+        }
+        args.extend([
+            "ledger",
+            "append",
+            "--stream",
+            "storage",
+            "--type",
+            "storage.usage_sampled",
+            "--payload",
+            r#"{"region":"r","storage_class":"STANDARD","bytes":1,"objects":1}"#,
+        ]);
+        let out = run(data_dir, &args);
+        assert!(out.status.success(), "{}", stderr(&out));
+    };
+
+    // A new installation.
+    let fresh = dir.path().join("fresh");
+    append(&fresh, Some(cfg));
+    let out = run(&fresh, &["--config", cfg, "ledger", "pubkey"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(etc.join("ledger-signing.key").exists());
+    assert!(!fresh.join("keys").join("ledger-signing.key").exists());
+    std::fs::remove_file(etc.join("ledger-signing.key")).unwrap();
+
+    // An older one, made without a configuration file: its key is in the data directory.
+    let old = dir.path().join("old");
+    append(&old, None);
+    let own = stdout(&run(&old, &["ledger", "pubkey"])).trim().to_string();
+    let legacy = old.join("keys").join("ledger-signing.key");
+    assert!(legacy.exists());
+    let out = run(&old, &["--config", cfg, "ledger", "pubkey"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), own, "the old key is still used");
+    let moved = etc.join("ledger-signing.key");
+    let mv = format!(
+        "mv {} {}",
+        legacy.display(),
+        std::fs::canonicalize(&etc)
+            .unwrap()
+            .join("ledger-signing.key")
+            .display()
+    );
+    assert!(stderr(&out).contains(&mv), "{}", stderr(&out));
+    assert!(
+        !moved.exists(),
+        "nothing is moved behind the operator's back"
+    );
+
+    // Moved as told: the same key, no warning.
+    std::fs::rename(&legacy, &moved).unwrap();
+    let out = run(&old, &["--config", cfg, "ledger", "pubkey"]);
+    assert_eq!(stdout(&out).trim(), own);
+    assert!(!stderr(&out).contains("mv "), "{}", stderr(&out));
+    let verified = run(
+        &old,
+        &["--config", cfg, "ledger", "verify", "--pubkey", &own],
+    );
+    assert!(
+        verified.status.success(),
+        "{}{}",
+        stdout(&verified),
+        stderr(&verified)
+    );
+}
