@@ -177,7 +177,7 @@ async fn export(config: &Config, data_dir: &Path, args: KeyExportArgs) -> anyhow
         file.sealing_key().key_id
     );
     println!(
-        "It seals and opens WAL and nothing else. On the database host, install it readable by PostgreSQL's user only and configure:\n  [wal]\n  key_file = \"/etc/backstop/{}\"\n(no master_key_file on that host). After `key rotate` of {purpose}, export it again: until then the host keeps sealing with {}.",
+        "It seals and opens WAL and nothing else. On the database host, install it readable by PostgreSQL's user only and configure:\n  [wal]\n  key_file = \"/etc/backstop/{}\"\n(no master_key_file on that host). After the {purpose} key is rotated, export it again: until then the host keeps sealing with {}.",
         args.out
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())

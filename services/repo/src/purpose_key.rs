@@ -52,6 +52,10 @@
 //! `keys/<purpose>/` and, when a newer version exists, says so ([`PurposeRepository::newer_key`]):
 //! `wal-push` warns with the command to re-export.
 //!
+//! Secrets in memory: the keys are held in zeroed-on-drop buffers and the file's bytes are
+//! zeroed after use; the intermediate JSON values of encoding and decoding are not (best effort,
+//! as for any process that parses a key file).
+//!
 //! # Key accesses
 //! Every first use of a key by a handle (made with [`PurposeRepository::with_access`]) is
 //! reported to the observer as a [`KeyAccess`], its reason marked "with a key file", exactly as
