@@ -4,7 +4,12 @@
 //! - **embedded** ([`run_embedded`]): a catch-up subscription on the local ledger, with the
 //!   consumer's next position kept in sled (`meta/consumer/NAME`);
 //! - **distributed** ([`run_jetstream`]): a durable pull consumer on the events stream with
-//!   explicit acks; results are appended through a [`crate::remote::RemoteLedger`].
+//!   explicit acks; results are appended through a [`crate::remote::RemoteLedger`]. Each pull
+//!   asks for one message, and the next pull is made only once that one is finished, so a worker
+//!   never holds events it is not working on: several processes running the same kind share its
+//!   work event by event (a worker that prefetched a batch would keep the others idle, and its
+//!   unstarted events would wait for it even after it died), and a pull lost with a NATS node
+//!   costs at most [`PULL_EXPIRES`] + [`PULL_GRACE`] before the worker asks again.
 //!
 //! Delivery is at-least-once in both: a handler may see an event again after a crash, so every
 //! handler must be idempotent; the usual way is to append results with ids derived from the
@@ -339,16 +344,28 @@ async fn consume_until_error(
 ) -> Result<(), LedgerError> {
     let name = handler.name();
     let consumer = durable_consumer(js, stream_name, name, policy).await?;
-    let mut messages = consumer
-        .messages()
-        .await
-        .map_err(|e| LedgerError::Nats(format!("pull from {name}: {e}")))?;
     loop {
+        // One message per pull, asked for only when the last one is finished (module docs).
+        let pulled = async {
+            let mut batch = consumer
+                .batch()
+                .max_messages(1)
+                .expires(PULL_EXPIRES)
+                .messages()
+                .await
+                .map_err(|e| LedgerError::Nats(format!("pull from {name}: {e}")))?;
+            match tokio::time::timeout(PULL_EXPIRES + PULL_GRACE, batch.next()).await {
+                Ok(Some(Ok(m))) => Ok(Some(m)),
+                Ok(Some(Err(e))) => Err(LedgerError::Nats(format!("pull from {name}: {e}"))),
+                // The pull expired with nothing to deliver, or its node was lost with it (no
+                // answer at all): ask again, through whichever node the client is on now.
+                Ok(None) | Err(_) => Ok(None),
+            }
+        };
         let msg = tokio::select! {
-            m = messages.next() => match m {
-                Some(Ok(m)) => m,
-                Some(Err(e)) => return Err(LedgerError::Nats(format!("pull from {name}: {e}"))),
-                None => return Err(LedgerError::Nats("message stream ended".into())),
+            m = pulled => match m? {
+                Some(m) => m,
+                None => continue,
             },
             _ = shutdown.changed() => return Ok(()),
         };
@@ -451,6 +468,15 @@ async fn consume_until_error(
         }
     }
 }
+
+/// How long one pull waits on the server for a message; an idle worker asks again after it.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+/// How long past [`PULL_EXPIRES`] a pull with no answer at all is given up: the server answers
+/// an expired pull at once, so silence means the pull was lost (its node died, or it reached a
+/// consumer whose leader was still being elected), and the worker asks again. A message that
+/// raced with giving up is not lost: it was never acknowledged, so it is redelivered after the
+/// ack wait.
+const PULL_GRACE: Duration = Duration::from_secs(1);
 
 /// Most finished positions a consumer remembers one by one; below the lowest it forgets, every
 /// position counts as finished.

@@ -25,6 +25,7 @@ pub mod consumer;
 mod error;
 pub mod identity;
 pub mod local;
+pub mod lookup;
 pub mod outbox;
 pub mod remote;
 pub mod requests;

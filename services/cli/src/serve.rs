@@ -2,9 +2,10 @@
 //!
 //! `serve` owns the ledger, and serves `DATA_DIR/control.sock` so the CLI can append and follow
 //! beside it (`backstop_ledger::local`). Embedded (no NATS URL) it runs every worker on an
-//! in-process subscription. With NATS it also publishes every committed event to JetStream (the outbox),
-//! answers remote appends, and runs its own workers as JetStream durable consumers, sharing the
-//! work with `backstop worker` processes that use the same consumer names.
+//! in-process subscription. With NATS it also publishes every committed event to JetStream (the
+//! outbox), answers remote appends and lookups (`backstop.ledger.contains`), and runs its own
+//! workers as JetStream durable consumers, sharing the work with `backstop worker` processes that
+//! use the same consumer names.
 //!
 //! Start-up checks the configuration before it starts any long-lived task, so a mistake in it
 //! prints its message and exits non-zero at once. A task failing later stops the process: the
@@ -20,7 +21,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use backstop_ledger::consumer::{self, Handler};
 use backstop_ledger::local::{ControlServer, socket_path};
-use backstop_ledger::{Appender, Ledger, outbox, remote};
+use backstop_ledger::{Appender, Ledger, lookup, outbox, remote};
 use backstop_ops::schedule::SystemClock;
 use clap::Args;
 use tokio::task::JoinSet;
@@ -236,10 +237,12 @@ pub async fn serve(
             let append_policy = Arc::new(config.append_policy()?);
             tasks.spawn(remote::serve(
                 ledger.clone(),
-                client,
+                client.clone(),
                 append_policy,
                 shutdown.clone(),
             ));
+            // Workers elsewhere ask "already done?" of the ledger itself (ledger::lookup).
+            tasks.spawn(lookup::serve(ledger.clone(), client, shutdown.clone()));
             let appender: Arc<dyn Appender> = Arc::new(ledger.clone());
             spawn_jetstream_workers(
                 &mut tasks,
@@ -297,17 +300,14 @@ pub async fn worker(
     let schedules = crate::wiring::schedules(config)?;
     let client = connect_nats(&url, &config.nats).await?;
     let js = async_nats::jetstream::new(client.clone());
-    let appender: Arc<dyn Appender> = Arc::new(crate::runtime::remote_ledger(config, client)?);
+    let appender: Arc<dyn Appender> =
+        Arc::new(crate::runtime::remote_ledger(config, client.clone())?);
     let (mut context, _) =
         crate::serve_context::worker_context(config, data_dir, appender.clone(), &schedules).await;
-    // Whether a notification was already sent is read from JetStream's copy of the ledger.
-    context.notify = crate::serve_context::notify(
-        config,
-        Arc::new(backstop_ops::notify::JetStreamLookup::new(
-            js.clone(),
-            config.outbox_config().stream,
-        )),
-    )?;
+    // Whether a notification was already sent is asked of the ledger (serve answers; see
+    // ledger::lookup): JetStream's copy lags it, most of all while a NATS node is lost.
+    context.notify =
+        crate::serve_context::notify(config, Arc::new(lookup::RemoteLookup::new(client.clone())))?;
     let handlers = backstop_workers::handlers(&args.only, context).map_err(anyhow::Error::msg)?;
     let mut tasks = JoinSet::new();
     if !schedules.is_empty() && (args.only.is_empty() || args.only.iter().any(|o| o == "scheduler"))

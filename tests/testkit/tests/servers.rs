@@ -6,8 +6,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use backstop_testkit::{
-    Garage, GarageOptions, Nats, Postgres, PostgresOptions, deadline, port_is_free, require_tool,
-    server_tempdir,
+    Garage, GarageOptions, Nats, NatsCluster, Postgres, PostgresOptions, deadline, port_is_free,
+    require_tool, server_tempdir,
 };
 
 /// Polls `check` until it returns true or the kit's deadline passes.
@@ -216,6 +216,54 @@ fn nats_starts_with_jetstream_survives_outages_and_stops() {
     assert!(nats_info(port).contains("\"jetstream\":true"));
 
     drop(nats);
+    assert!(port_is_free(port), "port {port} still taken after drop");
+}
+
+#[test]
+fn nats_cluster_elects_a_leader_survives_a_lost_node_and_stops() {
+    let mut cluster = NatsCluster::start().expect("start a three-node NATS cluster");
+    let urls = cluster.urls();
+    assert_eq!(urls.split(',').count(), 3, "{urls}");
+    let leader = cluster.wait_ready().expect("a meta leader");
+    assert!(NatsCluster::NODES.contains(&leader.as_str()), "{leader}");
+    for name in NatsCluster::NODES {
+        let port: u16 = cluster
+            .url(name)
+            .unwrap()
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let info = nats_info(port);
+        assert!(info.contains("\"jetstream\":true"), "{name}: {info}");
+        assert!(
+            info.contains(&format!("\"server_name\":\"{name}\"")),
+            "{name}: {info}"
+        );
+    }
+
+    // The leader dies; the other two elect a new one among themselves.
+    let port: u16 = cluster
+        .url(&leader)
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    cluster.kill(&leader).unwrap();
+    assert!(!cluster.is_running(&leader));
+    assert!(port_is_free(port), "port {port} still taken after kill");
+    let next = cluster.wait_ready().expect("a new meta leader");
+    assert_ne!(next, leader);
+
+    // Back on the same port, it rejoins.
+    cluster.start_again(&leader).expect("start the node again");
+    assert!(cluster.is_running(&leader));
+    assert!(nats_info(port).contains("\"jetstream\":true"));
+
+    drop(cluster);
     assert!(port_is_free(port), "port {port} still taken after drop");
 }
 

@@ -131,8 +131,9 @@ pub fn sent_id(cause: &Envelope, channel: &str) -> Uuid {
     )
 }
 
-/// Whether an event id is in the ledger: the local [`Ledger`] in `serve`, the JetStream copy
-/// for `backstop worker` ([`JetStreamLookup`]).
+/// Whether an event id is in the ledger: the local [`Ledger`] in `serve`, the ledger asked over
+/// NATS for `backstop worker` ([`backstop_ledger::lookup::RemoteLookup`]). Always the ledger
+/// itself, never JetStream's copy, which lags it (see `backstop_ledger::lookup`).
 #[async_trait]
 pub trait EventLookup: Send + Sync {
     async fn contains(&self, event_id: Uuid) -> Result<bool, LedgerError>;
@@ -145,80 +146,10 @@ impl EventLookup for Ledger {
     }
 }
 
-/// Looks an id up among the `notification.sent` messages the outbox published to JetStream
-/// (subject `backstop.events.notification.sent`), read with an ephemeral ordered consumer.
-/// JetStream lags the ledger by the publication delay (well under a second while NATS is up);
-/// a redelivery comes after the consumer's ack wait (tens of seconds), so the earlier send is
-/// visible by then.
-pub struct JetStreamLookup {
-    pub js: async_nats::jetstream::Context,
-    pub stream: String,
-    pub subject: String,
-    pub deadline: std::time::Duration,
-}
-
-impl JetStreamLookup {
-    pub fn new(js: async_nats::jetstream::Context, stream: impl Into<String>) -> JetStreamLookup {
-        JetStreamLookup {
-            js,
-            stream: stream.into(),
-            subject: "backstop.events.notification.sent".into(),
-            deadline: std::time::Duration::from_secs(30),
-        }
-    }
-}
-
 #[async_trait]
-impl EventLookup for JetStreamLookup {
+impl EventLookup for backstop_ledger::lookup::RemoteLookup {
     async fn contains(&self, event_id: Uuid) -> Result<bool, LedgerError> {
-        use async_nats::jetstream::consumer::{DeliverPolicy, pull};
-        use futures::StreamExt;
-        let nats =
-            |what: &str, e: &dyn std::fmt::Display| LedgerError::Nats(format!("{what}: {e}"));
-        let stream = self
-            .js
-            .get_stream(&self.stream)
-            .await
-            .map_err(|e| nats(&format!("stream {}", self.stream), &e))?;
-        let consumer = stream
-            .create_consumer(pull::OrderedConfig {
-                filter_subject: self.subject.clone(),
-                deliver_policy: DeliverPolicy::All,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| nats("ordered consumer", &e))?;
-        if consumer.cached_info().num_pending == 0 {
-            return Ok(false);
-        }
-        let mut messages = consumer
-            .messages()
-            .await
-            .map_err(|e| nats("messages", &e))?;
-        loop {
-            let next = tokio::time::timeout(self.deadline, messages.next())
-                .await
-                .map_err(|_| {
-                    nats(
-                        "reading notification.sent",
-                        &"no message within the deadline",
-                    )
-                })?;
-            let msg = match next {
-                Some(Ok(m)) => m,
-                Some(Err(e)) => return Err(nats("reading notification.sent", &e)),
-                None => return Ok(false),
-            };
-            let pending = msg.info().map(|i| i.pending).unwrap_or(0);
-            if let Ok(env) = serde_json::from_slice::<Envelope>(&msg.payload)
-                && env.id == event_id
-            {
-                return Ok(true);
-            }
-            if pending == 0 {
-                return Ok(false);
-            }
-        }
+        backstop_ledger::lookup::RemoteLookup::contains(self, event_id).await
     }
 }
 
