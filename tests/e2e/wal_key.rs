@@ -461,7 +461,8 @@ async fn a_database_host_archives_and_restores_wal_with_only_the_wal_key_file() 
 
 /// With NATS reachable, the host's uses of its key file are recorded: `wal-push` appends a
 /// `key.accessed` (actor `worker:wal-push`, reason "... with a key file") beside its
-/// `wal.archived`, into the ledger `serve` holds.
+/// `wal.archived`, into the ledger `serve` holds, signed by the host's identity (a `wal-host`
+/// from `backstop ledger identity new`, so unsigned appends are refused) and inside its grants.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_hosts_key_uses_are_recorded_through_nats() {
     let nats = Nats::start().expect("nats-server");
@@ -482,6 +483,31 @@ async fn the_hosts_key_uses_are_recorded_through_nats() {
             key_file.to_str().unwrap(),
         ],
     );
+    // The host signs its appends as identity db1, whose grants (`--role wal-host`) allow
+    // wal.archived and its key accesses only: the printed parts go into each side's config.
+    let made = site.ok(
+        "admin.toml",
+        &[
+            "ledger",
+            "identity",
+            "new",
+            "db1",
+            "--key-file",
+            site.path("db1.key").to_str().unwrap(),
+            "--role",
+            "wal-host",
+        ],
+    );
+    let (ledger_part, host_part) = made.split_once("# On the wal-host").unwrap();
+    let host_part = host_part.split_once('\n').unwrap().1;
+    let admin = std::fs::read_to_string(site.path("admin.toml")).unwrap();
+    std::fs::write(site.path("admin.toml"), format!("{admin}\n{ledger_part}")).unwrap();
+    let host = std::fs::read_to_string(site.path("host.toml")).unwrap();
+    std::fs::write(
+        site.path("host.toml"),
+        host.replace("[nats]\n", &format!("[nats]\n{host_part}\n")),
+    )
+    .unwrap();
     let mut serve = Process::spawn(
         &site.path("admin-data"),
         &[
@@ -544,6 +570,12 @@ async fn the_hosts_key_uses_are_recorded_through_nats() {
             .as_str()
             .is_some_and(|k| k.starts_with("wal-v1-")),
         "{a}"
+    );
+    // Everything the host sent was inside its grants.
+    let tail = site.ok("admin.toml", &["ledger", "tail", "--json", "--from", "1"]);
+    assert!(
+        !tail.contains("\"access.denied\""),
+        "the host's signed appends were refused: {tail}"
     );
     pg.stop().unwrap();
     serve.terminate();
