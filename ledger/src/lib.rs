@@ -18,12 +18,14 @@
 //!   socket, so the CLI works beside a running serve; remote and local appends share one
 //!   server-side path ([`requests`]).
 //! - [`verify`] walks the chain and the checkpoints; [`outbox`] publishes every committed event
-//!   to JetStream exactly once; [`consumer`] drives workers from either source.
+//!   to JetStream exactly once; [`consumer`] drives workers from either source; [`import`]
+//!   rebuilds a ledger from a verified copy (the repository mirror, `backstop ledger restore`).
 
 pub mod checkpoint;
 pub mod consumer;
 mod error;
 pub mod identity;
+pub mod import;
 pub mod local;
 pub mod lookup;
 pub mod outbox;
@@ -160,6 +162,13 @@ impl Ledger {
     pub fn sign_event(&self, position: u64, hash: &backstop_events::Digest) -> String {
         self.signer
             .sign_statement(&outbox::event_statement(position, hash))
+    }
+
+    /// The ledger's signature (hex) over a statement that is neither a checkpoint nor an
+    /// event (`CheckpointSigner::sign_statement`; e.g. a mirrored segment's header), checked
+    /// with [`checkpoint::verify_statement`] and the ledger's public key.
+    pub fn sign_statement(&self, statement: &[u8]) -> String {
+        self.signer.sign_statement(statement)
     }
 
     /// Why the writer refuses appends, once it has met a storage error (see `writer`).

@@ -11,6 +11,8 @@
 //! | `meta`          | `format`                            | `backstop-ledger/1`                    |
 //! |                 | `head`                              | position u64 + hash 32 bytes           |
 //! |                 | `publication`                       | next position to publish u64           |
+//! |                 | `mirror`                            | next position to mirror u64            |
+//! |                 | `consumer_floor`                    | first position for a new consumer u64  |
 //! |                 | `consumer/NAME`                     | next position for that consumer u64    |
 //! | `checkpoints`   | position u64                        | a signed checkpoint as JSON            |
 //!
@@ -35,6 +37,8 @@ pub const FORMAT: &[u8] = b"backstop-ledger/1";
 pub(crate) const KEY_FORMAT: &[u8] = b"format";
 pub(crate) const KEY_HEAD: &[u8] = b"head";
 pub(crate) const KEY_PUBLICATION: &[u8] = b"publication";
+pub(crate) const KEY_MIRROR: &[u8] = b"mirror";
+pub(crate) const KEY_CONSUMER_FLOOR: &[u8] = b"consumer_floor";
 
 /// The sled database and its trees.
 #[derive(Clone)]
@@ -246,13 +250,53 @@ impl Store {
         Ok(())
     }
 
+    /// The next position the repository mirror will upload (1 when nothing was mirrored).
+    pub fn mirror_cursor(&self) -> Result<u64, LedgerError> {
+        Ok(self
+            .meta
+            .get(KEY_MIRROR)?
+            .and_then(|v| read_u64(&v))
+            .unwrap_or(1))
+    }
+
+    /// Sets the next position to mirror, and flushes: the mirror calls it only after the
+    /// segment up to `next - 1` is durable in the repository, so the cursor never runs ahead of
+    /// the bucket.
+    pub async fn set_mirror_cursor_durable(&self, next: u64) -> Result<(), LedgerError> {
+        self.set_mirror_cursor(next)?;
+        self.flush().await
+    }
+
+    pub(crate) fn set_mirror_cursor(&self, next: u64) -> Result<(), LedgerError> {
+        self.meta.insert(KEY_MIRROR, &u64_key(next))?;
+        Ok(())
+    }
+
+    /// Where a consumer with no cursor starts: 1, or after the history a restored ledger was
+    /// rebuilt with (handled on the machine that was lost; see `import`).
+    pub fn consumer_floor(&self) -> Result<u64, LedgerError> {
+        Ok(self
+            .meta
+            .get(KEY_CONSUMER_FLOOR)?
+            .and_then(|v| read_u64(&v))
+            .unwrap_or(1))
+    }
+
+    pub(crate) fn set_consumer_floor(&self, next: u64) -> Result<(), LedgerError> {
+        self.meta.insert(KEY_CONSUMER_FLOOR, &u64_key(next))?;
+        Ok(())
+    }
+
     /// The next position a named in-process consumer will handle.
     pub fn consumer_cursor(&self, name: &str) -> Result<u64, LedgerError> {
-        Ok(self
+        match self
             .meta
             .get(format!("consumer/{name}"))?
             .and_then(|v| read_u64(&v))
-            .unwrap_or(1))
+        {
+            Some(next) => Ok(next),
+            None => self.consumer_floor(),
+        }
     }
 
     pub(crate) fn set_consumer_cursor(&self, name: &str, next: u64) -> Result<(), LedgerError> {

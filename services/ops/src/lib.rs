@@ -24,6 +24,8 @@
 //! - [`lease`]: running jobs' leases, and the monitor that records abandoned ones;
 //! - [`notify`]: email and webhook notifications of alerts, recoveries, successes and reports;
 //! - [`keys`]: every data-key unwrap recorded as `key.accessed`;
+//! - [`ledger_mirror`]: the ledger mirrored into the repository as sealed segments, and rebuilt
+//!   from them (`ledger restore`);
 //! - [`schedule`], [`retention`]: when backups run, and which are kept;
 //! - [`forget`]: retention carried out (decisions recorded, backups deleted) and the prune;
 //! - [`throttle`]: the trading-hours bandwidth cap on a backup's reads;
@@ -42,6 +44,7 @@ pub mod forget;
 pub mod health;
 pub mod keys;
 pub mod lease;
+pub mod ledger_mirror;
 pub mod notify;
 pub mod parts;
 pub mod record;
