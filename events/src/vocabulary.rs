@@ -382,10 +382,24 @@ vocabulary! {
     ReencryptionStarted = "reencryption.started" v 1 {
         job_id: Uuid, purpose: String, from_key_id: String, to_key_id: String, backups: u64,
     }
+    /// One backup of a re-encryption job checkpointed: `objects` chunks re-sealed for it (0 when
+    /// it was already on the job's keys), `manifest_sha3` the SHA3-256 of its rewritten
+    /// manifest (empty when not rewritten), and the job's count so far.
     ReencryptionProgressed = "reencryption.progressed" v 1 {
         job_id: Uuid, backup_id: Uuid, objects: u64,
+        #[serde(default)] bytes: u64,
+        #[serde(default)] manifest_sha3: String,
+        #[serde(default)] backups_done: u64,
+        #[serde(default)] backups_total: u64,
     }
-    ReencryptionCompleted = "reencryption.completed" v 1 { job_id: Uuid, objects: u64 }
+    ReencryptionCompleted = "reencryption.completed" v 1 {
+        job_id: Uuid, objects: u64,
+        #[serde(default)] bytes: u64,
+        #[serde(default)] backups: u64,
+    }
+    /// A key version nothing in the repository is sealed with any more was retired (it is
+    /// kept, and still unwraps; nothing new is sealed with it).
+    KeyRetired = "key.retired" v 1 { purpose: String, key_id: String, version: u32 }
     ReencryptionFailed = "reencryption.failed" v 1 { job_id: Uuid, reason: String }
 
     RecoveryRequested = "recovery.requested" v 1 {

@@ -24,6 +24,7 @@
 //! - [`lease`]: running jobs' leases, and the monitor that records abandoned ones;
 //! - [`notify`]: email and webhook notifications of alerts, recoveries, successes and reports;
 //! - [`keys`]: every data-key unwrap recorded as `key.accessed`;
+//! - [`rotation`]: key rotation (every 90 days by default), re-encryption and retirement;
 //! - [`ledger_mirror`]: the ledger mirrored into the repository as sealed segments, and rebuilt
 //!   from them (`ledger restore`);
 //! - [`schedule`], [`retention`]: when backups run, and which are kept;
@@ -51,6 +52,7 @@ pub mod record;
 pub mod report;
 pub mod restore;
 pub mod retention;
+pub mod rotation;
 pub mod schedule;
 pub mod storage_probe;
 pub mod throttle;
