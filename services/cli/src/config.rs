@@ -185,6 +185,10 @@ pub struct LedgerSection {
     pub checkpoint_every: Option<u64>,
     /// ... or every N seconds, whichever comes first (default 10).
     pub checkpoint_seconds: Option<u64>,
+    /// Mirror committed events into the repository every N seconds (default 5), and at
+    /// shutdown, as sealed segments under `ledger/` (`backstop ledger restore` rebuilds the
+    /// ledger from them). 0 turns the mirror off.
+    pub mirror_seconds: Option<u64>,
     /// The ledger's public key (hex, `backstop ledger pubkey`), pinned: `ledger verify` checks
     /// the signed checkpoints against it, and `serve` refuses to start with another signing key.
     pub public_key: Option<String>,

@@ -1,13 +1,15 @@
-//! `backstop ledger ...`: tail, verify, stats, pubkey, append, identity new.
+//! `backstop ledger ...`: tail, verify, stats, pubkey, append, identity new, restore.
 //!
 //! These open the ledger directly; while a `backstop serve` holds it, tail and append go through
-//! its control socket (`crate::control`), and verify, stats and pubkey say to stop it.
+//! its control socket (`crate::control`), and verify, stats and pubkey say to stop it. `restore`
+//! rebuilds a lost ledger from the segments `serve` mirrors into the repository
+//! (`backstop_ops::ledger_mirror`), into a data directory that holds no ledger.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use backstop_events::{Actor, Envelope, NewEvent, now_micros, uuid_v7};
-use backstop_ledger::{ExpectedVersion, verify};
+use backstop_ledger::{Appender, ExpectedVersion, verify};
 use clap::Subcommand;
 
 use crate::config::Config;
@@ -44,6 +46,22 @@ pub enum LedgerCommand {
     },
     /// Print the public key that verifies this ledger's checkpoints (hex).
     Pubkey,
+    /// Rebuild the ledger from the segments mirrored into the repository (after the data
+    /// directory was lost): checks the chain and every signature, then writes a new ledger into
+    /// --data-dir, which must hold none.
+    Restore {
+        #[command(flatten)]
+        repo: crate::wiring::RepoArgs,
+        /// The public key the checkpoints must be signed with (hex); default [ledger] public_key,
+        /// else the key the segments name (with a warning).
+        #[arg(long)]
+        pubkey: Option<String>,
+        #[arg(long)]
+        json: bool,
+        /// Who is restoring, recorded with the key access as operator:NAME.
+        #[arg(long, default_value_t = crate::identity::operator())]
+        operator: String,
+    },
     /// Append identities for workers and database hosts: `ledger identity new NAME`.
     #[command(subcommand)]
     Identity(IdentityCommand),
@@ -162,6 +180,15 @@ pub async fn run(
         new_identity(name, key_file, role)?;
         return Ok(std::process::ExitCode::SUCCESS);
     }
+    if let LedgerCommand::Restore {
+        repo,
+        pubkey,
+        json,
+        operator,
+    } = cmd
+    {
+        return restore(config, data_dir, &repo, pubkey, json, &operator).await;
+    }
     let ledger_config = config.ledger_config(data_dir);
     if !ledger_config.path.join("db").exists() && !matches!(cmd, LedgerCommand::Append { .. }) {
         anyhow::bail!(
@@ -257,8 +284,10 @@ pub async fn run(
             println!("{}", ledger.opened("pubkey")?.public_key());
             std::process::ExitCode::SUCCESS
         }
-        // Answered above, before the ledger is opened: it needs none.
-        LedgerCommand::Identity(_) => std::process::ExitCode::SUCCESS,
+        // Answered above, before the ledger is opened: they need none.
+        LedgerCommand::Identity(_) | LedgerCommand::Restore { .. } => {
+            std::process::ExitCode::SUCCESS
+        }
         LedgerCommand::Append {
             stream,
             event_type,
@@ -300,6 +329,101 @@ pub async fn run(
     };
     ledger.close().await;
     Ok(code)
+}
+
+/// `backstop ledger restore` (module docs; docs/RUNBOOK.md, "The ledger's machine is lost").
+async fn restore(
+    config: &Config,
+    data_dir: &Path,
+    repo_args: &crate::wiring::RepoArgs,
+    pubkey: Option<String>,
+    json: bool,
+    operator: &str,
+) -> anyhow::Result<std::process::ExitCode> {
+    use backstop_ops::ledger_mirror;
+    let ledger_config = config.ledger_config(data_dir);
+    ledger_mirror::check_target(&ledger_config.path)?;
+    // The restored ledger goes on signing with the key that signed it: check it is here before
+    // downloading anything (and never make a new one, as opening a ledger would).
+    let key_path = &ledger_config.signing_key;
+    if !key_path.exists() {
+        anyhow::bail!(
+            "the ledger's signing key is not at {}: copy the key file that signed the lost ledger there (mode 0600; it is kept outside the data directory, e.g. with the master key's copy), then run the restore again; nothing was restored",
+            key_path.display()
+        );
+    }
+    let signer = backstop_ledger::CheckpointSigner::load_or_create(key_path)?;
+    let pinned = pubkey.or_else(|| config.ledger.public_key.clone());
+    let master = crate::wiring::master_key(config, repo_args)?;
+    let loc = crate::wiring::location(config, data_dir, repo_args)?;
+    let backend = loc
+        .open(Some(crate::wiring::s3_settings(config)))
+        .await
+        .with_context(|| format!("cannot reach the repository {loc}"))?;
+    let (tx, mut accesses) = tokio::sync::mpsc::unbounded_channel::<backstop_repo::KeyAccess>();
+    let repo = backstop_repo::Repository::open(backend, &master, std::sync::Arc::new(tx))
+        .await?
+        .with_access(
+            Actor::operator(operator).to_string(),
+            "restoring the ledger from its mirror (ledger restore)",
+        );
+    let staged = ledger_mirror::restore(&repo, &ledger_config.path, pinned.as_deref()).await?;
+    if !staged
+        .report
+        .public_key
+        .eq_ignore_ascii_case(&signer.public_key_hex())
+    {
+        anyhow::bail!(
+            "the signing key at {} (public key {}) is not the one that signed the mirrored ledger ({}): copy that key file there and run the restore again; nothing was restored",
+            key_path.display(),
+            signer.public_key_hex(),
+            staged.report.public_key
+        );
+    }
+    let report = staged.commit()?;
+    drop(repo);
+    // The restore's unwrap of the ledger key, recorded in the ledger it rebuilt.
+    let ledger = backstop_ledger::Ledger::open(&ledger_config)?;
+    let mut recorded = 0u64;
+    while let Ok(access) = accesses.try_recv() {
+        let e = backstop_ops::keys::key_access_event(&access);
+        let stream = e.stream.clone();
+        ledger
+            .append(&stream, ExpectedVersion::Any, vec![e])
+            .await?;
+        recorded += 1;
+    }
+    let head = ledger.head().position;
+    ledger.close().await;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
+    if !report.pinned {
+        eprintln!(
+            "warning: the signatures were checked against the key the segments name ({}); pin it ([ledger] public_key, or --pubkey) so that segments re-signed with another key are caught",
+            report.public_key
+        );
+    }
+    println!(
+        "ledger restored from {} segments of {loc}: every event up to position {} (hash {}), chain verified",
+        report.segments, report.last_position, report.last_hash
+    );
+    match report.last_checkpoint {
+        Some(c) => println!(
+            "signed checkpoints verified: {}, the last at position {c}; every segment's signature verified",
+            report.checkpoints
+        ),
+        None => println!("no checkpoint in the segments; every segment's signature verified"),
+    }
+    if recorded > 0 {
+        println!("the restore's key access recorded at position {head}");
+    }
+    println!(
+        "anything committed after the last mirrored segment was lost with the machine; start `backstop serve` to go on from position {}",
+        head + 1
+    );
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 async fn tail(

@@ -133,6 +133,34 @@ pub async fn serve(
         let (ledger, shutdown) = (ledger.clone(), shutdown.clone());
         tasks.spawn(async move { ledger.failed(shutdown).await });
     }
+    // The ledger survives its machine: committed events are mirrored into the repository as
+    // sealed segments every [ledger] mirror_seconds and at shutdown (ops::ledger_mirror);
+    // `backstop ledger restore` rebuilds the ledger from them.
+    let mirror_every = config
+        .ledger
+        .mirror_seconds
+        .map(std::time::Duration::from_secs)
+        .unwrap_or(backstop_ops::ledger_mirror::DEFAULT_EVERY);
+    match &wal_repo {
+        Some(repo) if !mirror_every.is_zero() => {
+            let repo = repo.with_access(
+                backstop_events::Actor::worker("ledger-mirror").to_string(),
+                "mirroring the ledger into the repository",
+            );
+            tasks.spawn(backstop_ops::ledger_mirror::run(
+                ledger.clone(),
+                repo,
+                mirror_every,
+                shutdown.clone(),
+            ));
+        }
+        Some(_) => tracing::warn!(
+            "[ledger] mirror_seconds = 0: the ledger is not mirrored into the repository, and losing the data directory loses its history"
+        ),
+        None => tracing::warn!(
+            "no repository open: the ledger is not mirrored, and losing the data directory loses its history"
+        ),
+    }
     if let Some(repo) = wal_repo {
         let every = std::time::Duration::from_secs(60);
         tasks.spawn(backstop_ops::wal::wal_catch_up_loop(
