@@ -161,12 +161,24 @@ async fn publish_until_error(
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
     observe: Option<&tokio::sync::mpsc::UnboundedSender<Published>>,
 ) -> Result<(), LedgerError> {
-    let mut stream = ensure_stream(js, config).await?;
-    let info = stream
-        .info()
-        .await
-        .map_err(|e| LedgerError::Nats(format!("stream info: {e}")))?;
-    let last_sequence = info.state.last_sequence;
+    let opened = tokio::time::timeout(RESUME_TIMEOUT, async {
+        let mut stream = ensure_stream(js, config).await?;
+        let last_sequence = stream
+            .info()
+            .await
+            .map_err(|e| LedgerError::Nats(format!("stream info: {e}")))?
+            .state
+            .last_sequence;
+        Ok::<_, LedgerError>((stream, last_sequence))
+    })
+    .await
+    .map_err(|_| {
+        LedgerError::Nats(format!(
+            "stream {} did not answer within {RESUME_TIMEOUT:?} (is its leader being elected after a NATS node was lost?)",
+            config.stream
+        ))
+    })?;
+    let (stream, last_sequence) = opened?;
     let floor = ledger.store().publication_cursor()?.saturating_sub(1);
     let published = last_genuine(ledger, &stream, last_sequence, floor, &config.stream).await?;
     let mut next = published + 1;
@@ -221,6 +233,13 @@ async fn publish_until_error(
         }
     }
 }
+
+/// How long a (re)start of publication waits for the stream's state. Shorter than the client's
+/// request timeout on purpose: right after a NATS node is lost the stream has no leader until the
+/// other nodes elect one (a few seconds), a request sent meanwhile is never answered, and asking
+/// again soon (with the run loop's backoff) finds the new leader sooner than waiting out the
+/// full timeout. Both requests are reads or a create-if-missing, so giving one up is harmless.
+const RESUME_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Most publishes awaiting their ack at once. async-nats allows 5,000 pending acks per context
 /// and makes `send_publish` wait for a free one; staying below that (with a batch of at most 512

@@ -16,6 +16,7 @@
 //! Then: every alert has exactly one `notification.sent` and exactly one webhook post (none
 //! lost, none handled twice), both processes handled some, nothing was refused or
 //! dead-lettered, and the stream holds every ledger event, byte for byte, at its position.
+//! Last, the lost node is started again and must become a current replica of the stream.
 
 mod support;
 
@@ -409,8 +410,34 @@ async fn a_lost_nats_node_loses_nothing_repeats_nothing_and_the_work_stays_share
         "the stream has a new leader: {new_leader:?}"
     );
 
+    // The lost node comes back (same name, same store) and catches up its replica.
+    let back = Instant::now();
+    tokio::task::block_in_place(|| cluster.start_again(&leader)).expect("restart the lost node");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let info = stream.info().await.expect("stream info").clone();
+        let peers = info
+            .cluster
+            .as_ref()
+            .map(|c| c.replicas.clone())
+            .unwrap_or_default();
+        if peers.len() == 2 && peers.iter().all(|p| p.current && !p.offline) {
+            assert!(
+                peers.iter().any(|p| p.name == leader),
+                "{leader} is a replica again: {peers:?}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{leader} did not catch up within 60 s of its restart: {peers:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rejoined = back.elapsed();
+
     eprintln!(
-        "cluster figures: burst {BURST} alerts ({} before the kill, {} after); handled by worker a {by_a}, worker b {by_b}; killed {leader} (stream leader; consumer leader {consumer_leader:?}) after {handled_at_kill} were handled; first handled event after the kill {first_after_kill:?}; all handled {drained:?} after the kill, {total:?} from the burst's start; new stream leader {new_leader:?}; stream last sequence {} = ledger head {head}",
+        "cluster figures: burst {BURST} alerts ({} before the kill, {} after); handled by worker a {by_a}, worker b {by_b}; killed {leader} (stream leader; consumer leader {consumer_leader:?}) after {handled_at_kill} were handled; first handled event after the kill {first_after_kill:?}; all handled {drained:?} after the kill, {total:?} from the burst's start; new stream leader {new_leader:?}; stream last sequence {} = ledger head {head}; {leader} restarted and current again in {rejoined:?}",
         BURST / 2,
         BURST - BURST / 2,
         state.last_sequence
