@@ -310,6 +310,10 @@ pub struct Stats {
     pub publication_cursor: u64,
     /// Committed events not yet published.
     pub publication_lag: u64,
+    /// The next position the repository mirror will upload (`backstop_ops::ledger_mirror`).
+    pub mirror_cursor: u64,
+    /// Committed events not yet mirrored into the repository.
+    pub mirror_lag: u64,
     pub consumers: Vec<(String, u64)>,
     pub public_key: String,
 }
@@ -331,6 +335,8 @@ impl Ledger {
             last_checkpoint,
             publication_cursor: cursor,
             publication_lag: (head.position + 1).saturating_sub(cursor),
+            mirror_cursor: self.store.mirror_cursor()?,
+            mirror_lag: (head.position + 1).saturating_sub(self.store.mirror_cursor()?),
             consumers: self.store.consumer_cursors()?,
             public_key: self.public_key.to_string(),
         })

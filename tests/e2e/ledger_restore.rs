@@ -152,6 +152,13 @@ fn the_data_directory_deleted_ledger_restore_gives_every_mirrored_event_back_and
     assert_eq!(access.actor.to_string(), "operator:e2e-restore");
     assert_eq!(access.prev_hash, after[last as usize - 1].hash);
 
+    // The mirror goes on after the restored head: only the restore's own event is to upload.
+    let out = run(&data, &["--config", &cfg, "ledger", "stats", "--json"]);
+    assert!(out.status.success(), "stats: {}", stderr(&out));
+    let stats: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(stats["mirror_cursor"].as_u64(), Some(last + 1), "{stats}");
+    assert_eq!(stats["mirror_lag"].as_u64(), Some(1), "{stats}");
+
     // A second restore into the rebuilt data directory is refused, and changes nothing.
     let again = run(&data, &["--config", &cfg, "ledger", "restore"]);
     assert!(!again.status.success());

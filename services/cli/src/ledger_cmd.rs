@@ -39,7 +39,7 @@ pub enum LedgerCommand {
         #[arg(long)]
         pubkey: Option<String>,
     },
-    /// Positions, streams, checkpoints, the publication cursor and lag.
+    /// Positions, streams, checkpoints, the publication and mirror cursors and their lags.
     Stats {
         #[arg(long)]
         json: bool,
@@ -270,6 +270,10 @@ pub async fn run(
                     s.publication_cursor
                 );
                 println!("publication lag     {} events", s.publication_lag);
+                println!(
+                    "mirror cursor       {} (next position to mirror into the repository; lag {} events)",
+                    s.mirror_cursor, s.mirror_lag
+                );
                 for (name, next) in &s.consumers {
                     println!(
                         "consumer {name:<12} next {next} (lag {})",
