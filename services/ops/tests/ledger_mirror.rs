@@ -382,3 +382,66 @@ async fn a_wrong_pinned_key_or_a_non_empty_target_is_refused() {
     assert!(matches!(err, MirrorError::NotEmpty { .. }), "{err}");
     assert!(dest.join("something").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_garage_the_bucket_alone_gives_the_ledger_back() {
+    let garage = backstop_testkit::Garage::start().expect("start Garage");
+    let settings = backstop_repo::S3Settings {
+        endpoint: Some(garage.endpoint()),
+        region: Some(garage.region().to_string()),
+        access_key: Some(garage.access_key().to_string()),
+        secret_key: Some(garage.secret_key().to_string()),
+        ..Default::default()
+    };
+    let location =
+        backstop_repo::Location::parse(&format!("s3://{}/repo", garage.bucket())).unwrap();
+    let backend = location.open(Some(settings.clone())).await.unwrap();
+    let repo = Repository::init(
+        backend,
+        &MasterKey::from_bytes([7; 64]),
+        RepoParams::default(),
+        Arc::new(backstop_repo::KeyAccessLog::new()),
+    )
+    .await
+    .unwrap();
+    let w = World::new();
+    let ledger = Ledger::open(&w.ledger_config()).unwrap();
+    append(&ledger, 1, 12).await;
+    mirror_once(&ledger, &repo).await.unwrap();
+    // A crash before the cursor moved: the S3 listing of `ledger/<cursor>-` finds the segment.
+    ledger.store().set_mirror_cursor_durable(1).await.unwrap();
+    append(&ledger, 13, 3).await;
+    let round = mirror_once(&ledger, &repo).await.unwrap();
+    assert_eq!(round.len(), 2, "{round:?}");
+    assert!(!round[0].uploaded && round[1].uploaded, "{round:?}");
+    let original = ledger.store().range(1, usize::MAX).unwrap();
+    let public_key = ledger.public_key().to_string();
+    ledger.close().await;
+    std::fs::remove_dir_all(&w.data_dir).unwrap();
+
+    // A new machine: only the bucket, the master key and the signing key.
+    let backend = location.open(Some(settings)).await.unwrap();
+    let repo = repository_on(backend).await;
+    let report = ledger_mirror::restore(&repo, &w.data_dir.join("ledger"), Some(&public_key))
+        .await
+        .unwrap()
+        .commit()
+        .unwrap();
+    assert_eq!(report.last_position, 15);
+    assert_eq!(report.segments, 2);
+    let ledger = Ledger::open(&w.ledger_config()).unwrap();
+    assert_eq!(ledger.store().range(1, usize::MAX).unwrap(), original);
+    let v = verify::verify(ledger.store(), &public_key).unwrap();
+    assert!(v.ok(), "{:?}", v.problems);
+    ledger.close().await;
+}
+
+async fn repository_on(backend: Arc<dyn backstop_repo::Backend>) -> Repository {
+    Repository::open(
+        backend,
+        &MasterKey::from_bytes([7; 64]),
+        Arc::new(backstop_repo::KeyAccessLog::new()),
+    )
+    .await
+    .unwrap()
+}
