@@ -32,6 +32,12 @@ pub enum KeyCommand {
     /// Export one purpose's key to a file for a host that needs only it (today: `wal`, for a
     /// database host's wal-push and wal-fetch). The file cannot open backups.
     Export(KeyExportArgs),
+    /// Make new key versions (default: database and files) and re-seal every backup with them.
+    Rotate(crate::key_rotate_cmd::KeyRotateArgs),
+    /// Run the re-encryption job to its end, resuming the unfinished one (`--status`: show it).
+    Reencrypt(crate::key_rotate_cmd::KeyReencryptArgs),
+    /// Retire the key versions nothing in the repository is sealed with any more.
+    Retire(crate::key_rotate_cmd::KeyRetireArgs),
 }
 
 #[derive(Args)]
@@ -58,6 +64,11 @@ pub async fn run(config: &Config, data_dir: &Path, cmd: KeyCommand) -> anyhow::R
     match cmd {
         KeyCommand::List(args) => list(config, data_dir, args).await,
         KeyCommand::Export(args) => export(config, data_dir, args).await,
+        KeyCommand::Rotate(args) => crate::key_rotate_cmd::rotate_cmd(config, data_dir, args).await,
+        KeyCommand::Reencrypt(args) => {
+            crate::key_rotate_cmd::reencrypt_cmd(config, data_dir, args).await
+        }
+        KeyCommand::Retire(args) => crate::key_rotate_cmd::retire_cmd(config, data_dir, args).await,
     }
 }
 

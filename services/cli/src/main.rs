@@ -15,6 +15,7 @@ mod forget_cmd;
 mod identity;
 mod init_cmd;
 mod key_cmd;
+mod key_rotate_cmd;
 mod ledger_cmd;
 mod notify_cmd;
 mod projections_cmd;
@@ -143,7 +144,8 @@ enum Command {
     /// The WAL archive: continuity and checksums.
     #[command(subcommand)]
     Wal(wal_cmd::WalCommand),
-    /// The repository's data keys: list them, export one purpose's key to a host.
+    /// The repository's data keys: list them, export one purpose's key to a host, rotate them
+    /// and re-encrypt the backups, retire unused versions.
     #[command(subcommand)]
     Key(key_cmd::KeyCommand),
 }
