@@ -537,12 +537,16 @@ async fn apply_event(
             .execute(&mut *conn)
             .await?;
         }
-        Event::KeyRotated(e) => {
+        // A rotation does not retire the old version: it still opens what it sealed until
+        // re-encryption re-seals that and a retirement scan finds nothing left (`key.retired`).
+        Event::KeyRetired(e) => {
             sqlx::query("UPDATE keys SET retired_at = $2 WHERE key_id = $1 AND retired_at IS NULL")
-                .bind(&e.old_key_id)
+                .bind(&e.key_id)
                 .bind(at)
                 .execute(&mut *conn)
                 .await?;
+        }
+        Event::KeyRotated(e) => {
             sqlx::query(
                 "INSERT INTO keys (key_id, purpose, version, created_at) VALUES ($1, $2, $3, $4) \
                  ON CONFLICT (key_id) DO NOTHING",
