@@ -77,6 +77,35 @@ pub struct SignedBy {
     pub signature_hex: String,
 }
 
+impl SignedBy {
+    /// The three headers that carry it.
+    pub fn to_headers(&self) -> async_nats::HeaderMap {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(IDENTITY_HEADER, self.identity.as_str());
+        h.insert(SIGNED_AT_HEADER, self.signed_at_micros.to_string().as_str());
+        h.insert(SIGNATURE_HEADER, self.signature_hex.as_str());
+        h
+    }
+
+    /// What a message's headers say; `None` when it carries none of the three. A missing or
+    /// garbled time or signature is kept as one that fails verification, not as "unsigned".
+    pub fn from_headers(headers: &async_nats::HeaderMap) -> Option<SignedBy> {
+        let get = |name: &str| headers.get(name).map(|v| v.as_str().to_string());
+        match (
+            get(IDENTITY_HEADER),
+            get(SIGNED_AT_HEADER),
+            get(SIGNATURE_HEADER),
+        ) {
+            (None, None, None) => None,
+            (identity, at, signature) => Some(SignedBy {
+                identity: identity.unwrap_or_default(),
+                signed_at_micros: at.and_then(|a| a.parse().ok()).unwrap_or(i64::MIN),
+                signature_hex: signature.unwrap_or_default(),
+            }),
+        }
+    }
+}
+
 /// An identity's private half: its name and its ed25519 key.
 pub struct AppendSigner {
     name: String,

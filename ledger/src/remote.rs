@@ -27,8 +27,7 @@ use tokio::sync::Semaphore;
 
 use crate::error::LedgerError;
 use crate::identity::{
-    AppendPolicy, AppendSigner, Denial, DenialAggregate, DenialRecord, IDENTITY_HEADER,
-    SIGNATURE_HEADER, SIGNED_AT_HEADER, SignedBy,
+    AppendPolicy, AppendSigner, Denial, DenialAggregate, DenialRecord, SignedBy,
 };
 pub use crate::requests::{AppendReply, AppendRequest};
 use crate::{Appended, Appender, ExpectedVersion, Ledger, requests};
@@ -131,25 +130,7 @@ fn authorize(
     if policy.is_open() {
         return Ok(());
     }
-    let header = |name: &str| {
-        msg.headers
-            .as_ref()
-            .and_then(|h| h.get(name))
-            .map(|v| v.as_str().to_string())
-    };
-    let signed = match (
-        header(IDENTITY_HEADER),
-        header(SIGNED_AT_HEADER),
-        header(SIGNATURE_HEADER),
-    ) {
-        (None, None, None) => None,
-        (identity, at, signature) => Some(SignedBy {
-            identity: identity.unwrap_or_default(),
-            // A missing or garbled time or signature fails the signature check below.
-            signed_at_micros: at.and_then(|a| a.parse().ok()).unwrap_or(i64::MIN),
-            signature_hex: signature.unwrap_or_default(),
-        }),
-    };
+    let signed = msg.headers.as_ref().and_then(SignedBy::from_headers);
     // The grants need the decoded request; a body that does not decode is refused here only if
     // its signature fails, else it is answered `malformed` by the usual path.
     match serde_json::from_slice::<AppendRequest>(&msg.payload) {
@@ -231,17 +212,10 @@ impl RemoteLedger {
     /// client has an identity. Each attempt is signed afresh, so a retry after an outage is not
     /// refused as a replay.
     pub async fn request_raw(&self, body: Vec<u8>) -> Result<AppendReply, LedgerError> {
-        let headers = self.signer.as_ref().map(|s| {
-            let signed = s.sign(&body, Utc::now());
-            let mut h = async_nats::HeaderMap::new();
-            h.insert(IDENTITY_HEADER, signed.identity.as_str());
-            h.insert(
-                SIGNED_AT_HEADER,
-                signed.signed_at_micros.to_string().as_str(),
-            );
-            h.insert(SIGNATURE_HEADER, signed.signature_hex.as_str());
-            h
-        });
+        let headers = self
+            .signer
+            .as_ref()
+            .map(|s| s.sign(&body, Utc::now()).to_headers());
         let request = async {
             match headers {
                 Some(h) => {

@@ -5,9 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backstop_events::{AccessDenied, Actor, Event, NewEvent, WalArchived, now_micros, uuid_v7};
-use backstop_ledger::identity::{
-    AppendPolicy, AppendSigner, Grant, IDENTITY_HEADER, SIGNATURE_HEADER, SIGNED_AT_HEADER,
-};
+use backstop_ledger::identity::{AppendPolicy, AppendSigner, Grant};
 use backstop_ledger::remote::{self, APPEND_SUBJECT, AppendReply, RemoteLedger};
 use backstop_ledger::{Appender, ExpectedVersion, Ledger, LedgerConfig, LedgerError};
 use backstop_testkit::Nats;
@@ -180,13 +178,7 @@ async fn only_listed_identities_append_and_only_what_they_are_granted() {
     let send = |body: Vec<u8>, signed: backstop_ledger::identity::SignedBy| {
         let client = client.clone();
         async move {
-            let mut h = async_nats::HeaderMap::new();
-            h.insert(IDENTITY_HEADER, signed.identity.as_str());
-            h.insert(
-                SIGNED_AT_HEADER,
-                signed.signed_at_micros.to_string().as_str(),
-            );
-            h.insert(SIGNATURE_HEADER, signed.signature_hex.as_str());
+            let h = signed.to_headers();
             let reply = client
                 .request_with_headers(APPEND_SUBJECT, h, body.into())
                 .await
