@@ -16,8 +16,9 @@
 //! - Segments are write-once and gapless: each starts at the mirror cursor (`meta/mirror` in
 //!   sled), which moves past a segment only after `put_blob` has read it back and the cursor is
 //!   flushed. A crash between the upload and the cursor leaves a segment that starts at the
-//!   cursor; the next round finds it by listing `ledger/<cursor>-`, checks it and moves the
-//!   cursor past it instead of writing a second, overlapping one.
+//!   cursor; the first round after a start (or after a failed round) finds it by listing
+//!   `ledger/<cursor>-`, checks it and moves the cursor past it instead of writing a second,
+//!   overlapping one.
 //! - A segment holds only flushed (acknowledged) events: it is cut at the ledger's committed
 //!   head.
 //! - Restore checks, before anything is marked restored: segment names are gapless from 1; each
@@ -194,6 +195,18 @@ pub struct Mirrored {
 /// [`MAX_SEGMENT_EVENTS`], and returns what it wrote. `repo` should be a handle made with
 /// `with_access` for the mirror, so that its key access is recorded once.
 pub async fn mirror_once(ledger: &Ledger, repo: &Repository) -> Result<Vec<Mirrored>, MirrorError> {
+    mirror_round(ledger, repo, true).await
+}
+
+/// [`mirror_once`], looking for a segment already at the cursor only when `probe` is set. A
+/// segment can be at the cursor only after a crash or a failed round (module docs), so
+/// [`run`] probes on its first round and after a failure, and saves a listing per segment
+/// otherwise.
+pub async fn mirror_round(
+    ledger: &Ledger,
+    repo: &Repository,
+    mut probe: bool,
+) -> Result<Vec<Mirrored>, MirrorError> {
     let store = ledger.store();
     let mut done = Vec::new();
     loop {
@@ -203,11 +216,15 @@ pub async fn mirror_once(ledger: &Ledger, repo: &Repository) -> Result<Vec<Mirro
         if next > head.position {
             return Ok(done);
         }
-        if let Some(found) = existing_segment(repo, next).await? {
-            tracing::info!(segment = %found.path, "ledger segment already mirrored; moving the cursor past it");
-            store.set_mirror_cursor_durable(found.last + 1).await?;
-            done.push(found);
-            continue;
+        if probe {
+            if let Some(found) = existing_segment(repo, next).await? {
+                tracing::info!(segment = %found.path, "ledger segment already mirrored; moving the cursor past it");
+                store.set_mirror_cursor_durable(found.last + 1).await?;
+                done.push(found);
+                continue;
+            }
+            // Segments are written in position order: none lies beyond the first one missing.
+            probe = false;
         }
         let events: Vec<Envelope> = store
             .range(next, MAX_SEGMENT_EVENTS)?
@@ -391,9 +408,12 @@ pub async fn run(
     every: Duration,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), LedgerError> {
+    let mut probe = true;
     loop {
         let stopping = *shutdown.borrow();
-        match mirror_once(&ledger, &repo).await {
+        let round = mirror_round(&ledger, &repo, probe).await;
+        probe = round.is_err();
+        match round {
             Ok(done) if !done.is_empty() => tracing::debug!(
                 segments = done.len(),
                 last = done.last().map(|m| m.last),
