@@ -363,6 +363,19 @@ pub async fn alerts(
     Ok(Json(state.projections()?.open_alerts(limit).await?))
 }
 
+/// Re-encryption jobs and their progress (`reencryption.*`), newest first. On the public
+/// dashboard the failure `reason` is blanked like every error text.
+pub async fn reencryption(
+    State(state): State<ApiState>,
+    ctx: Ctx,
+    params: Params,
+) -> Result<Json<Vec<backstop_projections::read::ReencryptionJobRow>>, ApiError> {
+    params.only(&["limit"])?;
+    let limit = params.uint("limit", 20, 1, 1000)? as u32;
+    state.authorize(&ctx, Need::Dashboard).await?;
+    Ok(Json(state.projections()?.reencryption_jobs(limit).await?))
+}
+
 /// The audit filter from query parameters (shared by the JSON API and the audit page).
 pub(crate) fn audit_filter(params: &Params) -> Result<AuditFilter, ApiError> {
     params.only(&["type", "actor", "stream", "from", "to", "before", "limit"])?;

@@ -714,6 +714,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/storage/connectivity", get(handlers::connectivity))
         .route("/api/recovery-estimate", get(handlers::recovery_estimate))
         .route("/api/alerts", get(handlers::alerts))
+        .route("/api/reencryption", get(handlers::reencryption))
         .route("/api/audit", get(handlers::audit))
         .route("/api/audit/export", get(handlers::audit_export))
         .route("/api/events/stream", get(live::stream))

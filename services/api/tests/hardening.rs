@@ -597,6 +597,7 @@ async fn an_anonymous_viewer_of_the_public_dashboard_sees_statuses_not_who_or_wh
         "/api/verifications".to_string(),
         "/api/storage/connectivity".to_string(),
         "/api/alerts".to_string(),
+        "/api/reencryption".to_string(),
         "/".to_string(),
         "/partials/overview".to_string(),
         format!("/backups/{backup_id}"),

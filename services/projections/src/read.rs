@@ -11,6 +11,24 @@ use uuid::Uuid;
 
 use crate::{ProjectionError, Projections};
 
+/// One re-encryption job's progress (`reencryption.*`), for the dashboard.
+#[derive(Clone, Debug, Serialize, FromRow, PartialEq)]
+pub struct ReencryptionJobRow {
+    pub job_id: Uuid,
+    pub started_at: DateTime<Utc>,
+    pub purposes: String,
+    pub from_key_ids: String,
+    pub to_key_id: String,
+    /// `running`, `completed` or `failed` (the last run stopped; resumable).
+    pub state: String,
+    pub backups_done: i64,
+    pub backups_total: i64,
+    pub objects: i64,
+    pub bytes: i64,
+    pub updated_at: DateTime<Utc>,
+    pub reason: Option<String>,
+}
+
 #[derive(Clone, Debug, Serialize, FromRow, PartialEq)]
 pub struct BackupRow {
     pub backup_id: Uuid,
@@ -521,6 +539,21 @@ impl Projections {
 
     /// The dashboard's alerts panel: the open alerts (critical first, newest first), then the
     /// most recently resolved ones, `limit` of each at most.
+    /// Re-encryption jobs, newest first.
+    pub async fn reencryption_jobs(
+        &self,
+        limit: u32,
+    ) -> Result<Vec<ReencryptionJobRow>, ProjectionError> {
+        Ok(sqlx::query_as(
+            "SELECT job_id, started_at, purposes, from_key_ids, to_key_id, state, backups_done, \
+             backups_total, objects, bytes, updated_at, reason FROM reencryption_jobs \
+             ORDER BY started_at DESC, job_id DESC LIMIT $1",
+        )
+        .bind(limit as i64)
+        .fetch_all(self.pool())
+        .await?)
+    }
+
     pub async fn alerts_panel(&self, limit: u32) -> Result<Vec<AlertRow>, ProjectionError> {
         Ok(sqlx::query_as(
             "(SELECT alert_id, severity, kind, subject, message, raised_at, resolved_at FROM alerts \

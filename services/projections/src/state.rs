@@ -43,6 +43,7 @@ impl Projector for StateProjector {
             "health_checks",
             "alerts",
             "recoveries",
+            "reencryption_jobs",
             "key_accesses",
             "keys",
             "drills",
@@ -533,6 +534,59 @@ async fn apply_event(
             .bind(&e.key_id)
             .bind(&e.purpose)
             .bind(e.version as i32)
+            .bind(at)
+            .execute(&mut *conn)
+            .await?;
+        }
+        Event::ReencryptionStarted(e) => {
+            sqlx::query(
+                "INSERT INTO reencryption_jobs (job_id, started_at, purposes, from_key_ids, \
+                 to_key_id, state, backups_total, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5, 'running', $6, $2) ON CONFLICT (job_id) DO NOTHING",
+            )
+            .bind(e.job_id)
+            .bind(at)
+            .bind(&e.purpose)
+            .bind(&e.from_key_id)
+            .bind(&e.to_key_id)
+            .bind(e.backups as i64)
+            .execute(&mut *conn)
+            .await?;
+        }
+        Event::ReencryptionProgressed(e) => {
+            sqlx::query(
+                "UPDATE reencryption_jobs SET state = 'running', \
+                 backups_done = GREATEST(backups_done, $2), backups_total = $3, \
+                 objects = objects + $4, bytes = bytes + $5, updated_at = $6, reason = NULL \
+                 WHERE job_id = $1",
+            )
+            .bind(e.job_id)
+            .bind(e.backups_done as i64)
+            .bind(e.backups_total as i64)
+            .bind(e.objects as i64)
+            .bind(e.bytes as i64)
+            .bind(at)
+            .execute(&mut *conn)
+            .await?;
+        }
+        Event::ReencryptionCompleted(e) => {
+            sqlx::query(
+                "UPDATE reencryption_jobs SET state = 'completed', backups_done = $2, \
+                 backups_total = $2, updated_at = $3, reason = NULL WHERE job_id = $1",
+            )
+            .bind(e.job_id)
+            .bind(e.backups as i64)
+            .bind(at)
+            .execute(&mut *conn)
+            .await?;
+        }
+        Event::ReencryptionFailed(e) => {
+            sqlx::query(
+                "UPDATE reencryption_jobs SET state = 'failed', reason = $2, updated_at = $3 \
+                 WHERE job_id = $1",
+            )
+            .bind(e.job_id)
+            .bind(&e.reason)
             .bind(at)
             .execute(&mut *conn)
             .await?;

@@ -217,6 +217,7 @@ async fn the_live_incremental_build_equals_a_rebuild_from_position_1() {
                 || table == "storage_connectivity"
                 || table == "health_status"
                 || table == "recoveries"
+                || table == "reencryption_jobs"
                 || table == "keys"
                 || table == "drills"
                 || table == "dead_letters"
