@@ -17,6 +17,7 @@
 //! - [`error`]: the failure policy ([`error::FailureClass`]) and the one error type;
 //! - [`context`]: what every use case needs ([`DataPath`]: repository, appender, sources);
 //! - [`record`]: appending a use case's events with ids derived from what they are about;
+//! - [`export`]: table exports (JSON Lines from one snapshot, sealed with the `export` key);
 //! - [`parts`]: the sources' parts to and from the repository;
 //! - [`catalog`]: the backups a repository holds, their methods, parents, and `latest`;
 //! - [`backup`], [`restore`], [`verify`]: the data path's use cases, logical and physical;
@@ -41,6 +42,7 @@ pub mod catalog;
 pub mod context;
 pub mod cost;
 pub mod error;
+pub mod export;
 pub mod forget;
 pub mod health;
 pub mod keys;

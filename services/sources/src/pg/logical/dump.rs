@@ -88,7 +88,7 @@ async fn exec(
         .map_err(|e| SourceError::query(doing, ci, e))
 }
 
-fn resolve_tables(
+pub(crate) fn resolve_tables(
     names: &[String],
     all: &[CatalogTable],
 ) -> Result<BTreeSet<QualifiedName>, SourceError> {

@@ -37,6 +37,7 @@
 mod catalog;
 mod digest;
 mod dump;
+mod export;
 mod restore;
 mod stream;
 mod toc;
@@ -52,6 +53,10 @@ pub use crate::error::SourceError;
 pub use crate::pg::names::QualifiedName;
 pub use digest::{TableDigest, row_counts, table_digests};
 pub use dump::{DumpOptions, dump};
+pub use export::{
+    CopyTextDecoder, ExportColumn, ExportOptions, ExportReport, TableExported, export_part_name,
+    export_tables,
+};
 pub use restore::{RestoreOptions, RestoreReport, TableRestored, restore};
 
 /// Parses the header and table of contents of a custom-format `pg_dump` archive, as a restore
