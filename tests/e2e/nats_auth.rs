@@ -233,9 +233,7 @@ async fn only_the_ledger_publishes_events_and_strangers_are_refused() {
     // the ledger refuses one (here a forged verification) and records who tried.
     let forged = backstop_ledger::remote::RemoteLedger::new(as_worker.clone());
     let reply = forged
-        .request_raw(
-            br#"{"stream":"backup-x","expected":{"expect":"any"},"events":[]}"#.to_vec(),
-        )
+        .request_raw(br#"{"stream":"backup-x","expected":{"expect":"any"},"events":[]}"#.to_vec())
         .await
         .expect("the ledger answers");
     assert!(
@@ -263,8 +261,7 @@ async fn only_the_ledger_publishes_events_and_strangers_are_refused() {
     let tail = run(
         dir.path(),
         &[
-            "--config", &serve_cfg, "ledger", "tail", "--json", "--from", "1", "--stream",
-            "access",
+            "--config", &serve_cfg, "ledger", "tail", "--json", "--from", "1", "--stream", "access",
         ],
     );
     let access = support::stdout(&tail);
@@ -275,7 +272,9 @@ async fn only_the_ledger_publishes_events_and_strangers_are_refused() {
     assert!(
         support::stdout(&run(
             dir.path(),
-            &["--config", &serve_cfg, "ledger", "tail", "--json", "--from", "1"],
+            &[
+                "--config", &serve_cfg, "ledger", "tail", "--json", "--from", "1"
+            ],
         ))
         .contains("\"notification.sent\""),
         "the signed append is in the ledger"
