@@ -65,6 +65,28 @@ pub struct Config {
     /// Cost tracking: budget, price table, storage class (`[cost]`).
     #[serde(default)]
     pub cost: backstop_ops::cost::CostConfig,
+    /// Key rotation (`[keys]`).
+    #[serde(default)]
+    pub keys: KeysSection,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysSection {
+    /// `serve` rotates the database and files keys once their current version is this many
+    /// days old, and re-encrypts every backup under the new versions (default 90; 0: never,
+    /// only `backstop key rotate`).
+    pub rotate_after_days: Option<u32>,
+}
+
+impl KeysSection {
+    /// The age that makes a rotation due, or `None` when the schedule is off.
+    pub fn rotate_after(&self) -> Option<chrono::Duration> {
+        let days = self
+            .rotate_after_days
+            .unwrap_or(backstop_ops::rotation::DEFAULT_ROTATE_AFTER_DAYS);
+        (days > 0).then(|| chrono::Duration::days(days as i64))
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]

@@ -161,6 +161,24 @@ pub async fn serve(
             "no repository open: the ledger is not mirrored, and losing the data directory loses its history"
         ),
     }
+    // Keys: the database and files keys are rotated when older than [keys] rotate_after_days
+    // (90), and every backup re-encrypted under the new versions (ops::rotation); with the other
+    // maintenance, only where workers run.
+    match (&wal_repo, config.keys.rotate_after()) {
+        (Some(repo), Some(after)) if !args.no_workers => {
+            let (repo, appender, shutdown) =
+                (repo.clone(), Arc::new(ledger.clone()), shutdown.clone());
+            tasks.spawn(async move {
+                backstop_ops::rotation::run_schedule(repo, appender, after, &SystemClock, shutdown)
+                    .await;
+                Ok(())
+            });
+        }
+        (Some(_), None) => tracing::info!(
+            "[keys] rotate_after_days = 0: keys are rotated only by `backstop key rotate`"
+        ),
+        _ => {}
+    }
     if let Some(repo) = wal_repo {
         let every = std::time::Duration::from_secs(60);
         tasks.spawn(backstop_ops::wal::wal_catch_up_loop(

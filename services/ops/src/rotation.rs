@@ -302,3 +302,55 @@ pub async fn rotate_if_due(
     }
     Ok(tick)
 }
+
+/// How often `serve` asks [`rotate_if_due`]: hourly, so a key is rotated within an hour of its
+/// age passing the limit, and an unfinished job (a `serve` killed mid-job) resumes within an hour
+/// of the restart.
+pub const SCHEDULE_EVERY: chrono::Duration = chrono::Duration::hours(1);
+
+/// The rotation schedule in `serve`: [`rotate_if_due`] at start and every [`SCHEDULE_EVERY`] of
+/// `clock`, until `shutdown`. A failed tick is logged (the job records its own
+/// `reencryption.failed`) and tried again at the next; returns how many ticks ran.
+pub async fn run_schedule(
+    repo: Repository,
+    appender: Arc<dyn Appender>,
+    rotate_after: chrono::Duration,
+    clock: &dyn crate::schedule::Clock,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> u64 {
+    let actor = Actor::worker("key-rotation");
+    let repo = repo.with_access(actor.to_string(), "the key rotation schedule");
+    let mut ticks = 0;
+    loop {
+        if *shutdown.borrow() {
+            return ticks;
+        }
+        let now = clock.now();
+        match rotate_if_due(&repo, appender.clone(), &actor, now, rotate_after).await {
+            Ok(tick) => {
+                for r in &tick.rotated {
+                    tracing::info!(purpose = r.purpose.as_str(), key = %r.new.key_id, "key rotated by the schedule");
+                }
+                if let Some(report) = &tick.reencryption {
+                    tracing::info!(
+                        backups = report.backups_reencrypted,
+                        "re-encryption job finished"
+                    );
+                }
+            }
+            Err(e) => tracing::error!(
+                error = %e.chain(),
+                transient = e.is_transient(),
+                "the key rotation schedule failed; it tries again in an hour (or run `backstop key reencrypt`)"
+            ),
+        }
+        ticks += 1;
+        let due = now + SCHEDULE_EVERY;
+        while clock.now() < due {
+            tokio::select! {
+                _ = clock.sleep_until(due) => {}
+                _ = shutdown.changed() => return ticks,
+            }
+        }
+    }
+}

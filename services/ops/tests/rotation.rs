@@ -180,3 +180,42 @@ async fn the_schedule_rotates_after_90_days_and_every_backup_restores_with_the_n
     drop((dp, appender));
     ledger.close().await;
 }
+
+/// `serve`'s loop around the tick: at its start it rotates what is due at the clock's time, then
+/// waits an hour of that clock (parked here at the horizon) until shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_serve_schedule_ticks_at_start_and_stops_at_shutdown() {
+    use backstop_ops::schedule::ManualClock;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = Repository::init(
+        Arc::new(LocalBackend::new(dir.path().join("repo")).unwrap()),
+        &MasterKey::generate(),
+        RepoParams::default(),
+        Arc::new(KeyAccessLog::new()),
+    )
+    .await
+    .unwrap();
+    let limit = Duration::days(DEFAULT_ROTATE_AFTER_DAYS as i64);
+    for (age_days, rotations) in [(89, 0), (91, 2)] {
+        let recorded = Arc::new(backstop_testkit::RecordingAppender::new());
+        let at = Utc::now() + Duration::days(age_days);
+        let clock = Arc::new(ManualClock::new(at));
+        clock.set_horizon(Some(at));
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let task = {
+            let (repo, recorded, clock) = (repo.clone(), recorded.clone(), clock.clone());
+            tokio::spawn(async move {
+                backstop_ops::rotation::run_schedule(repo, recorded, limit, clock.as_ref(), stopped)
+                    .await
+            })
+        };
+        clock.wait_parked(1).await;
+        assert_eq!(
+            recorded.of_type("key.rotated").len(),
+            rotations,
+            "at {age_days} days"
+        );
+        stop.send(true).unwrap();
+        assert_eq!(task.await.unwrap(), 1, "one tick before the shutdown");
+    }
+}
