@@ -63,6 +63,8 @@ pub struct Overview {
     pub estimate: Option<RecoveryEstimate>,
     pub storage: ProbeResult,
     pub alerts: Vec<AlertRow>,
+    /// The newest re-encryption jobs (key rotation), with their progress.
+    pub reencryption: Vec<backstop_projections::read::ReencryptionJobRow>,
     pub sizes: Vec<SizePoint>,
     pub storage_series: Vec<StoragePoint>,
     pub chart_since: DateTime<Utc>,
@@ -100,13 +102,25 @@ async fn compute_overview(
     let now = Utc::now();
     let week = now - Duration::days(7);
     let month = now - Duration::days(30);
-    let (sources, recent, days, verifications, estimate, alerts, sizes, series, positions) = tokio::try_join!(
+    let (
+        sources,
+        recent,
+        days,
+        verifications,
+        estimate,
+        alerts,
+        reencryption,
+        sizes,
+        series,
+        positions,
+    ) = tokio::try_join!(
         p.sources(),
         p.backups(None, None, 15),
         p.verification_days(week),
         p.verifications_since(week, 20),
         p.recovery_estimate(None),
         p.alerts_panel(10),
+        p.reencryption_jobs(3),
         p.size_series(None, month, 60),
         p.storage_series(month, true),
         p.positions(),
@@ -157,6 +171,7 @@ async fn compute_overview(
         estimate,
         storage,
         alerts,
+        reencryption,
         sizes,
         storage_series: series,
         chart_since: month,

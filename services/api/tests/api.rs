@@ -896,3 +896,58 @@ async fn the_weekly_summary_page_and_json_count_the_weeks_backups() {
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     drop(env.dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_overview_shows_a_reencryption_jobs_progress() {
+    use backstop_events::{Actor, Event, ReencryptionProgressed, ReencryptionStarted, streams};
+    let env = env(true).await;
+    let job = backstop_events::uuid_v7();
+    append_all(
+        &env.ledger,
+        vec![
+            NewEvent::new(
+                streams::repository(),
+                Actor::worker("key-rotation"),
+                &Event::ReencryptionStarted(ReencryptionStarted {
+                    job_id: job,
+                    purpose: "database".into(),
+                    from_key_id: "database-v1-0a0b0c0d".into(),
+                    to_key_id: "database-v2-1a2b3c4d".into(),
+                    backups: 4,
+                }),
+            ),
+            NewEvent::new(
+                streams::repository(),
+                Actor::worker("key-rotation"),
+                &Event::ReencryptionProgressed(ReencryptionProgressed {
+                    job_id: job,
+                    backup_id: backstop_events::uuid_v7(),
+                    objects: 120,
+                    bytes: 3 << 20,
+                    manifest_sha3: "ab".repeat(32),
+                    backups_done: 1,
+                    backups_total: 4,
+                }),
+            ),
+        ],
+    )
+    .await;
+    let p = env.projections.as_ref().unwrap();
+    for proj in projectors() {
+        p.catch_up(&env.ledger, proj.as_ref(), 1000).await.unwrap();
+    }
+    let (s, html) = call(&env, "GET", "/", Some(OPERATOR), None).await;
+    assert_eq!(s, StatusCode::OK, "{html}");
+    let panel = html
+        .find("id=\"reencryption-panel\"")
+        .expect("a key rotation panel");
+    let job_html = &html[panel..];
+    assert!(
+        job_html.contains("data-state=\"running\" data-done=\"1\" data-total=\"4\""),
+        "{job_html}"
+    );
+    assert!(
+        job_html.contains("database-v2-1a2b3c4d") && job_html.contains("1 of 4 backups (25%)"),
+        "{job_html}"
+    );
+}
