@@ -216,5 +216,10 @@ pub fn retention(
             Arc::new(backstop_workers::retention::RepositoryLocks)
                 as Arc<dyn backstop_workers::retention::LockExtension>
         }),
+        retire_hold: config
+            .repository
+            .object_lock
+            .map(|d| chrono::TimeDelta::seconds(d.as_secs() as i64))
+            .unwrap_or_else(chrono::TimeDelta::zero),
     }))
 }

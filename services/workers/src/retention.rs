@@ -6,7 +6,10 @@
 //!   the backup, the policy and the day, so a redelivered event records nothing twice.
 //! - [`run_maintenance`]: once a day at a fixed UTC time, on an injected [`Clock`]: forget for
 //!   every source, then the prune ([`backstop_ops::forget::maintain`]), then the lock extension
-//!   step ([`LockExtension`]) when the repository has object lock. A failed pass is logged and
+//!   step ([`LockExtension`]) when the repository has object lock, then the retirement of key
+//!   versions nothing is sealed with any more ([`backstop_ops::rotation::retire`], only while
+//!   a rotated-out version is not yet retired: its scan reads every object's header). A failed
+//!   pass is logged and
 //!   retried the next day; it never stops the process (retention is never urgent, and a
 //!   failure to delete is the safe failure).
 //!
@@ -174,6 +177,9 @@ pub struct Maintenance {
     pub grace: TimeDelta,
     pub scratch_dir: Option<std::path::PathBuf>,
     pub locks: Option<Arc<dyn LockExtension>>,
+    /// How long a key version must have been found unused before it is retired: the object-lock
+    /// period with object lock (every lock on what it sealed has ended by then), else zero.
+    pub retire_hold: TimeDelta,
 }
 
 /// The first `daily_at` strictly after `now`.
@@ -219,7 +225,51 @@ pub async fn maintain_once(
         let summary = locks.extend(&m.data_path.repo, now, &pass).await?;
         tracing::info!(%summary, "daily maintenance: object locks extended");
     }
+    retire_unused_keys(m, now).await;
     Ok(pass)
+}
+
+/// After a rotation and its re-encryption, prune removes the originals; this then retires the
+/// old versions (recorded as `key.retired`). A failure is logged only: the forget and prune of
+/// the pass are done, and the next pass tries again.
+async fn retire_unused_keys(m: &Maintenance, now: DateTime<Utc>) {
+    let repo = &m.data_path.repo;
+    if let Err(e) = repo.reload_keys().await {
+        tracing::warn!(error = %e, "daily maintenance: cannot reload the keys; key retirement waits for the next pass");
+        return;
+    }
+    let keys = repo.key_states();
+    let rotated_out = keys.iter().any(|k| {
+        k.retired_at.is_none()
+            && keys.iter().any(|newer| {
+                newer.info.purpose == k.info.purpose && newer.info.version > k.info.version
+            })
+    });
+    if !rotated_out {
+        return;
+    }
+    let opts = backstop_repo::RetireOptions {
+        now,
+        hold: m.retire_hold,
+    };
+    match backstop_ops::rotation::retire(
+        repo,
+        m.data_path.appender.as_ref(),
+        &Actor::worker(NAME),
+        &opts,
+    )
+    .await
+    {
+        Ok(r) => {
+            for k in &r.retired {
+                tracing::info!(key = %k.key_id, "daily maintenance: key version retired (nothing is sealed with it)");
+            }
+        }
+        Err(e) => tracing::error!(
+            error = %e.chain(),
+            "daily maintenance: key retirement failed; the next pass tries again (or run `backstop key retire`)"
+        ),
+    }
 }
 
 /// Runs [`maintain_once`] every day at `daily_at` (UTC) on `clock` until `shutdown` flips.

@@ -175,6 +175,7 @@ async fn the_daily_job_forgets_every_source_then_prunes_once_a_day() {
         grace: TimeDelta::hours(20),
         scratch_dir: None,
         locks: None,
+        retire_hold: TimeDelta::zero(),
     });
     let chunks = || async { dp.repo.backend().list("chunks/").await.unwrap().len() };
     let all_chunks = chunks().await;
@@ -207,4 +208,60 @@ async fn the_daily_job_forgets_every_source_then_prunes_once_a_day() {
     assert_eq!(check.unreferenced_chunks, 0);
     stop.send(true).unwrap();
     assert_eq!(task.await.unwrap(), 2, "one pass a day");
+}
+
+#[tokio::test]
+async fn the_daily_pass_retires_a_rotated_out_key_once_nothing_is_sealed_with_it() {
+    let (dp, ledger) = data_path().await;
+    let m = Maintenance {
+        data_path: dp.clone(),
+        settings: RetentionSettings {
+            config: keep_last(1),
+            facts: Arc::new(Recorded(ledger.clone())),
+            clock: Arc::new(ManualClock::new(Utc::now())),
+        },
+        daily_at: NaiveTime::from_hms_opt(4, 0, 0).unwrap(),
+        grace: TimeDelta::hours(20),
+        scratch_dir: None,
+        locks: None,
+        // As with object lock: a version is retired only a day after it was found unused.
+        retire_hold: TimeDelta::days(1),
+    };
+    let now = Utc::now();
+    backstop_workers::retention::maintain_once(&m, now)
+        .await
+        .unwrap();
+    assert!(
+        ledger.of_type("key.retired").is_empty(),
+        "nothing rotated out yet"
+    );
+
+    let rotation = dp.repo.rotate_key(KeyPurpose::Database).await.unwrap();
+    backstop_workers::retention::maintain_once(&m, now + TimeDelta::hours(1))
+        .await
+        .unwrap();
+    assert!(
+        ledger.of_type("key.retired").is_empty(),
+        "unused, but within the hold"
+    );
+    backstop_workers::retention::maintain_once(&m, now + TimeDelta::days(2))
+        .await
+        .unwrap();
+    let retired: Vec<String> = ledger
+        .of_type("key.retired")
+        .into_iter()
+        .map(|e| match e {
+            Event::KeyRetired(k) => k.key_id,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(retired, [rotation.old.key_id]);
+    backstop_workers::retention::maintain_once(&m, now + TimeDelta::days(3))
+        .await
+        .unwrap();
+    assert_eq!(
+        ledger.of_type("key.retired").len(),
+        1,
+        "a retired version is not retired again"
+    );
 }
