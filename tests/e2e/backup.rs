@@ -209,12 +209,13 @@ async fn damage_is_named_and_a_wrong_key_writes_nothing() {
         &[
             "init",
             "--repo",
-            "/nonexistent-unused",
+            repo.dir.path().join("other-repo").to_str().unwrap(),
             "--generate-key",
             wrong.to_str().unwrap(),
         ],
     );
-    let _ = out; // only to create a well-formed key file; that init fails or not is irrelevant
+    // Another repository's key: well formed, and wrong for this one.
+    assert!(out.status.success(), "{}", stderr(&out));
     let listing_before = list_files(&repo.repo_dir());
     let out = run(
         &repo.data(),

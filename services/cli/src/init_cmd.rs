@@ -20,26 +20,8 @@ pub async fn init(
     chunk_avg_kib: Option<usize>,
 ) -> anyhow::Result<std::process::ExitCode> {
     let chunk_avg_kib = chunk_avg_kib.or(config.repository.chunk_avg_kib);
-    let master = match &generate_key {
-        Some(path) => {
-            if path.exists() {
-                bail!(
-                    "{} exists; refusing to overwrite a master key",
-                    path.display()
-                );
-            }
-            let key = MasterKey::generate();
-            write_secret(path, key.to_base64().as_str())?;
-            eprintln!(
-                "A new master key is in {} (mode 0600). Keep a copy OFF this machine: without it no backup can be restored.",
-                path.display()
-            );
-            key
-        }
-        None => master_key(config, &args)?,
-    };
-    let loc = location(config, data_dir, &args)?;
-    let backend = loc.open(Some(s3_settings(config))).await?;
+    // Everything that can be refused is checked before a new master key is written, so that a
+    // refused init leaves no key file behind that belongs to no repository.
     let mut params = RepoParams::default();
     if let Some(q) = config.repository.brotli_quality {
         params.compression.quality = q;
@@ -57,9 +39,44 @@ pub async fn init(
             max_size: avg * 4,
         };
     }
+    let loc = location(config, data_dir, &args)?;
+    let backend = loc.open(Some(s3_settings(config))).await?;
+    if let Some(path) = &generate_key
+        && path.exists()
+    {
+        bail!(
+            "{} exists; refusing to overwrite a master key",
+            path.display()
+        );
+    }
+    let master = match &generate_key {
+        Some(path) => {
+            let key = MasterKey::generate();
+            write_secret(path, key.to_base64().as_str())?;
+            eprintln!(
+                "A new master key is in {} (mode 0600). Keep a copy OFF this machine: without it no backup can be restored.",
+                path.display()
+            );
+            key
+        }
+        None => master_key(config, &args)?,
+    };
     let mut events = Events::open(config, data_dir).await?;
     let (tx, rx) = unbounded_channel::<KeyAccess>();
-    let repo = Repository::init(backend, &master, params, Arc::new(tx)).await?;
+    let repo = match Repository::init(backend, &master, params, Arc::new(tx)).await {
+        Ok(repo) => repo,
+        Err(e) => {
+            // The key was made for this repository only: a refused init takes it back.
+            if let Some(path) = &generate_key {
+                let _ = std::fs::remove_file(path);
+                eprintln!(
+                    "(the new master key {} was removed: no repository uses it)",
+                    path.display()
+                );
+            }
+            return Err(e.into());
+        }
+    };
     events.key_recorder = Some(tokio::spawn(backstop_ops::keys::record_key_accesses(
         rx,
         events.appender.clone(),
