@@ -11,6 +11,7 @@ mod check_cmd;
 mod config;
 mod control;
 mod cost_cmd;
+mod export_cmd;
 mod forget_cmd;
 mod identity;
 mod init_cmd;
@@ -108,6 +109,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Export tables as JSON Lines (sealed with the export key); `export get`, `export list`.
+    Export(Box<export_cmd::ExportArgs>),
     /// Apply the retention policies: keep or remove per backup, with the rule that keeps it.
     Forget(forget_cmd::ForgetArgs),
     /// The estimated monthly storage cost, its 90-day trend and retention recommendations.
@@ -223,6 +226,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             catalog_cmd::show(&config, &data_dir, repo, backup, json).await
         }
         Command::Restore(args) => restore_cmd::restore(&config, &data_dir, *args).await,
+        Command::Export(args) => export_cmd::run(&config, &data_dir, *args).await,
         Command::Forget(args) => forget_cmd::run(&config, &data_dir, args).await,
         Command::Cost(args) => cost_cmd::run(&config, &data_dir, args).await,
         Command::Prune(args) => prune_cmd::run(&config, &data_dir, args).await,

@@ -213,14 +213,16 @@ impl DumpSink for PieceSink {
     }
 }
 
-/// Exports `tables` (all when `None`) of `source` into `repo` as export `export_id`.
+/// Exports `tables` (all when `None`) of `source` into `repo` as export `export_id`; key
+/// unwraps are reported as done by `actor` (`operator:alice`, `system`).
 pub async fn run_export(
     repo: &Repository,
     source: &SourceSpec,
     export_id: Uuid,
     tables: Option<Vec<String>>,
+    actor: &str,
 ) -> Result<ExportIndex, OpsError> {
-    let repo = repo.with_access("system", format!("export {export_id}"));
+    let repo = repo.with_access(actor, format!("export {export_id}"));
     if repo.backend().head(&index_key(&export_id)).await?.is_some() {
         return Err(OpsError::Invalid(format!(
             "export {export_id} already exists; use a new id"
@@ -379,8 +381,9 @@ pub async fn export_get(
     export_id: Uuid,
     table: &str,
     out: &Path,
+    actor: &str,
 ) -> Result<TableWritten, OpsError> {
-    let repo = repo.with_access("system", format!("export get {export_id}"));
+    let repo = repo.with_access(actor, format!("export get {export_id}"));
     let index = load_index(&repo, export_id).await?;
     let t = index.table(table)?.clone();
     let partial = {

@@ -94,7 +94,7 @@ async fn every_type_round_trips_through_export_get_and_a_load_back() {
         jobs: 1,
     };
     let id = backstop_events::uuid_v7();
-    let index = run_export(&repo, &source, id, None).await.unwrap();
+    let index = run_export(&repo, &source, id, None, "test").await.unwrap();
     let names: Vec<String> = index.tables.iter().map(|t| t.table.to_string()).collect();
     assert_eq!(
         names,
@@ -125,7 +125,7 @@ async fn every_type_round_trips_through_export_get_and_a_load_back() {
     for t in &index.tables {
         let name = &t.table.name;
         let out = dir.path().join(format!("{name}.jsonl.gz"));
-        let written = export_get(&repo, id, name, &out).await.unwrap();
+        let written = export_get(&repo, id, name, &out, "test").await.unwrap();
         assert_eq!(written.rows, t.rows);
         let text = gunzip(&out);
         let lines: Vec<&str> = text.lines().collect();
@@ -200,9 +200,15 @@ async fn bad_input_gives_clear_errors_and_nothing_marked_good() {
     };
 
     // A missing table: named in the error, with the tables there are; nothing stored.
-    let err = run_export(&repo, &source, Uuid::now_v7(), Some(vec!["nope".into()]))
-        .await
-        .unwrap_err();
+    let err = run_export(
+        &repo,
+        &source,
+        Uuid::now_v7(),
+        Some(vec!["nope".into()]),
+        "test",
+    )
+    .await
+    .unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("nope") && msg.contains("public.a"), "{msg}");
     assert!(objects(&repo, "exports/").await.is_empty());
@@ -213,7 +219,7 @@ async fn bad_input_gives_clear_errors_and_nothing_marked_good() {
         conninfo: "postgres://postgres@127.0.0.1:1/app".into(),
         jobs: 1,
     };
-    let err = run_export(&repo, &gone, Uuid::now_v7(), None)
+    let err = run_export(&repo, &gone, Uuid::now_v7(), None, "test")
         .await
         .unwrap_err();
     assert!(err.is_transient(), "{err}");
@@ -221,9 +227,15 @@ async fn bad_input_gives_clear_errors_and_nothing_marked_good() {
 
     // A good export, then a damaged piece: `get` fails and leaves no file, not even a partial.
     let id = Uuid::now_v7();
-    let index = run_export(&repo, &source, id, Some(vec!["a".into(), "b".into()]))
-        .await
-        .unwrap();
+    let index = run_export(
+        &repo,
+        &source,
+        id,
+        Some(vec!["a".into(), "b".into()]),
+        "test",
+    )
+    .await
+    .unwrap();
     let a = index.table("a").unwrap();
     assert_eq!(a.rows, 20000);
     assert!(a.pieces.len() >= 2, "{} pieces", a.pieces.len());
@@ -231,16 +243,22 @@ async fn bad_input_gives_clear_errors_and_nothing_marked_good() {
     let dir = tempfile::tempdir().unwrap();
     // The empty table is an empty but valid gzip file.
     let out_b = dir.path().join("b.jsonl.gz");
-    export_get(&repo, id, "b", &out_b).await.unwrap();
+    export_get(&repo, id, "b", &out_b, "test").await.unwrap();
     assert_eq!(gunzip(&out_b), "");
 
-    let err = export_get(&repo, id, "c", &dir.path().join("c.jsonl.gz"))
+    let err = export_get(&repo, id, "c", &dir.path().join("c.jsonl.gz"), "test")
         .await
         .unwrap_err();
     assert!(err.to_string().contains("no table \"c\""), "{err}");
-    let err = export_get(&repo, Uuid::now_v7(), "a", &dir.path().join("x.jsonl.gz"))
-        .await
-        .unwrap_err();
+    let err = export_get(
+        &repo,
+        Uuid::now_v7(),
+        "a",
+        &dir.path().join("x.jsonl.gz"),
+        "test",
+    )
+    .await
+    .unwrap_err();
     assert!(err.to_string().contains("no export"), "{err}");
 
     let victim = &a.pieces[1].key;
@@ -249,7 +267,7 @@ async fn bad_input_gives_clear_errors_and_nothing_marked_good() {
     obj[mid] ^= 0x40;
     repo.backend().put(victim, Bytes::from(obj)).await.unwrap();
     let out = dir.path().join("a.jsonl.gz");
-    let err = export_get(&repo, id, "a", &out).await.unwrap_err();
+    let err = export_get(&repo, id, "a", &out, "test").await.unwrap_err();
     assert!(err.to_string().contains(victim.as_str()), "{err}");
     assert!(!out.exists());
     assert!(!dir.path().join("a.jsonl.gz.partial").exists());

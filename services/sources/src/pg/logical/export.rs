@@ -13,7 +13,10 @@
 //!   (`extra_float_digits = 3`), `interval` in the `postgres` style, anything else its text form.
 //!
 //! Loading a line back is `INSERT INTO t SELECT * FROM json_populate_record(NULL::t, $1::json)`,
-//! which reads every one of these forms back into the column's type.
+//! which reads every one of these forms back into the column's type, with two known
+//! differences: a `json` value's raw newlines (whitespace between tokens) come back as spaces,
+//! and a JSON `null` held by a `json`/`jsonb` column comes back as SQL `NULL` (`row_to_json`
+//! writes both as `null`).
 //!
 //! # Consistency
 //! One `REPEATABLE READ READ ONLY` transaction lists the tables, locks them all
