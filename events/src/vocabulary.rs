@@ -429,6 +429,8 @@ vocabulary! {
         #[serde(default)] renewal: u64,
     }
 
+    /// Planned (issue 11, replicas in other regions): nothing records the `replication.*`
+    /// types yet; the read models accept them.
     ReplicationStarted = "replication.started" v 1 {
         replication_id: Uuid, backup_id: Uuid, from_region: String, to_region: String,
     }
@@ -536,6 +538,8 @@ vocabulary! {
         #[serde(default)] summary: Value,
     }
 
+    /// Planned (issue 11, DR drills): nothing records the `drill.*` types yet; the read models
+    /// accept them.
     DrillStarted = "drill.started" v 1 { drill_id: Uuid, backup_id: Uuid, target: String }
     DrillCompleted = "drill.completed" v 1 {
         drill_id: Uuid, backup_id: Uuid, passed: bool, recovery_ms: u64,

@@ -25,9 +25,9 @@
 //! - [`lease`]: running jobs' leases, and the monitor that records abandoned ones;
 //! - [`notify`]: email and webhook notifications of alerts, recoveries, successes and reports;
 //! - [`keys`]: every data-key unwrap recorded as `key.accessed`;
-//! - [`rotation`]: key rotation (every 90 days by default), re-encryption and retirement;
 //! - [`ledger_mirror`]: the ledger mirrored into the repository as sealed segments, and rebuilt
 //!   from them (`ledger restore`);
+//! - [`rotation`]: key rotation (every 90 days by default), re-encryption and retirement;
 //! - [`schedule`], [`retention`]: when backups run, and which are kept;
 //! - [`forget`]: retention carried out (decisions recorded, backups deleted) and the prune;
 //! - [`throttle`]: the trading-hours bandwidth cap on a backup's reads;
