@@ -24,6 +24,7 @@ use tokio::io::AsyncReadExt;
 use tokio::task::JoinSet;
 
 use super::catalog::{self, COPY_SESSION, CatalogTable, NOTICE_DEAD_CLIENT};
+use super::export::CopyTextDecoder;
 use super::stream::{BATCH, PartWriter, ReaderGone, count_newlines, part_stream};
 use super::{
     DumpReport, DumpSink, LARGE_OBJECTS_PART, PartReport, SCHEMA_PART, SEQUENCES_PART,
@@ -725,7 +726,7 @@ async fn copy_table(
     let ci2 = ci.clone();
     let doing = format!("copying {table}");
     let producer = tokio::spawn(async move {
-        let r = copy_out(&mut conn, &ci2, &statement, writer, &doing).await;
+        let r = copy_out(&mut conn, &ci2, &statement, writer, &doing, None).await;
         (conn, r)
     });
     let stored = sink.put_part(&part, Box::pin(reader)).await;
@@ -754,13 +755,16 @@ async fn copy_table(
     )
 }
 
-/// Reads `COPY ... TO STDOUT` into the part writer, counting rows and bytes.
-async fn copy_out(
+/// Reads `COPY ... TO STDOUT` into the part writer, counting rows and bytes. With `decoder`,
+/// COPY's text escapes are undone on the way (the JSON export of one-column rows); without one
+/// the bytes pass as they come (the dump).
+pub(crate) async fn copy_out(
     conn: &mut PgConnection,
     ci: &ConnInfo,
     statement: &str,
     mut writer: PartWriter,
     doing: &str,
+    mut decoder: Option<CopyTextDecoder>,
 ) -> Result<(u64, u64), SourceError> {
     let mut stream = match conn.copy_out_raw(statement).await {
         Ok(s) => s,
@@ -771,11 +775,22 @@ async fn copy_out(
         }
     };
     let mut rows = 0u64;
+    let mut decoded = Vec::new();
     while let Some(item) = stream.next().await {
         match item {
             Ok(chunk) => {
-                rows += count_newlines(&chunk);
-                if writer.write(&chunk).await.is_err() {
+                let data: &[u8] = match decoder.as_mut() {
+                    Some(d) => {
+                        decoded.clear();
+                        rows += d.decode(&chunk, &mut decoded);
+                        &decoded
+                    }
+                    None => {
+                        rows += count_newlines(&chunk);
+                        &chunk
+                    }
+                };
+                if writer.write(data).await.is_err() {
                     return Err(SourceError::SinkStoppedEarly {
                         part: doing.to_string(),
                     });

@@ -39,14 +39,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use sqlx::Connection;
 use sqlx::postgres::PgConnection;
 
 use super::catalog::{self, COPY_SESSION, NOTICE_DEAD_CLIENT};
-use super::dump::resolve_tables;
-use super::stream::{PartWriter, ReaderGone, part_stream};
+use super::dump::{copy_out, resolve_tables};
+use super::stream::part_stream;
 use super::{DumpSink, PartStored, TableKind};
 use crate::error::SourceError;
 use crate::pg::conninfo::ConnInfo;
@@ -270,7 +269,14 @@ async fn export_table(
     // table, so the one connection is free again.
     let (stored, produced) = tokio::join!(
         sink.put_part(&part, Box::pin(reader)),
-        copy_json(conn, ci, &statement, writer, &doing)
+        copy_out(
+            conn,
+            ci,
+            &statement,
+            writer,
+            &doing,
+            Some(CopyTextDecoder::default()),
+        )
     );
     let (stored, (rows, json_bytes)) = match (stored, produced) {
         (Ok(s), Ok(p)) => (s, p),
@@ -289,53 +295,6 @@ async fn export_table(
         stored,
         duration_ms: started.elapsed().as_millis() as u64,
     })
-}
-
-/// Reads `COPY ... TO STDOUT` of JSON rows into the writer, decoding the COPY text escapes.
-async fn copy_json(
-    conn: &mut PgConnection,
-    ci: &ConnInfo,
-    statement: &str,
-    mut writer: PartWriter,
-    doing: &str,
-) -> Result<(u64, u64), SourceError> {
-    let mut stream = match conn.copy_out_raw(statement).await {
-        Ok(s) => s,
-        Err(e) => {
-            let err = SourceError::query(doing, ci, e);
-            writer.fail(err.to_string()).await;
-            return Err(err);
-        }
-    };
-    let mut decoder = CopyTextDecoder::default();
-    let mut rows = 0u64;
-    let mut buf = Vec::new();
-    while let Some(item) = stream.next().await {
-        match item {
-            Ok(chunk) => {
-                buf.clear();
-                rows += decoder.decode(&chunk, &mut buf);
-                if writer.write(&buf).await.is_err() {
-                    return Err(SourceError::SinkStoppedEarly {
-                        part: doing.to_string(),
-                    });
-                }
-            }
-            Err(e) => {
-                let err = SourceError::query(doing, ci, e);
-                writer.fail(err.to_string()).await;
-                return Err(err);
-            }
-        }
-    }
-    drop(stream);
-    let bytes = writer
-        .finish()
-        .await
-        .map_err(|ReaderGone| SourceError::SinkStoppedEarly {
-            part: doing.to_string(),
-        })?;
-    Ok((rows, bytes))
 }
 
 /// Undoes COPY's text-format escaping of a one-column output, chunk by chunk (an escape may be
