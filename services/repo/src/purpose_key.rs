@@ -82,8 +82,8 @@ use crate::chunk::Hash32;
 use crate::config::{CONFIG_KEY, CompressionParams, FORMAT_NAME};
 use crate::error::{RepoError, Result};
 use crate::keys::{DataKey, KeyAccess, KeyAccessObserver, KeyInfo, KeyPurpose};
-use crate::repository::{Repository, StoredObject, hash_off_runtime, join_err};
-use crate::seal::{self, Brotli, ObjectKind};
+use crate::repository::{Repository, StoredObject, open_blob, store_blob};
+use crate::seal::{self, Brotli};
 
 pub const PURPOSE_KEY_FORMAT: &str = "backstop-purpose-key";
 pub const PURPOSE_KEY_FORMAT_VERSION: u32 = 1;
@@ -645,39 +645,20 @@ impl PurposeRepository {
         crate::backend::validate_key(path)?;
         let key = self.inner.file.sealing.clone();
         self.report(&key);
-        let repo_id = self.id();
         let c = self.inner.file.compression;
         let brotli = Brotli {
             quality: c.quality,
             lgwin: c.lgwin,
         };
-        let p = path.to_string();
-        let k = key.clone();
-        let (sealed, sha) = tokio::task::spawn_blocking(move || {
-            let sealed = seal::seal_object(&repo_id, &p, &k, ObjectKind::Blob, Some(brotli), &data);
-            let sha = seal::sha3(&sealed);
-            (Bytes::from(sealed), Hash32(sha))
-        })
+        store_blob(
+            self.inner.backend.as_ref(),
+            self.id(),
+            path,
+            key,
+            brotli,
+            data,
+        )
         .await
-        .map_err(join_err)?;
-        let size = sealed.len() as u64;
-        self.inner.backend.put(path, sealed).await?;
-        let back = self.inner.backend.get(path).await?;
-        let actual = hash_off_runtime(back).await?;
-        if actual != sha {
-            return Err(RepoError::Corrupt {
-                key: path.to_string(),
-                expected: sha.to_hex(),
-                actual: actual.to_hex(),
-                backup: None,
-            });
-        }
-        Ok(StoredObject {
-            key: path.to_string(),
-            size,
-            sha3: sha,
-            key_id: key.key_id().to_string(),
-        })
     }
 
     /// Reads a blob sealed with one of the file's keys, checking its SHA3-256 when given. An
@@ -713,24 +694,7 @@ impl PurposeRepository {
             });
         };
         self.report(&key);
-        let repo_id = self.id();
-        let p = path.to_string();
-        tokio::task::spawn_blocking(move || {
-            if let Some(exp) = expected_sha3 {
-                let actual = Hash32(seal::sha3(&obj));
-                if actual != exp {
-                    return Err(RepoError::Corrupt {
-                        key: p,
-                        expected: exp.to_hex(),
-                        actual: actual.to_hex(),
-                        backup: None,
-                    });
-                }
-            }
-            seal::open_object(&repo_id, &p, &key, &obj, None).map(|(_, v)| Bytes::from(v))
-        })
-        .await
-        .map_err(join_err)?
+        open_blob(self.id(), path, key, obj, expected_sha3).await
     }
 }
 

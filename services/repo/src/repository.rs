@@ -481,26 +481,15 @@ impl Repository {
     ) -> Result<StoredObject> {
         crate::backend::validate_key(path)?;
         let key = self.key_for(purpose).await?;
-        let repo_id = self.id();
-        let brotli = self.brotli();
-        let p = path.to_string();
-        let k = key.clone();
-        let (sealed, sha) = tokio::task::spawn_blocking(move || {
-            let sealed = seal::seal_object(&repo_id, &p, &k, ObjectKind::Blob, Some(brotli), &data);
-            let sha = seal::sha3(&sealed);
-            (Bytes::from(sealed), Hash32(sha))
-        })
+        store_blob(
+            self.inner.backend.as_ref(),
+            self.id(),
+            path,
+            key,
+            self.brotli(),
+            data,
+        )
         .await
-        .map_err(join_err)?;
-        let size = sealed.len() as u64;
-        self.inner.backend.put(path, sealed).await?;
-        self.verify_upload(path, sha).await?;
-        Ok(StoredObject {
-            key: path.to_string(),
-            size,
-            sha3: sha,
-            key_id: key.key_id().to_string(),
-        })
     }
 
     /// Reads a blob written by [`put_blob`](Self::put_blob), checking its SHA3-256 when given.
@@ -508,41 +497,91 @@ impl Repository {
         let obj = self.inner.backend.get(path).await?;
         let header = seal::parse_header(path, &obj)?;
         let key = self.key_by_id(&header.key_id).await?;
-        let repo_id = self.id();
-        let p = path.to_string();
-        tokio::task::spawn_blocking(move || {
-            if let Some(exp) = expected_sha3 {
-                let actual = Hash32(seal::sha3(&obj));
-                if actual != exp {
-                    return Err(RepoError::Corrupt {
-                        key: p,
-                        expected: exp.to_hex(),
-                        actual: actual.to_hex(),
-                        backup: None,
-                    });
-                }
-            }
-            seal::open_object(&repo_id, &p, &key, &obj, None).map(|(_, v)| Bytes::from(v))
-        })
-        .await
-        .map_err(join_err)?
+        open_blob(self.id(), path, key, obj, expected_sha3).await
     }
 
     /// Reads an object back and compares its SHA3-256 with the one computed before upload.
     pub(crate) async fn verify_upload(&self, path: &str, expected: Hash32) -> Result<u64> {
-        let back = self.inner.backend.get(path).await?;
-        let n = back.len() as u64;
-        let actual = hash_off_runtime(back).await?;
-        if actual != expected {
-            return Err(RepoError::Corrupt {
-                key: path.to_string(),
-                expected: expected.to_hex(),
-                actual: actual.to_hex(),
-                backup: None,
-            });
-        }
-        Ok(n)
+        verify_upload(self.inner.backend.as_ref(), path, expected).await
     }
+}
+
+/// Reads an object back from `backend` and compares its SHA3-256 with `expected`; its size.
+pub(crate) async fn verify_upload(
+    backend: &dyn Backend,
+    path: &str,
+    expected: Hash32,
+) -> Result<u64> {
+    let back = backend.get(path).await?;
+    let n = back.len() as u64;
+    let actual = hash_off_runtime(back).await?;
+    if actual != expected {
+        return Err(RepoError::Corrupt {
+            key: path.to_string(),
+            expected: expected.to_hex(),
+            actual: actual.to_hex(),
+            backup: None,
+        });
+    }
+    Ok(n)
+}
+
+/// The write path of every blob handle ([`Repository::put_blob`], and the WAL-only handle's):
+/// seals `data` at `path` with `key` off the runtime, stores it, reads it back and checks it.
+pub(crate) async fn store_blob(
+    backend: &dyn Backend,
+    repo_id: Uuid,
+    path: &str,
+    key: Arc<DataKey>,
+    brotli: Brotli,
+    data: Bytes,
+) -> Result<StoredObject> {
+    let p = path.to_string();
+    let k = key.clone();
+    let (sealed, sha) = tokio::task::spawn_blocking(move || {
+        let sealed = seal::seal_object(&repo_id, &p, &k, ObjectKind::Blob, Some(brotli), &data);
+        let sha = seal::sha3(&sealed);
+        (Bytes::from(sealed), Hash32(sha))
+    })
+    .await
+    .map_err(join_err)?;
+    let size = sealed.len() as u64;
+    backend.put(path, sealed).await?;
+    verify_upload(backend, path, sha).await?;
+    Ok(StoredObject {
+        key: path.to_string(),
+        size,
+        sha3: sha,
+        key_id: key.key_id().to_string(),
+    })
+}
+
+/// The read path of every blob handle: checks the sealed object's SHA3-256 when one is
+/// expected, then opens it with `key`, off the runtime.
+pub(crate) async fn open_blob(
+    repo_id: Uuid,
+    path: &str,
+    key: Arc<DataKey>,
+    obj: Bytes,
+    expected_sha3: Option<Hash32>,
+) -> Result<Bytes> {
+    let p = path.to_string();
+    tokio::task::spawn_blocking(move || {
+        if let Some(exp) = expected_sha3 {
+            let actual = Hash32(seal::sha3(&obj));
+            if actual != exp {
+                return Err(RepoError::Corrupt {
+                    key: p,
+                    expected: exp.to_hex(),
+                    actual: actual.to_hex(),
+                    backup: None,
+                });
+            }
+        }
+        seal::open_object(&repo_id, &p, &key, &obj, None).map(|(_, v)| Bytes::from(v))
+    })
+    .await
+    .map_err(join_err)?
 }
 
 pub(crate) fn join_err(e: tokio::task::JoinError) -> RepoError {
