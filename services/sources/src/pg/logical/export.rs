@@ -45,6 +45,7 @@ use sqlx::postgres::PgConnection;
 
 use super::catalog::{self, COPY_SESSION, NOTICE_DEAD_CLIENT};
 use super::dump::{copy_out, resolve_tables};
+use super::restore::exec;
 use super::stream::part_stream;
 use super::{DumpSink, PartStored, TableKind};
 use crate::error::SourceError;
@@ -99,19 +100,6 @@ pub struct ExportReport {
 /// Name of a table's JSON Lines part.
 pub fn export_part_name(table: &QualifiedName) -> String {
     format!("jsonl/{table}")
-}
-
-async fn exec(
-    conn: &mut PgConnection,
-    ci: &ConnInfo,
-    doing: &str,
-    sql: String,
-) -> Result<(), SourceError> {
-    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-        .execute(&mut *conn)
-        .await
-        .map(drop)
-        .map_err(|e| SourceError::query(doing, ci, e))
 }
 
 /// Exports the chosen tables of the database at `conninfo` into `sink`, one part per table,

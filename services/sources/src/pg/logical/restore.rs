@@ -145,7 +145,8 @@ fn choose(dump: &DumpReport, names: &[String]) -> Result<BTreeSet<QualifiedName>
     Ok(out)
 }
 
-async fn exec(
+/// Runs `sql` (statements built from quoted names), naming `doing` in the error.
+pub(crate) async fn exec(
     conn: &mut PgConnection,
     ci: &ConnInfo,
     doing: &str,
