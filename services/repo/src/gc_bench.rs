@@ -39,7 +39,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -55,7 +54,7 @@ use crate::manifest::{
     ChunkRef, MANIFEST_FORMAT, MANIFEST_VERSION, Manifest, StreamManifest, Totals, manifest_key,
 };
 use crate::repository::{Repository, join_err};
-use crate::seal::{self, ObjectKind};
+use crate::seal;
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct PruneBenchFigures {
@@ -203,21 +202,11 @@ pub async fn bench_prune_with(
         };
         let path = manifest_key(id);
         let key = mkey.clone();
-        let sealed = tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {
-            let json = serde_json::to_vec(&m)
-                .map_err(|e| RepoError::format(&path, format!("cannot encode: {e}")))?;
-            Ok(seal::seal_object(
-                &repo_id,
-                &path,
-                &key,
-                ObjectKind::Manifest,
-                Some(brotli),
-                &json,
-            ))
-        })
-        .await
-        .map_err(join_err)??;
-        backend.put(&manifest_key(id), Bytes::from(sealed)).await?;
+        let (sealed, _) =
+            tokio::task::spawn_blocking(move || m.seal(&repo_id, &path, &key, brotli))
+                .await
+                .map_err(join_err)??;
+        backend.put(&manifest_key(id), sealed).await?;
     }
     let forgotten = manifests / 2;
     for id in &ids[..forgotten] {

@@ -180,6 +180,32 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// The manifest as stored at `path`: its JSON sealed with `key` as a kind-2 object, and the
+    /// SHA3-256 of the sealed bytes. CPU-bound (compression and encryption): call it off the
+    /// async runtime. Takes the manifest so that its lists are freed once encoded, before the
+    /// sealing needs its own buffers (a large database's manifest is big).
+    pub(crate) fn seal(
+        self,
+        repo_id: &Uuid,
+        path: &str,
+        key: &crate::keys::DataKey,
+        brotli: crate::seal::Brotli,
+    ) -> Result<(bytes::Bytes, Hash32)> {
+        let json = serde_json::to_vec(&self)
+            .map_err(|e| RepoError::format(path, format!("cannot encode: {e}")))?;
+        drop(self);
+        let sealed = crate::seal::seal_object(
+            repo_id,
+            path,
+            key,
+            crate::seal::ObjectKind::Manifest,
+            Some(brotli),
+            &json,
+        );
+        let sha = Hash32(crate::seal::sha3(&sealed));
+        Ok((bytes::Bytes::from(sealed), sha))
+    }
+
     pub fn stream(&self, name: &str) -> Option<&StreamManifest> {
         self.streams.iter().find(|s| s.name == name)
     }

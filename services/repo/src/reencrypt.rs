@@ -520,22 +520,10 @@ impl Repository {
         let brotli = self.brotli();
         let mkey = db_key.clone();
         let p = path.clone();
-        let (sealed, sha) = tokio::task::spawn_blocking(move || -> Result<(Bytes, Hash32)> {
-            let json = serde_json::to_vec(&next)
-                .map_err(|e| RepoError::format(&p, format!("cannot encode: {e}")))?;
-            let sealed = seal::seal_object(
-                &repo_id,
-                &p,
-                &mkey,
-                ObjectKind::Manifest,
-                Some(brotli),
-                &json,
-            );
-            let sha = Hash32(seal::sha3(&sealed));
-            Ok((Bytes::from(sealed), sha))
-        })
-        .await
-        .map_err(join_err)??;
+        let (sealed, sha) =
+            tokio::task::spawn_blocking(move || next.seal(&repo_id, &p, &mkey, brotli))
+                .await
+                .map_err(join_err)??;
         // Forgotten while its chunks were re-sealed: do not bring it back.
         if self.backend().head(&path).await?.is_none() {
             return Ok(Outcome::Gone);

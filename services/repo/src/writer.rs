@@ -650,7 +650,7 @@ impl BackupWriter {
         }
         let stats = &inner.stats;
         let raw_bytes: u64 = streams.iter().map(|s| s.raw_bytes).sum();
-        let mut manifest = Manifest {
+        let manifest = Manifest {
             format: MANIFEST_FORMAT.into(),
             format_version: MANIFEST_VERSION,
             repository_id: inner.repo.id(),
@@ -681,23 +681,10 @@ impl BackupWriter {
         // The manifest's own size is part of what this backup adds; it is not known until it is
         // sealed, so `totals.new_bytes` counts chunks only and the result adds the manifest.
         let p = path.clone();
-        let (sealed, sha) = tokio::task::spawn_blocking(move || -> Result<(Bytes, Hash32)> {
-            let json = serde_json::to_vec(&manifest)
-                .map_err(|e| RepoError::format(&p, format!("cannot encode: {e}")))?;
-            manifest.streams.clear();
-            let sealed = seal::seal_object(
-                &repo_id,
-                &p,
-                &mkey,
-                ObjectKind::Manifest,
-                Some(brotli),
-                &json,
-            );
-            let sha = Hash32(seal::sha3(&sealed));
-            Ok((Bytes::from(sealed), sha))
-        })
-        .await
-        .map_err(join_err)??;
+        let (sealed, sha) =
+            tokio::task::spawn_blocking(move || manifest.seal(&repo_id, &p, &mkey, brotli))
+                .await
+                .map_err(join_err)??;
         let manifest_size = sealed.len() as u64;
         if !inner.repo.backend().put_if_absent(&path, sealed).await? {
             return Err(RepoError::Usage(format!(
