@@ -307,10 +307,18 @@ async fn load(args: &BenchApiArgs, port: u16, projections: &Projections) -> anyh
             "/api/audit?actor=operator:alice&before=500000&limit=50".to_string(),
         ),
     ];
+    // `/healthz` answers as soon as the listener is up, while the read models may still be
+    // migrating (503 with Retry-After): wait for each target to be ready before timing it.
     for (_, path) in &targets {
-        let (status, _) = request(port, path).await?;
-        if status != 200 {
-            anyhow::bail!("GET {path} answered {status}");
+        loop {
+            let (status, _) = request(port, path).await?;
+            if status == 200 {
+                break;
+            }
+            if status != 503 || Instant::now() > deadline {
+                anyhow::bail!("GET {path} answered {status}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
     println!();
