@@ -18,5 +18,6 @@
 pub mod child_env;
 mod error;
 pub mod pg;
+pub mod webhook;
 
 pub use error::SourceError;
