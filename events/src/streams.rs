@@ -15,6 +15,9 @@ pub fn source(name: &str) -> String {
 pub fn keys(purpose: &str) -> String {
     format!("keys-{purpose}")
 }
+pub fn export(id: Uuid) -> String {
+    format!("export-{id}")
+}
 pub fn recovery(id: Uuid) -> String {
     format!("recovery-{id}")
 }

@@ -92,6 +92,23 @@ impl std::fmt::Display for BackupMethod {
     }
 }
 
+/// What a schedule's slot runs (`[[schedules]] job = ...`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduledJob {
+    /// `backup.requested` for the schedule's source.
+    #[default]
+    Backup,
+    /// `export.requested` for these tables of the schedule's source (empty: all).
+    Export { tables: Vec<String> },
+}
+
+impl ScheduledJob {
+    pub fn is_backup(&self) -> bool {
+        matches!(self, ScheduledJob::Backup)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "by", rename_all = "snake_case")]
 pub enum Trigger {
@@ -402,6 +419,28 @@ vocabulary! {
     KeyRetired = "key.retired" v 1 { purpose: String, key_id: String, version: u32 }
     ReencryptionFailed = "reencryption.failed" v 1 { job_id: Uuid, reason: String }
 
+    /// Table exports (`backstop export`, or a `[[schedules]]` entry with `job = "export"`), on
+    /// the stream `export-<id>`. A requested export is run by the export worker; a foreground
+    /// one (trigger `foreground`) by the operator's command, which records the same events.
+    ExportRequested = "export.requested" v 1 {
+        export_id: Uuid, source: String,
+        /// The tables asked for; empty: every table of the database.
+        #[serde(default)] tables: Vec<String>,
+        trigger: Trigger,
+    }
+    /// An export's index is stored and every piece was read back intact.
+    ExportCompleted = "export.completed" v 1 {
+        export_id: Uuid, source: String, tables: u64, rows: u64, sealed_bytes: u64,
+        duration_ms: u64,
+    }
+    ExportFailed = "export.failed" v 1 { export_id: Uuid, source: String, reason: String }
+    /// An export its retention policy (`[[retention]] class = "exports"`, 90 days by default) no
+    /// longer keeps is deleted:
+    /// recorded before its objects go, so a deletion cut short is finished by the next pass.
+    ExportDeleted = "export.deleted" v 1 {
+        export_id: Uuid, source: String, finished_at: DateTime<Utc>, reason: String,
+    }
+
     RecoveryRequested = "recovery.requested" v 1 {
         recovery_id: Uuid, backup_id: Uuid, operator: String, scope: RecoveryScope,
     }
@@ -468,6 +507,8 @@ vocabulary! {
     ScheduleFired = "schedule.fired" v 1 {
         schedule: String, slot: DateTime<Utc>, source: String, kind: BackupKind,
         #[serde(default)] physical: bool,
+        /// What the slot runs: a backup (the default, left out of the encoding) or an export.
+        #[serde(default, skip_serializing_if = "ScheduledJob::is_backup")] job: ScheduledJob,
     }
 
     /// A condition that needs a person began. One condition is one alert: `key` (`kind/subject`,
@@ -593,6 +634,38 @@ mod tests {
         });
         let back = Event::decode(e.type_name(), e.schema_version(), &e.payload()).unwrap();
         assert_eq!(back, e);
+    }
+
+    #[test]
+    fn a_backup_slot_encodes_as_before_and_an_export_slot_names_its_tables() {
+        let fired = |job| ScheduleFired {
+            schedule: "s".into(),
+            slot: DateTime::<Utc>::UNIX_EPOCH,
+            source: "main".into(),
+            kind: BackupKind::Full,
+            physical: false,
+            job,
+        };
+        // Claims recorded before export schedules existed decode as backups, and a backup's
+        // claim is encoded exactly as they were: no `job` key.
+        let backup = Event::ScheduleFired(fired(ScheduledJob::Backup)).payload();
+        assert_eq!(
+            backup,
+            json!({"schedule": "s", "slot": "1970-01-01T00:00:00Z", "source": "main",
+                   "kind": "full", "physical": false})
+        );
+        let back = Event::decode("schedule.fired", 1, &backup).unwrap();
+        assert_eq!(back, Event::ScheduleFired(fired(ScheduledJob::Backup)));
+        let export = Event::ScheduleFired(fired(ScheduledJob::Export {
+            tables: vec!["public.orders".into()],
+        }))
+        .payload();
+        assert_eq!(export["job"], json!({"export": {"tables": ["public.orders"]}}));
+        let back = Event::decode("schedule.fired", 1, &export).unwrap();
+        let Event::ScheduleFired(f) = back else {
+            panic!("{back:?}")
+        };
+        assert!(!f.job.is_backup());
     }
 
     #[test]

@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use backstop_ops::export::{ExportIndex, export_get, list_exports, run_export};
+use backstop_events::{Actor, Event, ExportRequested, NewEvent, Trigger, streams};
+use backstop_ledger::ExpectedVersion;
+use backstop_ops::export::{ExportIndex, export_get, list_exports};
+use backstop_ops::export_lifecycle::{ExportFailures, run_requested};
 use clap::{Args, Subcommand};
 use uuid::Uuid;
 
@@ -46,6 +49,18 @@ pub enum ExportCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Delete the exports their retention policy (`[[retention]] class = "exports"`, 90 days by
+    /// default) no longer keeps, as the daily maintenance does, recording each as
+    /// `export.deleted`.
+    Expire {
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// Say what would be deleted; delete and record nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// The exports in the repository, oldest first.
     List {
         #[command(flatten)]
@@ -75,6 +90,11 @@ pub async fn run(config: &Config, data_dir: &Path, args: ExportArgs) -> anyhow::
             out,
         }) => get(config, data_dir, repo, id, &table, &out).await,
         Some(ExportCommand::List { repo, json }) => list(config, data_dir, repo, json).await,
+        Some(ExportCommand::Expire {
+            repo,
+            dry_run,
+            json,
+        }) => expire(config, data_dir, repo, dry_run, json).await,
     }
 }
 
@@ -94,16 +114,43 @@ async fn export(
         .ok_or_else(|| backstop_ops::OpsError::UnknownSource(name.clone()))?;
     let mut events = Events::open(config, data_dir).await?;
     let repo = open_repository(config, data_dir, &repo_args, &mut events).await?;
-    let id = backstop_events::uuid_v7();
-    let actor = format!("operator:{}", operator());
-    let result = run_export(
-        &repo,
-        &spec,
-        id,
-        (!tables.is_empty()).then_some(tables),
-        &actor,
-    )
-    .await;
+    let actor = Actor::operator(operator());
+    let request = ExportRequested {
+        export_id: backstop_events::uuid_v7(),
+        source: name.clone(),
+        tables,
+        // Run here, in the foreground: the export worker leaves it alone.
+        trigger: Trigger::Foreground {
+            host: backstop_ops::context::hostname(),
+        },
+    };
+    let stream = streams::export(request.export_id);
+    let requested = NewEvent::new(
+        &stream,
+        actor.clone(),
+        &Event::ExportRequested(request.clone()),
+    );
+    let requested_at = requested.occurred_at;
+    let result = match events
+        .appender
+        .append(&stream, ExpectedVersion::NoStream, vec![requested])
+        .await
+    {
+        Ok(_) => {
+            run_requested(
+                &repo,
+                events.appender.as_ref(),
+                &spec,
+                &request,
+                requested_at,
+                None,
+                &actor,
+                ExportFailures::RecordAll,
+            )
+            .await
+        }
+        Err(e) => Err(e.into()),
+    };
     // The repository holds the key-access channel the recorder drains: drop it first, or
     // close() waits for a channel that never ends.
     drop(repo);
@@ -113,6 +160,61 @@ async fn export(
         println!("{}", serde_json::to_string_pretty(&index)?);
     } else {
         print_index(&index);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn expire(
+    config: &Config,
+    data_dir: &Path,
+    repo_args: RepoArgs,
+    dry_run: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut events = Events::open(config, data_dir).await?;
+    let repo = open_repository(config, data_dir, &repo_args, &mut events).await?;
+    let retention = config.retention_config()?;
+    let result = backstop_ops::export_lifecycle::expire(
+        &repo,
+        events.appender.as_ref(),
+        &retention,
+        chrono::Utc::now(),
+        &Actor::operator(operator()),
+        dry_run,
+    )
+    .await;
+    drop(repo);
+    events.close().await;
+    let report = result.context("the exports' retention pass failed")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let verb = if dry_run { "would delete" } else { "deleted" };
+    for d in &report.deleted {
+        println!(
+            "{verb} export {} of {} (finished {})",
+            d.export_id,
+            d.source,
+            d.finished_at.format("%Y-%m-%d %H:%M UTC")
+        );
+    }
+    for (id, why) in &report.unreadable {
+        println!("kept export {id}: its index is unreadable ({why})");
+    }
+    println!(
+        "{} export(s) {verb}, {} kept by the exports' retention policy, {} orphaned object(s){}",
+        report.deleted.len(),
+        report.kept,
+        report.orphan_objects,
+        if dry_run { " to remove" } else { " removed" }
+    );
+    if report.delete_failures > 0 {
+        eprintln!(
+            "{} object(s) could not be deleted; run `backstop export expire` again (the deletions are recorded and finish on the next pass)",
+            report.delete_failures
+        );
+        return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -120,6 +120,7 @@ const WORKER_EVENT_TYPES: &[&str] = &[
     "recovery.completed",
     "recovery.failed",
     "lease.renewed",
+    "export.*",
     "replication.*",
     "wal.*",
     "schedule.fired",

@@ -21,9 +21,9 @@
 //! - The file `get` writes is gzip (RFC 1952) with one member per piece, which every gzip reader
 //!   (`gzip -d`, `zcat`, Python's `gzip`, pandas, DuckDB) reads as one stream.
 //!
-//! Exports are not backups: they have no manifest, so `backstop list`, retention and `prune` do
-//! not see them (prune sweeps only `chunks/`). A weekly schedule and 90-day retention of exports
-//! are planned.
+//! Exports are not backups: they have no manifest, so `backstop list`, the backups' retention
+//! and `prune` do not see them (prune sweeps only `chunks/`). Their events, schedules and
+//! retention are [`crate::export_lifecycle`]'s.
 
 use std::collections::HashMap;
 use std::io::Write;

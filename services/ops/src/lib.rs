@@ -43,6 +43,7 @@ pub mod context;
 pub mod cost;
 pub mod error;
 pub mod export;
+pub mod export_lifecycle;
 pub mod forget;
 pub mod health;
 pub mod keys;

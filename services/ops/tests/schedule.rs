@@ -472,6 +472,7 @@ async fn a_claim_without_its_request_is_healed_by_the_next_look() {
             source: "main".into(),
             kind: BackupKind::Full,
             physical: false,
+            job: Default::default(),
         }),
     );
     ledger
@@ -503,6 +504,7 @@ async fn a_claim_without_its_request_is_healed_by_the_next_look() {
             source: "main".into(),
             kind: BackupKind::Incremental,
             physical: false,
+            job: Default::default(),
         }),
     );
     ledger

@@ -12,6 +12,7 @@
 //! `backstop_ops::alerting`'s monitor in `backstop serve`; the notify handler delivers them.
 
 pub mod backup;
+pub mod export;
 pub mod fault;
 pub mod notify;
 pub mod restore;
@@ -38,6 +39,7 @@ pub const SCHEDULER: &str = "scheduler";
 /// The names of the workers `backstop worker --only` accepts (and [`SCHEDULER`]).
 pub const KINDS: &[&str] = &[
     backup::NAME,
+    export::NAME,
     verify::NAME,
     restore::NAME,
     retention::NAME,
@@ -85,6 +87,15 @@ pub fn handlers(only: &[String], ctx: WorkerContext) -> Result<Vec<Arc<dyn Handl
             return Err("the backup worker needs a repository and its master key (see [repository] in the configuration reference)".into());
         }
         (None, true) => tracing::warn!("backup worker not started: no repository or master key"),
+        _ => {}
+    }
+    match (&ctx.data_path, wanted(export::NAME)) {
+        (Some(dp), true) => all.push(Arc::new(export::ExportWorker {
+            data_path: dp.clone(),
+        })),
+        (None, true) if !only.is_empty() => {
+            return Err("the export worker needs a repository and its master key".into());
+        }
         _ => {}
     }
     match (&ctx.data_path, wanted(restore::NAME)) {

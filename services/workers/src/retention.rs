@@ -8,7 +8,9 @@
 //!   every source, then the prune ([`backstop_ops::forget::maintain`]), then the lock extension
 //!   step ([`LockExtension`]) when the repository has object lock, then the retirement of key
 //!   versions nothing is sealed with any more ([`backstop_ops::rotation::retire`], only while
-//!   a rotated-out version is not yet retired: its scan reads every object's header). A failed
+//!   a rotated-out version is not yet retired: its scan reads every object's header), and the
+//!   deletion of table exports past their retention
+//!   ([`backstop_ops::export_lifecycle::expire`]). A failed
 //!   pass is logged and
 //!   retried the next day; it never stops the process (retention is never urgent, and a
 //!   failure to delete is the safe failure).
@@ -225,8 +227,40 @@ pub async fn maintain_once(
         let summary = locks.extend(&m.data_path.repo, now, &pass).await?;
         tracing::info!(%summary, "daily maintenance: object locks extended");
     }
+    expire_exports(m, now).await;
     retire_unused_keys(m, now).await;
     Ok(pass)
+}
+
+/// Deletes the table exports past their retention (recorded as `export.deleted`). A failure is
+/// logged only, as for key retirement: the next pass tries again.
+async fn expire_exports(m: &Maintenance, now: DateTime<Utc>) {
+    match backstop_ops::export_lifecycle::expire(
+        &m.data_path.repo,
+        m.data_path.appender.as_ref(),
+        &m.settings.config,
+        now,
+        &Actor::worker(NAME),
+        false,
+    )
+    .await
+    {
+        Ok(r) => {
+            if !r.deleted.is_empty() || r.orphan_objects > 0 || r.delete_failures > 0 {
+                tracing::info!(
+                    deleted = r.deleted.len(),
+                    kept = r.kept,
+                    orphan_objects = r.orphan_objects,
+                    delete_failures = r.delete_failures,
+                    "daily maintenance: exports past their retention deleted"
+                );
+            }
+        }
+        Err(e) => tracing::error!(
+            error = %e.chain(),
+            "daily maintenance: the exports' retention failed; the next pass tries again (or run `backstop export expire`)"
+        ),
+    }
 }
 
 /// After a rotation and its re-encryption, prune removes the originals; this then retires the

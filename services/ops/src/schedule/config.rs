@@ -10,6 +10,8 @@
 //! # kind = "full"                # or one kind on every slot
 //! method = "logical"             # default; or "physical"
 //! grace = "6h"                   # default: how late a missed slot may still fire
+//! job = "backup"                 # default; "export": a table export (tables = [...], all
+//!                                # by default) instead of a backup; kind and method unused
 //! [schedules.trading_hours]      # optional
 //! days = "mon-fri"               # default
 //! window = "09:30-16:00"         # local time in `zone`, start inclusive, end exclusive
@@ -60,6 +62,21 @@ pub struct ScheduleConfig {
     pub grace: ConfigDuration,
     #[serde(default)]
     pub trading_hours: Option<TradingHours>,
+    /// What a slot runs (default: a backup).
+    #[serde(default)]
+    pub job: JobKind,
+    /// `job = "export"`: the tables to export (default: every table).
+    #[serde(default)]
+    pub tables: Vec<String>,
+}
+
+/// `[[schedules]] job = ...`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobKind {
+    #[default]
+    Backup,
+    Export,
 }
 
 fn default_cron() -> String {
@@ -376,6 +393,18 @@ impl Schedule {
                 schedule: name.clone(),
                 zone: config.zone.clone(),
             })?;
+        if config.job == JobKind::Backup && !config.tables.is_empty() {
+            return Err(ScheduleError::Config {
+                schedule: name,
+                why: "`tables` is for exports; add `job = \"export\"` or remove `tables`".into(),
+            });
+        }
+        if config.job == JobKind::Export && config.trading_hours.is_some() {
+            return Err(ScheduleError::Config {
+                schedule: name,
+                why: "trading hours limit backups; an export schedule has none (remove `[schedules.trading_hours]`)".into(),
+            });
+        }
         let window = match &config.trading_hours {
             None => None,
             Some(t) => Some(parse_window(&name, t)?),
@@ -418,6 +447,15 @@ impl Schedule {
     }
     pub fn method(&self) -> BackupMethod {
         self.config.method
+    }
+    /// What this schedule's slots run.
+    pub fn job(&self) -> backstop_events::ScheduledJob {
+        match self.config.job {
+            JobKind::Backup => backstop_events::ScheduledJob::Backup,
+            JobKind::Export => backstop_events::ScheduledJob::Export {
+                tables: self.config.tables.clone(),
+            },
+        }
     }
     pub fn grace(&self) -> ConfigDuration {
         self.config.grace

@@ -25,7 +25,9 @@ pub mod scheduler;
 pub mod slot;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use config::{Firing, KindRule, Limits, Schedule, ScheduleConfig, TradingHours, WeekdaySet};
+pub use config::{
+    Firing, JobKind, KindRule, Limits, Schedule, ScheduleConfig, TradingHours, WeekdaySet,
+};
 pub use duration::ConfigDuration;
 pub use scheduler::{
     Fired, RecordedFiring, ScheduleLog, StreamState, Tick, backup_id_for, request_for, run, tick,

@@ -10,7 +10,8 @@
 //!    backup id and the event id are derived from the schedule's name and the slot, and every
 //!    other field from the claim (its id as correlation and causation, its time as occurred-at).
 //!    Anyone can therefore rebuild the identical event from the claim alone, and the ledger's
-//!    idempotency by event id stores it once.
+//!    idempotency by event id stores it once. An export schedule (`job = "export"`, recorded in
+//!    the claim) requests `export.requested` on `export-<export_id>` the same way.
 //!
 //! A crash between the two appends is healed by whoever reads the stream next (the same
 //! scheduler after a restart, or another one at its next look, and at once by a scheduler that
@@ -23,8 +24,8 @@
 
 use async_trait::async_trait;
 use backstop_events::{
-    Actor, BackupMethod, BackupRequested, Event, NewEvent, ScheduleFired, Trigger, streams,
-    uuid_v7_derived,
+    Actor, BackupMethod, BackupRequested, Event, ExportRequested, NewEvent, ScheduleFired,
+    ScheduledJob, Trigger, streams, uuid_v7_derived,
 };
 use backstop_ledger::{Appender, ExpectedVersion, Ledger, LedgerError};
 use chrono::{DateTime, SubsecRound, TimeDelta, Utc};
@@ -130,6 +131,7 @@ fn unreachable_type(stream: &str, version: u64) -> Result<StreamState, ScheduleE
 pub struct Fired {
     pub slot: DateTime<Utc>,
     pub late: bool,
+    /// The backup requested (or, for an export schedule, the export).
     pub backup_id: Uuid,
     pub claim_id: Uuid,
 }
@@ -156,31 +158,66 @@ pub fn backup_id_for(schedule: &str, slot: DateTime<Utc>) -> Uuid {
     )
 }
 
-/// The `backup.requested` a recorded claim stands for, identical whoever builds it.
+/// The export id a schedule's slot requests (`job = "export"`): the same for every scheduler.
+pub fn export_id_for(schedule: &str, slot: DateTime<Utc>) -> Uuid {
+    uuid_v7_derived(
+        Uuid::nil(),
+        slot,
+        &format!("schedule:{schedule}:{}:export", slot.to_rfc3339()),
+    )
+}
+
+/// The request a recorded claim stands for (`backup.requested`, or `export.requested` for an
+/// export schedule), identical whoever builds it, with the id of the backup or export.
 pub fn request_for(claim: &RecordedFiring) -> (Uuid, NewEvent) {
     let f = &claim.fired;
-    let backup_id = backup_id_for(&f.schedule, f.slot);
-    let event = Event::BackupRequested(BackupRequested {
-        backup_id,
-        source: f.source.clone(),
-        kind: f.kind,
-        method: if f.physical {
-            BackupMethod::Physical
-        } else {
-            BackupMethod::Logical
-        },
-        trigger: Trigger::Schedule {
-            schedule: f.schedule.clone(),
-        },
-        attempt: 1,
-    });
-    let stream = streams::backup(backup_id);
+    let trigger = Trigger::Schedule {
+        schedule: f.schedule.clone(),
+    };
+    let (job_id, stream, event, step) = match &f.job {
+        ScheduledJob::Backup => {
+            let backup_id = backup_id_for(&f.schedule, f.slot);
+            let event = Event::BackupRequested(BackupRequested {
+                backup_id,
+                source: f.source.clone(),
+                kind: f.kind,
+                method: if f.physical {
+                    BackupMethod::Physical
+                } else {
+                    BackupMethod::Logical
+                },
+                trigger,
+                attempt: 1,
+            });
+            (
+                backup_id,
+                streams::backup(backup_id),
+                event,
+                "backup.requested",
+            )
+        }
+        ScheduledJob::Export { tables } => {
+            let export_id = export_id_for(&f.schedule, f.slot);
+            let event = Event::ExportRequested(ExportRequested {
+                export_id,
+                source: f.source.clone(),
+                tables: tables.clone(),
+                trigger,
+            });
+            (
+                export_id,
+                streams::export(export_id),
+                event,
+                "export.requested",
+            )
+        }
+    };
     let mut e = NewEvent::new(stream, Actor::worker(SCHEDULER_ACTOR), &event);
-    e.id = uuid_v7_derived(backup_id, f.slot, "backup.requested");
+    e.id = uuid_v7_derived(job_id, f.slot, step);
     e.occurred_at = claim.occurred_at;
     e.correlation_id = claim.event_id;
     e.causation_id = Some(claim.event_id);
-    (backup_id, e)
+    (job_id, e)
 }
 
 async fn append_request(
@@ -260,6 +297,7 @@ pub async fn tick(
         source: schedule.source().to_string(),
         kind: schedule.kind_at(due.slot),
         physical: schedule.method() == BackupMethod::Physical,
+        job: schedule.job(),
     };
     let mut claim = NewEvent::new(
         &stream,
