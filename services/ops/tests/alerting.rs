@@ -731,3 +731,49 @@ async fn a_monitor_behind_another_records_only_what_is_new_on_a_real_ledger() {
     );
     ledger.close().await;
 }
+
+#[tokio::test]
+async fn a_failed_table_export_warns_until_an_export_of_that_source_completes() {
+    let a = RecordingAppender::new();
+    let t = AlertThresholds::default();
+    let export = |source: &str, failed: bool| {
+        let export_id = uuid_v7();
+        let event = if failed {
+            Event::ExportFailed(backstop_events::ExportFailed {
+                export_id,
+                source: source.into(),
+                reason: "no table \"nope\" in the database".into(),
+            })
+        } else {
+            Event::ExportCompleted(backstop_events::ExportCompleted {
+                export_id,
+                source: source.into(),
+                tables: 1,
+                rows: 10,
+                sealed_bytes: 100,
+                duration_ms: 5,
+            })
+        };
+        (streams::export(export_id), event)
+    };
+    let (s, e) = export("orders", true);
+    append_at(&a, &s, t0(), e).await;
+    // Another source's success does not clear it.
+    let (s, e) = export("risk", false);
+    append_at(&a, &s, t0() + mins(1), e).await;
+    assert_eq!(
+        settle(&a, &t, t0() + mins(2)).await,
+        vec![raised("export_failed/orders")]
+    );
+    let alert = &alerts_raised(&a)[0];
+    assert_eq!(alert.severity, Severity::Warning);
+    assert_eq!(alert.source.as_deref(), Some("orders"));
+    assert!(alert.message.contains("nope"), "{}", alert.message);
+    assert_eq!(settle(&a, &t, t0() + mins(3)).await, vec![]);
+    let (s, e) = export("orders", false);
+    append_at(&a, &s, t0() + mins(4), e).await;
+    assert_eq!(
+        settle(&a, &t, t0() + mins(5)).await,
+        vec![resolved("export_failed/orders")]
+    );
+}

@@ -133,6 +133,9 @@ pub struct Facts {
     pub last_wal: Option<Cause>,
     /// Dead-lettered events, by alert key, until an operator resolves their alert.
     pub dead_letters: BTreeMap<String, DeadLetter>,
+    /// Per source, its last table export when that one failed (export id, reason); a completed
+    /// export clears it.
+    pub failed_exports: BTreeMap<String, (Uuid, String, Cause)>,
     /// Open alerts by key, as the ledger records them.
     pub open: BTreeMap<String, OpenAlert>,
     /// How many times each key was raised: part of the next raise's id, so a condition that
@@ -169,6 +172,8 @@ impl Facts {
                 | "wal.archived"
                 | "wal.archiver_checked"
                 | "worker.dead_lettered"
+                | "export.completed"
+                | "export.failed"
                 | "alert.raised"
                 | "alert.resolved"
         );
@@ -274,6 +279,13 @@ impl Facts {
                     },
                 );
             }
+            Event::ExportCompleted(c) => {
+                self.failed_exports.remove(&c.source);
+            }
+            Event::ExportFailed(f) => {
+                self.failed_exports
+                    .insert(f.source, (f.export_id, f.reason, cause));
+            }
             Event::WalArchived(_) => self.last_wal = Some(cause),
             Event::WalArchiverChecked(c) => {
                 self.archivers.insert(c.source.clone(), (c, cause));
@@ -342,6 +354,8 @@ fn method_name(m: BackupMethod) -> &'static str {
     match m {
         BackupMethod::Logical => "logical",
         BackupMethod::Physical => "physical",
+        BackupMethod::Command => "command",
+        BackupMethod::Redis => "redis",
     }
 }
 

@@ -338,6 +338,18 @@ pub fn conditions(
             h.cause,
         ));
     }
+    for (source, (export_id, reason, cause)) in &facts.failed_exports {
+        out.push(cond(
+            "export_failed",
+            source.clone(),
+            Severity::Warning,
+            Some(source.clone()),
+            format!(
+                "the last table export of `{source}` ({export_id}) failed: {reason}. Run `backstop export --source {source}` once the cause is fixed; the alert resolves when an export completes"
+            ),
+            *cause,
+        ));
+    }
     for (key, d) in &facts.dead_letters {
         out.push(Condition {
             key: key.clone(),
