@@ -16,7 +16,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use backstop_testkit::{Postgres, PostgresOptions, give_to_server_user, server_tempdir};
-use support::{bin, stderr, stdout};
+use support::{bin, query, stderr, stdout, switch_and_wait};
 
 /// A repository, its key, a ledger and a configuration file naming them, all reachable by the
 /// PostgreSQL user.
@@ -107,33 +107,6 @@ impl Site {
             .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
             .filter(|e| e["type"] == event_type)
             .collect()
-    }
-}
-
-fn query(pg: &Postgres, sql: &str) -> String {
-    pg.psql("postgres", sql).unwrap()
-}
-
-/// Switches to a new WAL segment and waits until the finished one is archived; returns its name.
-fn switch_and_wait(pg: &Postgres) -> String {
-    // A record first, so the switch is never a no-op on an empty segment.
-    query(pg, "SELECT pg_logical_emit_message(false, 'e2e', 'x')");
-    let name = query(pg, "SELECT pg_walfile_name(pg_switch_wal())");
-    let start = Instant::now();
-    loop {
-        let last = query(
-            pg,
-            "SELECT coalesce(last_archived_wal, '') || '|' || coalesce(last_failed_wal, '') FROM pg_stat_archiver",
-        );
-        if last.get(..24).is_some_and(|a| a >= name.as_str()) {
-            return name;
-        }
-        assert!(
-            start.elapsed() < backstop_testkit::deadline(),
-            "{name} was not archived in time (pg_stat_archiver: {last}); server log:\n{}",
-            pg.log_tail(40)
-        );
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

@@ -25,7 +25,7 @@ use backstop_repo::{
 use backstop_testkit::{
     Nats, Postgres, PostgresOptions, free_port, give_to_server_user, server_tempdir,
 };
-use support::{Process, bin, stderr, stdout};
+use support::{Process, bin, query, stderr, stdout, switch_and_wait};
 
 struct Site {
     tmp: tempfile::TempDir,
@@ -135,32 +135,6 @@ impl Site {
 
     fn backend(&self) -> Arc<LocalBackend> {
         Arc::new(LocalBackend::new(self.path("repo")).unwrap())
-    }
-}
-
-fn query(pg: &Postgres, sql: &str) -> String {
-    pg.psql("postgres", sql).unwrap()
-}
-
-/// Switches to a new WAL segment and waits until the finished one is archived; returns its name.
-fn switch_and_wait(pg: &Postgres) -> String {
-    query(pg, "SELECT pg_logical_emit_message(false, 'e2e', 'x')");
-    let name = query(pg, "SELECT pg_walfile_name(pg_switch_wal())");
-    let start = Instant::now();
-    loop {
-        let last = query(
-            pg,
-            "SELECT coalesce(last_archived_wal, '') || '|' || coalesce(last_failed_wal, '') FROM pg_stat_archiver",
-        );
-        if last.get(..24).is_some_and(|a| a >= name.as_str()) {
-            return name;
-        }
-        assert!(
-            start.elapsed() < backstop_testkit::deadline(),
-            "{name} was not archived in time (pg_stat_archiver: {last}); server log:\n{}",
-            pg.log_tail(40)
-        );
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

@@ -77,6 +77,33 @@ pub(crate) fn handler_error(e: OpsError) -> HandlerError {
     HandlerError::from_error(e, retryable)
 }
 
+/// The consumer's decision after a use case that records its own permanent failures (as
+/// `backup.failed`, `export.failed`): such a failure is done; a transient one, or one of the
+/// ledger (the failure may not be recorded), is retried.
+pub(crate) fn done_unless_retryable<T>(result: Result<T, OpsError>) -> Result<(), HandlerError> {
+    match result {
+        Ok(_) => Ok(()),
+        Err(e) if !e.is_transient() && e.class() != FailureClass::Ledger => Ok(()),
+        Err(e) => Err(handler_error(e)),
+    }
+}
+
+/// What a consumer's `give_up` returns once it tried to record the abandoned job: a ledger
+/// failure is the consumer's to retry; any other is logged (nothing else can be done with it).
+pub(crate) fn abandoned_recorded(
+    result: Result<(), OpsError>,
+    what: &str,
+) -> Result<(), LedgerError> {
+    match result {
+        Ok(()) => Ok(()),
+        Err(OpsError::Ledger(e)) => Err(e),
+        Err(e) => {
+            tracing::error!(error = %e.chain(), "could not record the abandoned {what}");
+            Ok(())
+        }
+    }
+}
+
 #[async_trait]
 impl Handler for BackupWorker {
     fn name(&self) -> &str {
@@ -108,21 +135,18 @@ impl Handler for BackupWorker {
             Err(e) => return Err(handler_error(e)),
         }
         let opts = self.options_for(&request, chrono::Utc::now());
-        match backup::run_backup(
-            dp,
-            &request,
-            event.occurred_at,
-            &actor(),
-            Some(event),
-            &opts,
+        // A permanent failure is recorded as backup.failed by run_backup.
+        done_unless_retryable(
+            backup::run_backup(
+                dp,
+                &request,
+                event.occurred_at,
+                &actor(),
+                Some(event),
+                &opts,
+            )
+            .await,
         )
-        .await
-        {
-            Ok(_) => Ok(()),
-            // Recorded as backup.failed by run_backup; the event is done.
-            Err(e) if !e.is_transient() && e.class() != FailureClass::Ledger => Ok(()),
-            Err(e) => Err(handler_error(e)),
-        }
     }
 
     async fn give_up(
@@ -141,7 +165,7 @@ impl Handler for BackupWorker {
             what: format!("backup {}", request.backup_id),
             why: format!("gave up after repeated failures: {}", error.message),
         };
-        match backup::record_failure(
+        let recorded = backup::record_failure(
             &self.data_path,
             &request,
             event.occurred_at,
@@ -149,14 +173,7 @@ impl Handler for BackupWorker {
             Some(event),
             &gave_up,
         )
-        .await
-        {
-            Ok(()) => Ok(()),
-            Err(OpsError::Ledger(e)) => Err(e),
-            Err(e) => {
-                tracing::error!(error = %e.chain(), "could not record the abandoned backup");
-                Ok(())
-            }
-        }
+        .await;
+        abandoned_recorded(recorded, "backup")
     }
 }

@@ -9,10 +9,10 @@ use async_trait::async_trait;
 use backstop_events::{Actor, Envelope, Event, ExportRequested, Trigger};
 use backstop_ledger::consumer::{Handler, HandlerError};
 use backstop_ledger::{Appender, LedgerError};
+use backstop_ops::DataPath;
 use backstop_ops::export_lifecycle::{ExportFailures, record_failure, run_requested};
-use backstop_ops::{DataPath, OpsError};
 
-use crate::backup::handler_error;
+use crate::backup::{abandoned_recorded, done_unless_retryable, handler_error};
 
 pub const NAME: &str = "export";
 
@@ -60,23 +60,20 @@ impl Handler for ExportWorker {
                 return Ok(());
             }
         };
-        match run_requested(
-            &dp.repo,
-            dp.appender.as_ref(),
-            source,
-            &request,
-            event.occurred_at,
-            Some(event),
-            &Actor::worker(NAME),
-            ExportFailures::RetryTransient,
+        // A permanent failure is recorded as export.failed by run_requested.
+        done_unless_retryable(
+            run_requested(
+                &dp.repo,
+                dp.appender.as_ref(),
+                source,
+                &request,
+                event.occurred_at,
+                Some(event),
+                &Actor::worker(NAME),
+                ExportFailures::RetryTransient,
+            )
+            .await,
         )
-        .await
-        {
-            Ok(_) => Ok(()),
-            // Recorded as export.failed by run_requested; the event is done.
-            Err(e) if !e.is_transient() && !matches!(e, OpsError::Ledger(_)) => Ok(()),
-            Err(e) => Err(handler_error(e)),
-        }
     }
 
     async fn give_up(
@@ -92,7 +89,7 @@ impl Handler for ExportWorker {
             return Ok(());
         }
         let reason = format!("gave up after repeated failures: {}", error.message);
-        match record_failure(
+        let recorded = record_failure(
             self.data_path.appender.as_ref(),
             &request,
             event.occurred_at,
@@ -100,14 +97,7 @@ impl Handler for ExportWorker {
             &Actor::worker(NAME),
             &reason,
         )
-        .await
-        {
-            Ok(()) => Ok(()),
-            Err(OpsError::Ledger(e)) => Err(e),
-            Err(e) => {
-                tracing::error!(error = %e.chain(), "could not record the abandoned export");
-                Ok(())
-            }
-        }
+        .await;
+        abandoned_recorded(recorded, "export")
     }
 }

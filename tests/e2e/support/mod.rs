@@ -186,3 +186,31 @@ impl Webhook {
         }
     }
 }
+
+/// One line of `psql`'s answer to `sql` in the `postgres` database.
+pub fn query(pg: &backstop_testkit::Postgres, sql: &str) -> String {
+    pg.psql("postgres", sql).unwrap()
+}
+
+/// Switches to a new WAL segment and waits until the finished one is archived; returns its name.
+pub fn switch_and_wait(pg: &backstop_testkit::Postgres) -> String {
+    // A record first, so the switch is never a no-op on an empty segment.
+    query(pg, "SELECT pg_logical_emit_message(false, 'e2e', 'x')");
+    let name = query(pg, "SELECT pg_walfile_name(pg_switch_wal())");
+    let start = Instant::now();
+    loop {
+        let last = query(
+            pg,
+            "SELECT coalesce(last_archived_wal, '') || '|' || coalesce(last_failed_wal, '') FROM pg_stat_archiver",
+        );
+        if last.get(..24).is_some_and(|a| a >= name.as_str()) {
+            return name;
+        }
+        assert!(
+            start.elapsed() < backstop_testkit::deadline(),
+            "{name} was not archived in time (pg_stat_archiver: {last}); server log:\n{}",
+            pg.log_tail(40)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
