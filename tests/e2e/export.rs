@@ -175,4 +175,43 @@ fn export_list_get_and_bad_input_through_the_cli() {
     let listed = site.ok("backstop.toml", &["export", "list", "--json"]);
     let all: Vec<serde_json::Value> = serde_json::from_str(&listed).unwrap();
     assert_eq!(all.len(), 1);
+
+    // The ledger holds each export's story, by the operator: requested then completed, or
+    // failed with the reason.
+    let tail = site.ok(
+        "backstop.toml",
+        &["ledger", "tail", "--json", "--from", "1"],
+    );
+    let events: Vec<serde_json::Value> = tail
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|e: &serde_json::Value| e["type"].as_str().unwrap().starts_with("export."))
+        .collect();
+    let of =
+        |t: &str| -> Vec<&serde_json::Value> { events.iter().filter(|e| e["type"] == t).collect() };
+    assert_eq!(of("export.requested").len(), 2, "{events:#?}");
+    let done = of("export.completed");
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0]["payload"]["export_id"], id.as_str());
+    assert_eq!(done[0]["payload"]["rows"], 5000);
+    assert_eq!(done[0]["actor"], "operator:dba");
+    let failed = of("export.failed");
+    assert_eq!(failed.len(), 1);
+    assert!(
+        failed[0]["payload"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("nope"),
+        "{failed:?}"
+    );
+
+    // The exports' retention keeps a fresh export (90 days by default); the deletion itself
+    // runs on an injected clock in services/workers/tests/export.rs.
+    let out = site.ok(
+        "backstop.toml",
+        &["export", "expire", "--dry-run", "--json"],
+    );
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["kept"], 1, "{report}");
+    assert_eq!(report["deleted"].as_array().unwrap().len(), 0, "{report}");
 }
