@@ -18,6 +18,10 @@ pub fn keys(purpose: &str) -> String {
 pub fn export(id: Uuid) -> String {
     format!("export-{id}")
 }
+/// A webhook log's sealed pieces (`webhook.log_sealed`, `webhook.log_deleted`).
+pub fn webhook(name: &str) -> String {
+    format!("webhook-{name}")
+}
 pub fn recovery(id: Uuid) -> String {
     format!("recovery-{id}")
 }

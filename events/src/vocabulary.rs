@@ -487,6 +487,23 @@ vocabulary! {
         timeline: u32, segment: String, sha3: String, bytes: u64, object: String,
     }
 
+    /// A sealed piece of a webhook log (`[[webhooks]]`, `POST /webhooks/NAME`) was uploaded and
+    /// read back intact: the entries `first..=last` the log `name` received on `day`
+    /// (`YYYY-MM-DD`, America/New_York), at `object`, sealed with the `export` key `key_id`.
+    /// On the stream `webhook-<name>`; the id derives from the name and `first`, so a piece
+    /// uploaded again after a crash is recorded once.
+    WebhookLogSealed = "webhook.log_sealed" v 1 {
+        name: String, day: String, first: u64, last: u64, entries: u64,
+        /// The sealed object's size and SHA3-256 (hex), as read back after upload.
+        bytes: u64, sha3: String, object: String, key_id: String,
+    }
+    /// A piece older than the log's retention (`[[webhooks]] keep`, 90 days by default) is
+    /// deleted: recorded before the object goes, so a deletion cut short is finished (and
+    /// recorded once: same id) by the next pass.
+    WebhookLogDeleted = "webhook.log_deleted" v 1 {
+        name: String, day: String, first: u64, last: u64, object: String, reason: String,
+    }
+
     /// What a source's `pg_stat_archiver` said (the monitor's `wal_archiving_failing` rule).
     /// Recorded when the archiver starts or stops failing, and hourly as a sample; ids derive
     /// from the source and the check's slot, so two `serve` processes record a check once.

@@ -42,6 +42,7 @@ mod pages;
 pub mod params;
 pub mod redact;
 mod reports;
+mod webhooks;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -209,6 +210,8 @@ struct Inner {
     /// Ready unless [`ApiState::with_read_models`] says otherwise.
     read_models: watch::Receiver<ReadModels>,
     shutdown: watch::Receiver<bool>,
+    /// The webhook logs `POST /webhooks/NAME` appends to ([`ApiState::with_webhooks`]).
+    webhooks: backstop_ops::webhook::WebhookLogs,
 }
 
 /// Everything a request handler needs. Cheap to clone.
@@ -262,6 +265,7 @@ impl ApiState {
             // A receiver keeps the last value after its sender is gone: ready for good.
             read_models: watch::channel(ReadModels::Ready).1,
             shutdown,
+            webhooks: backstop_ops::webhook::WebhookLogs::default(),
         }))
     }
 
@@ -279,6 +283,14 @@ impl ApiState {
     pub fn with_clock(mut self, clock: Arc<dyn backstop_ops::schedule::clock::Clock>) -> ApiState {
         if let Some(inner) = Arc::get_mut(&mut self.0) {
             inner.guards.clock = clock;
+        }
+        self
+    }
+
+    /// Adds the webhook logs that `POST /webhooks/NAME` appends to (call before serving).
+    pub fn with_webhooks(mut self, logs: backstop_ops::webhook::WebhookLogs) -> ApiState {
+        if let Some(inner) = Arc::get_mut(&mut self.0) {
+            inner.webhooks = logs;
         }
         self
     }
@@ -568,6 +580,21 @@ impl ApiState {
         Err(refusal)
     }
 
+    /// Refuses a request that is not about API tokens (a webhook log's own token): a 429 once
+    /// the client is past its refusal limit, else `refusal`; counted like every refusal.
+    pub(crate) async fn refuse(&self, ctx: &Ctx, caller: &Caller, refusal: ApiError) -> ApiError {
+        let client = self.client_ip(ctx);
+        let refusal = match self.0.guards.refusals.take(&client, self.now()) {
+            Err(secs) => ApiError::TooManyRequests {
+                retry_after: secs,
+                what: "too many refused requests from your address".into(),
+            },
+            Ok(_) => refusal,
+        };
+        self.count_refusal(ctx, &client, caller, &refusal).await;
+        refusal
+    }
+
     /// Counts a refusal in its client's window; records what the window says to record now.
     async fn count_refusal(&self, ctx: &Ctx, client: &str, caller: &Caller, refusal: &ApiError) {
         let operator = match caller {
@@ -718,6 +745,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/audit", get(handlers::audit))
         .route("/api/audit/export", get(handlers::audit_export))
         .route("/api/events/stream", get(live::stream))
+        .route("/webhooks/{name}", post(webhooks::receive))
         .fallback(handlers::not_found)
         // Innermost first: the answers to anonymous viewers are redacted after the handler;
         .layer(axum::middleware::from_fn(redact::layer))

@@ -61,6 +61,7 @@ pub mod storage_probe;
 pub mod throttle;
 pub mod verify;
 pub mod wal;
+pub mod webhook;
 
 pub use context::{DataPath, SourceSpec};
 pub use error::{FailureClass, OpsError};
