@@ -68,6 +68,9 @@ pub struct Config {
     /// Key rotation (`[keys]`).
     #[serde(default)]
     pub keys: KeysSection,
+    /// Webhook logs (`[[webhooks]]`): `POST /webhooks/NAME`, each with its own token.
+    #[serde(default)]
+    pub webhooks: Vec<backstop_ops::webhook::WebhookConfig>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]

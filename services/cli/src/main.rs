@@ -29,6 +29,7 @@ mod serve;
 mod serve_context;
 mod verify_cmd;
 mod wal_cmd;
+mod webhook_cmd;
 mod wiring;
 
 use std::path::PathBuf;
@@ -123,6 +124,9 @@ enum Command {
     /// Reports from the ledger: `report weekly`.
     #[command(subcommand)]
     Report(report_cmd::ReportCommand),
+    /// The webhook log's sealed pieces (`list`), and replaying them into a database (`replay`).
+    #[command(subcommand)]
+    Webhook(webhook_cmd::WebhookCommand),
     /// The open alerts (`list`, the default), or resolve one by its key.
     Alerts {
         #[command(subcommand)]
@@ -211,6 +215,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Audit(cmd) => audit_cmd::run(&config, &data_dir, cmd).await,
         Command::Alerts { cmd } => alerts_cmd::run(&config, &data_dir, cmd).await,
         Command::Report(cmd) => report_cmd::run(&config, &data_dir, cmd).await,
+        Command::Webhook(cmd) => webhook_cmd::run(&config, &data_dir, cmd).await,
         Command::Projections(cmd) => projections_cmd::run(&config, &data_dir, cmd).await,
         Command::Schedule(cmd) => schedule_cmd::run(&config, cmd),
         Command::Notify(cmd) => notify_cmd::run(&config, &data_dir, cmd).await,

@@ -281,6 +281,8 @@ pub struct ReadSide<'a> {
     pub schedules: Option<Arc<dyn backstop_api::ScheduleView>>,
     /// The cost page's prices and recommendations (`cost_cmd::CostSource`).
     pub cost: Option<Arc<dyn backstop_api::CostView>>,
+    /// The webhook logs `POST /webhooks/NAME` appends to.
+    pub webhooks: backstop_ops::webhook::WebhookLogs,
 }
 
 /// Starts the projectors (if a database is configured) and the API on `tasks`, all stopping on
@@ -399,6 +401,7 @@ pub fn spawn_read_side(
     if let Some(view) = side.cost {
         state = state.with_cost(view);
     }
+    state = state.with_webhooks(side.webhooks);
     match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
         Ok(handle) => state = state.with_prometheus(handle),
         Err(e) => {

@@ -108,6 +108,22 @@ pub async fn serve(
     }
     // Archived WAL that wal-push could not record itself (see wal_cmd) is recorded here.
     let wal_repo = context.data_path.as_ref().map(|dp| dp.repo.clone());
+    // Webhook logs (`[[webhooks]]`): a local log is recovered (a torn tail that was never
+    // acknowledged cut, acknowledged damage refused here) and what it holds that is not yet in
+    // the repository is queued for upload before the API accepts anything (ops::webhook).
+    let (webhooks, webhook_tasks) = backstop_ops::webhook::open(
+        data_dir,
+        &config.webhooks,
+        wal_repo
+            .clone()
+            .map(|repo| backstop_ops::webhook::Uploading {
+                repo,
+                appender: Arc::new(ledger.clone()),
+            }),
+        Arc::new(SystemClock),
+        shutdown.clone(),
+    )
+    .context("cannot open the webhook logs")?;
     // The cost page's recommendations read the same repository (cost_cmd::CostSource).
     let cost_view: Arc<dyn backstop_api::CostView> = Arc::new(crate::cost_cmd::CostSource::new(
         config.clone(),
@@ -128,6 +144,12 @@ pub async fn serve(
     let policy = config.retry_policy();
     let mut tasks = JoinSet::new();
     tasks.spawn(control.run(shutdown.clone()));
+    for t in webhook_tasks {
+        tasks.spawn(async move {
+            let _ = t.await;
+            Ok(())
+        });
+    }
     // A writer that met a storage error refuses every append: stop rather than serve on.
     {
         let (ledger, shutdown) = (ledger.clone(), shutdown.clone());
@@ -313,6 +335,7 @@ pub async fn serve(
             storage,
             schedules: schedule_view,
             cost: Some(cost_view),
+            webhooks,
         },
         &mut tasks,
         &shutdown,
