@@ -17,6 +17,7 @@
 
 pub mod child_env;
 mod error;
+pub mod files;
 pub mod pg;
 pub mod webhook;
 
