@@ -445,7 +445,7 @@ pub fn open(
             source: e,
         })?;
         let cursor = read_cursor(&dir)?;
-        let mut last = cursor;
+        let mut last = cursor.max(set_aside_horizon(&dir)?);
         let mut pending = Vec::new();
         for path in local::list_segments(&dir)? {
             let r = local::recover(&path)?;
@@ -517,6 +517,24 @@ pub fn open(
         tasks.push(tokio::spawn(roll_loop(logs.clone(), clock, shutdown)));
     }
     Ok((logs, tasks))
+}
+
+/// The highest sequence in the files an operator set aside in `DIR/damaged/` (RUNBOOK): those
+/// numbers were handed out and are never reused.
+fn set_aside_horizon(dir: &Path) -> Result<u64, WebhookError> {
+    let damaged = dir.join("damaged");
+    let mut best = 0;
+    let Ok(rd) = std::fs::read_dir(&damaged) else {
+        return Ok(0);
+    };
+    for entry in rd.flatten() {
+        let bytes = std::fs::read(entry.path()).map_err(|e| WebhookLogError::Io {
+            path: entry.path(),
+            source: e,
+        })?;
+        best = best.max(local::highest_intact_seq(&bytes).unwrap_or(0));
+    }
+    Ok(best)
 }
 
 /// At every midnight (America/New_York) of the clock, every log seals the day's segment.

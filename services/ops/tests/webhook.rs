@@ -267,3 +267,107 @@ async fn wait_gone(p: &Path) {
     }
     panic!("{} was not uploaded and removed", p.display());
 }
+
+fn segment(dir: &Path, first: u64, batches: &[(&[u64], u64)]) -> PathBuf {
+    let mut seg = SegmentWriter::create(
+        dir,
+        Header {
+            first_seq: first,
+            day: NaiveDate::from_ymd_opt(2026, 12, 2).unwrap(),
+        },
+    )
+    .unwrap();
+    for (seqs, synced) in batches {
+        let entries: Vec<Entry> = seqs
+            .iter()
+            .map(|&seq| Entry {
+                seq,
+                received_at: t("2026-12-02T15:00:00Z"),
+                body: format!("{{\"n\":{seq}}}").into_bytes(),
+            })
+            .collect();
+        seg.append(&entries, *synced).unwrap();
+    }
+    seg.path().to_path_buf()
+}
+
+/// At start: a torn last record (never acknowledged) is cut and the rest uploaded; damage that
+/// a later record proves was acknowledged stops the start with the file named; set aside in
+/// `damaged/`, its sequence numbers are not handed out again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_tail_is_cut_and_acknowledged_damage_stops_the_start() {
+    let w = world().await;
+    let dir = log_dir(&w.data_dir, "signals");
+    let manual = Arc::new(ManualClock::new(t("2026-12-02T16:00:00Z")));
+    // Without a horizon the midnight roll would race the clock ahead, day after day.
+    manual.set_horizon(Some(t("2026-12-02T16:00:00Z")));
+    let clock: Arc<dyn Clock> = manual;
+
+    // Torn: the last record (4, written with 2 and 3 in a batch never acknowledged) cut short.
+    let path = segment(&dir, 1, &[(&[1], 0), (&[2, 3, 4], 1)]);
+    let len = std::fs::metadata(&path).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len - 3)
+        .unwrap();
+    let (stop_tx, stop) = watch::channel(false);
+    let (logs, tasks) = open(&w, clock.clone(), stop);
+    let p = pieces(&w.repo, 1).await;
+    assert_eq!(
+        (p[0].first, p[0].last),
+        (1, 3),
+        "records 1-3 kept, the torn 4 dropped"
+    );
+    assert_eq!(
+        logs.get("signals")
+            .unwrap()
+            .append(b"next".to_vec())
+            .await
+            .unwrap()
+            .seq,
+        4
+    );
+    stop_tx.send_replace(true);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    wait_gone(&path).await;
+    for p in backstop_sources::webhook::list_segments(&dir).unwrap() {
+        std::fs::remove_file(p).unwrap();
+    }
+
+    // Acknowledged: record 11 damaged, record 12 (a later batch) says 11 was on disk.
+    let path = segment(&dir, 10, &[(&[10], 9), (&[11], 10), (&[12], 11)]);
+    let mut bytes = std::fs::read(&path).unwrap();
+    // Records are 40 bytes here (32 + an 8-byte body): a byte of the body of 11.
+    let at = bytes.len() - 80 + 35;
+    bytes[at] ^= 0x40;
+    std::fs::write(&path, &bytes).unwrap();
+    let (_stop_tx, stop) = watch::channel(false);
+    let err = webhook::open(&w.data_dir, &config(), None, clock.clone(), stop)
+        .err()
+        .expect("acknowledged damage must stop the start");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("sequence 11") && msg.contains("was acknowledged") && msg.contains(".log"),
+        "{msg}"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), bytes, "nothing was changed");
+
+    // Set aside as the RUNBOOK says: the start goes on, numbering after 12.
+    std::fs::create_dir_all(dir.join("damaged")).unwrap();
+    std::fs::rename(&path, dir.join("damaged").join("00000000000000000010.log")).unwrap();
+    let (_stop_tx, stop) = watch::channel(false);
+    let (logs, _tasks) = webhook::open(&w.data_dir, &config(), None, clock, stop).unwrap();
+    assert_eq!(
+        logs.get("signals")
+            .unwrap()
+            .append(b"x".to_vec())
+            .await
+            .unwrap()
+            .seq,
+        13
+    );
+}

@@ -335,6 +335,22 @@ fn voucher(b: &[u8], seq: u64) -> Option<(u64, u64)> {
     None
 }
 
+/// The highest sequence of any intact record anywhere in `bytes` (a damaged file set aside:
+/// its sequence numbers must never be handed out again).
+pub fn highest_intact_seq(bytes: &[u8]) -> Option<u64> {
+    let mut best = decode_header(bytes).map(|h| h.first_seq.saturating_sub(1));
+    for i in 0..bytes.len().saturating_sub(RECORD_HEAD - 1) {
+        let n = u32::from_be_bytes(bytes[i..i + 4].try_into().ok()?) as usize;
+        if n > MAX_BODY {
+            continue;
+        }
+        if let Some((e, _, _)) = decode_record(&bytes[i..]) {
+            best = Some(best.map_or(e.seq, |b| b.max(e.seq)));
+        }
+    }
+    best
+}
+
 fn sync_dir(path: &Path) -> Result<()> {
     if let Some(dir) = path.parent() {
         File::open(dir)
