@@ -777,7 +777,8 @@ pub async fn upload_segment(
                 .get_blob(&key, Some(backstop_repo::Hash32(sha)))
                 .await?;
             decode_piece(&key, repo.id(), name, &plain)?;
-            let key_id = repo.current_key(backstop_repo::KeyPurpose::Export)?.key_id;
+            // The key it was sealed with (a rotation may have come since).
+            let key_id = backstop_repo::seal::parse_header(&key, &sealed)?.key_id;
             (sealed.len() as u64, hex::encode(sha), key_id)
         }
         None => {
