@@ -62,6 +62,10 @@ pub enum BackupMethod {
     Logical,
     /// A base backup (`pg_basebackup`), restored with archived WAL to a point in time.
     Physical,
+    /// A command source: a configured command's output (or the directory it wrote).
+    Command,
+    /// A Redis snapshot (RDB) taken over the replication protocol.
+    Redis,
 }
 
 impl BackupMethod {
@@ -69,6 +73,8 @@ impl BackupMethod {
         match self {
             BackupMethod::Logical => "logical",
             BackupMethod::Physical => "physical",
+            BackupMethod::Command => "command",
+            BackupMethod::Redis => "redis",
         }
     }
 }
@@ -79,8 +85,10 @@ impl std::str::FromStr for BackupMethod {
         match s {
             "logical" => Ok(BackupMethod::Logical),
             "physical" => Ok(BackupMethod::Physical),
+            "command" => Ok(BackupMethod::Command),
+            "redis" => Ok(BackupMethod::Redis),
             other => Err(format!(
-                "unknown backup method {other:?}: expected logical or physical"
+                "unknown backup method {other:?}: expected logical, physical, command or redis"
             )),
         }
     }
@@ -677,7 +685,10 @@ mod tests {
             tables: vec!["public.orders".into()],
         }))
         .payload();
-        assert_eq!(export["job"], json!({"export": {"tables": ["public.orders"]}}));
+        assert_eq!(
+            export["job"],
+            json!({"export": {"tables": ["public.orders"]}})
+        );
         let back = Event::decode("schedule.fired", 1, &export).unwrap();
         let Event::ScheduleFired(f) = back else {
             panic!("{back:?}")

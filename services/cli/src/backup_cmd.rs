@@ -76,11 +76,7 @@ pub fn resolve_source(
         (None, Some(url)) => {
             let name = args.name.clone().unwrap_or_else(|| "adhoc".into());
             sources.retain(|s| s.name != name);
-            sources.push(SourceSpec {
-                name: name.clone(),
-                conninfo: url.clone(),
-                jobs: adhoc_jobs,
-            });
+            sources.push(SourceSpec::postgres(name.clone(), url.clone(), adhoc_jobs));
             name
         }
         (None, None) => match sources.as_slice() {
@@ -211,6 +207,37 @@ pub async fn run_backup(
             r.stop_lsn,
             r.timeline,
             r.finished_at.format("%Y-%m-%d %H:%M:%S UTC")
+        ),
+        SourceReport::Command(r) => println!(
+            "command backup {} of `{}` ({}) complete in {:.1} s: read {} ({}), {} new ({} of {} chunks new); SHA3-256 {}",
+            c.backup_id,
+            c.source,
+            c.kind,
+            c.duration_ms as f64 / 1000.0,
+            human(c.raw_bytes),
+            if r.output == backstop_sources::command::CommandOutput::Directory {
+                "a directory, as tar"
+            } else {
+                "standard output"
+            },
+            human(c.new_bytes),
+            c.new_chunks,
+            c.chunks,
+            r.sha3
+        ),
+        SourceReport::Redis(r) => println!(
+            "redis backup {} of `{}` ({}) complete in {:.1} s: RDB {}, {} new ({} of {} chunks new); Redis {}, {} keys in {} database(s)",
+            c.backup_id,
+            c.source,
+            c.kind,
+            c.duration_ms as f64 / 1000.0,
+            human(c.raw_bytes),
+            human(c.new_bytes),
+            c.new_chunks,
+            c.chunks,
+            r.redis_version,
+            r.keyspace.iter().map(|d| d.keys).sum::<u64>(),
+            r.keyspace.len()
         ),
     }
     Ok(ExitCode::SUCCESS)

@@ -177,16 +177,110 @@ pub struct RepositorySection {
     /// backups still need. The bucket must have been created with object lock enabled; local
     /// directories and Garage refuse it. Absent: no lock.
     pub object_lock: Option<backstop_ops::schedule::ConfigDuration>,
+    /// `[[repository.replicas]]`: copies of the repository elsewhere (see backstop_ops::replicate).
+    #[serde(default)]
+    pub replicas: Vec<ReplicaSection>,
+}
+
+/// `[[repository.replicas]]`: another S3 endpoint, region and bucket, or a directory, holding
+/// the same sealed objects as the primary (opened with the same master key).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaSection {
+    /// Its name (`--from NAME`, `check --replica NAME`, `to_region` in the events).
+    pub name: String,
+    /// A directory, or s3://BUCKET/PREFIX.
+    pub location: String,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    /// Path-style addressing (default true).
+    pub path_style: Option<bool>,
+}
+
+/// `[[sources]]`: a name, a `kind` (default `postgres`, so older files read unchanged) and the
+/// kind's own keys; a key of another kind is refused.
+#[derive(Debug, Clone)]
+pub struct SourceSection {
+    pub name: String,
+    pub kind: SourceKindSection,
+}
+
+/// The keys of each source kind.
+#[derive(Debug, Clone)]
+pub enum SourceKindSection {
+    Postgres(PostgresSourceSection),
+    Command(CommandSourceSection),
+    Redis(RedisSourceSection),
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SourceSection {
-    pub name: String,
+pub struct PostgresSourceSection {
     /// A PostgreSQL connection URL (postgres://user@host:port/db).
     pub postgres: String,
     /// Parallel COPY jobs (default 2).
     pub jobs: Option<usize>,
+}
+
+/// `kind = "command"`: commands run by `sh -c` (see backstop_sources::command).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandSourceSection {
+    /// Its standard output is the backup (output = "stdout"), or it writes `$BACKSTOP_DIR`
+    /// (output = "directory").
+    pub backup: String,
+    /// Restores: the backup on its standard input (or `$BACKSTOP_DIR`), `$BACKSTOP_TARGET` the
+    /// target (`backstop restore ID --to TARGET`).
+    pub restore: Option<String>,
+    /// Run on a test-restored copy (`$BACKSTOP_TARGET`); exit 0 means good.
+    pub verify: Option<String>,
+    /// "stdout" (default) or "directory".
+    #[serde(default)]
+    pub output: backstop_sources::command::CommandOutput,
+    /// Limit of each command in seconds (default 3600).
+    pub timeout_seconds: Option<u64>,
+}
+
+/// `kind = "redis"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSourceSection {
+    /// redis://[[USER]:PASSWORD@]HOST[:PORT]
+    pub url: String,
+    /// Limit of a snapshot in seconds (default 3600).
+    pub timeout_seconds: Option<u64>,
+}
+
+impl<'de> Deserialize<'de> for SourceSection {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let mut table = toml::Table::deserialize(d)?;
+        let name = match table.remove("name") {
+            Some(toml::Value::String(n)) => n,
+            Some(_) => return Err(D::Error::custom("sources: name must be a string")),
+            None => return Err(D::Error::missing_field("name")),
+        };
+        let kind = match table.remove("kind") {
+            None => "postgres".to_string(),
+            Some(toml::Value::String(k)) => k,
+            Some(_) => return Err(D::Error::custom("sources: kind must be a string")),
+        };
+        let rest = toml::Value::Table(table);
+        let at = |e: toml::de::Error| D::Error::custom(format!("sources.{name} ({kind}): {e}"));
+        let kind = match kind.as_str() {
+            "postgres" => SourceKindSection::Postgres(rest.try_into().map_err(at)?),
+            "command" => SourceKindSection::Command(rest.try_into().map_err(at)?),
+            "redis" => SourceKindSection::Redis(rest.try_into().map_err(at)?),
+            other => {
+                return Err(D::Error::custom(format!(
+                    "sources.{name}: unknown kind {other:?}: expected postgres, command or redis"
+                )));
+            }
+        };
+        Ok(SourceSection { name, kind })
+    }
 }
 
 /// `[wal]`: what `wal-push` and `wal-fetch` use on a database host.
@@ -479,10 +573,35 @@ impl Config {
             if !names.insert(&src.name) {
                 bail!("sources: the name {:?} is used twice", src.name);
             }
-            if !(src.postgres.starts_with("postgres://")
-                || src.postgres.starts_with("postgresql://"))
-            {
-                bail!("sources.{}: postgres must be a postgres:// URL", src.name);
+            match &src.kind {
+                SourceKindSection::Postgres(pg) => {
+                    if !(pg.postgres.starts_with("postgres://")
+                        || pg.postgres.starts_with("postgresql://"))
+                    {
+                        bail!("sources.{}: postgres must be a postgres:// URL", src.name);
+                    }
+                }
+                SourceKindSection::Command(c) => {
+                    if c.backup.trim().is_empty() {
+                        bail!("sources.{}: backup must be a command", src.name);
+                    }
+                    if c.verify.is_some() && c.restore.is_none() {
+                        bail!(
+                            "sources.{}: verify runs on a restored copy, so it needs restore too",
+                            src.name
+                        );
+                    }
+                    if c.timeout_seconds == Some(0) {
+                        bail!("sources.{}: timeout_seconds must be at least 1", src.name);
+                    }
+                }
+                SourceKindSection::Redis(r) => {
+                    backstop_sources::redis::RedisTarget::parse(&r.url)
+                        .map_err(|e| anyhow::anyhow!("sources.{}: {e}", src.name))?;
+                    if r.timeout_seconds == Some(0) {
+                        bail!("sources.{}: timeout_seconds must be at least 1", src.name);
+                    }
+                }
             }
         }
         if self.nats.replicas == Some(0) {

@@ -103,6 +103,13 @@ pub struct RestoreArgs {
     /// Physical restore: a data directory that recovers to a point in time (see --to-dir).
     #[arg(long)]
     pub physical: bool,
+    /// Command and Redis backups: write the raw stream to this file (a Redis `dump.rdb` for a
+    /// stopped server; a command's output, or its directory as tar) instead of restoring.
+    #[arg(long, conflicts_with_all = ["physical", "tables", "create_db"])]
+    pub out: Option<PathBuf>,
+    /// Command backups: run this restore command instead of the one recorded in the backup.
+    #[arg(long, conflicts_with_all = ["physical", "out"])]
+    pub restore_command: Option<String>,
     #[command(flatten)]
     pub pitr: PitrArgs,
 }
@@ -119,19 +126,27 @@ pub async fn restore(
         .backup
         .clone()
         .context("say which backup to restore: an id or `latest`")?;
-    let to = args
-        .to
-        .clone()
-        .context("say where to restore: --to postgres://... (or --physical --to-dir DIR)")?;
     let mut events = Events::open(config, data_dir).await?;
     let repo = open_repository(config, data_dir, &args.repo, &mut events).await?;
     let verified = match (which.as_str(), args.allow_unverified) {
         ("latest", false) => Some(verified_backups(&events, data_dir).await?),
         _ => None,
     };
+    // `latest` of a configured source that is not PostgreSQL means that source's method.
+    let method = match config
+        .sources
+        .iter()
+        .find(|s| Some(s.name.as_str()) == args.source.as_deref())
+        .map(|s| &s.kind)
+    {
+        Some(crate::config::SourceKindSection::Command(_)) => Some(BackupMethod::Command),
+        Some(crate::config::SourceKindSection::Redis(_)) => Some(BackupMethod::Redis),
+        _ if args.out.is_some() => None,
+        _ => Some(BackupMethod::Logical),
+    };
     let selector = Selector {
         source: args.source.as_deref(),
-        method: Some(BackupMethod::Logical),
+        method,
         verified: verified.as_ref(),
     };
     let resolved = catalog::resolve_backup(&repo, &which, &selector).await?;
@@ -142,6 +157,25 @@ pub async fn restore(
         );
     }
     let manifest = resolved.manifest;
+    if matches!(
+        catalog::method_of(&manifest),
+        BackupMethod::Command | BackupMethod::Redis
+    ) || args.out.is_some()
+    {
+        let dp = DataPath {
+            repo,
+            appender: events.appender.clone(),
+            sources: Vec::new(),
+        };
+        let result = restore_stream(&dp, manifest, &args).await;
+        drop(dp);
+        events.close().await;
+        return result;
+    }
+    let to = args
+        .to
+        .clone()
+        .context("say where to restore: --to postgres://... (or --physical --to-dir DIR)")?;
     let backup_id = manifest.backup_id;
     if args.dry_run {
         let report = repo.dry_run_restore(&manifest, None).await?;
@@ -212,6 +246,64 @@ pub async fn restore(
         );
     }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// A command backup or Redis snapshot: its raw stream to `--out FILE`, or a command backup's
+/// restore command run with `$BACKSTOP_TARGET` = `--to`.
+async fn restore_stream(
+    dp: &DataPath,
+    manifest: backstop_repo::Manifest,
+    args: &RestoreArgs,
+) -> anyhow::Result<ExitCode> {
+    let backup_id = manifest.backup_id;
+    let method = catalog::method_of(&manifest);
+    if args.dry_run {
+        let report = dp.repo.dry_run_restore(&manifest, None).await?;
+        if !report.missing.is_empty() {
+            bail!(
+                "backup {backup_id} cannot be restored: {} objects missing",
+                report.missing.len()
+            );
+        }
+        println!("dry run: {method} backup {backup_id} is restorable; every object is present");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let target = match (&args.out, &args.to, method) {
+        (Some(out), None, _) => restore::StreamTarget::File(out.clone()),
+        (None, Some(to), BackupMethod::Command) => restore::StreamTarget::Command {
+            target: to.clone(),
+            command: args.restore_command.clone(),
+        },
+        (None, _, BackupMethod::Redis) => bail!(
+            "a Redis backup is restored as a dump.rdb file: --out DIR/dump.rdb, then start redis-server with --dir DIR --dbfilename dump.rdb (see RUNBOOK)"
+        ),
+        (None, None, _) => bail!(
+            "say where to restore backup {backup_id}: --to TARGET (given to its restore command as $BACKSTOP_TARGET) or --out FILE (the raw stream)"
+        ),
+        (Some(_), Some(_), _) => bail!("--out and --to exclude each other"),
+        (None, Some(_), other) => {
+            bail!("backup {backup_id} is a {other} backup: restore it with --to postgres://...")
+        }
+    };
+    let scope_target = match &target {
+        restore::StreamTarget::File(f) => f.display().to_string(),
+        restore::StreamTarget::Command { target, .. } => target.clone(),
+    };
+    let recovery = Recovery::new(
+        &operator(),
+        RecoveryScope {
+            target: scope_target.clone(),
+            tables: Vec::new(),
+            point_in_time: None,
+            dry_run: false,
+        },
+    );
+    let bytes = restore::restore_stream(dp, manifest, &recovery, &target).await?;
+    println!(
+        "restored {method} backup {backup_id} to {scope_target}: {} (bytes and SHA3-256 checked)",
+        human(bytes)
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 // ---------------------------------------------------------------------------------------------

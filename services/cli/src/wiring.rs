@@ -136,10 +136,37 @@ pub fn source_specs(config: &Config) -> Vec<SourceSpec> {
     config
         .sources
         .iter()
-        .map(|s| SourceSpec {
-            name: s.name.clone(),
-            conninfo: s.postgres.clone(),
-            jobs: s.jobs.unwrap_or(2),
+        .map(|s| {
+            use crate::config::SourceKindSection as K;
+            let secs = |t: Option<u64>| {
+                t.map(std::time::Duration::from_secs)
+                    .unwrap_or(backstop_sources::command::DEFAULT_TIMEOUT)
+            };
+            let kind = match &s.kind {
+                K::Postgres(pg) => {
+                    return SourceSpec::postgres(&s.name, &pg.postgres, pg.jobs.unwrap_or(2));
+                }
+                K::Command(c) => {
+                    backstop_ops::SourceKind::Command(backstop_sources::command::CommandSource {
+                        backup: c.backup.clone(),
+                        restore: c.restore.clone(),
+                        verify: c.verify.clone(),
+                        output: c.output,
+                        timeout: secs(c.timeout_seconds),
+                        work_dir: None,
+                    })
+                }
+                K::Redis(r) => {
+                    backstop_ops::SourceKind::Redis(backstop_sources::redis::RedisSource {
+                        url: r.url.clone(),
+                        timeout: secs(r.timeout_seconds),
+                    })
+                }
+            };
+            SourceSpec {
+                name: s.name.clone(),
+                kind,
+            }
         })
         .collect()
 }

@@ -67,8 +67,12 @@ type ArchiverRow = (
 
 /// One reading of `pg_stat_archiver`, or None when archiving is off.
 pub async fn read_status(source: &SourceSpec) -> Result<Option<WalArchiverChecked>, ArchiverError> {
+    // Only PostgreSQL sources archive WAL.
+    let crate::context::SourceKind::Postgres(pg) = &source.kind else {
+        return Ok(None);
+    };
     let query = async {
-        let mut conn = sqlx::PgConnection::connect(&source.conninfo).await?;
+        let mut conn = sqlx::PgConnection::connect(&pg.conninfo).await?;
         let row: ArchiverRow = sqlx::query_as(
             "SELECT current_setting('archive_mode'), archived_count, failed_count, \
                    last_archived_wal, last_archived_time, last_failed_wal, last_failed_time \

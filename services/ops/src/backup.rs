@@ -1,5 +1,6 @@
 //! The backup use case: one source read through the data path into the repository, wrapped in
-//! events. One function, [`run_backup`], takes logical and physical backups alike: the CLI calls
+//! events. One function, [`run_backup`], takes every kind of backup alike (PostgreSQL logical and
+//! physical, command sources, Redis snapshots; [`crate::context::SourceKind`]): the CLI calls
 //! it in the foreground (with a progress bar), the backup worker when a `backup.requested` event
 //! arrives (from the API, a schedule or a retry). Events, all on the stream `backup-<id>`:
 //!
@@ -33,13 +34,15 @@ use backstop_events::{
 };
 use backstop_ledger::Appender;
 use backstop_repo::{BackupMeta, BackupResult, KeyPurpose, Manifest, Repository, WriterOptions};
+use backstop_sources::command::{self, CommandReport};
 use backstop_sources::pg::logical::{self, DumpOptions, DumpReport};
 use backstop_sources::pg::physical::{self, BaseBackupOptions, BaseBackupReport};
+use backstop_sources::redis::{self, RedisReport};
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::catalog::{self, LOGICAL_KEY, PHYSICAL_KEY};
-use crate::context::{DataPath, SourceSpec, hostname};
+use crate::catalog::{self, COMMAND_KEY, LOGICAL_KEY, PHYSICAL_KEY, REDIS_KEY};
+use crate::context::{DataPath, SourceKind, SourceSpec, hostname};
 use crate::error::OpsError;
 use crate::lease::Heartbeat;
 use crate::parts::WriterSink;
@@ -106,6 +109,8 @@ impl JobLimits {
 pub enum SourceReport {
     Logical(DumpReport),
     Physical(BaseBackupReport),
+    Command(CommandReport),
+    Redis(RedisReport),
 }
 
 /// A finished backup: its completion event and the source's report.
@@ -133,13 +138,22 @@ pub async fn run_backup(
             return Err(e);
         }
     };
+    // The method this source's kind takes for the request (a schedule asks for the default).
+    let method = match spec.kind.method_for(request.method) {
+        Ok(m) => m,
+        Err(why) => {
+            let e = OpsError::Invalid(why);
+            record_failure(dp, request, requested_at, actor, cause, &e).await?;
+            return Err(e);
+        }
+    };
     let stream = streams::backup(request.backup_id);
     let appender = dp.appender.as_ref();
     let repo = dp.repo.with_access(
         actor.to_string(),
         format!(
             "{} backup {} of {}",
-            request.method, request.backup_id, request.source
+            method, request.backup_id, request.source
         ),
     );
     let listed = match repo.list_backups().await {
@@ -166,7 +180,7 @@ pub async fn run_backup(
             event,
         )
     };
-    let parent = catalog::choose_parent(&manifests, &request.source, request.method, request.kind);
+    let parent = catalog::choose_parent(&manifests, &request.source, method, request.kind);
     step(
         "started",
         Event::BackupStarted(BackupStarted {
@@ -174,7 +188,7 @@ pub async fn run_backup(
             source: request.source.clone(),
             kind: request.kind,
             parent,
-            method: request.method,
+            method,
             host: hostname(),
         }),
     )
@@ -183,7 +197,7 @@ pub async fn run_backup(
     // The lease: renewed beside the work, so a process killed mid-backup is recorded as
     // abandoned by serve's lease monitor instead of staying "started" forever (crate::lease).
     let heartbeat = Heartbeat::new(appender, LeasedJob::Backup, request.backup_id, actor, cause);
-    let work = take(&repo, spec, request, parent, actor, opts);
+    let work = take(&repo, spec, method, request, parent, actor, opts);
     let bounded = async {
         match opts.deadline {
             // Dropping the work at the deadline kills its children (kill_on_drop) and uploads
@@ -223,7 +237,7 @@ pub async fn run_backup(
         source: request.source.clone(),
         kind: request.kind,
         parent,
-        method: request.method,
+        method,
         manifest: result.manifest_key.clone(),
         manifest_sha3: result.manifest_sha3.to_hex(),
         raw_bytes: result.raw_bytes,
@@ -235,7 +249,9 @@ pub async fn run_backup(
         attempt: request.attempt,
         tables: match &report {
             SourceReport::Logical(r) => table_rows(r),
-            SourceReport::Physical(_) => Vec::new(),
+            SourceReport::Physical(_) | SourceReport::Command(_) | SourceReport::Redis(_) => {
+                Vec::new()
+            }
         },
     };
     step("completed", Event::BackupCompleted(completed.clone())).await?;
@@ -320,6 +336,7 @@ fn table_rows(report: &DumpReport) -> Vec<TableRows> {
 async fn take(
     repo: &Repository,
     spec: &SourceSpec,
+    method: BackupMethod,
     request: &BackupRequested,
     parent: Option<Uuid>,
     actor: &Actor,
@@ -350,19 +367,19 @@ async fn take(
         writer: writer.clone(),
         limit: opts.bytes_per_second.map(RateLimit::new),
     });
-    let report = match request.method {
-        BackupMethod::Logical => {
+    let report = match (&spec.kind, method) {
+        (SourceKind::Postgres(pg), BackupMethod::Logical) => {
             let options = DumpOptions {
-                jobs: opts.jobs.unwrap_or(spec.jobs).max(1),
+                jobs: opts.jobs.unwrap_or(pg.jobs).max(1),
                 lock_wait_timeout: opts.lock_wait_timeout,
                 ..Default::default()
             };
-            logical::dump(&spec.conninfo, &options, sink.clone())
+            logical::dump(&pg.conninfo, &options, sink.clone())
                 .await
                 .map(SourceReport::Logical)
                 .map_err(OpsError::from)
         }
-        BackupMethod::Physical => {
+        (SourceKind::Postgres(pg), BackupMethod::Physical) => {
             let options = BaseBackupOptions {
                 fast_checkpoint: !opts.spread_checkpoint,
                 label: format!("backstop {}", request.backup_id),
@@ -372,11 +389,23 @@ async fn take(
                     .or(opts.bytes_per_second.map(max_rate_arg)),
                 ..BaseBackupOptions::default()
             };
-            physical::base_backup(&spec.conninfo, sink.as_ref(), &options)
+            physical::base_backup(&pg.conninfo, sink.as_ref(), &options)
                 .await
                 .map(SourceReport::Physical)
                 .map_err(OpsError::from)
         }
+        (SourceKind::Command(c), _) => command::backup(c, sink.as_ref())
+            .await
+            .map(SourceReport::Command)
+            .map_err(OpsError::from),
+        (SourceKind::Redis(r), _) => redis::snapshot(r, sink.as_ref())
+            .await
+            .map(SourceReport::Redis)
+            .map_err(OpsError::from),
+        (SourceKind::Postgres(_), other) => Err(OpsError::Invalid(format!(
+            "a {other} backup was asked of the PostgreSQL source `{}`",
+            spec.name
+        ))),
     };
     if let Some(mut t) = ticker
         && let Some(t) = t.0.take()
@@ -394,6 +423,8 @@ async fn take(
     let mut extra = match &report {
         SourceReport::Logical(r) => serde_json::json!({ LOGICAL_KEY: r }),
         SourceReport::Physical(r) => serde_json::json!({ PHYSICAL_KEY: r }),
+        SourceReport::Command(r) => serde_json::json!({ COMMAND_KEY: r }),
+        SourceReport::Redis(r) => serde_json::json!({ REDIS_KEY: r }),
     };
     if !opts.tags.is_empty() {
         extra[crate::forget::TAGS_KEY] = serde_json::json!(opts.tags);
@@ -430,7 +461,7 @@ pub async fn complete_from_manifest(
         BackupMethod::Logical => catalog::dump_report(manifest)
             .map(|r| table_rows(&r))
             .unwrap_or_default(),
-        BackupMethod::Physical => Vec::new(),
+        BackupMethod::Physical | BackupMethod::Command | BackupMethod::Redis => Vec::new(),
     };
     let completed = BackupCompleted {
         backup_id: manifest.backup_id,

@@ -2,7 +2,9 @@
 //! parent, and which one `latest` means.
 //!
 //! A manifest's `extra` says how the backup was taken: `{"logical": DumpReport}` for a logical
-//! backup, `{"physical": BaseBackupReport}` for a base backup ([`LOGICAL_KEY`], [`PHYSICAL_KEY`]).
+//! backup, `{"physical": BaseBackupReport}` for a base backup ([`LOGICAL_KEY`], [`PHYSICAL_KEY`]),
+//! `{"command": CommandReport}` for a command source, `{"redis": RedisReport}` for a Redis
+//! snapshot ([`COMMAND_KEY`], [`REDIS_KEY`]).
 //! Nothing else in the manifest depends on the method.
 //!
 //! `latest` is the newest backup that passed verification (the ledger knows which: the caller
@@ -27,13 +29,53 @@ pub const LOGICAL_KEY: &str = "logical";
 /// The key of the base backup report inside a physical backup's manifest `extra`.
 pub const PHYSICAL_KEY: &str = "physical";
 
+/// The key of a command backup's report ([`backstop_sources::command::CommandReport`]).
+pub const COMMAND_KEY: &str = "command";
+/// The key of a Redis snapshot's report ([`backstop_sources::redis::RedisReport`]).
+pub const REDIS_KEY: &str = "redis";
+
 /// How the backup in `manifest` was taken.
 pub fn method_of(manifest: &Manifest) -> BackupMethod {
     if manifest.extra.get(PHYSICAL_KEY).is_some() {
         BackupMethod::Physical
+    } else if manifest.extra.get(COMMAND_KEY).is_some() {
+        BackupMethod::Command
+    } else if manifest.extra.get(REDIS_KEY).is_some() {
+        BackupMethod::Redis
     } else {
         BackupMethod::Logical
     }
+}
+
+fn report_at<T: serde::de::DeserializeOwned>(
+    manifest: &Manifest,
+    key: &'static str,
+    what: &'static str,
+) -> Result<T, OpsError> {
+    let value = manifest.extra.get(key).cloned().ok_or_else(|| {
+        OpsError::Invalid(format!(
+            "backup {} is a {} backup, not a {key} one",
+            manifest.backup_id,
+            method_of(manifest)
+        ))
+    })?;
+    serde_json::from_value(value).map_err(|e| OpsError::BadManifest {
+        backup: manifest.backup_id,
+        what,
+        why: e.to_string(),
+    })
+}
+
+/// The report in a command backup's manifest.
+pub fn command_report(
+    manifest: &Manifest,
+) -> Result<backstop_sources::command::CommandReport, OpsError> {
+    report_at(manifest, COMMAND_KEY, "command backup")
+}
+
+/// The report in a Redis backup's manifest.
+pub fn redis_report(manifest: &Manifest) -> Result<backstop_sources::redis::RedisReport, OpsError> {
+    report_at(manifest, REDIS_KEY, "Redis snapshot")
 }
 
 /// The dump report stored in a logical backup's manifest.

@@ -7,13 +7,98 @@ use backstop_repo::Repository;
 
 use crate::error::OpsError;
 
-/// Where a named source's database is and how to dump it.
+/// A configured source: its name and what kind of thing it is.
 #[derive(Clone, Debug)]
 pub struct SourceSpec {
     pub name: String,
+    pub kind: SourceKind,
+}
+
+/// What a source is, with what reading it needs. Each kind backs up by its own method(s)
+/// ([`SourceKind::method_for`]); everything after the source (chunks, sealing, events,
+/// verification, retention) is the same for all.
+#[derive(Clone, Debug)]
+pub enum SourceKind {
+    /// A PostgreSQL database: logical (`pg_dump` + `COPY`) or physical (base backup + WAL).
+    Postgres(PostgresSource),
+    /// A configured command whose output (or written directory) is the backup.
+    Command(backstop_sources::command::CommandSource),
+    /// A Redis server, snapshotted over the replication protocol.
+    Redis(backstop_sources::redis::RedisSource),
+}
+
+/// Where a PostgreSQL source's database is and how to dump it.
+#[derive(Clone, Debug)]
+pub struct PostgresSource {
     pub conninfo: String,
     /// Parallel `COPY` streams of a logical backup.
     pub jobs: usize,
+}
+
+impl SourceKind {
+    /// The kind's name in the configuration (`kind = "..."`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            SourceKind::Postgres(_) => "postgres",
+            SourceKind::Command(_) => "command",
+            SourceKind::Redis(_) => "redis",
+        }
+    }
+
+    /// The method a backup of this kind takes when `requested` was asked for: PostgreSQL takes
+    /// what was asked (logical or physical); the other kinds have one method each, which a
+    /// request for the default (logical, e.g. from a schedule) means.
+    pub fn method_for(
+        &self,
+        requested: backstop_events::BackupMethod,
+    ) -> Result<backstop_events::BackupMethod, String> {
+        use backstop_events::BackupMethod as M;
+        let own = match self {
+            SourceKind::Postgres(_) => {
+                return match requested {
+                    M::Logical | M::Physical => Ok(requested),
+                    other => Err(format!(
+                        "a {other} backup was asked of a PostgreSQL source; PostgreSQL sources take logical or physical backups"
+                    )),
+                };
+            }
+            SourceKind::Command(_) => M::Command,
+            SourceKind::Redis(_) => M::Redis,
+        };
+        if requested == own || requested == M::Logical {
+            Ok(own)
+        } else {
+            Err(format!(
+                "a {requested} backup was asked of a {} source, which takes {own} backups only",
+                self.name()
+            ))
+        }
+    }
+}
+
+impl SourceSpec {
+    /// A PostgreSQL source.
+    pub fn postgres(name: impl Into<String>, conninfo: impl Into<String>, jobs: usize) -> Self {
+        SourceSpec {
+            name: name.into(),
+            kind: SourceKind::Postgres(PostgresSource {
+                conninfo: conninfo.into(),
+                jobs,
+            }),
+        }
+    }
+
+    /// The PostgreSQL side of this source, for what only PostgreSQL has (exports, WAL).
+    pub fn pg(&self) -> Result<&PostgresSource, OpsError> {
+        match &self.kind {
+            SourceKind::Postgres(p) => Ok(p),
+            other => Err(OpsError::Invalid(format!(
+                "source `{}` is a {} source, not a PostgreSQL database",
+                self.name,
+                other.name()
+            ))),
+        }
+    }
 }
 
 /// Everything a backup, restore or verification needs. Cheap to clone.

@@ -222,6 +222,10 @@ fn source_class(e: &SourceError) -> FailureClass {
         | SourceError::LockTimeout { .. }
         | SourceError::SinkStoppedEarly { .. }
         | SourceError::Io { .. }
+        | SourceError::CommandFailed { .. }
+        | SourceError::CommandTimeout { .. }
+        | SourceError::RedisConnect { .. }
+        | SourceError::Redis { .. }
         | SourceError::Task(_) => Environment,
         SourceError::Sink { source, .. } | SourceError::Source { source, .. } => {
             repo_inside(source).map(repo_class).unwrap_or(Environment)
@@ -229,7 +233,8 @@ fn source_class(e: &SourceError) -> FailureClass {
         SourceError::PartsMissing { .. }
         | SourceError::RowCountMismatch { .. }
         | SourceError::Archive { .. }
-        | SourceError::BadReport { .. } => Data,
+        | SourceError::BadReport { .. }
+        | SourceError::Mismatch { .. } => Data,
         _ => Configuration,
     }
 }
@@ -238,7 +243,8 @@ fn source_transient(e: &SourceError) -> bool {
     match e {
         SourceError::Connect { .. }
         | SourceError::LockConflict { .. }
-        | SourceError::LockTimeout { .. } => true,
+        | SourceError::LockTimeout { .. }
+        | SourceError::RedisConnect { .. } => true,
         SourceError::Sink { source, .. } | SourceError::Source { source, .. } => {
             repo_inside(source).is_some_and(RepoError::is_transient)
         }

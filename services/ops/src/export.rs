@@ -241,7 +241,8 @@ pub async fn run_export(
         tables,
         lock_wait_timeout: None,
     };
-    let result = export_tables(&source.conninfo, &options, sink.clone()).await;
+    let conninfo = &source.pg()?.conninfo;
+    let result = export_tables(conninfo, &options, sink.clone()).await;
     let report = match result {
         Ok(r) => r,
         Err(e) => {

@@ -63,5 +63,5 @@ pub mod verify;
 pub mod wal;
 pub mod webhook;
 
-pub use context::{DataPath, SourceSpec};
+pub use context::{DataPath, PostgresSource, SourceKind, SourceSpec};
 pub use error::{FailureClass, OpsError};

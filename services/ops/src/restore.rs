@@ -456,3 +456,104 @@ pub async fn restore_physical(
     recovery.end(appender, backup_id, None, figures).await?;
     outcome
 }
+
+/// Where a command backup or Redis snapshot is restored to.
+#[derive(Clone, Debug)]
+pub enum StreamTarget {
+    /// The raw stream written to this file (a Redis `dump.rdb` for a stopped server; a command
+    /// backup's output, or its directory's tar archive), through `FILE.partial`.
+    File(std::path::PathBuf),
+    /// A command backup's restore command run with `$BACKSTOP_TARGET` set to this (its standard
+    /// input the backup, or `$BACKSTOP_DIR` the extracted directory). `command` overrides the
+    /// restore command recorded in the backup.
+    Command {
+        target: String,
+        command: Option<String>,
+    },
+}
+
+/// Restores a command backup or a Redis snapshot in the foreground (`backstop restore ID
+/// --out FILE`, or a command backup's restore command), recording the recovery with the
+/// operator like every restore. The raw stream's bytes and SHA3 are checked against the
+/// manifest's, and every chunk on the way.
+pub async fn restore_stream(
+    dp: &DataPath,
+    manifest: Manifest,
+    recovery: &Recovery,
+    target: &StreamTarget,
+) -> Result<u64, OpsError> {
+    let backup_id = manifest.backup_id;
+    let (part, bytes, sha3, command) = match catalog::method_of(&manifest) {
+        backstop_events::BackupMethod::Command => {
+            let r = catalog::command_report(&manifest)?;
+            (r.part.clone(), r.bytes, r.sha3.clone(), Some(r))
+        }
+        backstop_events::BackupMethod::Redis => {
+            let r = catalog::redis_report(&manifest)?;
+            (
+                backstop_sources::redis::RDB_PART.to_string(),
+                r.bytes,
+                r.sha3,
+                None,
+            )
+        }
+        other => {
+            return Err(OpsError::Invalid(format!(
+                "backup {backup_id} is a {other} PostgreSQL backup: restore it with --to postgres://... (or --physical --to-dir)"
+            )));
+        }
+    };
+    recovery
+        .begin(dp.appender.as_ref(), manifest.backup_id)
+        .await?;
+    let started = Instant::now();
+    let repo = dp.repo.with_access(
+        recovery.actor.to_string(),
+        format!(
+            "restore of backup {backup_id} requested by {}",
+            recovery.operator
+        ),
+    );
+    let work = async {
+        let input = Box::pin(repo.open_stream(&manifest, &part).await?);
+        match target {
+            StreamTarget::File(out) => {
+                backstop_sources::command::write_raw(input, (bytes, &sha3), out).await?
+            }
+            StreamTarget::Command {
+                target,
+                command: cmd,
+            } => {
+                let Some(report) = &command else {
+                    return Err(OpsError::Invalid(format!(
+                        "backup {backup_id} is a Redis snapshot: write its dump.rdb with --out FILE"
+                    )));
+                };
+                let restore_cmd = cmd.clone().or(report.restore_command.clone()).ok_or_else(|| {
+                    OpsError::Invalid(format!(
+                        "backup {backup_id} records no restore command (the source had no `restore`): pass --restore-command, or write the raw stream with --out FILE"
+                    ))
+                })?;
+                backstop_sources::command::restore(report, &restore_cmd, target, input, None)
+                    .await?
+            }
+        }
+        Ok::<u64, OpsError>(bytes)
+    };
+    let actor = recovery.actor.clone();
+    let heartbeat = Heartbeat::new(
+        dp.appender.as_ref(),
+        LeasedJob::Recovery,
+        recovery.recovery_id,
+        &actor,
+        None,
+    );
+    let outcome = heartbeat.beside(work).await;
+    let figures = outcome
+        .as_ref()
+        .map(|b| (started.elapsed().as_millis() as u64, *b, Vec::new()));
+    recovery
+        .end(dp.appender.as_ref(), backup_id, None, figures)
+        .await?;
+    outcome
+}

@@ -69,11 +69,7 @@ async fn a_failing_archive_command_raises_a_critical_alert_that_resolves_when_ar
     )
     .unwrap();
     pg.create_db("app").unwrap();
-    let source = SourceSpec {
-        name: "app".into(),
-        conninfo: pg.conninfo("app"),
-        jobs: 1,
-    };
+    let source = SourceSpec::postgres("app", pg.conninfo("app"), 1);
     let fresh = read_status(&source).await.unwrap().unwrap();
     assert!(!fresh.failing, "{fresh:?}");
     pg.psql(
@@ -129,11 +125,7 @@ async fn a_failing_archive_command_raises_a_critical_alert_that_resolves_when_ar
 #[tokio::test]
 async fn archiving_off_is_not_probed() {
     let pg = Postgres::start().unwrap();
-    let source = SourceSpec {
-        name: "plain".into(),
-        conninfo: pg.conninfo("postgres"),
-        jobs: 1,
-    };
+    let source = SourceSpec::postgres("plain", pg.conninfo("postgres"), 1);
     assert_eq!(read_status(&source).await.unwrap(), None);
 }
 

@@ -88,11 +88,7 @@ async fn every_type_round_trips_through_export_get_and_a_load_back() {
     .unwrap();
 
     let repo = support::memory_repo().await;
-    let source = SourceSpec {
-        name: "app".into(),
-        conninfo: pg.conninfo("app"),
-        jobs: 1,
-    };
+    let source = SourceSpec::postgres("app", pg.conninfo("app"), 1);
     let id = backstop_events::uuid_v7();
     let index = run_export(&repo, &source, id, None, "test").await.unwrap();
     let names: Vec<String> = index.tables.iter().map(|t| t.table.to_string()).collect();
@@ -193,11 +189,7 @@ async fn bad_input_gives_clear_errors_and_nothing_marked_good() {
     )
     .unwrap();
     let repo = support::memory_repo().await;
-    let source = SourceSpec {
-        name: "app".into(),
-        conninfo: pg.conninfo("app"),
-        jobs: 1,
-    };
+    let source = SourceSpec::postgres("app", pg.conninfo("app"), 1);
 
     // A missing table: named in the error, with the tables there are; nothing stored.
     let err = run_export(
@@ -214,11 +206,7 @@ async fn bad_input_gives_clear_errors_and_nothing_marked_good() {
     assert!(objects(&repo, "exports/").await.is_empty());
 
     // An unreachable server: an environment failure, retryable, nothing stored.
-    let gone = SourceSpec {
-        name: "gone".into(),
-        conninfo: "postgres://postgres@127.0.0.1:1/app".into(),
-        jobs: 1,
-    };
+    let gone = SourceSpec::postgres("gone", "postgres://postgres@127.0.0.1:1/app", 1);
     let err = run_export(&repo, &gone, Uuid::now_v7(), None, "test")
         .await
         .unwrap_err();

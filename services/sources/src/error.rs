@@ -158,6 +158,48 @@ pub enum SourceError {
 
     #[error("internal task failed: {0}")]
     Task(String),
+
+    /// A command source's backup, restore or verify command ended badly.
+    #[error(
+        "the {what} `{command}` failed ({status}); nothing was recorded as good. Its standard error ended with: {stderr}"
+    )]
+    CommandFailed {
+        what: String,
+        command: String,
+        status: String,
+        stderr: String,
+    },
+
+    #[error(
+        "the {what} `{command}` did not finish within {limit_secs} s and was killed (with everything it started); raise timeout_seconds of the source if it is only slow. Its standard error ended with: {stderr}"
+    )]
+    CommandTimeout {
+        what: String,
+        command: String,
+        limit_secs: u64,
+        stderr: String,
+    },
+
+    /// Redis could not be reached (it may be restarting): retried.
+    #[error(
+        "cannot connect to Redis at {target}: {source}; check that the server is running and the host, port and password of the source"
+    )]
+    RedisConnect {
+        target: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("Redis at {target} failed while {doing}: {why}")]
+    Redis {
+        target: String,
+        doing: String,
+        why: String,
+    },
+
+    /// What a backup recorded and what came back differ: the backup is not trustworthy.
+    #[error("{what}: {why}")]
+    Mismatch { what: String, why: String },
 }
 
 impl SourceError {

@@ -1,6 +1,7 @@
 //! backstop-sources: where backups come from and where restores go.
 //!
-//! This crate knows how to read a source (today: a PostgreSQL database, logically) as a set of
+//! This crate knows how to read a source (a PostgreSQL database, logically or physically; a
+//! command's output ([`command`]); a Redis snapshot ([`redis`])) as a set of
 //! named, streamed *parts*, and how to put such parts back. It knows nothing about the repository:
 //! the caller implements [`pg::logical::DumpSink`] and [`pg::logical::DumpSource`] (chunking,
 //! sealing and storing are the repository's business), so this crate sits beside `backstop-repo`
@@ -15,10 +16,13 @@
 //!   and every connection string shown is redacted.
 //! - External programs never inherit Backstop's secrets ([`child_env`]).
 
+pub mod capture;
 pub mod child_env;
+pub mod command;
 mod error;
 pub mod files;
 pub mod pg;
+pub mod redis;
 pub mod webhook;
 
 pub use error::SourceError;

@@ -52,8 +52,10 @@ impl BackupWorker {
             return opts;
         };
         tracing::info!(backup = %request.backup_id, %schedule, jobs = ?limits.jobs, bytes_per_second = ?limits.bytes_per_second, "inside trading hours: backup limited");
-        if let (Some(jobs), Ok(spec)) = (limits.jobs, self.data_path.source(&request.source)) {
-            opts.jobs = Some(spec.jobs.min(jobs as usize).max(1));
+        if let (Some(jobs), Ok(spec)) = (limits.jobs, self.data_path.source(&request.source))
+            && let backstop_ops::SourceKind::Postgres(pg) = &spec.kind
+        {
+            opts.jobs = Some(pg.jobs.min(jobs as usize).max(1));
         }
         opts.bytes_per_second = limits.bytes_per_second;
         opts
@@ -122,7 +124,10 @@ impl Handler for BackupWorker {
         // Every method this worker takes; a new one must be added here before the API accepts
         // it (the match is exhaustive on purpose).
         match request.method {
-            BackupMethod::Logical | BackupMethod::Physical => {}
+            BackupMethod::Logical
+            | BackupMethod::Physical
+            | BackupMethod::Command
+            | BackupMethod::Redis => {}
         }
         let dp = &self.data_path;
         match catalog::load_manifest(&dp.repo, request.backup_id).await {

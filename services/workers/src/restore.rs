@@ -101,6 +101,10 @@ impl Handler for RestoreWorker {
                 refuse("point-in-time and directory restores run on the target machine: `backstop restore --physical --to-dir DIR --target-time T`".into()).await?;
                 return Ok(());
             }
+            (BackupMethod::Command | BackupMethod::Redis, _) => {
+                refuse("command and Redis backups are restored on the target machine: `backstop restore ID --out FILE` (or, for a command backup, --to TARGET to run its restore command)".into()).await?;
+                return Ok(());
+            }
         }
         let recovery = Recovery {
             recovery_id: r.recovery_id,

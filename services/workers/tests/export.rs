@@ -79,11 +79,7 @@ async fn a_weekly_export_schedule_exports_records_and_expires_after_90_days() {
     let dp = DataPath {
         repo: repo.clone(),
         appender: Arc::new(ledger.clone()),
-        sources: vec![SourceSpec {
-            name: "app".into(),
-            conninfo: pg.conninfo("app"),
-            jobs: 1,
-        }],
+        sources: vec![SourceSpec::postgres("app", pg.conninfo("app"), 1)],
     };
     let worker = ExportWorker {
         data_path: dp.clone(),
@@ -265,16 +261,8 @@ async fn failed_exports_are_recorded_with_their_reason() {
         repo: repo.clone(),
         appender: Arc::new(ledger.clone()),
         sources: vec![
-            SourceSpec {
-                name: "app".into(),
-                conninfo: pg.conninfo("app"),
-                jobs: 1,
-            },
-            SourceSpec {
-                name: "gone".into(),
-                conninfo: "postgres://postgres@127.0.0.1:1/app".into(),
-                jobs: 1,
-            },
+            SourceSpec::postgres("app", pg.conninfo("app"), 1),
+            SourceSpec::postgres("gone", "postgres://postgres@127.0.0.1:1/app", 1),
         ],
     };
     let worker = ExportWorker { data_path: dp };

@@ -45,11 +45,7 @@ async fn world() -> World {
     let dp = DataPath {
         repo,
         appender: ledger.clone(),
-        sources: vec![SourceSpec {
-            name: "main".into(),
-            conninfo: UNREACHABLE.into(),
-            jobs: 1,
-        }],
+        sources: vec![SourceSpec::postgres("main", UNREACHABLE, 1)],
     };
     World {
         backend,
@@ -355,6 +351,7 @@ async fn verify_worker_tells_damage_from_an_unusable_environment() {
         let extra = match case.method {
             BackupMethod::Logical => logical_extra(),
             BackupMethod::Physical => serde_json::json!({ "physical": {} }),
+            other => unreachable!("no case of {other} here"),
         };
         let stored = stored_backup(&w.dp, extra).await;
         let mut done = completed_event(&stored, case.method);
@@ -616,11 +613,7 @@ async fn backup_worker_redelivered_after_completion_takes_nothing_and_fails_noth
             .unwrap();
     let mut w = world().await;
     w.dp.appender = Arc::new(ledger.clone());
-    w.dp.sources = vec![SourceSpec {
-        name: "main".into(),
-        conninfo: pg.conninfo("app"),
-        jobs: 1,
-    }];
+    w.dp.sources = vec![SourceSpec::postgres("main", pg.conninfo("app"), 1)];
     let worker = BackupWorker {
         data_path: w.dp.clone(),
         schedules: Vec::new(),

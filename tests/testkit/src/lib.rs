@@ -22,12 +22,14 @@
 
 mod garage;
 mod http;
+mod influxdb;
 mod moto;
 mod nats;
 mod nats_cluster;
 mod postgres;
 mod process;
 mod recording;
+mod redis;
 mod smtp;
 mod user;
 
@@ -41,11 +43,13 @@ use anyhow::{Context, bail};
 
 pub use backstop_repo::MemoryBackend;
 pub use garage::{Garage, GarageOptions};
+pub use influxdb::Influx;
 pub use moto::Moto;
 pub use nats::Nats;
 pub use nats_cluster::NatsCluster;
 pub use postgres::{Postgres, PostgresOptions};
 pub use recording::RecordingAppender;
+pub use redis::Redis;
 pub use smtp::{Smtp, SmtpTls};
 pub use user::{
     give_to_server_user, server_tempdir, server_tempdir_in, server_user, server_user_command,
@@ -114,7 +118,11 @@ fn install_hint(name: &str) -> &'static str {
         "moto_server" => {
             "run scripts/setup: it installs PyPI's moto[server] in a virtual environment and links ~/.local/bin/moto_server"
         }
-        "restic" | "pgbackrest" | "chromium" | "wrk" => {
+        "redis-server" | "redis-cli" => {
+            "install Debian's package: `apt-get install redis-server`, or run scripts/setup"
+        }
+        "influxd" => "install Debian's package: `apt-get install influxdb`, or run scripts/setup",
+        "restic" | "pgbackrest" | "chromium" | "wrk" | "sqlite3" => {
             "install Debian's package of that name with apt-get, or run scripts/setup"
         }
         _ => "install it, or run scripts/setup",

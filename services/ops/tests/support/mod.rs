@@ -34,11 +34,7 @@ pub fn data_path(
     DataPath {
         repo,
         appender,
-        sources: vec![SourceSpec {
-            name: name.into(),
-            conninfo,
-            jobs: 1,
-        }],
+        sources: vec![SourceSpec::postgres(name, conninfo, 1)],
     }
 }
 
