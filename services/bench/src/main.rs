@@ -19,6 +19,7 @@ mod ledger;
 mod physical;
 mod prune;
 mod shared;
+mod webhook;
 
 use std::path::PathBuf;
 
@@ -57,6 +58,9 @@ enum BenchCommand {
     /// Garbage collection over 1,000,000 chunks referenced by 1,000 manifests, half of them
     /// forgotten: wall time and peak memory of the mark and sweep runs.
     Prune(prune::BenchPruneArgs),
+    /// Webhook-log appends (fsync before the acknowledgement, group commit) per second and
+    /// p50/p99 latency with 1, 16 and 256 concurrent senders.
+    Webhook(webhook::BenchWebhookArgs),
 }
 
 fn init_logging() {
@@ -101,5 +105,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         BenchCommand::Physical(args) => physical::run(args, &backstop()?).await,
         BenchCommand::Prune(args) => prune::run(args).await,
         BenchCommand::Fuzz(args) => fuzz::run(args).await,
+        BenchCommand::Webhook(args) => webhook::run(args).await,
     }
 }

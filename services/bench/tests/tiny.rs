@@ -341,3 +341,37 @@ fn bench_without_the_bench_binary_names_the_command_that_builds_it() {
         "{err}"
     );
 }
+
+#[test]
+fn webhook_reports_every_sender_count() {
+    bench_binary();
+    let text = run_bench(&[
+        "webhook",
+        "--seconds",
+        "1",
+        "--senders",
+        "1,4",
+        "--runs",
+        "1",
+    ]);
+    assert!(
+        text.contains("backstop bench webhook: 1 s per run, median of 1 runs"),
+        "{text}"
+    );
+    let rows: Vec<Vec<&str>> = text
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|c| c.len() == 5 && c[0].parse::<usize>().is_ok())
+        .collect();
+    assert_eq!(
+        rows.iter().map(|c| c[0]).collect::<Vec<_>>(),
+        ["1", "4"],
+        "{text}"
+    );
+    for c in &rows {
+        assert!(number(c[1], "signals", &text) > 0.0, "{text}");
+        assert!(number(c[2], "signals/s", &text) > 0.0, "{text}");
+        number(c[3], "p50 ms", &text);
+        number(c[4], "p99 ms", &text);
+    }
+}
