@@ -88,7 +88,7 @@ fn post(port: u16, path: &str, token: &str, body: &str) -> Option<(u16, String)>
 fn signal(i: usize) -> String {
     format!(
         "{{\"signal\":{i},\"symbol\":\"ES\",\"side\":\"{}\",\"qty\":{}}}",
-        if i % 2 == 0 { "buy" } else { "sell" },
+        if i.is_multiple_of(2) { "buy" } else { "sell" },
         i % 7 + 1
     )
 }
