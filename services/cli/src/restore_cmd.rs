@@ -109,7 +109,7 @@ pub struct RestoreArgs {
     pub out: Option<PathBuf>,
     /// Command backups: run this restore command instead of the one recorded in the backup.
     #[arg(long, conflicts_with_all = ["physical", "out"])]
-    pub restore_command: Option<String>,
+    pub restore_with: Option<String>,
     #[command(flatten)]
     pub pitr: PitrArgs,
 }
@@ -272,7 +272,7 @@ async fn restore_stream(
         (Some(out), None, _) => restore::StreamTarget::File(out.clone()),
         (None, Some(to), BackupMethod::Command) => restore::StreamTarget::Command {
             target: to.clone(),
-            command: args.restore_command.clone(),
+            command: args.restore_with.clone(),
         },
         (None, _, BackupMethod::Redis) => bail!(
             "a Redis backup is restored as a dump.rdb file: --out DIR/dump.rdb, then start redis-server with --dir DIR --dbfilename dump.rdb (see RUNBOOK)"

@@ -100,12 +100,15 @@ pub async fn worker_context(
         rx,
         appender.clone(),
     ));
-    let verify = config
-        .verify
-        .scratch
-        .as_ref()
+    // Command and Redis backups are test-restored without a scratch PostgreSQL.
+    let other_kinds = config
+        .sources
+        .iter()
+        .any(|s| !matches!(s.kind, crate::config::SourceKindSection::Postgres(_)));
+    let verify = (config.verify.scratch.is_some() || other_kinds)
+        .then_some(config.verify.scratch.as_ref())
         .map(|scratch| VerifySettings {
-            scratch: Some(scratch.clone()),
+            scratch: scratch.cloned(),
             tolerance_percent: config.verify.tolerance_percent.unwrap_or(1.0),
             max_retries: config.verify.max_retries.unwrap_or(2),
             jobs: config.verify.jobs.unwrap_or(2),

@@ -531,7 +531,7 @@ pub async fn restore_stream(
                 };
                 let restore_cmd = cmd.clone().or(report.restore_command.clone()).ok_or_else(|| {
                     OpsError::Invalid(format!(
-                        "backup {backup_id} records no restore command (the source had no `restore`): pass --restore-command, or write the raw stream with --out FILE"
+                        "backup {backup_id} records no restore command (the source had no `restore`): pass --restore-with CMD, or write the raw stream with --out FILE"
                     ))
                 })?;
                 backstop_sources::command::restore(report, &restore_cmd, target, input, None)

@@ -480,6 +480,10 @@ pub async fn verify_completed(
     }
     let appender = dp.appender.as_ref();
     let verification_id = uuid_v7_derived(cause.id, cause.occurred_at, "verification");
+    if done.method == BackupMethod::Logical && settings.scratch.is_none() {
+        tracing::warn!(backup = %done.backup_id, "logical backup not test-restored: no [verify] scratch PostgreSQL is configured");
+        return Ok(VerifyOutcome::Skipped);
+    }
     let stream = streams::backup(done.backup_id);
     let append = |label: &'static str, event: Event| {
         let e = append_event(cause, &stream, actor, label, event);
