@@ -73,8 +73,14 @@ impl Site {
 fn post(port: u16, path: &str, token: &str, body: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    // An empty token: none sent (the token is then in the query, or missing).
+    let auth = if token.is_empty() {
+        String::new()
+    } else {
+        format!("Authorization: Bearer {token}\r\n")
+    };
     let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes()).ok()?;
@@ -167,6 +173,23 @@ async fn every_acknowledged_signal_survives_kill_9_and_replays_once() {
     assert_eq!(status, 401);
     let (status, _) = post(site.port, "/webhooks/nosuchlog", TOKEN, "{}").unwrap();
     assert_eq!(status, 404);
+    let (status, _) = post(site.port, "/webhooks/signals", "", "{}").unwrap();
+    assert_eq!(status, 401, "no token");
+    // Past [api] max_body_bytes (64 KiB): 413, nothing written.
+    let big = format!("{{\"pad\":\"{}\"}}", "x".repeat(70 * 1024));
+    let (status, _) = post(site.port, "/webhooks/signals", TOKEN, &big).unwrap();
+    assert_eq!(status, 413);
+    // The token in the query, for senders that cannot set headers: accepted, sequence 1.
+    let (status, body) = post(
+        site.port,
+        &format!("/webhooks/signals?token={TOKEN}"),
+        "",
+        &signal(SIGNALS),
+    )
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let first: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(first["seq"], 1);
 
     // Phase 1: all signals, SIGKILL in the middle.
     let acked = Arc::new(AtomicUsize::new(0));
@@ -201,6 +224,7 @@ async fn every_acknowledged_signal_survives_kill_9_and_replays_once() {
     serve.wait_for_log("webhook log open", Duration::from_secs(30));
 
     // Every signal acknowledged, each sequence number once.
+    done.push((1, SIGNALS));
     let by_seq: BTreeMap<u64, usize> = done.iter().copied().collect();
     assert_eq!(
         by_seq.len(),
@@ -208,7 +232,7 @@ async fn every_acknowledged_signal_survives_kill_9_and_replays_once() {
         "a sequence number acknowledged twice"
     );
     let signals: BTreeSet<usize> = done.iter().map(|(_, i)| *i).collect();
-    assert_eq!(signals.len(), SIGNALS);
+    assert_eq!(signals.len(), SIGNALS + 1);
     let last = *by_seq.keys().last().unwrap();
 
     // The pieces cover 1..=last (entries written but never acknowledged before the kill are
