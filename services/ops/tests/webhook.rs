@@ -371,3 +371,22 @@ async fn a_torn_tail_is_cut_and_acknowledged_damage_stops_the_start() {
         13
     );
 }
+
+/// A storage error (here: the next segment cannot be created) refuses the signal and every one
+/// after it, rather than writing after a failure whose effect on the file is unknown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storage_error_stops_the_log_until_restart() {
+    let w = world().await;
+    let manual = Arc::new(ManualClock::new(t("2026-12-02T16:00:00Z")));
+    manual.set_horizon(Some(t("2026-12-02T16:00:00Z")));
+    let (_stop_tx, stop) = watch::channel(false);
+    let (logs, _tasks) = webhook::open(&w.data_dir, &config(), None, manual, stop).unwrap();
+    let dir = log_dir(&w.data_dir, "signals");
+    std::fs::create_dir_all(dir.join(backstop_sources::webhook::segment_name(1))).unwrap();
+    let log = logs.get("signals").unwrap();
+    for _ in 0..2 {
+        let err = log.append(b"x".to_vec()).await.unwrap_err();
+        assert!(matches!(err, webhook::WebhookError::Stopped(_)), "{err}");
+        assert!(err.to_string().contains("restart"), "{err}");
+    }
+}
