@@ -239,6 +239,24 @@ pub async fn run_backup(
             r.keyspace.iter().map(|d| d.keys).sum::<u64>(),
             r.keyspace.len()
         ),
+        SourceReport::Files(r) => {
+            println!(
+                "files backup {} of `{}` ({}) complete in {:.1} s: {} files, {} read, {} new ({} of {} chunks new); {} entries in the tree",
+                c.backup_id,
+                c.source,
+                c.kind,
+                c.duration_ms as f64 / 1000.0,
+                r.files,
+                human(c.raw_bytes),
+                human(c.new_bytes),
+                c.new_chunks,
+                c.chunks,
+                r.entries.len()
+            );
+            for p in &r.changed_while_read {
+                eprintln!("warning: {p} changed while it was read; stored as read");
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

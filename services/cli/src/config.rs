@@ -213,6 +213,21 @@ pub enum SourceKindSection {
     Postgres(PostgresSourceSection),
     Command(CommandSourceSection),
     Redis(RedisSourceSection),
+    Files(FilesSourceSection),
+}
+
+/// `kind = "files"`: directory trees (see backstop_sources::files).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilesSourceSection {
+    /// Absolute paths of directories or files.
+    pub paths: Vec<std::path::PathBuf>,
+    /// Keep only matching files (globs; without a `/` they match a name, with one the path).
+    #[serde(default)]
+    pub include: Vec<String>,
+    /// Leave out matching files and directories, e.g. ["node_modules", "dist", "logs"].
+    #[serde(default)]
+    pub exclude: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -273,9 +288,10 @@ impl<'de> Deserialize<'de> for SourceSection {
             "postgres" => SourceKindSection::Postgres(rest.try_into().map_err(at)?),
             "command" => SourceKindSection::Command(rest.try_into().map_err(at)?),
             "redis" => SourceKindSection::Redis(rest.try_into().map_err(at)?),
+            "files" => SourceKindSection::Files(rest.try_into().map_err(at)?),
             other => {
                 return Err(D::Error::custom(format!(
-                    "sources.{name}: unknown kind {other:?}: expected postgres, command or redis"
+                    "sources.{name}: unknown kind {other:?}: expected postgres, command, redis or files"
                 )));
             }
         };
@@ -593,6 +609,18 @@ impl Config {
                     }
                     if c.timeout_seconds == Some(0) {
                         bail!("sources.{}: timeout_seconds must be at least 1", src.name);
+                    }
+                }
+                SourceKindSection::Files(f) => {
+                    if f.paths.is_empty() {
+                        bail!("sources.{}: paths must name at least one directory or file", src.name);
+                    }
+                    if let Some(p) = f.paths.iter().find(|p| !p.is_absolute()) {
+                        bail!(
+                            "sources.{}: {} is not an absolute path; files sources name absolute paths (/srv/app)",
+                            src.name,
+                            p.display()
+                        );
                     }
                 }
                 SourceKindSection::Redis(r) => {

@@ -26,8 +26,9 @@ use crate::wiring::{
 /// The physical restore's flags (flattened into `backstop restore`).
 #[derive(Args, Clone, Default)]
 pub struct PitrArgs {
-    /// Physical restore: the data directory to lay out (new or empty).
-    #[arg(long, requires = "physical")]
+    /// Physical restore: the data directory to lay out (new or empty). Files backups: the
+    /// directory the tree is written under (`DIR/srv/app/...`; nothing existing is overwritten).
+    #[arg(long)]
     pub to_dir: Option<PathBuf>,
     /// Recover to this moment: RFC 3339 or `YYYY-MM-DD HH:MM:SS[.ffffff][+HH]`; without an
     /// offset, UTC.
@@ -110,6 +111,9 @@ pub struct RestoreArgs {
     /// Command backups: run this restore command instead of the one recorded in the backup.
     #[arg(long, conflicts_with_all = ["physical", "out"])]
     pub restore_with: Option<String>,
+    /// Files backups: restore only these paths (as stored: `srv/app/models`; comma-separated).
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["physical", "tables", "out"])]
+    pub paths: Vec<String>,
     #[command(flatten)]
     pub pitr: PitrArgs,
 }
@@ -141,6 +145,7 @@ pub async fn restore(
     {
         Some(crate::config::SourceKindSection::Command(_)) => Some(BackupMethod::Command),
         Some(crate::config::SourceKindSection::Redis(_)) => Some(BackupMethod::Redis),
+        Some(crate::config::SourceKindSection::Files(_)) => Some(BackupMethod::Files),
         _ if args.out.is_some() => None,
         _ => Some(BackupMethod::Logical),
     };
@@ -157,6 +162,24 @@ pub async fn restore(
         );
     }
     let manifest = resolved.manifest;
+    if catalog::method_of(&manifest) == BackupMethod::Files {
+        let dp = DataPath {
+            repo,
+            appender: events.appender.clone(),
+            sources: Vec::new(),
+        };
+        let result = restore_files(&dp, manifest, &args).await;
+        drop(dp);
+        events.close().await;
+        return result;
+    }
+    if args.pitr.to_dir.is_some() || !args.paths.is_empty() {
+        bail!(
+            "--to-dir (without --physical) and --paths are for files backups; backup {} is a {} backup",
+            manifest.backup_id,
+            catalog::method_of(&manifest)
+        );
+    }
     if matches!(
         catalog::method_of(&manifest),
         BackupMethod::Command | BackupMethod::Redis
@@ -246,6 +269,57 @@ pub async fn restore(
         );
     }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// A files backup: its tree (or `--paths`) written under `--to-dir`.
+async fn restore_files(
+    dp: &DataPath,
+    manifest: backstop_repo::Manifest,
+    args: &RestoreArgs,
+) -> anyhow::Result<ExitCode> {
+    let backup_id = manifest.backup_id;
+    let to_dir = args.pitr.to_dir.clone().with_context(|| {
+        format!("backup {backup_id} is a files backup: say where with --to-dir DIR (new or empty; nothing is overwritten)")
+    })?;
+    let req = backstop_ops::files::FilesRestore {
+        to_dir: to_dir.clone(),
+        paths: args.paths.clone(),
+        dry_run: args.dry_run,
+    };
+    let recovery = Recovery::new(
+        &operator(),
+        RecoveryScope {
+            target: to_dir.display().to_string(),
+            tables: args.paths.clone(),
+            point_in_time: None,
+            dry_run: args.dry_run,
+        },
+    );
+    let done = backstop_ops::files::restore_files(dp, manifest, &recovery, &req).await?;
+    let p = &done.plan;
+    if args.dry_run {
+        println!(
+            "dry run: backup {backup_id} would write {} files ({}), {} directories and {} symlinks under {}; every object is present, nothing was written",
+            p.files,
+            human(p.bytes),
+            p.dirs,
+            p.symlinks,
+            to_dir.display()
+        );
+        for path in &p.paths {
+            println!("  {path}");
+        }
+    } else {
+        println!(
+            "restored backup {backup_id} under {}: {} files ({}), {} directories, {} symlinks (sizes and SHA3-256 checked)",
+            to_dir.display(),
+            p.files,
+            human(p.bytes),
+            p.dirs,
+            p.symlinks
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// A command backup or Redis snapshot: its raw stream to `--out FILE`, or a command backup's

@@ -162,6 +162,13 @@ pub fn source_specs(config: &Config) -> Vec<SourceSpec> {
                         timeout: secs(r.timeout_seconds),
                     })
                 }
+                K::Files(f) => {
+                    backstop_ops::SourceKind::Files(backstop_sources::files::FilesSource {
+                        paths: f.paths.clone(),
+                        include: f.include.clone(),
+                        exclude: f.exclude.clone(),
+                    })
+                }
             };
             SourceSpec {
                 name: s.name.clone(),

@@ -111,6 +111,7 @@ pub enum SourceReport {
     Physical(BaseBackupReport),
     Command(CommandReport),
     Redis(RedisReport),
+    Files(backstop_sources::files::FilesReport),
 }
 
 /// A finished backup: its completion event and the source's report.
@@ -249,9 +250,10 @@ pub async fn run_backup(
         attempt: request.attempt,
         tables: match &report {
             SourceReport::Logical(r) => table_rows(r),
-            SourceReport::Physical(_) | SourceReport::Command(_) | SourceReport::Redis(_) => {
-                Vec::new()
-            }
+            SourceReport::Physical(_)
+            | SourceReport::Command(_)
+            | SourceReport::Redis(_)
+            | SourceReport::Files(_) => Vec::new(),
         },
     };
     step("completed", Event::BackupCompleted(completed.clone())).await?;
@@ -347,7 +349,11 @@ async fn take(
         kind: request.kind,
         parent,
         source: request.source.clone(),
-        purpose: KeyPurpose::Database,
+        // Files have a data key of their own (DESIGN "Keys"); everything else is database data.
+        purpose: match spec.kind {
+            SourceKind::Files(_) => KeyPurpose::Files,
+            _ => KeyPurpose::Database,
+        },
         actor: actor.to_string(),
     };
     let writer = Arc::new(
@@ -402,6 +408,12 @@ async fn take(
             .await
             .map(SourceReport::Redis)
             .map_err(OpsError::from),
+        (SourceKind::Files(f), _) => {
+            backstop_sources::files::backup(f, sink.as_ref(), opts.jobs.unwrap_or(4))
+                .await
+                .map(SourceReport::Files)
+                .map_err(OpsError::from)
+        }
         (SourceKind::Postgres(_), other) => Err(OpsError::Invalid(format!(
             "a {other} backup was asked of the PostgreSQL source `{}`",
             spec.name
@@ -425,6 +437,7 @@ async fn take(
         SourceReport::Physical(r) => serde_json::json!({ PHYSICAL_KEY: r }),
         SourceReport::Command(r) => serde_json::json!({ COMMAND_KEY: r }),
         SourceReport::Redis(r) => serde_json::json!({ REDIS_KEY: r }),
+        SourceReport::Files(r) => serde_json::json!({ crate::catalog::FILES_KEY: r }),
     };
     if !opts.tags.is_empty() {
         extra[crate::forget::TAGS_KEY] = serde_json::json!(opts.tags);
@@ -461,7 +474,10 @@ pub async fn complete_from_manifest(
         BackupMethod::Logical => catalog::dump_report(manifest)
             .map(|r| table_rows(&r))
             .unwrap_or_default(),
-        BackupMethod::Physical | BackupMethod::Command | BackupMethod::Redis => Vec::new(),
+        BackupMethod::Physical
+        | BackupMethod::Command
+        | BackupMethod::Redis
+        | BackupMethod::Files => Vec::new(),
     };
     let completed = BackupCompleted {
         backup_id: manifest.backup_id,

@@ -33,6 +33,8 @@ pub const PHYSICAL_KEY: &str = "physical";
 pub const COMMAND_KEY: &str = "command";
 /// The key of a Redis snapshot's report ([`backstop_sources::redis::RedisReport`]).
 pub const REDIS_KEY: &str = "redis";
+/// The key of a files backup's tree ([`backstop_sources::files::FilesReport`]).
+pub const FILES_KEY: &str = "files";
 
 /// How the backup in `manifest` was taken.
 pub fn method_of(manifest: &Manifest) -> BackupMethod {
@@ -42,6 +44,8 @@ pub fn method_of(manifest: &Manifest) -> BackupMethod {
         BackupMethod::Command
     } else if manifest.extra.get(REDIS_KEY).is_some() {
         BackupMethod::Redis
+    } else if manifest.extra.get(FILES_KEY).is_some() {
+        BackupMethod::Files
     } else {
         BackupMethod::Logical
     }
@@ -76,6 +80,11 @@ pub fn command_report(
 /// The report in a Redis backup's manifest.
 pub fn redis_report(manifest: &Manifest) -> Result<backstop_sources::redis::RedisReport, OpsError> {
     report_at(manifest, REDIS_KEY, "Redis snapshot")
+}
+
+/// The tree in a files backup's manifest.
+pub fn files_report(manifest: &Manifest) -> Result<backstop_sources::files::FilesReport, OpsError> {
+    report_at(manifest, FILES_KEY, "files backup")
 }
 
 /// The dump report stored in a logical backup's manifest.

@@ -25,6 +25,8 @@ pub enum SourceKind {
     Command(backstop_sources::command::CommandSource),
     /// A Redis server, snapshotted over the replication protocol.
     Redis(backstop_sources::redis::RedisSource),
+    /// Directory trees (application files, models, configuration files).
+    Files(backstop_sources::files::FilesSource),
 }
 
 /// Where a PostgreSQL source's database is and how to dump it.
@@ -42,6 +44,7 @@ impl SourceKind {
             SourceKind::Postgres(_) => "postgres",
             SourceKind::Command(_) => "command",
             SourceKind::Redis(_) => "redis",
+            SourceKind::Files(_) => "files",
         }
     }
 
@@ -64,6 +67,7 @@ impl SourceKind {
             }
             SourceKind::Command(_) => M::Command,
             SourceKind::Redis(_) => M::Redis,
+            SourceKind::Files(_) => M::Files,
         };
         if requested == own || requested == M::Logical {
             Ok(own)

@@ -119,6 +119,9 @@ pub enum OpsError {
     Source(#[from] SourceError),
 
     #[error(transparent)]
+    Files(#[from] backstop_sources::files::FilesError),
+
+    #[error(transparent)]
     Physical(#[from] PhysicalError),
 
     #[error(transparent)]
@@ -145,6 +148,7 @@ impl OpsError {
             | OpsError::Io { .. } => Environment,
             OpsError::Repo(e) => repo_class(e),
             OpsError::Source(e) => source_class(e),
+            OpsError::Files(e) => files_class(e),
             OpsError::Physical(e) => physical_class(e),
             OpsError::Wal(e) => wal_class(e),
             OpsError::Ledger(_) => Ledger,
@@ -158,6 +162,7 @@ impl OpsError {
             OpsError::Repo(e) => e.is_transient(),
             OpsError::Ledger(e) => e.is_transient(),
             OpsError::Source(e) => source_transient(e),
+            OpsError::Files(e) => files_transient(e),
             OpsError::Physical(PhysicalError::Source(e)) => source_transient(e),
             _ => false,
         }
@@ -198,6 +203,34 @@ fn repo_class(e: &RepoError) -> FailureClass {
         RepoError::WrongKey { .. } | RepoError::Format { .. } => FailureClass::Data,
         RepoError::Unreachable { .. } | RepoError::Io { .. } => FailureClass::Environment,
         _ => FailureClass::Configuration,
+    }
+}
+
+fn files_class(e: &backstop_sources::files::FilesError) -> FailureClass {
+    use backstop_sources::files::FilesError as F;
+    match e {
+        F::Io { .. } | F::Task(_) => FailureClass::Environment,
+        F::Sink { source, .. } => repo_inside(source)
+            .map(repo_class)
+            .unwrap_or(FailureClass::Environment),
+        F::Stream { source, .. } => RepoError::from_io(source)
+            .map(repo_class)
+            .unwrap_or(FailureClass::Data),
+        F::Mismatch { .. } | F::UnsafePath(_) => FailureClass::Data,
+        F::BadPattern { .. }
+        | F::NotAbsolute(_)
+        | F::NotUtf8(_)
+        | F::Exists(_)
+        | F::NoMatch(_) => FailureClass::Configuration,
+    }
+}
+
+fn files_transient(e: &backstop_sources::files::FilesError) -> bool {
+    use backstop_sources::files::FilesError as F;
+    match e {
+        F::Sink { source, .. } => repo_inside(source).is_some_and(|r| r.is_transient()),
+        F::Stream { source, .. } => RepoError::from_io(source).is_some_and(|r| r.is_transient()),
+        other => other.is_transient(),
     }
 }
 

@@ -44,6 +44,7 @@ pub mod cost;
 pub mod error;
 pub mod export;
 pub mod export_lifecycle;
+pub mod files;
 pub mod forget;
 pub mod health;
 pub mod keys;

@@ -168,7 +168,7 @@ impl Recovery {
     }
 
     /// Records the end of the recovery: completed with its figures, or failed with the reason.
-    async fn end(
+    pub(crate) async fn end(
         &self,
         appender: &dyn Appender,
         backup_id: Uuid,

@@ -142,6 +142,12 @@ pub async fn test_restore(
                 .await
                 .map_err(VerifyFailure::from)
         }
+        BackupMethod::Files => {
+            let work_dir = settings.physical.as_ref().and_then(|p| p.work_dir.clone());
+            crate::files::test_restore_files(repo, manifest, work_dir.as_deref(), actor)
+                .await
+                .map_err(VerifyFailure::from)
+        }
     }
 }
 

@@ -35,13 +35,13 @@ use std::collections::BTreeSet;
 use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use sha3::{Digest, Sha3_256};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::capture::Measured;
+use crate::pg::logical::{DumpSink, DumpSource, PartReader, SinkError};
 
 /// A configured files source.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -82,13 +82,20 @@ pub enum FilesError {
     Mismatch { path: String, why: String },
     #[error("reading the stored stream of {path}: {source}")]
     Stream { path: String, source: io::Error },
+    #[error("storing {path}: {source}")]
+    Sink { path: String, source: SinkError },
+    #[error("the files scan stopped: {0}")]
+    Task(String),
 }
 
 impl FilesError {
     /// Whether trying again may succeed: I/O on the source or the target (a busy disk, a
     /// vanished mount) may; a bad pattern, an unsafe path or a mismatch will not.
     pub fn is_transient(&self) -> bool {
-        matches!(self, FilesError::Io { .. } | FilesError::Stream { .. })
+        matches!(
+            self,
+            FilesError::Io { .. } | FilesError::Stream { .. } | FilesError::Sink { .. }
+        )
     }
 }
 
@@ -357,51 +364,6 @@ pub fn prune_unselected_dirs(scan: &mut Scan, src: &FilesSource) {
     }
 }
 
-/// Reads through to an inner reader, hashing (SHA3-256) and counting what passes.
-pub struct HashingReader<R> {
-    inner: R,
-    hasher: Sha3_256,
-    bytes: u64,
-}
-
-impl<R> HashingReader<R> {
-    pub fn new(inner: R) -> Self {
-        HashingReader {
-            inner,
-            hasher: Sha3_256::new(),
-            bytes: 0,
-        }
-    }
-
-    /// The bytes read and their SHA3-256 (lowercase hex).
-    pub fn finish(self) -> (u64, String) {
-        (self.bytes, hex_lower(&self.hasher.finalize()))
-    }
-}
-
-fn hex_lower(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-impl<R: AsyncRead + Unpin> AsyncRead for HashingReader<R> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = &r {
-            let fresh = &buf.filled()[before..];
-            let n = fresh.len() as u64;
-            let this = &mut *self;
-            this.hasher.update(fresh);
-            this.bytes += n;
-        }
-        r
-    }
-}
-
 /// Checks a stored path before it is joined to a target directory.
 pub fn safe_relative(path: &str) -> Result<PathBuf, FilesError> {
     let unsafe_path = || FilesError::UnsafePath(path.to_string());
@@ -468,10 +430,7 @@ pub struct RestorePlan {
 /// Opens the stored bytes of a file entry (the repository's stream `files/<path>`).
 #[async_trait]
 pub trait StoredFiles: Send + Sync {
-    async fn open(
-        &self,
-        entry: &TreeEntry,
-    ) -> io::Result<Box<dyn AsyncRead + Send + Unpin + 'static>>;
+    async fn open(&self, entry: &TreeEntry) -> io::Result<PartReader>;
 }
 
 /// Checks every selected path and the target, and returns the plan. Nothing is written.
@@ -568,7 +527,7 @@ async fn write_file(
             path: e.path.clone(),
             source,
         })?;
-        let mut reader = HashingReader::new(stream);
+        let (mut reader, measure) = Measured::new(stream);
         let mut out = tokio::fs::File::create(&partial)
             .await
             .map_err(io_err(&partial))?;
@@ -587,7 +546,7 @@ async fn write_file(
             out.write_all(&buf[..n]).await.map_err(io_err(&partial))?;
         }
         out.sync_all().await.map_err(io_err(&partial))?;
-        let (bytes, sha3) = reader.finish();
+        let (bytes, sha3) = measure.figures();
         if bytes != e.size {
             return Err(FilesError::Mismatch {
                 path: e.path.clone(),
@@ -633,6 +592,152 @@ async fn set_mode_and_time(dest: &Path, e: &TreeEntry) -> Result<(), FilesError>
         source: io::Error::other(e),
     })?
     .map_err(io_err(dest))
+}
+
+/// The report of a files backup, stored in its manifest: the tree and what the read found.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FilesReport {
+    /// The configured roots, as given.
+    pub roots: Vec<String>,
+    pub entries: Vec<TreeEntry>,
+    /// Regular files stored, and their bytes.
+    pub files: u64,
+    pub bytes: u64,
+    /// Files whose size or time changed while they were read: stored as read (a backup of a
+    /// file being written is only as consistent as the writer makes it), and named here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changed_while_read: Vec<String>,
+    /// Files that vanished between the scan and their read: not in the tree.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vanished: Vec<String>,
+    /// Entries skipped for their type (sockets, devices, FIFOs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<String>,
+}
+
+/// One file as read by [`backup`].
+struct FileRead {
+    bytes: u64,
+    sha3: String,
+    /// Its size or time differed after the read.
+    changed: bool,
+}
+
+/// Backs up `src` into `sink`: one part per regular file (named [`TreeEntry::stream_name`]),
+/// `parallel` files at a time; returns the tree with every file's size and SHA3-256 as read.
+pub async fn backup(
+    src: &FilesSource,
+    sink: &dyn DumpSink,
+    parallel: usize,
+) -> Result<FilesReport, FilesError> {
+    use futures::StreamExt;
+    let scanned = {
+        let src = src.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut s = scan(&src)?;
+            prune_unselected_dirs(&mut s, &src);
+            Ok::<_, FilesError>(s)
+        })
+        .await
+        .map_err(|e| FilesError::Task(e.to_string()))??
+    };
+    let Scan {
+        mut entries,
+        files,
+        skipped,
+    } = scanned;
+    let reads = futures::stream::iter(files.into_iter().map(|(i, path)| {
+        let part = entries[i].stream_name();
+        let rel = entries[i].path.clone();
+        async move {
+            let before = match tokio::fs::symlink_metadata(&path).await {
+                Ok(m) => m,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((i, None)),
+                Err(source) => return Err(FilesError::Io { path, source }),
+            };
+            let file = match tokio::fs::File::open(&path).await {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((i, None)),
+                Err(source) => return Err(FilesError::Io { path, source }),
+            };
+            let (reader, measure) = Measured::new(file);
+            sink.put_part(&part, Box::pin(reader))
+                .await
+                .map_err(|source| FilesError::Sink {
+                    path: rel.clone(),
+                    source,
+                })?;
+            let after = tokio::fs::symlink_metadata(&path).await.ok();
+            let changed =
+                after.is_none_or(|a| a.len() != before.len() || mtime_ns(&a) != mtime_ns(&before));
+            let (bytes, sha3) = measure.figures();
+            Ok((
+                i,
+                Some(FileRead {
+                    bytes,
+                    sha3,
+                    changed,
+                }),
+            ))
+        }
+    }))
+    .buffer_unordered(parallel.max(1));
+    let results: Vec<Result<(usize, Option<FileRead>), FilesError>> = reads.collect().await;
+    let mut report = FilesReport {
+        roots: src.paths.iter().map(|p| p.display().to_string()).collect(),
+        skipped: skipped.iter().map(|p| p.display().to_string()).collect(),
+        ..Default::default()
+    };
+    let mut gone = BTreeSet::new();
+    for r in results {
+        let (i, read) = r?;
+        match read {
+            None => {
+                tracing::warn!(path = %entries[i].path, "vanished before it was read; not in the backup");
+                report.vanished.push(entries[i].path.clone());
+                gone.insert(i);
+            }
+            Some(FileRead {
+                bytes,
+                sha3,
+                changed,
+            }) => {
+                let e = &mut entries[i];
+                if changed {
+                    tracing::warn!(path = %e.path, "changed while it was read; stored as read");
+                    report.changed_while_read.push(e.path.clone());
+                }
+                // The tree says what the stream holds, which a restore checks.
+                e.size = bytes;
+                e.sha3 = Some(sha3);
+                report.files += 1;
+                report.bytes += bytes;
+            }
+        }
+    }
+    report.entries = entries
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| !gone.contains(i))
+        .map(|(_, e)| e)
+        .collect();
+    report.changed_while_read.sort();
+    report.vanished.sort();
+    Ok(report)
+}
+
+/// Stored files read through a [`DumpSource`] (the repository glue's reader of a backup's
+/// streams).
+pub struct FromParts<'a>(pub &'a dyn DumpSource);
+
+#[async_trait]
+impl StoredFiles for FromParts<'_> {
+    async fn open(&self, entry: &TreeEntry) -> io::Result<PartReader> {
+        self.0
+            .open_part(&entry.stream_name())
+            .await
+            .map_err(io::Error::other)
+    }
 }
 
 #[cfg(test)]
@@ -715,23 +820,32 @@ mod tests {
         ));
     }
 
-    /// Stored bytes read back from the scanned tree itself (or, for `bad`, altered).
-    struct FromDisk {
-        root_of: PathBuf,
-        bad: Option<String>,
+    /// Parts kept as files in a directory: the sink and source a repository would be.
+    struct DirParts(PathBuf);
+
+    impl DirParts {
+        fn file(&self, name: &str) -> PathBuf {
+            self.0.join(name.replace('/', "%"))
+        }
     }
 
     #[async_trait]
-    impl StoredFiles for FromDisk {
-        async fn open(
+    impl DumpSink for DirParts {
+        async fn put_part(
             &self,
-            entry: &TreeEntry,
-        ) -> io::Result<Box<dyn AsyncRead + Send + Unpin + 'static>> {
-            let mut bytes = std::fs::read(self.root_of.join(&entry.path))?;
-            if self.bad.as_deref() == Some(entry.path.as_str()) {
-                bytes[0] ^= 1;
-            }
-            Ok(Box::new(std::io::Cursor::new(bytes)))
+            name: &str,
+            mut reader: PartReader,
+        ) -> Result<crate::pg::logical::PartStored, SinkError> {
+            let mut out = tokio::fs::File::create(self.file(name)).await?;
+            tokio::io::copy(&mut reader, &mut out).await?;
+            Ok(Default::default())
+        }
+    }
+
+    #[async_trait]
+    impl DumpSource for DirParts {
+        async fn open_part(&self, name: &str) -> Result<PartReader, SinkError> {
+            Ok(Box::pin(tokio::fs::File::open(self.file(name)).await?))
         }
     }
 
@@ -759,8 +873,10 @@ mod tests {
             include: vec![],
             exclude: vec!["node_modules".into(), "*.log".into()],
         };
-        let mut found = scan(&source).unwrap();
-        let paths: Vec<String> = found.entries.iter().map(|e| e.path.clone()).collect();
+        let stored = tempfile::tempdir().unwrap();
+        let parts = DirParts(stored.path().to_path_buf());
+        let report = backup(&source, &parts, 2).await.unwrap();
+        let paths: Vec<String> = report.entries.iter().map(|e| e.path.clone()).collect();
         let base = app.to_str().unwrap().trim_start_matches('/').to_string();
         assert!(paths.contains(&format!("{base}/empty")), "{paths:?}");
         assert!(
@@ -768,22 +884,16 @@ mod tests {
                 .iter()
                 .any(|p| p.contains("node_modules") || p.ends_with(".log"))
         );
-        assert_eq!(found.files.len(), 2, "{:?}", found.files);
-        // Hashes come from the backup's read; here, from hashing the files as the backup does.
-        for (i, path) in found.files.clone() {
-            let f = tokio::fs::File::open(&path).await.unwrap();
-            let mut r = HashingReader::new(f);
-            tokio::io::copy(&mut r, &mut tokio::io::sink())
-                .await
-                .unwrap();
-            found.entries[i].sha3 = Some(r.finish().1);
-        }
-        let disk = FromDisk {
-            root_of: PathBuf::from("/"),
-            bad: None,
-        };
+        assert_eq!((report.files, report.bytes), (2, 300_000 + 10));
+        let model = report
+            .entries
+            .iter()
+            .find(|e| e.path.ends_with("models/m.bin"))
+            .unwrap();
+        assert_eq!(model.sha3.as_deref().map(str::len), Some(64));
+        let disk = FromParts(&parts);
         let to = tempfile::tempdir().unwrap();
-        let all: Vec<&TreeEntry> = found.entries.iter().collect();
+        let all = select(&report.entries, &[]).unwrap();
         let done = write(&all, to.path(), &disk).await.unwrap();
         assert_eq!((done.files, done.symlinks), (2, 1));
         let back = to.path().join(&base);
@@ -808,10 +918,11 @@ mod tests {
 
         // Bytes that do not match the tree: an error naming the file, no partial left.
         let to2 = tempfile::tempdir().unwrap();
-        let bad = FromDisk {
-            root_of: PathBuf::from("/"),
-            bad: Some(format!("{base}/models/m.bin")),
-        };
+        let victim = parts.file(&model.stream_name());
+        let mut bytes = std::fs::read(&victim).unwrap();
+        bytes[10] ^= 1;
+        std::fs::write(&victim, bytes).unwrap();
+        let bad = FromParts(&parts);
         let err = write(&all, to2.path(), &bad).await.unwrap_err();
         assert!(matches!(err, FilesError::Mismatch { .. }), "{err}");
         let models = to2.path().join(&base).join("models");

@@ -127,7 +127,8 @@ impl Handler for BackupWorker {
             BackupMethod::Logical
             | BackupMethod::Physical
             | BackupMethod::Command
-            | BackupMethod::Redis => {}
+            | BackupMethod::Redis
+            | BackupMethod::Files => {}
         }
         let dp = &self.data_path;
         match catalog::load_manifest(&dp.repo, request.backup_id).await {

@@ -101,6 +101,10 @@ impl Handler for RestoreWorker {
                 refuse("point-in-time and directory restores run on the target machine: `backstop restore --physical --to-dir DIR --target-time T`".into()).await?;
                 return Ok(());
             }
+            (BackupMethod::Files, _) => {
+                refuse("files backups are restored on the target machine: `backstop restore ID --to-dir DIR [--paths P,...]`".into()).await?;
+                return Ok(());
+            }
             (BackupMethod::Command | BackupMethod::Redis, _) => {
                 refuse("command and Redis backups are restored on the target machine: `backstop restore ID --out FILE` (or, for a command backup, --to TARGET to run its restore command)".into()).await?;
                 return Ok(());

@@ -356,6 +356,7 @@ fn method_name(m: BackupMethod) -> &'static str {
         BackupMethod::Physical => "physical",
         BackupMethod::Command => "command",
         BackupMethod::Redis => "redis",
+        BackupMethod::Files => "files",
     }
 }
 
