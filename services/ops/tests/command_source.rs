@@ -191,7 +191,7 @@ async fn a_failing_or_slow_command_leaves_no_completed_backup() {
         work_dir: None,
     };
     let slow = CommandSource {
-        backup: "echo started >&2; sleep 30 | cat".into(),
+        backup: "echo started >&2; sleep 31.7 | cat".into(),
         timeout: Duration::from_secs(1),
         ..failing.clone()
     };
@@ -245,7 +245,7 @@ async fn a_failing_or_slow_command_leaves_no_completed_backup() {
     );
     // The timed-out pipeline's `sleep` was killed with its group.
     let ps = std::process::Command::new("pgrep")
-        .args(["-f", "^sleep 30$"])
+        .args(["-f", "^sleep 31.7$"])
         .output()
         .unwrap();
     assert!(ps.stdout.is_empty(), "a sleep survived: {:?}", ps);
@@ -319,7 +319,16 @@ async fn influxdb_portable_backup_directory_restores_into_a_new_server() {
     .unwrap_or_else(|e| panic!("{}", e.chain()));
     let count =
         |i: &backstop_testkit::Influx| i.query("metrics", "SELECT count(value) FROM cpu").unwrap();
-    let restored = count(&target_db);
+    // influxd reopens the restored shard after `influxd restore` returns: until then a query
+    // answers "engine is closed" or "shard is disabled".
+    let started = Instant::now();
+    let restored = loop {
+        let r = count(&target_db);
+        if !r.contains("\"error\"") || started.elapsed() > Duration::from_secs(30) {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert!(restored.contains("5000"), "{restored}");
     assert_eq!(restored, count(&source_db));
 }
