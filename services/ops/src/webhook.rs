@@ -776,7 +776,17 @@ pub async fn upload_segment(
             let plain = repo
                 .get_blob(&key, Some(backstop_repo::Hash32(sha)))
                 .await?;
-            decode_piece(&key, repo.id(), name, &plain)?;
+            if decode_piece(&key, repo.id(), name, &plain)? != entries {
+                // Never drop local entries for a piece that holds others: two processes serving
+                // one log would number their signals alike. The file stays until someone looks.
+                return Err(WebhookError::BadPiece {
+                    key,
+                    what: format!(
+                        "it holds other entries than the local segment {} (is a second `backstop serve` configured with this [[webhooks]] log? one log must be served by one process); the local file is kept",
+                        path.display()
+                    ),
+                });
+            }
             // The key it was sealed with (a rotation may have come since).
             let key_id = backstop_repo::seal::parse_header(&key, &sealed)?.key_id;
             (sealed.len() as u64, hex::encode(sha), key_id)

@@ -201,6 +201,36 @@ async fn a_piece_stored_before_a_crash_is_recorded_once_and_expires_after_90_day
         .await
         .unwrap();
 
+    // A piece under the same name with other entries is never taken for this segment's.
+    let other: Vec<Entry> = entries
+        .iter()
+        .map(|e| Entry {
+            body: b"someone else's".to_vec(),
+            ..e.clone()
+        })
+        .collect();
+    w.repo
+        .put_blob(
+            &key,
+            KeyPurpose::Export,
+            encode_piece(w.repo.id(), "signals", day, &other).into(),
+        )
+        .await
+        .unwrap();
+    let err = webhook::upload_segment(&w.repo, &w.ledger, "signals", &dir, &seg_path)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("other entries"), "{err}");
+    assert!(seg_path.exists(), "the local segment is kept");
+    w.repo
+        .put_blob(
+            &key,
+            KeyPurpose::Export,
+            encode_piece(w.repo.id(), "signals", day, &entries).into(),
+        )
+        .await
+        .unwrap();
+
     let clock = Arc::new(ManualClock::new(t("2026-09-02T12:00:00Z")));
     clock.set_horizon(Some(t("2026-09-02T12:00:00Z")));
     let (stop_tx, stop) = watch::channel(false);
