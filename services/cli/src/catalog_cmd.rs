@@ -151,6 +151,28 @@ pub async fn show(
                 );
             }
         }
+        if let Ok(tree) = backstop_ops::catalog::files_report(&m) {
+            println!(
+                "files         {} files, {} (roots: {})",
+                tree.files,
+                human(tree.bytes),
+                tree.roots.join(", ")
+            );
+            for e in &tree.entries {
+                use backstop_sources::files::EntryKind;
+                let what = match e.kind {
+                    EntryKind::Dir => "dir ".to_string(),
+                    EntryKind::File => format!("{:>10}", human(e.size)),
+                    EntryKind::Symlink => "link".to_string(),
+                };
+                let arrow = e
+                    .target
+                    .as_deref()
+                    .map(|t| format!(" -> {t}"))
+                    .unwrap_or_default();
+                println!("  {:04o} {what:>10}  {}{arrow}", e.mode, e.path);
+            }
+        }
     }
     drop(repo);
     events.close().await;

@@ -613,7 +613,10 @@ impl Config {
                 }
                 SourceKindSection::Files(f) => {
                     if f.paths.is_empty() {
-                        bail!("sources.{}: paths must name at least one directory or file", src.name);
+                        bail!(
+                            "sources.{}: paths must name at least one directory or file",
+                            src.name
+                        );
                     }
                     if let Some(p) = f.paths.iter().find(|p| !p.is_absolute()) {
                         bail!(

@@ -217,11 +217,9 @@ fn files_class(e: &backstop_sources::files::FilesError) -> FailureClass {
             .map(repo_class)
             .unwrap_or(FailureClass::Data),
         F::Mismatch { .. } | F::UnsafePath(_) => FailureClass::Data,
-        F::BadPattern { .. }
-        | F::NotAbsolute(_)
-        | F::NotUtf8(_)
-        | F::Exists(_)
-        | F::NoMatch(_) => FailureClass::Configuration,
+        F::BadPattern { .. } | F::NotAbsolute(_) | F::NotUtf8(_) | F::Exists(_) | F::NoMatch(_) => {
+            FailureClass::Configuration
+        }
     }
 }
 
