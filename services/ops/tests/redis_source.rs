@@ -249,3 +249,50 @@ async fn a_server_killed_mid_snapshot_leaves_no_completed_backup() {
         "no manifest"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_based_sync_is_read_by_its_length() {
+    // With diskless sync off, the server writes the RDB to its disk and sends `$<len>`.
+    let source = Redis::start_with(None, &["--repl-diskless-sync", "no"]).unwrap();
+    let mut p = Vec::new();
+    for i in 0..5_000 {
+        resp(&mut p, &["HSET", &format!("h:{i}"), "f", &i.to_string()]);
+    }
+    source.pipe(&p).unwrap();
+    let (dp, _ledger, _dir) = world(source.url()).await;
+    let request = support::logical_request("cache");
+    let done = run_backup(
+        &dp,
+        &request,
+        chrono::Utc::now(),
+        &Actor::operator("test"),
+        None,
+        &BackupOptions::default(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{}", e.chain()));
+    let backstop_ops::backup::SourceReport::Redis(report) = &done.report else {
+        panic!("not a Redis report: {:?}", done.report)
+    };
+    assert!(!report.diskless, "the server wrote the RDB to disk first");
+    let out_dir = tempfile::tempdir().unwrap();
+    let rdb = out_dir.path().join("dump.rdb");
+    let manifest = dp.repo.load_manifest(request.backup_id).await.unwrap();
+    let recovery = Recovery::new(
+        "test",
+        backstop_events::RecoveryScope {
+            target: rdb.display().to_string(),
+            tables: vec![],
+            point_in_time: None,
+            dry_run: false,
+        },
+    );
+    restore_stream(&dp, manifest, &recovery, &StreamTarget::File(rdb.clone()))
+        .await
+        .unwrap();
+    let copy = Redis::start_with(Some(&rdb), &[]).unwrap();
+    assert_eq!(
+        copy.cli(&["DEBUG", "DIGEST"]).unwrap(),
+        source.cli(&["DEBUG", "DIGEST"]).unwrap()
+    );
+}

@@ -859,3 +859,33 @@ pub async fn test_restore(
     };
     check_restored(report, &server.target(), tolerance_percent).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_parse_and_never_show_the_password() {
+        let t = RedisTarget::parse("redis://:s3cret@cache.internal:6380").unwrap();
+        assert_eq!(
+            (
+                t.host.as_str(),
+                t.port,
+                t.user.as_deref(),
+                t.password.as_deref()
+            ),
+            ("cache.internal", 6380, None, Some("s3cret"))
+        );
+        assert_eq!(t.shown(), "cache.internal:6380");
+        let t = RedisTarget::parse("redis://backup:pw@10.0.0.5/0").unwrap();
+        assert_eq!((t.user.as_deref(), t.port), (Some("backup"), 6379));
+        assert!(RedisTarget::parse("http://x").is_err());
+        assert!(RedisTarget::parse("redis://h:port").is_err());
+        assert_eq!(
+            redacted_url("redis://:s3cret@h:1"),
+            "redis://***@h:1".to_string()
+        );
+        let err = RedisTarget::parse("rediss://:s3cret@h:1").unwrap_err();
+        assert!(!err.contains("s3cret"), "{err}");
+    }
+}
