@@ -150,6 +150,11 @@ url = "{url}"
         verified.contains(&format!("backup {id} verified")),
         "{verified}"
     );
+    let shown = site.ok(&["show", &id]);
+    assert!(
+        shown.contains("method        redis") && shown.contains("2000 keys"),
+        "{shown}"
+    );
     let rdb = site.path("dump.rdb");
     site.ok(&["restore", &id, "--out", rdb.to_str().unwrap()]);
     let copy = Redis::start_with(Some(&rdb), &[]).unwrap();

@@ -136,6 +136,34 @@ pub async fn show(
             "verification  {}",
             verification_state(events.ledger.as_ref(), m.backup_id)
         );
+        println!("method        {}", backstop_ops::catalog::method_of(&m));
+        if let Ok(r) = backstop_ops::catalog::command_report(&m) {
+            println!("command       {}", r.backup_command);
+            println!(
+                "stream        {} ({}), SHA3-256 {}",
+                r.part,
+                human(r.bytes),
+                r.sha3
+            );
+            println!(
+                "restore with  {}",
+                r.restore_command
+                    .as_deref()
+                    .unwrap_or("- (restore --out FILE)")
+            );
+        }
+        if let Ok(r) = backstop_ops::catalog::redis_report(&m) {
+            println!(
+                "redis         {} (Redis {}), RDB {}, SHA3-256 {}",
+                r.server,
+                r.redis_version,
+                human(r.bytes),
+                r.sha3
+            );
+            for d in &r.keyspace {
+                println!("  db{:<37} {:>12} keys", d.db, d.keys);
+            }
+        }
         if let Some(r) = report {
             println!(
                 "database      {} (PostgreSQL {})",
