@@ -66,8 +66,6 @@ pub enum BackupMethod {
     Command,
     /// A Redis snapshot (RDB) taken over the replication protocol.
     Redis,
-    /// A files source: one stream per file and the tree (modes, times, links).
-    Files,
 }
 
 impl BackupMethod {
@@ -77,7 +75,6 @@ impl BackupMethod {
             BackupMethod::Physical => "physical",
             BackupMethod::Command => "command",
             BackupMethod::Redis => "redis",
-            BackupMethod::Files => "files",
         }
     }
 }
@@ -90,9 +87,8 @@ impl std::str::FromStr for BackupMethod {
             "physical" => Ok(BackupMethod::Physical),
             "command" => Ok(BackupMethod::Command),
             "redis" => Ok(BackupMethod::Redis),
-            "files" => Ok(BackupMethod::Files),
             other => Err(format!(
-                "unknown backup method {other:?}: expected logical, physical, command, redis or files"
+                "unknown backup method {other:?}: expected logical, physical, command or redis"
             )),
         }
     }
@@ -608,12 +604,23 @@ vocabulary! {
         #[serde(default)] summary: Value,
     }
 
-    /// Planned (issue 11, DR drills): nothing records the `drill.*` types yet; the read models
-    /// accept them.
-    DrillStarted = "drill.started" v 1 { drill_id: Uuid, backup_id: Uuid, target: String }
+    /// A DR drill began (`backstop drill`, or serve's drill schedule): the backup it restores
+    /// (nil when none could be chosen; the drill then completes failed) to the staging target
+    /// (its password redacted).
+    DrillStarted = "drill.started" v 1 {
+        drill_id: Uuid, backup_id: Uuid, target: String,
+        #[serde(default)] source: String,
+        /// `logical` (physical drills are not built yet).
+        #[serde(default)] method: String,
+    }
+    /// A DR drill ended: passed or not, the measured RTO (the sum of the phases' times), the
+    /// target, why it failed, and the whole report (docs/FORMAT.md, "Drill reports").
     DrillCompleted = "drill.completed" v 1 {
         drill_id: Uuid, backup_id: Uuid, passed: bool, recovery_ms: u64,
         report: Value,
+        #[serde(default)] source: String,
+        #[serde(default)] rto_target_ms: u64,
+        #[serde(default)] reason: String,
     }
 
     /// An event exhausted its deliveries to a worker; it needs an operator.

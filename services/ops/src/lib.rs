@@ -33,7 +33,8 @@
 //! - [`throttle`]: the trading-hours bandwidth cap on a backup's reads;
 //! - [`alerting`]: the alert rules and the monitor that raises and resolves alerts;
 //! - [`report`]: the weekly summary;
-//! - [`archiver`]: each source's `pg_stat_archiver`, probed for the WAL alert.
+//! - [`archiver`]: each source's `pg_stat_archiver`, probed for the WAL alert;
+//! - [`drill`]: DR drills (a restore to staging, timed, checked and reported).
 
 pub mod alerting;
 pub mod archiver;
@@ -41,6 +42,7 @@ pub mod backup;
 pub mod catalog;
 pub mod context;
 pub mod cost;
+pub mod drill;
 pub mod error;
 pub mod export;
 pub mod export_lifecycle;

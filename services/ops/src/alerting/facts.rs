@@ -136,6 +136,9 @@ pub struct Facts {
     /// Per source, its last table export when that one failed (export id, reason); a completed
     /// export clears it.
     pub failed_exports: BTreeMap<String, (Uuid, String, Cause)>,
+    /// Per source, its last DR drill when that one failed (drill id, reason); a passed drill
+    /// clears it.
+    pub failed_drills: BTreeMap<String, (Uuid, String, Cause)>,
     /// Open alerts by key, as the ledger records them.
     pub open: BTreeMap<String, OpenAlert>,
     /// How many times each key was raised: part of the next raise's id, so a condition that
@@ -174,6 +177,7 @@ impl Facts {
                 | "worker.dead_lettered"
                 | "export.completed"
                 | "export.failed"
+                | "drill.completed"
                 | "alert.raised"
                 | "alert.resolved"
         );
@@ -285,6 +289,13 @@ impl Facts {
             Event::ExportFailed(f) => {
                 self.failed_exports
                     .insert(f.source, (f.export_id, f.reason, cause));
+            }
+            Event::DrillCompleted(d) if d.passed => {
+                self.failed_drills.remove(&d.source);
+            }
+            Event::DrillCompleted(d) => {
+                self.failed_drills
+                    .insert(d.source, (d.drill_id, d.reason, cause));
             }
             Event::WalArchived(_) => self.last_wal = Some(cause),
             Event::WalArchiverChecked(c) => {

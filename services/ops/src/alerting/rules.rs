@@ -350,6 +350,18 @@ pub fn conditions(
             *cause,
         ));
     }
+    for (source, (drill_id, reason, cause)) in &facts.failed_drills {
+        out.push(cond(
+            "drill_failed",
+            source.clone(),
+            Severity::Critical,
+            Some(source.clone()),
+            format!(
+                "the last DR drill of `{source}` ({drill_id}) failed: {reason}. Read its report (`backstop drill --source {source}` writes one), fix the cause and drill again; the alert resolves when a drill passes"
+            ),
+            *cause,
+        ));
+    }
     for (key, d) in &facts.dead_letters {
         out.push(Condition {
             key: key.clone(),
