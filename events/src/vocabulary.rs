@@ -66,6 +66,8 @@ pub enum BackupMethod {
     Command,
     /// A Redis snapshot (RDB) taken over the replication protocol.
     Redis,
+    /// A files source: one stream per file and the tree (modes, times, links).
+    Files,
 }
 
 impl BackupMethod {
@@ -75,6 +77,7 @@ impl BackupMethod {
             BackupMethod::Physical => "physical",
             BackupMethod::Command => "command",
             BackupMethod::Redis => "redis",
+            BackupMethod::Files => "files",
         }
     }
 }
@@ -87,8 +90,9 @@ impl std::str::FromStr for BackupMethod {
             "physical" => Ok(BackupMethod::Physical),
             "command" => Ok(BackupMethod::Command),
             "redis" => Ok(BackupMethod::Redis),
+            "files" => Ok(BackupMethod::Files),
             other => Err(format!(
-                "unknown backup method {other:?}: expected logical, physical, command or redis"
+                "unknown backup method {other:?}: expected logical, physical, command, redis or files"
             )),
         }
     }
