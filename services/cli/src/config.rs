@@ -71,6 +71,9 @@ pub struct Config {
     /// Webhook logs (`[[webhooks]]`): `POST /webhooks/NAME`, each with its own token.
     #[serde(default)]
     pub webhooks: Vec<backstop_ops::webhook::WebhookConfig>,
+    /// DR drills (`[[drills]]`): per source, the staging database, targets and endpoints.
+    #[serde(default)]
+    pub drills: Vec<backstop_ops::drill::DrillConfig>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]

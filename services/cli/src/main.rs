@@ -11,6 +11,7 @@ mod check_cmd;
 mod config;
 mod control;
 mod cost_cmd;
+mod drill_cmd;
 mod export_cmd;
 mod forget_cmd;
 mod identity;
@@ -112,6 +113,9 @@ enum Command {
     },
     /// Export tables as JSON Lines (sealed with the export key); `export get`, `export list`.
     Export(Box<export_cmd::ExportArgs>),
+    /// A DR drill: the newest verified backup restored to a staging database, timed phase by
+    /// phase, checked, and reported (JSON, Markdown, HTML).
+    Drill(Box<drill_cmd::DrillArgs>),
     /// Apply the retention policies: keep or remove per backup, with the rule that keeps it.
     Forget(forget_cmd::ForgetArgs),
     /// The estimated monthly storage cost, its 90-day trend and retention recommendations.
@@ -232,6 +236,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }
         Command::Restore(args) => restore_cmd::restore(&config, &data_dir, *args).await,
         Command::Export(args) => export_cmd::run(&config, &data_dir, *args).await,
+        Command::Drill(args) => drill_cmd::run(&config, &data_dir, *args).await,
         Command::Forget(args) => forget_cmd::run(&config, &data_dir, args).await,
         Command::Cost(args) => cost_cmd::run(&config, &data_dir, args).await,
         Command::Prune(args) => prune_cmd::run(&config, &data_dir, args).await,

@@ -61,6 +61,34 @@ pub struct DrillPlan {
     pub operator: String,
 }
 
+/// One `[[drills]]` entry of the configuration.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrillConfig {
+    pub source: String,
+    /// `postgres://HOST[:PORT]/DATABASE` of the staging database (dropped and recreated).
+    pub staging: String,
+    /// Cron expression of scheduled drills (default `0 3 1 * *`: monthly). Not run by `serve`
+    /// yet: `backstop drill` runs one.
+    pub schedule: Option<String>,
+    /// URLs that must answer 2xx after the restore (default: the `[[health.endpoints]]` URLs).
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// Default 5m (seed 001's target for critical systems).
+    pub rto_target: Option<crate::schedule::ConfigDuration>,
+    /// Default 24h.
+    pub rpo: Option<crate::schedule::ConfigDuration>,
+    /// Parallel COPY connections of the restore (default 2).
+    pub jobs: Option<usize>,
+}
+
+/// The default RTO target: 5 minutes (seed 001).
+pub const DEFAULT_RTO_TARGET: Duration = Duration::from_secs(300);
+/// The default RPO: 24 hours (a daily backup).
+pub const DEFAULT_RPO: Duration = Duration::from_secs(86_400);
+/// The default drill schedule: 03:00 on the first of each month.
+pub const DEFAULT_SCHEDULE: &str = "0 3 1 * *";
+
 /// One phase's time.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Phase {

@@ -1,0 +1,121 @@
+//! `backstop drill`: a DR drill of one source onto a staging database (backstop_ops::drill),
+//! its report written as JSON, Markdown and HTML. Exits 0 when the drill passed, 1 when it
+//! failed (the reason is in the report and on `drill.completed`).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use backstop_ops::DataPath;
+use backstop_ops::drill::{self, DrillPlan};
+use backstop_ops::schedule::ConfigDuration;
+use clap::Args;
+
+use crate::config::Config;
+use crate::wiring::{Events, RepoArgs, open_repository, operator, source_specs, verified_backups};
+
+#[derive(Args)]
+pub struct DrillArgs {
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    /// The source to drill (a configured PostgreSQL source).
+    #[arg(long)]
+    pub source: String,
+    /// The staging database (postgres://HOST[:PORT]/DATABASE; dropped and recreated). Default:
+    /// the `[[drills]]` entry of the source.
+    #[arg(long)]
+    pub staging: Option<String>,
+    /// The RTO target (e.g. 5m, 2h); default the `[[drills]]` entry's, else 5m.
+    #[arg(long)]
+    pub rto_target: Option<ConfigDuration>,
+    /// The RPO (e.g. 1h, 24h); default the `[[drills]]` entry's, else 24h.
+    #[arg(long)]
+    pub rpo: Option<ConfigDuration>,
+    /// An endpoint that must answer 2xx after the restore (repeatable); default the
+    /// `[[drills]]` entry's, else the `[[health.endpoints]]` URLs.
+    #[arg(long = "endpoint")]
+    pub endpoints: Vec<String>,
+    /// Where the reports go (drill-ID.json, .md, .html); default DATA_DIR/drills.
+    #[arg(long)]
+    pub report_dir: Option<PathBuf>,
+    /// Parallel COPY connections of the restore.
+    #[arg(long)]
+    pub jobs: Option<usize>,
+}
+
+pub async fn run(config: &Config, data_dir: &Path, args: DrillArgs) -> anyhow::Result<ExitCode> {
+    let entry = config.drills.iter().find(|d| d.source == args.source);
+    let staging = args
+        .staging
+        .clone()
+        .or_else(|| entry.map(|e| e.staging.clone()))
+        .with_context(|| {
+            format!(
+                "say where the drill restores: --staging postgres://HOST/DB, or a [[drills]] entry with source = {:?} and staging",
+                args.source
+            )
+        })?;
+    let secs = |d: Option<ConfigDuration>| d.map(|d| Duration::from_secs(d.as_secs()));
+    let rto_target = secs(args.rto_target)
+        .or_else(|| secs(entry.and_then(|e| e.rto_target)))
+        .unwrap_or(drill::DEFAULT_RTO_TARGET);
+    let rpo = secs(args.rpo)
+        .or_else(|| secs(entry.and_then(|e| e.rpo)))
+        .unwrap_or(drill::DEFAULT_RPO);
+    let endpoints = if !args.endpoints.is_empty() {
+        args.endpoints.clone()
+    } else if let Some(e) = entry.filter(|e| !e.endpoints.is_empty()) {
+        e.endpoints.clone()
+    } else {
+        config
+            .health
+            .endpoints
+            .iter()
+            .map(|e| e.url.clone())
+            .collect()
+    };
+    let plan = DrillPlan {
+        source: args.source.clone(),
+        staging,
+        rto_target,
+        rpo,
+        endpoints,
+        jobs: args.jobs.or(entry.and_then(|e| e.jobs)).unwrap_or(2),
+        operator: operator(),
+    };
+    let mut events = Events::open(config, data_dir).await?;
+    let repo = open_repository(config, data_dir, &args.repo, &mut events).await?;
+    let verified = verified_backups(&events, data_dir).await?;
+    let dp = DataPath {
+        repo,
+        appender: events.appender.clone(),
+        sources: source_specs(config),
+    };
+    let outcome = drill::run_drill(&dp, &plan, &verified).await;
+    drop(dp);
+    events.close().await;
+    let report = outcome.map_err(|e| anyhow::anyhow!(e.chain()))?;
+    let dir = args
+        .report_dir
+        .clone()
+        .unwrap_or_else(|| data_dir.join("drills"));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let base = dir.join(format!("drill-{}", report.drill_id));
+    let json = serde_json::to_string_pretty(&report)?;
+    for (ext, body) in [
+        ("json", json),
+        ("md", report.markdown()),
+        ("html", report.html()),
+    ] {
+        let path = base.with_extension(ext);
+        std::fs::write(&path, body).with_context(|| format!("writing {}", path.display()))?;
+    }
+    print!("{}", report.markdown());
+    println!("\nreports: {}.{{json,md,html}}", base.display());
+    Ok(if report.passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
