@@ -42,6 +42,9 @@ pub struct DrillArgs {
     /// Parallel COPY connections of the restore.
     #[arg(long)]
     pub jobs: Option<usize>,
+    /// Drill the newest backup even if it has not passed verification.
+    #[arg(long)]
+    pub allow_unverified: bool,
 }
 
 pub async fn run(config: &Config, data_dir: &Path, args: DrillArgs) -> anyhow::Result<ExitCode> {
@@ -86,13 +89,17 @@ pub async fn run(config: &Config, data_dir: &Path, args: DrillArgs) -> anyhow::R
     };
     let mut events = Events::open(config, data_dir).await?;
     let repo = open_repository(config, data_dir, &args.repo, &mut events).await?;
-    let verified = verified_backups(&events, data_dir).await?;
+    let verified = if args.allow_unverified {
+        None
+    } else {
+        Some(verified_backups(&events, data_dir).await?)
+    };
     let dp = DataPath {
         repo,
         appender: events.appender.clone(),
         sources: source_specs(config),
     };
-    let outcome = drill::run_drill(&dp, &plan, &verified).await;
+    let outcome = drill::run_drill(&dp, &plan, verified.as_ref()).await;
     drop(dp);
     events.close().await;
     let report = outcome.map_err(|e| anyhow::anyhow!(e.chain()))?;

@@ -195,12 +195,12 @@ fn ms(d: Duration) -> u64 {
 }
 
 /// Runs a drill: records `drill.started`, restores, checks, records `drill.completed` with the
-/// report. Returns the report whether the drill passed or not; an error only when the drill's
+/// report. `verified`: the backups that passed verification (`None`: any backup). Returns the report whether the drill passed or not; an error only when the drill's
 /// own events cannot be recorded (or the plan is unusable before anything is recorded).
 pub async fn run_drill(
     dp: &DataPath,
     plan: &DrillPlan,
-    verified: &HashSet<Uuid>,
+    verified: Option<&HashSet<Uuid>>,
 ) -> Result<DrillReport, OpsError> {
     let production = dp
         .sources
@@ -237,7 +237,7 @@ pub async fn run_drill(
         &Selector {
             source: Some(&plan.source),
             method: Some(BackupMethod::Logical),
-            verified: Some(verified),
+            verified,
         },
     )
     .await
@@ -628,6 +628,12 @@ pub fn recommendations(r: &DrillReport) -> Vec<String> {
         out.push(
             "row counts differ from the snapshot: run `backstop verify` on the backup and `backstop check --read-data`".into(),
         );
+    }
+    if r.endpoints.iter().any(|e| !e.ok) {
+        out.push("an endpoint did not answer after the restore: check the application is pointed at staging and starts from restored data alone".into());
+    }
+    if r.backup_id.is_nil() {
+        out.push("no backup could be restored: take a backup of the source and verify it (`backstop verify`), then drill again".into());
     }
     if r.reason.contains("staging restore failed") {
         out.push("the restore failed: run `backstop check --read-data`, and drill the previous backup to know what can be restored".into());

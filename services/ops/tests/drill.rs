@@ -69,7 +69,7 @@ async fn a_drill_passes_with_each_phase_timed_and_a_damaged_chunk_fails_it_with_
             "INSERT INTO realtime_prices (symbol, ts, price, volume) SELECT symbol, ts, price, volume FROM realtime_prices LIMIT 25",
         )
         .unwrap();
-    let report = run_drill(&dp, &plan, &verified).await.unwrap();
+    let report = run_drill(&dp, &plan, Some(&verified)).await.unwrap();
     assert!(report.passed, "{}", report.reason);
     assert_eq!(report.backup_id, request.backup_id);
     let names: Vec<&str> = report.phases.iter().map(|p| p.name.as_str()).collect();
@@ -99,7 +99,7 @@ async fn a_drill_passes_with_each_phase_timed_and_a_damaged_chunk_fails_it_with_
     assert_eq!(staged.trim(), trades.snapshot.to_string());
 
     // A second drill over the same staging database: it is scratch, replaced each time.
-    let again = run_drill(&dp, &plan, &verified).await.unwrap();
+    let again = run_drill(&dp, &plan, Some(&verified)).await.unwrap();
     assert!(again.passed, "{}", again.reason);
 
     // One chunk of the backup damaged: the drill completes failed, with the restore's reason.
@@ -109,7 +109,7 @@ async fn a_drill_passes_with_each_phase_timed_and_a_damaged_chunk_fails_it_with_
     let mid = obj.len() / 2;
     obj[mid] ^= 0x40;
     repo.backend().put(victim, Bytes::from(obj)).await.unwrap();
-    let failed = run_drill(&dp, &plan, &verified).await.unwrap();
+    let failed = run_drill(&dp, &plan, Some(&verified)).await.unwrap();
     assert!(!failed.passed);
     assert!(
         failed.reason.contains("the staging restore failed"),
