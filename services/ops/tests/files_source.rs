@@ -224,8 +224,7 @@ async fn a_tree_with_a_model_backs_up_incrementally_and_restores_selected_paths(
         .read(1, 10_000)
         .unwrap()
         .into_iter()
-        .filter(|e| e.event_type == "backup.completed")
-        .last()
+        .rfind(|e| e.event_type == "backup.completed")
         .unwrap();
     let Ok(Event::BackupCompleted(c)) = completed.event() else {
         unreachable!()
