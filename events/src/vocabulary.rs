@@ -480,8 +480,10 @@ vocabulary! {
         #[serde(default)] renewal: u64,
     }
 
-    /// Planned (issue 11, replicas in other regions): nothing records the `replication.*`
-    /// types yet; the read models accept them.
+    /// Replicas (`[[repository.replicas]]`, `backstop replicate`; backstop_ops::replicate): a
+    /// backup's objects copied to a replica and read back, on the backup's stream.
+    /// `from_region` is `primary`, `to_region` the replica's name; ids derive from the backup
+    /// and the replica, so a backup replicated again records nothing twice.
     ReplicationStarted = "replication.started" v 1 {
         replication_id: Uuid, backup_id: Uuid, from_region: String, to_region: String,
     }
@@ -493,6 +495,8 @@ vocabulary! {
         replication_id: Uuid, backup_id: Uuid, from_region: String, to_region: String,
         reason: String,
     }
+    /// A replica's lag (stream `storage`): the age of the oldest backup the primary holds that
+    /// the replica does not; 0 when up to date. `region` is the replica's name.
     ReplicationLagMeasured = "replication.lag_measured" v 1 { region: String, lag_seconds: u64 }
 
     WalArchived = "wal.archived" v 1 {

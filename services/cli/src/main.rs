@@ -22,6 +22,7 @@ mod ledger_cmd;
 mod notify_cmd;
 mod projections_cmd;
 mod prune_cmd;
+mod replica_cmd;
 mod report_cmd;
 mod restore_cmd;
 mod runtime;
@@ -110,7 +111,15 @@ enum Command {
         subset: Option<f64>,
         #[arg(long)]
         json: bool,
+        /// Compare the primary with this replica instead (presence and SHA3-256 of every object).
+        #[arg(long, conflicts_with = "read_data")]
+        replica: Option<String>,
+        /// With --replica: rewrite what is missing or different there from the primary.
+        #[arg(long, requires = "replica")]
+        heal: bool,
     },
+    /// Copy backups to the configured replicas ([[repository.replicas]]), verified by SHA3-256.
+    Replicate(replica_cmd::ReplicateArgs),
     /// Export tables as JSON Lines (sealed with the export key); `export get`, `export list`.
     Export(Box<export_cmd::ExportArgs>),
     /// A DR drill: the newest verified backup restored to a staging database, timed phase by
@@ -247,9 +256,18 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Key(cmd) => key_cmd::run(&config, &data_dir, cmd).await,
         Command::Check {
             repo,
+            json,
+            replica: Some(name),
+            heal,
+            ..
+        } => replica_cmd::check_replica(&config, &data_dir, repo, &name, heal, json).await,
+        Command::Check {
+            repo,
             read_data,
             subset,
             json,
+            ..
         } => check_cmd::check(&config, &data_dir, repo, read_data, subset, json).await,
+        Command::Replicate(args) => replica_cmd::replicate(&config, &data_dir, args).await,
     }
 }

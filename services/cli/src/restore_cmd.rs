@@ -116,6 +116,10 @@ pub struct RestoreArgs {
     pub paths: Vec<String>,
     #[command(flatten)]
     pub pitr: PitrArgs,
+    /// Read from this replica ([[repository.replicas]] name) instead of the primary. Without
+    /// it, a replica serves the restore only when the primary is unreachable.
+    #[arg(long)]
+    pub from: Option<String>,
 }
 
 pub async fn restore(
@@ -131,7 +135,14 @@ pub async fn restore(
         .clone()
         .context("say which backup to restore: an id or `latest`")?;
     let mut events = Events::open(config, data_dir).await?;
-    let repo = open_repository(config, data_dir, &args.repo, &mut events).await?;
+    let (repo, _served_by) = crate::replica_cmd::open_for_restore(
+        config,
+        data_dir,
+        &args.repo,
+        &mut events,
+        args.from.as_deref(),
+    )
+    .await?;
     let verified = match (which.as_str(), args.allow_unverified) {
         ("latest", false) => Some(verified_backups(&events, data_dir).await?),
         _ => None,
@@ -411,12 +422,19 @@ async fn restore_physical(
     let operator = operator();
     // Chained, so that no other handle on the repository outlives `drop(repo)` below: the key
     // access recorder (and so `events.close()`) waits until every handle is gone.
-    let repo = open_repository(config, data_dir, &args.repo, &mut events)
-        .await?
-        .with_access(
-            Actor::operator(&operator).to_string(),
-            format!("physical restore into {}", dir.display()),
-        );
+    let repo = crate::replica_cmd::open_for_restore(
+        config,
+        data_dir,
+        &args.repo,
+        &mut events,
+        args.from.as_deref(),
+    )
+    .await?
+    .0
+    .with_access(
+        Actor::operator(&operator).to_string(),
+        format!("physical restore into {}", dir.display()),
+    );
     let result = async {
         let source = if which == "latest" {
             Some(source_in_repo(config, args.source.as_deref(), &repo).await?)

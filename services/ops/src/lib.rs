@@ -27,6 +27,7 @@
 //! - [`keys`]: every data-key unwrap recorded as `key.accessed`;
 //! - [`ledger_mirror`]: the ledger mirrored into the repository as sealed segments, and rebuilt
 //!   from them (`ledger restore`);
+//! - [`replicate`]: replicas (copies of the repository elsewhere), their comparison and lag;
 //! - [`rotation`]: key rotation (every 90 days by default), re-encryption and retirement;
 //! - [`schedule`], [`retention`]: when backups run, and which are kept;
 //! - [`forget`]: retention carried out (decisions recorded, backups deleted) and the prune;
@@ -55,6 +56,7 @@ pub mod ledger_mirror;
 pub mod notify;
 pub mod parts;
 pub mod record;
+pub mod replicate;
 pub mod report;
 pub mod restore;
 pub mod retention;

@@ -295,9 +295,11 @@ pub async fn execute_logical(
     let started = Instant::now();
     let repo = dp.repo.with_access(
         recovery.actor.to_string(),
+        // The location names the copy that serves the restore (the primary or a replica).
         format!(
-            "restore of backup {backup_id} requested by {}",
-            recovery.operator
+            "restore of backup {backup_id} requested by {}, read from {}",
+            recovery.operator,
+            dp.repo.location()
         ),
     );
     let restore = async {
@@ -426,8 +428,9 @@ pub async fn restore_physical(
         repo: repo.with_access(
             Actor::operator(operator).to_string(),
             format!(
-                "physical restore of backup {backup_id} into {}",
-                dir.display()
+                "physical restore of backup {backup_id} into {}, read from {}",
+                dir.display(),
+                repo.location()
             ),
         ),
         manifest: Arc::new(backup.manifest.clone()),
@@ -509,9 +512,11 @@ pub async fn restore_stream(
     let started = Instant::now();
     let repo = dp.repo.with_access(
         recovery.actor.to_string(),
+        // The location names the copy that serves the restore (the primary or a replica).
         format!(
-            "restore of backup {backup_id} requested by {}",
-            recovery.operator
+            "restore of backup {backup_id} requested by {}, read from {}",
+            recovery.operator,
+            dp.repo.location()
         ),
     );
     let work = async {
