@@ -14,6 +14,7 @@
 
 mod api;
 mod backup;
+mod drill;
 mod fuzz;
 mod ledger;
 mod physical;
@@ -58,6 +59,8 @@ enum BenchCommand {
     /// Garbage collection over 1,000,000 chunks referenced by 1,000 manifests, half of them
     /// forgotten: wall time and peak memory of the mark and sweep runs.
     Prune(prune::BenchPruneArgs),
+    /// The end-to-end RTO of a DR drill (logical) on the trading dataset, phase by phase.
+    Drill(drill::BenchDrillArgs),
     /// Webhook-log appends (fsync before the acknowledgement, group commit) per second and
     /// p50/p99 latency with 1, 16 and 256 concurrent senders.
     Webhook(webhook::BenchWebhookArgs),
@@ -104,6 +107,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         BenchCommand::Backup(args) => backup::run(args, &backstop()?).await,
         BenchCommand::Physical(args) => physical::run(args, &backstop()?).await,
         BenchCommand::Prune(args) => prune::run(args).await,
+        BenchCommand::Drill(args) => drill::run(args).await,
         BenchCommand::Fuzz(args) => fuzz::run(args).await,
         BenchCommand::Webhook(args) => webhook::run(args).await,
     }

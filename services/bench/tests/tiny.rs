@@ -375,3 +375,27 @@ fn webhook_reports_every_sender_count() {
         number(c[4], "p99 ms", &text);
     }
 }
+
+#[test]
+fn drill_reports_each_phase_and_the_rto() {
+    bench_binary();
+    let text = run_bench(&["drill", "--rows", "2000", "--runs", "1"]);
+    assert!(
+        text.contains("backstop bench drill: logical, rows=2000"),
+        "{text}"
+    );
+    let phases: Vec<Vec<&str>> = text
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|c| c.len() == 3 && c[2].ends_with('%'))
+        .collect();
+    assert_eq!(
+        phases.iter().map(|c| c[0]).collect::<Vec<_>>(),
+        ["fetch", "restore", "replay", "checks"],
+        "{text}"
+    );
+    for c in &phases {
+        number(c[1], "ms", &text);
+    }
+    assert!(text.contains("against a target of 60000 ms: met"), "{text}");
+}
