@@ -777,3 +777,31 @@ async fn a_failed_table_export_warns_until_an_export_of_that_source_completes() 
         vec![resolved("export_failed/orders")]
     );
 }
+
+#[tokio::test]
+async fn a_replica_that_falls_behind_more_than_2_hours_is_critical_until_it_catches_up() {
+    let a = RecordingAppender::new();
+    let t = AlertThresholds::default();
+    let lag = |seconds: u64| {
+        Event::ReplicationLagMeasured(backstop_events::ReplicationLagMeasured {
+            region: "eu".into(),
+            lag_seconds: seconds,
+        })
+    };
+    // Up to date: nothing, however late.
+    append_at(&a, &streams::storage(), t0(), lag(0)).await;
+    assert_eq!(settle(&a, &t, t0() + TimeDelta::hours(5)).await, vec![]);
+    // 30 minutes behind when measured: the missing backup turns 2 h old 90 minutes later.
+    append_at(&a, &streams::storage(), t0() + mins(60), lag(30 * 60)).await;
+    assert_eq!(settle(&a, &t, t0() + mins(149)).await, vec![]);
+    assert_eq!(
+        settle(&a, &t, t0() + mins(150)).await,
+        vec![raised("replication_lagging/eu")]
+    );
+    assert_eq!(alerts_raised(&a)[0].severity, Severity::Critical);
+    append_at(&a, &streams::storage(), t0() + mins(170), lag(0)).await;
+    assert_eq!(
+        settle(&a, &t, t0() + mins(170)).await,
+        vec![resolved("replication_lagging/eu")]
+    );
+}

@@ -139,6 +139,8 @@ pub struct Facts {
     /// Per source, its last DR drill when that one failed (drill id, reason); a passed drill
     /// clears it.
     pub failed_drills: BTreeMap<String, (Uuid, String, Cause)>,
+    /// Per replica, the newest `replication.lag_measured` (lag in seconds).
+    pub replication_lag: BTreeMap<String, (u64, Cause)>,
     /// Open alerts by key, as the ledger records them.
     pub open: BTreeMap<String, OpenAlert>,
     /// How many times each key was raised: part of the next raise's id, so a condition that
@@ -173,6 +175,7 @@ impl Facts {
                 | "storage.connectivity_checked"
                 | "storage.usage_sampled"
                 | "wal.archived"
+                | "replication.lag_measured"
                 | "wal.archiver_checked"
                 | "worker.dead_lettered"
                 | "export.completed"
@@ -296,6 +299,10 @@ impl Facts {
             Event::DrillCompleted(d) => {
                 self.failed_drills
                     .insert(d.source, (d.drill_id, d.reason, cause));
+            }
+            Event::ReplicationLagMeasured(l) => {
+                self.replication_lag
+                    .insert(l.region, (l.lag_seconds, cause));
             }
             Event::WalArchived(_) => self.last_wal = Some(cause),
             Event::WalArchiverChecked(c) => {

@@ -18,6 +18,7 @@
 //! | `cost_over_budget` | repository | warning | the monthly estimate from the newest samples is over `[cost] budget_usd` | $15 (seed 000 R12.3) |
 //! | `endpoint_down` | endpoint | critical | the health monitor judges it down (2 failed checks) | |
 //! | `endpoint_slow` | endpoint | warning | the health monitor judges it degraded (3 slow answers) | |
+//! | `replication_lagging` | replica | critical | the newest `replication.lag_measured` of the replica says it lacks a backup that is now more than 2 h old (R14.4; fixed) | 2 h |
 //! | `event_dead_lettered` | consumer/event | warning | a worker gave up on an event, until an operator resolves the alert | |
 //!
 //! `wal_stalled` needs WAL to keep coming: set `archive_timeout` on the source (pgBackRest and
@@ -362,6 +363,25 @@ pub fn conditions(
             *cause,
         ));
     }
+    for (region, (lag, cause)) in &facts.replication_lag {
+        if let Some(since) = replica_behind_since(*lag, cause)
+            && now - since >= REPLICATION_LAG_AFTER
+        {
+            out.push(cond(
+                "replication_lagging",
+                region.clone(),
+                Severity::Critical,
+                None,
+                // From the measurement, not `now`, so every evaluation words it the same.
+                format!(
+                    "replica `{region}` lacks a backup taken at {} ({lag} s behind when measured at {}); over the 2 h limit. Run `backstop replicate --to {region} --catch-up`; the alert resolves when a measurement says it is up to date",
+                    since.to_rfc3339(),
+                    cause.at.to_rfc3339()
+                ),
+                *cause,
+            ));
+        }
+    }
     for (key, d) in &facts.dead_letters {
         out.push(Condition {
             key: key.clone(),
@@ -378,6 +398,15 @@ pub fn conditions(
     }
     out.sort_by(|a, b| a.key.cmp(&b.key));
     out
+}
+
+/// How far behind a replica may fall (R14.4).
+pub const REPLICATION_LAG_AFTER: TimeDelta = TimeDelta::hours(2);
+
+/// When the oldest backup a replica lacks was taken, from a lag measurement (none when the
+/// replica was up to date).
+fn replica_behind_since(lag_seconds: u64, measured: &Cause) -> Option<DateTime<Utc>> {
+    (lag_seconds > 0).then(|| measured.at - TimeDelta::seconds(lag_seconds as i64))
 }
 
 /// The next instant after `now` at which a time-based condition starts to hold, if any: the
@@ -397,5 +426,15 @@ pub fn next_change(
         .values()
         .map(|r| r.started.at + delta(t.running_warn_after));
     let wal = facts.last_wal.map(|c| c.at + delta(t.wal_stall_after));
-    stale.chain(running).chain(wal).filter(|at| *at > now).min()
+    let lag = facts
+        .replication_lag
+        .values()
+        .filter_map(|(lag, c)| replica_behind_since(*lag, c))
+        .map(|since| since + REPLICATION_LAG_AFTER);
+    stale
+        .chain(running)
+        .chain(wal)
+        .chain(lag)
+        .filter(|at| *at > now)
+        .min()
 }
