@@ -141,7 +141,7 @@ async fn projection_metrics(
     p: &backstop_projections::Projections,
     head: u64,
 ) -> Result<String, backstop_projections::ProjectionError> {
-    let (sources, last, verifications, dead, events, states, alerts, positions) = tokio::try_join!(
+    let (sources, last, verifications, dead, events, states, alerts, positions, drills) = tokio::try_join!(
         p.sources(),
         p.last_successes(),
         p.verification_counts(),
@@ -150,8 +150,56 @@ async fn projection_metrics(
         p.backup_state_counts(),
         p.open_alert_counts(),
         p.positions(),
+        p.last_drills(),
     )?;
     let mut out = String::with_capacity(4096);
+    // Per source, the newest DR drill (backstop drill): its measured RTO and verdict.
+    family(
+        &mut out,
+        "backstop_drill_last_rto_seconds",
+        "gauge",
+        "The measured RTO of the newest DR drill of a source.",
+    );
+    for d in &drills {
+        if let Some(ms) = d.recovery_ms {
+            let _ = writeln!(
+                out,
+                "backstop_drill_last_rto_seconds{{source=\"{}\"}} {:.3}",
+                esc(&d.source),
+                ms as f64 / 1000.0
+            );
+        }
+    }
+    family(
+        &mut out,
+        "backstop_drill_last_passed",
+        "gauge",
+        "1 if the newest DR drill of a source passed, else 0.",
+    );
+    for d in &drills {
+        let _ = writeln!(
+            out,
+            "backstop_drill_last_passed{{source=\"{}\"}} {}",
+            esc(&d.source),
+            u8::from(d.passed == Some(true))
+        );
+    }
+    family(
+        &mut out,
+        "backstop_drill_last_timestamp_seconds",
+        "gauge",
+        "When the newest DR drill of a source finished (Unix time).",
+    );
+    for d in &drills {
+        if let Some(at) = d.finished_at {
+            let _ = writeln!(
+                out,
+                "backstop_drill_last_timestamp_seconds{{source=\"{}\"}} {}",
+                esc(&d.source),
+                at.timestamp()
+            );
+        }
+    }
     // Per source, for deploy/prometheus's BackupFailure and BackupLatency rules.
     family(
         &mut out,

@@ -108,6 +108,9 @@ async fn env_from(
         )
         .await;
     }
+    // An older failed drill of `trading`, then a passed one: /metrics shows the newest.
+    append_all(&ledger, sample::drill("trading", false, 9_000)).await;
+    append_all(&ledger, sample::drill("trading", true, 2_500)).await;
     let (pg, projections) = if with_projections {
         let pg = Postgres::start().unwrap();
         pg.create_db("api").unwrap();
@@ -500,6 +503,9 @@ async fn the_overview_page_json_audit_and_metrics_show_the_projections() {
         "backstop_projection_lag_events{projector=\"audit\"} 0",
         "backstop_projections_up 1",
         "backstop_storage_up 1",
+        "backstop_drill_last_rto_seconds{source=\"trading\"} 2.500",
+        "backstop_drill_last_passed{source=\"trading\"} 1",
+        "backstop_drill_last_timestamp_seconds{source=\"trading\"}",
     ] {
         assert!(text.contains(needle), "{needle} missing from:\n{text}");
     }

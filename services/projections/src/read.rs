@@ -271,6 +271,15 @@ pub struct LastSuccess {
     pub new_bytes: Option<i64>,
 }
 
+/// The newest completed DR drill of a source (for `/metrics`).
+#[derive(Clone, Debug, Serialize, FromRow)]
+pub struct LastDrill {
+    pub source: String,
+    pub passed: Option<bool>,
+    pub recovery_ms: Option<i64>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
 #[derive(Clone, Debug, Serialize, FromRow)]
 pub struct Count {
     pub label: String,
@@ -704,6 +713,18 @@ impl Projections {
     pub async fn backup_state_counts(&self) -> Result<Vec<Count>, ProjectionError> {
         Ok(sqlx::query_as(
             "SELECT state AS label, count(*) AS n FROM backups GROUP BY state ORDER BY state",
+        )
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// For `/metrics`: per source, its newest completed drill (the source is the report's).
+    pub async fn last_drills(&self) -> Result<Vec<LastDrill>, ProjectionError> {
+        Ok(sqlx::query_as(
+            "SELECT DISTINCT ON (coalesce(report->>'source', '')) \
+               coalesce(report->>'source', '') AS source, passed, recovery_ms, finished_at \
+             FROM drills WHERE finished_at IS NOT NULL \
+             ORDER BY coalesce(report->>'source', ''), finished_at DESC, last_position DESC",
         )
         .fetch_all(self.pool())
         .await?)

@@ -5,9 +5,10 @@
 //! the ledger like any other appender.
 
 use backstop_events::{
-    Actor, AlertRaised, BackupKind, BackupMethod, BackupRequested, BackupStarted, Event,
-    KeyAccessed, NewEvent, Severity, StorageUsageSampled, TableCheck, TableRows, Trigger,
-    VerificationFailed, VerificationPassed, VerificationStarted, VerifyTier, streams, uuid_v7,
+    Actor, AlertRaised, BackupKind, BackupMethod, BackupRequested, BackupStarted, DrillCompleted,
+    DrillStarted, Event, KeyAccessed, NewEvent, Severity, StorageUsageSampled, TableCheck,
+    TableRows, Trigger, VerificationFailed, VerificationPassed, VerificationStarted, VerifyTier,
+    streams, uuid_v7,
 };
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
@@ -256,4 +257,42 @@ pub fn alert(kind: &str, subject: &str, message: &str) -> NewEvent {
             source: None,
         }),
     )
+}
+
+/// A DR drill of `source`: started and completed, with its RTO.
+pub fn drill(source: &str, passed: bool, recovery_ms: u64) -> Vec<NewEvent> {
+    let drill_id = uuid_v7();
+    let backup_id = uuid_v7();
+    let stream = streams::drill(drill_id);
+    vec![
+        NewEvent::new(
+            &stream,
+            Actor::operator("drill"),
+            &Event::DrillStarted(DrillStarted {
+                drill_id,
+                backup_id,
+                target: "postgres://staging/drill".into(),
+                source: source.into(),
+                method: "logical".into(),
+            }),
+        ),
+        NewEvent::new(
+            &stream,
+            Actor::operator("drill"),
+            &Event::DrillCompleted(DrillCompleted {
+                drill_id,
+                backup_id,
+                passed,
+                recovery_ms,
+                report: serde_json::json!({"source": source, "rto_ms": recovery_ms}),
+                source: source.into(),
+                rto_target_ms: 300_000,
+                reason: if passed {
+                    String::new()
+                } else {
+                    "the staging restore failed".into()
+                },
+            }),
+        ),
+    ]
 }
