@@ -2,7 +2,8 @@
 //! two regions (primary and `eu`). A backup is replicated and `check --replica` finds both
 //! sides' SHA3-256 equal; a chunk corrupted on the replica only is found and healed from the
 //! primary; with the primary's Garage stopped, a logical restore is served by the replica, says
-//! so, and the key access it records names the replica's location.
+//! so, and the key access it records names the replica's location. And `serve` runs the
+//! replicate worker: a backup taken beside it reaches a directory replica by itself.
 
 mod support;
 
@@ -10,7 +11,7 @@ use std::path::Path;
 
 use backstop_repo::{Backend, S3Backend, S3Settings};
 use backstop_testkit::{Garage, Postgres};
-use support::{run, stderr, stdout};
+use support::{Process, run, stderr, stdout};
 
 fn events_of_type(cfg: &str, data: &Path, t: &str) -> Vec<serde_json::Value> {
     let out = run(
@@ -199,4 +200,83 @@ async fn a_backup_replicates_is_compared_healed_and_restored_from_the_replica() 
         "--create-db",
     ]);
     assert!(out.status.success(), "restore --from: {}", stderr(&out));
+}
+
+#[test]
+fn serve_replicates_each_completed_backup_to_a_directory_replica() {
+    let pg = Postgres::start().unwrap();
+    pg.create_db("shop").unwrap();
+    pg.psql(
+        "shop",
+        "CREATE TABLE t (id int primary key); INSERT INTO t SELECT generate_series(1, 1000);",
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("master.key");
+    let bucket = dir.path().join("bucket");
+    let copy = dir.path().join("copy");
+    let cfg = dir.path().join("backstop.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[repository]\nlocation = {:?}\nmaster_key_file = {:?}\n\n\
+             [[repository.replicas]]\nname = \"dr\"\nlocation = {:?}\n\n\
+             [ledger]\nmirror_seconds = 0\n\n\
+             [[sources]]\nname = \"main\"\npostgres = \"{}\"\n",
+            bucket.display().to_string(),
+            key.display().to_string(),
+            copy.display().to_string(),
+            pg.conninfo("shop"),
+        ),
+    )
+    .unwrap();
+    let cfg = cfg.to_str().unwrap().to_string();
+    let data = dir.path().join("data");
+    let out = run(
+        &data,
+        &[
+            "--config",
+            &cfg,
+            "init",
+            "--generate-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "init: {}", stderr(&out));
+    let listen = format!("127.0.0.1:{}", backstop_testkit::free_port());
+    let mut serve = Process::spawn(
+        &data,
+        &["--config", &cfg, "serve", "--listen", &listen],
+        &[],
+    );
+    serve.wait_for_log(
+        "control socket listening",
+        std::time::Duration::from_secs(60),
+    );
+    let out = run(&data, &["--config", &cfg, "backup", "--source", "main"]);
+    assert!(out.status.success(), "backup: {}", stderr(&out));
+    // Waiting for the worker (not timing it): at most 60 s.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let completed = loop {
+        let done = events_of_type(&cfg, &data, "replication.completed");
+        if !done.is_empty() || std::time::Instant::now() > deadline {
+            break done;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    };
+    assert_eq!(
+        completed.len(),
+        1,
+        "no replication by the worker: {}",
+        serve.log()
+    );
+    assert_eq!(
+        completed[0]["actor"], "worker:replicate",
+        "{}",
+        completed[0]
+    );
+    assert!(!events_of_type(&cfg, &data, "replication.lag_measured").is_empty());
+    assert!(serve.terminate().success(), "{}", serve.log());
+    let out = run(&data, &["--config", &cfg, "check", "--replica", "dr"]);
+    assert!(out.status.success(), "{} {}", stdout(&out), stderr(&out));
 }

@@ -65,6 +65,21 @@ pub async fn open_replica(r: &ReplicaSection) -> anyhow::Result<Replica> {
     })
 }
 
+/// Every configured replica that opens (for the replicate worker); one that does not is logged
+/// and left out.
+pub async fn open_replicas(config: &Config) -> Vec<Replica> {
+    let mut out = Vec::new();
+    for r in &config.repository.replicas {
+        match open_replica(r).await {
+            Ok(x) => out.push(x),
+            Err(e) => {
+                tracing::error!(replica = %r.name, error = %format!("{e:#}"), "replica unusable; the replicate worker leaves it out")
+            }
+        }
+    }
+    out
+}
+
 /// The replicas to work on: `only` or every configured one.
 async fn chosen(config: &Config, only: Option<&str>) -> anyhow::Result<Vec<Replica>> {
     let sections: Vec<&ReplicaSection> = match only {

@@ -57,6 +57,7 @@ pub async fn worker_context(
         notify: None,
         job_limits: config.job_limits(),
         restore_targets: config.restore_targets(),
+        replicas: Vec::new(),
     };
     let loc = match location(config, data_dir, &RepoArgs::default()) {
         Ok(l) => l,
@@ -132,6 +133,7 @@ pub async fn worker_context(
             notify: None,
             job_limits: config.job_limits(),
             restore_targets: config.restore_targets(),
+            replicas: crate::replica_cmd::open_replicas(config).await,
         },
         Some(probe),
     )

@@ -228,13 +228,20 @@ pub async fn copy_missing(
     let (manifests, rest): (Vec<&Needed>, Vec<&Needed>) = todo
         .into_iter()
         .partition(|n| n.key.starts_with("manifests/"));
+    // Owned values in the futures: borrowed ones make the caller's future not `Send` for every
+    // lifetime (the workers need `Send`).
     for wave in [rest, manifests] {
+        let wave: Vec<Needed> = wave.into_iter().cloned().collect();
         let mut results = futures::stream::iter(wave)
-            .map(|n| async move {
-                let data = read_primary(primary.backend().as_ref(), n).await?;
-                let len = data.len() as u64;
-                write_verified(replica, &n.key, data).await?;
-                Ok::<u64, ReplicateError>(len)
+            .map(|n| {
+                let src = primary.backend().clone();
+                let replica = replica.clone();
+                async move {
+                    let data = read_primary(src.as_ref(), &n).await?;
+                    let len = data.len() as u64;
+                    write_verified(&replica, &n.key, data).await?;
+                    Ok::<u64, ReplicateError>(len)
+                }
             })
             .buffer_unordered(CONCURRENCY);
         while let Some(r) = results.next().await {
@@ -445,45 +452,49 @@ pub async fn compare(
         objects: needed.len() as u64,
         ..Default::default()
     };
-    let mut results = futures::stream::iter(needed.iter())
-        .map(|n| async move {
-            let p = read_primary(primary.backend().as_ref(), n).await?;
-            let r = match replica.backend.get(&n.key).await {
-                Ok(b) => Some(b),
-                Err(RepoError::NotFound { .. }) => None,
-                Err(e) => return Err(ReplicateError::from(e)),
-            };
-            let read = p.len() as u64 + r.as_ref().map_or(0, |b| b.len() as u64);
-            let kind = match &r {
-                None => Some("missing"),
-                Some(b) if sha3(b) != sha3(&p) => Some("differs"),
-                Some(_) => None,
-            };
-            let Some(kind) = kind else {
-                return Ok((read, None));
-            };
-            let mut healed = false;
-            if heal {
-                if let Some(id) = n
-                    .key
-                    .strip_prefix("manifests/")
-                    .and_then(|s| s.parse::<Uuid>().ok())
-                {
-                    // Authenticates the primary's manifest before it is copied.
-                    primary.load_manifest(id).await?;
+    let mut results = futures::stream::iter(needed)
+        .map(|n| {
+            let primary = primary.clone();
+            let replica = replica.clone();
+            async move {
+                let p = read_primary(primary.backend().as_ref(), &n).await?;
+                let r = match replica.backend.get(&n.key).await {
+                    Ok(b) => Some(b),
+                    Err(RepoError::NotFound { .. }) => None,
+                    Err(e) => return Err(ReplicateError::from(e)),
+                };
+                let read = p.len() as u64 + r.as_ref().map_or(0, |b| b.len() as u64);
+                let kind = match &r {
+                    None => Some("missing"),
+                    Some(b) if sha3(b) != sha3(&p) => Some("differs"),
+                    Some(_) => None,
+                };
+                let Some(kind) = kind else {
+                    return Ok((read, None));
+                };
+                let mut healed = false;
+                if heal {
+                    if let Some(id) = n
+                        .key
+                        .strip_prefix("manifests/")
+                        .and_then(|s| s.parse::<Uuid>().ok())
+                    {
+                        // Authenticates the primary's manifest before it is copied.
+                        primary.load_manifest(id).await?;
+                    }
+                    write_verified(&replica, &n.key, p).await?;
+                    healed = true;
+                    info!(key = %n.key, replica = %replica.name, "healed from the primary");
                 }
-                write_verified(replica, &n.key, p).await?;
-                healed = true;
-                info!(key = %n.key, replica = %replica.name, "healed from the primary");
+                Ok((
+                    read,
+                    Some(Difference {
+                        key: n.key.clone(),
+                        kind,
+                        healed,
+                    }),
+                ))
             }
-            Ok((
-                read,
-                Some(Difference {
-                    key: n.key.clone(),
-                    kind,
-                    healed,
-                }),
-            ))
         })
         .buffer_unordered(CONCURRENCY);
     while let Some(r) = results.next().await {

@@ -15,6 +15,7 @@ pub mod backup;
 pub mod export;
 pub mod fault;
 pub mod notify;
+pub mod replicate;
 pub mod restore;
 pub mod retention;
 pub mod verify;
@@ -44,6 +45,7 @@ pub const KINDS: &[&str] = &[
     restore::NAME,
     retention::NAME,
     notify::NAME,
+    replicate::NAME,
 ];
 
 /// What the data-path workers need; without it only the alert worker runs.
@@ -61,6 +63,8 @@ pub struct WorkerContext {
     pub retention: Option<retention::RetentionSettings>,
     /// The `[notify]` channels; without them no notifier.
     pub notify: Option<notify::NotifySettings>,
+    /// The opened `[[repository.replicas]]`; without them no replicate worker.
+    pub replicas: Vec<backstop_ops::replicate::Replica>,
 }
 
 /// The handlers to run, all of them or the named ones. A worker named explicitly whose
@@ -137,6 +141,16 @@ pub fn handlers(only: &[String], ctx: WorkerContext) -> Result<Vec<Arc<dyn Handl
         })),
         (None, true) if !only.is_empty() => {
             return Err("the notify worker needs [notify] channels in the configuration".into());
+        }
+        _ => {}
+    }
+    match (&ctx.data_path, ctx.replicas.is_empty(), wanted(replicate::NAME)) {
+        (Some(dp), false, true) => all.push(Arc::new(replicate::ReplicateWorker {
+            data_path: dp.clone(),
+            replicas: ctx.replicas.clone(),
+        })),
+        (_, _, true) if !only.is_empty() => {
+            return Err("the replicate worker needs a repository, its master key and [[repository.replicas]]".into());
         }
         _ => {}
     }
