@@ -65,6 +65,8 @@ pub struct Overview {
     pub alerts: Vec<AlertRow>,
     /// The newest re-encryption jobs (key rotation), with their progress.
     pub reencryption: Vec<backstop_projections::read::ReencryptionJobRow>,
+    /// The newest DR drills, newest first (the panel's list and RTO trend).
+    pub drills: Vec<backstop_projections::read::DrillRow>,
     pub sizes: Vec<SizePoint>,
     pub storage_series: Vec<StoragePoint>,
     pub chart_since: DateTime<Utc>,
@@ -113,6 +115,7 @@ async fn compute_overview(
         sizes,
         series,
         positions,
+        drills,
     ) = tokio::try_join!(
         p.sources(),
         p.backups(None, None, 15),
@@ -124,6 +127,7 @@ async fn compute_overview(
         p.size_series(None, month, 60),
         p.storage_series(month, true),
         p.positions(),
+        p.drills(12),
     )?;
     let storage = state.storage_status(false).await;
     let head = state.0.ledger.head().position;
@@ -172,6 +176,7 @@ async fn compute_overview(
         storage,
         alerts,
         reencryption,
+        drills,
         sizes,
         storage_series: series,
         chart_since: month,

@@ -427,6 +427,27 @@ async fn the_overview_page_json_audit_and_metrics_show_the_projections() {
     let (s, html) = call(&env, "GET", "/", Some(OPERATOR), None).await;
     assert_eq!(s, StatusCode::OK, "{html}");
     assert!(html.contains("data-source=\"trading\""), "{html}");
+    // The drills panel: both drills, newest (passed, 2.5 s) first, each with its RTO bar.
+    let panel = html
+        .split("id=\"drills-panel\"")
+        .nth(1)
+        .expect("the drills panel");
+    let passed = panel.find("data-passed=\"true\" data-rto-ms=\"2500\"");
+    let failed = panel.find("data-passed=\"false\" data-rto-ms=\"9000\"");
+    assert!(
+        passed.is_some() && failed.is_some() && passed < failed,
+        "{panel}"
+    );
+    assert_eq!(
+        panel
+            .split("</section>")
+            .next()
+            .unwrap()
+            .matches("class=\"rto-bar\"")
+            .count(),
+        2,
+        "{panel}"
+    );
     assert_eq!(
         html.matches("<rect class=\"bar ").count(),
         15,

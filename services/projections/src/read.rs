@@ -271,6 +271,18 @@ pub struct LastSuccess {
     pub new_bytes: Option<i64>,
 }
 
+/// One DR drill, for the dashboard's list and RTO trend.
+#[derive(Clone, Debug, Serialize, FromRow)]
+pub struct DrillRow {
+    pub drill_id: Uuid,
+    pub source: String,
+    pub passed: Option<bool>,
+    pub recovery_ms: Option<i64>,
+    pub rto_target_ms: Option<i64>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
 /// The newest completed DR drill of a source (for `/metrics`).
 #[derive(Clone, Debug, Serialize, FromRow)]
 pub struct LastDrill {
@@ -714,6 +726,19 @@ impl Projections {
         Ok(sqlx::query_as(
             "SELECT state AS label, count(*) AS n FROM backups GROUP BY state ORDER BY state",
         )
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// The newest `limit` drills, newest first (running ones have no verdict yet).
+    pub async fn drills(&self, limit: i64) -> Result<Vec<DrillRow>, ProjectionError> {
+        Ok(sqlx::query_as(
+            "SELECT drill_id, coalesce(report->>'source', '') AS source, passed, recovery_ms, \
+               (report->>'rto_target_ms')::bigint AS rto_target_ms, started_at, finished_at \
+             FROM drills ORDER BY coalesce(finished_at, started_at) DESC NULLS LAST, \
+               last_position DESC LIMIT $1",
+        )
+        .bind(limit)
         .fetch_all(self.pool())
         .await?)
     }

@@ -284,7 +284,7 @@ pub fn drill(source: &str, passed: bool, recovery_ms: u64) -> Vec<NewEvent> {
                 backup_id,
                 passed,
                 recovery_ms,
-                report: serde_json::json!({"source": source, "rto_ms": recovery_ms}),
+                report: serde_json::json!({"source": source, "rto_ms": recovery_ms, "rto_target_ms": 300_000}),
                 source: source.into(),
                 rto_target_ms: 300_000,
                 reason: if passed {
