@@ -144,7 +144,11 @@ pub fn handlers(only: &[String], ctx: WorkerContext) -> Result<Vec<Arc<dyn Handl
         }
         _ => {}
     }
-    match (&ctx.data_path, ctx.replicas.is_empty(), wanted(replicate::NAME)) {
+    match (
+        &ctx.data_path,
+        ctx.replicas.is_empty(),
+        wanted(replicate::NAME),
+    ) {
         (Some(dp), false, true) => all.push(Arc::new(replicate::ReplicateWorker {
             data_path: dp.clone(),
             replicas: ctx.replicas.clone(),
