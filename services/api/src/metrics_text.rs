@@ -141,7 +141,7 @@ async fn projection_metrics(
     p: &backstop_projections::Projections,
     head: u64,
 ) -> Result<String, backstop_projections::ProjectionError> {
-    let (sources, last, verifications, dead, events, states, alerts, positions, drills) = tokio::try_join!(
+    let (sources, last, verifications, dead, events, states, alerts, positions, drills, lags) = tokio::try_join!(
         p.sources(),
         p.last_successes(),
         p.verification_counts(),
@@ -151,6 +151,7 @@ async fn projection_metrics(
         p.open_alert_counts(),
         p.positions(),
         p.last_drills(),
+        p.replication_lags(),
     )?;
     let mut out = String::with_capacity(4096);
     // Per source, the newest DR drill (backstop drill): its measured RTO and verdict.
@@ -199,6 +200,35 @@ async fn projection_metrics(
                 at.timestamp()
             );
         }
+    }
+    // Per replica, its newest measured lag (the replication_lagging alert fires past 2 h).
+    family(
+        &mut out,
+        "backstop_replication_lag_seconds",
+        "gauge",
+        "Age of the oldest backup a replica lacks, as last measured (0: up to date).",
+    );
+    for l in &lags {
+        let _ = writeln!(
+            out,
+            "backstop_replication_lag_seconds{{replica=\"{}\"}} {}",
+            esc(&l.replica),
+            l.lag_seconds
+        );
+    }
+    family(
+        &mut out,
+        "backstop_replication_lag_measured_timestamp_seconds",
+        "gauge",
+        "When a replica's lag was last measured (Unix time).",
+    );
+    for l in &lags {
+        let _ = writeln!(
+            out,
+            "backstop_replication_lag_measured_timestamp_seconds{{replica=\"{}\"}} {}",
+            esc(&l.replica),
+            l.measured_at.timestamp()
+        );
     }
     // Per source, for deploy/prometheus's BackupFailure and BackupLatency rules.
     family(

@@ -111,6 +111,23 @@ async fn env_from(
     // An older failed drill of `trading`, then a passed one: /metrics shows the newest.
     append_all(&ledger, sample::drill("trading", false, 9_000)).await;
     append_all(&ledger, sample::drill("trading", true, 2_500)).await;
+    // A replica that fell 3 hours behind, then caught up to 120 s: /metrics shows the newest.
+    for lag in [10_800, 120] {
+        append_all(
+            &ledger,
+            vec![NewEvent::new(
+                backstop_events::streams::storage(),
+                backstop_events::Actor::worker("replicate"),
+                &backstop_events::Event::ReplicationLagMeasured(
+                    backstop_events::ReplicationLagMeasured {
+                        region: "eu".into(),
+                        lag_seconds: lag,
+                    },
+                ),
+            )],
+        )
+        .await;
+    }
     let (pg, projections) = if with_projections {
         let pg = Postgres::start().unwrap();
         pg.create_db("api").unwrap();
@@ -527,6 +544,8 @@ async fn the_overview_page_json_audit_and_metrics_show_the_projections() {
         "backstop_drill_last_rto_seconds{source=\"trading\"} 2.500",
         "backstop_drill_last_passed{source=\"trading\"} 1",
         "backstop_drill_last_timestamp_seconds{source=\"trading\"}",
+        "backstop_replication_lag_seconds{replica=\"eu\"} 120\n",
+        "backstop_replication_lag_measured_timestamp_seconds{replica=\"eu\"}",
     ] {
         assert!(text.contains(needle), "{needle} missing from:\n{text}");
     }

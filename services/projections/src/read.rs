@@ -292,6 +292,15 @@ pub struct LastDrill {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
+/// A replica's newest measured lag (`replication.lag_measured`, for `/metrics`).
+#[derive(Clone, Debug, Serialize, FromRow)]
+pub struct ReplicaLag {
+    /// The replica's name (`[[repository.replicas]] name`, the event's `region`).
+    pub replica: String,
+    pub lag_seconds: i64,
+    pub measured_at: DateTime<Utc>,
+}
+
 #[derive(Clone, Debug, Serialize, FromRow)]
 pub struct Count {
     pub label: String,
@@ -750,6 +759,15 @@ impl Projections {
                coalesce(report->>'source', '') AS source, passed, recovery_ms, finished_at \
              FROM drills WHERE finished_at IS NOT NULL \
              ORDER BY coalesce(report->>'source', ''), finished_at DESC, last_position DESC",
+        )
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// For `/metrics`: each replica's newest measured lag.
+    pub async fn replication_lags(&self) -> Result<Vec<ReplicaLag>, ProjectionError> {
+        Ok(sqlx::query_as(
+            "SELECT region AS replica, lag_seconds, measured_at FROM replication_lag ORDER BY region",
         )
         .fetch_all(self.pool())
         .await?)
