@@ -5,43 +5,8 @@
 
 mod support;
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
-
-use backstop_testkit::{Postgres, server_tempdir};
-use support::{bin, stderr, stdout};
-
-struct Site {
-    tmp: tempfile::TempDir,
-}
-
-impl Site {
-    fn path(&self, name: &str) -> PathBuf {
-        self.tmp.path().join(name)
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(bin())
-            .arg("--config")
-            .arg(self.path("backstop.toml"))
-            .args(args)
-            .env_remove("BACKSTOP_MASTER_KEY")
-            .env("BACKSTOP_OPERATOR", "dr")
-            .output()
-            .expect("run backstop")
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "backstop {args:?} failed:\n{}\n{}",
-            stdout(&out),
-            stderr(&out)
-        );
-        stdout(&out)
-    }
-}
+use backstop_testkit::Postgres;
+use support::Site;
 
 #[test]
 fn a_drill_through_the_cli_passes_reports_and_records_itself() {
@@ -53,9 +18,7 @@ fn a_drill_through_the_cli_passes_reports_and_records_itself() {
          INSERT INTO trades SELECT g, g * 0.5 FROM generate_series(1, 4000) g;",
     )
     .unwrap();
-    let site = Site {
-        tmp: server_tempdir().unwrap(),
-    };
+    let site = Site::new("dr");
     std::fs::write(
         site.path("backstop.toml"),
         format!(

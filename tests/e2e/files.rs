@@ -6,48 +6,12 @@ mod support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
-use std::process::{Command, Output};
 
-use backstop_testkit::server_tempdir;
-use support::{bin, stderr, stdout};
-
-struct Site {
-    tmp: tempfile::TempDir,
-}
-
-impl Site {
-    fn path(&self, name: &str) -> PathBuf {
-        self.tmp.path().join(name)
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(bin())
-            .arg("--config")
-            .arg(self.path("backstop.toml"))
-            .args(args)
-            .env_remove("BACKSTOP_MASTER_KEY")
-            .env("BACKSTOP_OPERATOR", "ops")
-            .output()
-            .expect("run backstop")
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "backstop {args:?} failed:\n{}\n{}",
-            stdout(&out),
-            stderr(&out)
-        );
-        stdout(&out)
-    }
-}
+use support::{Site, stderr};
 
 #[test]
 fn a_files_source_backs_up_and_restores_chosen_paths_through_the_cli() {
-    let site = Site {
-        tmp: server_tempdir().unwrap(),
-    };
+    let site = Site::new("ops");
     let app = site.path("srv/app");
     for (p, body) in [
         ("models/m.bin", vec![3u8; 2 << 20]),

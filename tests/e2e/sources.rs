@@ -7,44 +7,10 @@
 
 mod support;
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Command;
 
-use backstop_testkit::{Redis, server_tempdir};
-use support::{bin, stderr, stdout};
-
-struct Site {
-    tmp: tempfile::TempDir,
-}
-
-impl Site {
-    fn path(&self, name: &str) -> PathBuf {
-        self.tmp.path().join(name)
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(bin())
-            .arg("--config")
-            .arg(self.path("backstop.toml"))
-            .args(args)
-            .current_dir(self.tmp.path())
-            .env_remove("BACKSTOP_MASTER_KEY")
-            .env("BACKSTOP_OPERATOR", "dba")
-            .output()
-            .expect("run backstop")
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "backstop {args:?} failed:\n{}\n{}",
-            stdout(&out),
-            stderr(&out)
-        );
-        stdout(&out)
-    }
-}
+use backstop_testkit::Redis;
+use support::{Site, stderr};
 
 fn sqlite(db: &std::path::Path, sql: &str) -> String {
     let out = Command::new("sqlite3").arg(db).arg(sql).output().unwrap();
@@ -63,9 +29,7 @@ fn backup_id(out: &str) -> String {
 
 #[test]
 fn command_and_redis_sources_through_the_cli() {
-    let site = Site {
-        tmp: server_tempdir().unwrap(),
-    };
+    let site = Site::new("dba");
     let db = site.path("app.db");
     sqlite(
         &db,

@@ -214,3 +214,49 @@ pub fn switch_and_wait(pg: &backstop_testkit::Postgres) -> String {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A throwaway site for commands run with one configuration file, `backstop.toml` in its
+/// directory (the test writes it), as operator `operator`, with no master key in the
+/// environment.
+pub struct Site {
+    pub tmp: tempfile::TempDir,
+    pub operator: &'static str,
+}
+
+impl Site {
+    /// A new site in a directory the test servers' users can read.
+    pub fn new(operator: &'static str) -> Site {
+        Site {
+            tmp: backstop_testkit::server_tempdir().expect("a temporary directory"),
+            operator,
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        Command::new(bin())
+            .arg("--config")
+            .arg(self.path("backstop.toml"))
+            .args(args)
+            .current_dir(self.tmp.path())
+            .env_remove("BACKSTOP_MASTER_KEY")
+            .env("BACKSTOP_OPERATOR", self.operator)
+            .output()
+            .expect("run backstop")
+    }
+
+    /// Runs `backstop ARGS` and returns its stdout; panics with both outputs if it failed.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "backstop {args:?} failed:\n{}\n{}",
+            stdout(&out),
+            stderr(&out)
+        );
+        stdout(&out)
+    }
+}
