@@ -123,6 +123,46 @@ fn temp_dir(work_dir: Option<&Path>, prefix: &str) -> Result<tempfile::TempDir, 
     .map_err(|e| SourceError::io("creating a temporary directory for a command source", e))
 }
 
+/// Waits for `work`, which ends with the child's exit, within `limit`, and judges the exit: past
+/// the limit the child's whole process group is killed ([`SourceError::CommandTimeout`]); a
+/// non-zero exit is [`SourceError::CommandFailed`] with the tail of its standard error, and is
+/// the reason even when the work failed too (a command that dies cuts its streams short).
+/// Returns what the work produced beside the exit status.
+async fn supervise<T>(
+    what: &str,
+    command: &str,
+    limit: Duration,
+    mut group: Group,
+    tail: StderrTail,
+    work: impl std::future::Future<Output = (T, std::io::Result<std::process::ExitStatus>)>,
+) -> Result<T, SourceError> {
+    let (produced, status) = match tokio::time::timeout(limit, work).await {
+        Ok(done) => done,
+        Err(_) => {
+            drop(group);
+            tail.abort();
+            return Err(SourceError::CommandTimeout {
+                what: what.into(),
+                command: command.into(),
+                limit_secs: limit.as_secs(),
+                stderr: String::new(),
+            });
+        }
+    };
+    let status = status.map_err(|e| SourceError::io(format!("waiting for the {what}"), e))?;
+    group.reaped();
+    let stderr = tail.finish().await;
+    if !status.success() {
+        return Err(SourceError::CommandFailed {
+            what: what.into(),
+            command: command.into(),
+            status: status_text(&status),
+            stderr,
+        });
+    }
+    Ok(produced)
+}
+
 /// Runs `command` to its end (stdout discarded), within `limit`.
 async fn run_plain(
     what: &str,
@@ -138,35 +178,12 @@ async fn run_plain(
         cmd.env(k, v);
     }
     let mut child = cmd.spawn().map_err(|e| spawn_error(command, e))?;
-    let mut group = Group::new(&child);
+    let group = Group::new(&child);
     let tail = StderrTail::spawn(child.stderr.take());
-    match tokio::time::timeout(limit, child.wait()).await {
-        Ok(Ok(status)) => {
-            group.reaped();
-            let stderr = tail.finish().await;
-            if status.success() {
-                Ok(())
-            } else {
-                Err(SourceError::CommandFailed {
-                    what: what.into(),
-                    command: command.into(),
-                    status: status_text(&status),
-                    stderr,
-                })
-            }
-        }
-        Ok(Err(e)) => Err(SourceError::io(format!("waiting for the {what}"), e)),
-        Err(_) => {
-            drop(group);
-            tail.abort();
-            Err(SourceError::CommandTimeout {
-                what: what.into(),
-                command: command.into(),
-                limit_secs: limit.as_secs(),
-                stderr: String::new(),
-            })
-        }
-    }
+    supervise(what, command, limit, group, tail, async {
+        ((), child.wait().await)
+    })
+    .await
 }
 
 /// Runs `command` with its standard output streamed into `sink` as `part`, within `limit`;
@@ -187,7 +204,7 @@ async fn stream_out(
         cmd.env(k, v);
     }
     let mut child = cmd.spawn().map_err(|e| spawn_error(command, e))?;
-    let mut group = Group::new(&child);
+    let group = Group::new(&child);
     let tail = StderrTail::spawn(child.stderr.take());
     let Some(stdout) = child.stdout.take() else {
         return Err(SourceError::Task(
@@ -200,31 +217,7 @@ async fn stream_out(
         let status = child.wait().await;
         (stored, status)
     };
-    let (stored, status) = match tokio::time::timeout(limit, work).await {
-        Ok(done) => done,
-        Err(_) => {
-            drop(group);
-            tail.abort();
-            return Err(SourceError::CommandTimeout {
-                what: what.into(),
-                command: command.into(),
-                limit_secs: limit.as_secs(),
-                stderr: String::new(),
-            });
-        }
-    };
-    let status = status.map_err(|e| SourceError::io(format!("waiting for the {what}"), e))?;
-    group.reaped();
-    let stderr = tail.finish().await;
-    // The command's own failure is the reason, even when it also cut the stream short.
-    if !status.success() {
-        return Err(SourceError::CommandFailed {
-            what: what.into(),
-            command: command.into(),
-            status: status_text(&status),
-            stderr,
-        });
-    }
+    let stored = supervise(what, command, limit, group, tail, work).await?;
     stored.map_err(|source| SourceError::Sink {
         part: part.into(),
         source,
@@ -313,7 +306,7 @@ async fn stream_in(
         cmd.env(k, v);
     }
     let mut child = cmd.spawn().map_err(|e| spawn_error(command, e))?;
-    let mut group = Group::new(&child);
+    let group = Group::new(&child);
     let tail = StderrTail::spawn(child.stderr.take());
     let Some(mut stdin) = child.stdin.take() else {
         return Err(SourceError::Task(
@@ -328,30 +321,7 @@ async fn stream_in(
         let status = child.wait().await;
         (copied.and(closed), status)
     };
-    let (copied, status) = match tokio::time::timeout(limit, work).await {
-        Ok(done) => done,
-        Err(_) => {
-            drop(group);
-            tail.abort();
-            return Err(SourceError::CommandTimeout {
-                what: what.into(),
-                command: command.into(),
-                limit_secs: limit.as_secs(),
-                stderr: String::new(),
-            });
-        }
-    };
-    let status = status.map_err(|e| SourceError::io(format!("waiting for the {what}"), e))?;
-    group.reaped();
-    let stderr = tail.finish().await;
-    if !status.success() {
-        return Err(SourceError::CommandFailed {
-            what: what.into(),
-            command: command.into(),
-            status: status_text(&status),
-            stderr,
-        });
-    }
+    let copied = supervise(what, command, limit, group, tail, work).await?;
     // A read error of the backup (a damaged chunk) is the backup's fault, not the command's.
     copied.map_err(|e| SourceError::Source {
         part: what.into(),
