@@ -19,6 +19,7 @@
 pub mod capture;
 pub mod child_env;
 pub mod command;
+pub mod config;
 mod error;
 pub mod files;
 pub mod pg;
