@@ -1,6 +1,7 @@
 //! `backstop drill`: a DR drill of one source onto a staging database (backstop_ops::drill),
 //! its report written as JSON, Markdown and HTML. Exits 0 when the drill passed, 1 when it
-//! failed (the reason is in the report and on `drill.completed`).
+//! failed (the reason is in the report and on `drill.completed`). Also the plans and schedules
+//! of the `[[drills]]` entries that `serve` runs (backstop_ops::drill_request).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -9,13 +10,15 @@ use std::time::Duration;
 use anyhow::Context;
 use backstop_ops::DataPath;
 use backstop_ops::drill::{self, DrillPlan};
-use backstop_ops::schedule::ConfigDuration;
+use backstop_ops::drill_request::write_reports;
+use backstop_ops::schedule::config::DEFAULT_ZONE;
+use backstop_ops::schedule::{ConfigDuration, Schedule};
 use clap::Args;
 
 use crate::config::Config;
 use crate::wiring::{Events, RepoArgs, open_repository, operator, source_specs, verified_backups};
 
-#[derive(Args)]
+#[derive(Args, Default)]
 pub struct DrillArgs {
     #[command(flatten)]
     pub repo: RepoArgs,
@@ -47,7 +50,9 @@ pub struct DrillArgs {
     pub allow_unverified: bool,
 }
 
-pub async fn run(config: &Config, data_dir: &Path, args: DrillArgs) -> anyhow::Result<ExitCode> {
+/// The plan of the drill `args` asks for: each flag given, else the source's `[[drills]]`
+/// entry, else the defaults (endpoints: the `[[health.endpoints]]` URLs).
+fn plan_of(config: &Config, args: &DrillArgs) -> anyhow::Result<DrillPlan> {
     let entry = config.drills.iter().find(|d| d.source == args.source);
     let staging = args
         .staging
@@ -78,7 +83,7 @@ pub async fn run(config: &Config, data_dir: &Path, args: DrillArgs) -> anyhow::R
             .map(|e| e.url.clone())
             .collect()
     };
-    let plan = DrillPlan {
+    Ok(DrillPlan {
         source: args.source.clone(),
         staging,
         rto_target,
@@ -86,7 +91,45 @@ pub async fn run(config: &Config, data_dir: &Path, args: DrillArgs) -> anyhow::R
         endpoints,
         jobs: args.jobs.or(entry.and_then(|e| e.jobs)).unwrap_or(2),
         operator: operator(),
-    };
+    })
+}
+
+/// The plan of every `[[drills]]` entry, as `serve`'s drill worker runs them.
+pub fn configured_plans(config: &Config) -> anyhow::Result<Vec<DrillPlan>> {
+    config
+        .drills
+        .iter()
+        .map(|e| {
+            plan_of(
+                config,
+                &DrillArgs {
+                    source: e.source.clone(),
+                    ..DrillArgs::default()
+                },
+            )
+        })
+        .collect()
+}
+
+/// The schedules of the `[[drills]]` entries (`schedule`, default monthly; `"off"`: none).
+pub fn drill_schedules(config: &Config) -> anyhow::Result<Vec<Schedule>> {
+    let mut out = Vec::new();
+    for e in &config.drills {
+        let cron = e.schedule.as_deref().unwrap_or(drill::DEFAULT_SCHEDULE);
+        if cron.trim().eq_ignore_ascii_case("off") {
+            continue;
+        }
+        let zone = e.zone.as_deref().unwrap_or(DEFAULT_ZONE);
+        out.push(
+            Schedule::drill(&e.source, cron, zone)
+                .with_context(|| format!("[[drills]] entry of source {:?}", e.source))?,
+        );
+    }
+    Ok(out)
+}
+
+pub async fn run(config: &Config, data_dir: &Path, args: DrillArgs) -> anyhow::Result<ExitCode> {
+    let plan = plan_of(config, &args)?;
     let mut events = Events::open(config, data_dir).await?;
     let repo = open_repository(config, data_dir, &args.repo, &mut events).await?;
     let verified = if args.allow_unverified {
@@ -107,17 +150,7 @@ pub async fn run(config: &Config, data_dir: &Path, args: DrillArgs) -> anyhow::R
         .report_dir
         .clone()
         .unwrap_or_else(|| data_dir.join("drills"));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let base = dir.join(format!("drill-{}", report.drill_id));
-    let json = serde_json::to_string_pretty(&report)?;
-    for (ext, body) in [
-        ("json", json),
-        ("md", report.markdown()),
-        ("html", report.html()),
-    ] {
-        let path = base.with_extension(ext);
-        std::fs::write(&path, body).with_context(|| format!("writing {}", path.display()))?;
-    }
+    let base = write_reports(&report, &dir).map_err(|e| anyhow::anyhow!(e.chain()))?;
     print!("{}", report.markdown());
     println!("\nreports: {}.{{json,md,html}}", base.display());
     Ok(if report.passed {

@@ -38,6 +38,7 @@ pub fn run(config: &Config, cmd: ScheduleCommand) -> anyhow::Result<ExitCode> {
                     "cron": s.config().cron,
                     "zone": s.zone().name(),
                     "method": s.method(),
+                    "job": s.job(),
                     "grace": s.grace().to_string(),
                     "next": firings,
                 })
@@ -53,11 +54,14 @@ pub fn run(config: &Config, cmd: ScheduleCommand) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     for (s, firings) in &all {
+        let what = match s.job() {
+            backstop_events::ScheduledJob::Drill => "DR drills".to_string(),
+            _ => format!("{} backups", s.method()),
+        };
         println!(
-            "{} (source `{}`, {} backups, cron \"{}\" in {}, grace {}):",
+            "{} (source `{}`, {what}, cron \"{}\" in {}, grace {}):",
             s.name(),
             s.source(),
-            s.method(),
             s.config().cron,
             s.zone().name(),
             s.grace()
@@ -71,7 +75,11 @@ pub fn run(config: &Config, cmd: ScheduleCommand) -> anyhow::Result<ExitCode> {
                 "  {}  {}  {:<12}{limited}",
                 f.local.format("%a %Y-%m-%d %H:%M %:z"),
                 f.utc.format("%Y-%m-%d %H:%M UTC"),
-                f.kind.as_str(),
+                if matches!(s.job(), backstop_events::ScheduledJob::Drill) {
+                    "drill"
+                } else {
+                    f.kind.as_str()
+                },
             );
             println!("{}", line.trim_end());
         }

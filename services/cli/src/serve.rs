@@ -105,6 +105,7 @@ pub async fn serve(
     // until the end of this function, past `ledger.close()`, which waits for every handle.
     if !args.no_workers {
         context.notify = crate::serve_context::notify(config, Arc::new(ledger.clone()))?;
+        context.drills = crate::serve_context::drills(config, data_dir, &ledger)?;
     }
     // Archived WAL that wal-push could not record itself (see wal_cmd) is recorded here.
     let wal_repo = context.data_path.as_ref().map(|dp| dp.repo.clone());

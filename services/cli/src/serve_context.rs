@@ -58,6 +58,7 @@ pub async fn worker_context(
         job_limits: config.job_limits(),
         restore_targets: config.restore_targets(),
         replicas: Vec::new(),
+        drills: None,
     };
     let loc = match location(config, data_dir, &RepoArgs::default()) {
         Ok(l) => l,
@@ -134,9 +135,27 @@ pub async fn worker_context(
             job_limits: config.job_limits(),
             restore_targets: config.restore_targets(),
             replicas: crate::replica_cmd::open_replicas(config).await,
+            drills: None,
         },
         Some(probe),
     )
+}
+
+/// The drill worker's settings: the `[[drills]]` plans, the verified backups read from
+/// `ledger`, reports to DATA_DIR/drills. None without `[[drills]]` entries.
+pub fn drills(
+    config: &Config,
+    data_dir: &Path,
+    ledger: &backstop_ledger::Ledger,
+) -> anyhow::Result<Option<backstop_workers::drill::DrillSettings>> {
+    if config.drills.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(backstop_workers::drill::DrillSettings {
+        plans: crate::drill_cmd::configured_plans(config)?,
+        verified: Arc::new(ledger.clone()),
+        report_dir: data_dir.join("drills"),
+    }))
 }
 
 /// The notifier's settings from `[notify]`, with `lookup` the way this process asks whether a

@@ -410,7 +410,28 @@ pub async fn verified_backups(
 /// The configured schedules, checked: each names a configured source, its cron expression and
 /// zone parse, names are unique. A mistake stops `serve` at start with its message.
 pub fn schedules(config: &Config) -> anyhow::Result<Vec<backstop_ops::schedule::Schedule>> {
-    let schedules = backstop_ops::schedule::Schedule::all(&config.schedules)?;
+    if let Some(s) = config
+        .schedules
+        .iter()
+        .find(|s| s.job == backstop_ops::schedule::JobKind::Drill)
+    {
+        anyhow::bail!(
+            "schedule {:?} has job = \"drill\": drills are scheduled by their [[drills]] entry (schedule = \"CRON\", zone = ...); remove this schedule",
+            s.name
+        );
+    }
+    let mut schedules = backstop_ops::schedule::Schedule::all(&config.schedules)?;
+    // Each [[drills]] entry is a schedule too (monthly by default), in the same name space.
+    for d in crate::drill_cmd::drill_schedules(config)? {
+        if schedules.iter().any(|s| s.name() == d.name()) {
+            anyhow::bail!(
+                "a [[schedules]] entry is named {:?}, the name of the drill schedule of source {:?}; rename the schedule",
+                d.name(),
+                d.source()
+            );
+        }
+        schedules.push(d);
+    }
     for s in &schedules {
         if !config.sources.iter().any(|src| src.name == s.source()) {
             anyhow::bail!(

@@ -61,6 +61,22 @@ pub struct DrillPlan {
     pub operator: String,
 }
 
+impl DrillPlan {
+    /// A logical drill of `source` onto `staging` with the default targets
+    /// ([`DEFAULT_RTO_TARGET`], [`DEFAULT_RPO`]), no endpoints and 2 restore jobs.
+    pub fn logical(source: &str, staging: &str, operator: &str) -> DrillPlan {
+        DrillPlan {
+            source: source.to_string(),
+            staging: staging.to_string(),
+            rto_target: DEFAULT_RTO_TARGET,
+            rpo: DEFAULT_RPO,
+            endpoints: Vec::new(),
+            jobs: 2,
+            operator: operator.to_string(),
+        }
+    }
+}
+
 /// One `[[drills]]` entry of the configuration.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -68,9 +84,11 @@ pub struct DrillConfig {
     pub source: String,
     /// `postgres://HOST[:PORT]/DATABASE` of the staging database (dropped and recreated).
     pub staging: String,
-    /// Cron expression of scheduled drills (default `0 3 1 * *`: monthly). Not run by `serve`
-    /// yet: `backstop drill` runs one.
+    /// Cron expression of the drills `serve` runs (default [`DEFAULT_SCHEDULE`], monthly);
+    /// `"off"`: none (`backstop drill` still runs one).
     pub schedule: Option<String>,
+    /// The IANA zone of `schedule` (default the schedules' default, America/New_York).
+    pub zone: Option<String>,
     /// URLs that must answer 2xx after the restore (default: the `[[health.endpoints]]` URLs).
     #[serde(default)]
     pub endpoints: Vec<String>,
@@ -86,8 +104,8 @@ pub struct DrillConfig {
 pub const DEFAULT_RTO_TARGET: Duration = Duration::from_secs(300);
 /// The default RPO: 24 hours (a daily backup).
 pub const DEFAULT_RPO: Duration = Duration::from_secs(86_400);
-/// The default drill schedule: 03:00 on the first of each month.
-pub const DEFAULT_SCHEDULE: &str = "0 3 1 * *";
+/// The default drill schedule: 03:00 on the first Sunday of each month (a weekend night).
+pub const DEFAULT_SCHEDULE: &str = "0 3 * * SUN#1";
 
 /// One phase's time.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -202,6 +220,32 @@ pub async fn run_drill(
     plan: &DrillPlan,
     verified: Option<&HashSet<Uuid>>,
 ) -> Result<DrillReport, OpsError> {
+    let start = DrillStart {
+        drill_id: backstop_events::uuid_v7(),
+        after: 0,
+        actor: Actor::operator(&plan.operator),
+    };
+    run_drill_as(dp, plan, verified, start).await
+}
+
+/// Which drill [`run_drill_as`] runs: its id, how many events its stream already holds (1
+/// after a `drill.requested`), and who records it.
+#[derive(Clone, Debug)]
+pub struct DrillStart {
+    pub drill_id: Uuid,
+    pub after: u64,
+    pub actor: Actor,
+}
+
+/// [`run_drill`] with a given id, appending `drill.started` at version `after` of its stream
+/// (so a second run of the same drill fails with a ledger conflict before it restores
+/// anything) and `drill.completed` right after it.
+pub async fn run_drill_as(
+    dp: &DataPath,
+    plan: &DrillPlan,
+    verified: Option<&HashSet<Uuid>>,
+    start: DrillStart,
+) -> Result<DrillReport, OpsError> {
     let production = dp
         .sources
         .iter()
@@ -224,9 +268,9 @@ pub async fn run_drill(
             redact(&plan.staging)
         )));
     }
-    let drill_id = backstop_events::uuid_v7();
+    let drill_id = start.drill_id;
     let started_at = backstop_events::now_micros();
-    let actor = Actor::operator(&plan.operator);
+    let actor = start.actor;
     let stream = streams::drill(drill_id);
 
     // Fetch: the newest verified logical backup, its manifest and dump report.
@@ -259,9 +303,11 @@ pub async fn run_drill(
     });
     let mut n = NewEvent::new(&stream, actor.clone(), &started);
     n.id = backstop_events::uuid_v7_derived(drill_id, started_at, "started");
-    dp.appender
-        .append(&stream, ExpectedVersion::NoStream, vec![n])
-        .await?;
+    let at = match start.after {
+        0 => ExpectedVersion::NoStream,
+        v => ExpectedVersion::Exact(v),
+    };
+    dp.appender.append(&stream, at, vec![n]).await?;
     tracing::info!(drill = %drill_id, source = %plan.source, backup = %backup_id, "drill started");
 
     let mut report = DrillReport {
@@ -367,7 +413,7 @@ pub async fn run_drill(
     let mut n = NewEvent::new(&stream, actor, &completed);
     n.id = backstop_events::uuid_v7_derived(drill_id, started_at, "completed");
     dp.appender
-        .append(&stream, ExpectedVersion::Exact(1), vec![n])
+        .append(&stream, ExpectedVersion::Exact(start.after + 1), vec![n])
         .await?;
     tracing::info!(drill = %drill_id, passed = report.passed, rto_ms = report.rto_ms, "drill completed");
     Ok(report)

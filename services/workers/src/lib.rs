@@ -12,6 +12,7 @@
 //! `backstop_ops::alerting`'s monitor in `backstop serve`; the notify handler delivers them.
 
 pub mod backup;
+pub mod drill;
 pub mod export;
 pub mod fault;
 pub mod notify;
@@ -46,6 +47,7 @@ pub const KINDS: &[&str] = &[
     retention::NAME,
     notify::NAME,
     replicate::NAME,
+    drill::NAME,
 ];
 
 /// What the data-path workers need; without it only the alert worker runs.
@@ -65,6 +67,8 @@ pub struct WorkerContext {
     pub notify: Option<notify::NotifySettings>,
     /// The opened `[[repository.replicas]]`; without them no replicate worker.
     pub replicas: Vec<backstop_ops::replicate::Replica>,
+    /// The `[[drills]]` plans and the verified backups; without them no drill worker.
+    pub drills: Option<drill::DrillSettings>,
 }
 
 /// The handlers to run, all of them or the named ones. A worker named explicitly whose
@@ -155,6 +159,16 @@ pub fn handlers(only: &[String], ctx: WorkerContext) -> Result<Vec<Arc<dyn Handl
         })),
         (_, _, true) if !only.is_empty() => {
             return Err("the replicate worker needs a repository, its master key and [[repository.replicas]]".into());
+        }
+        _ => {}
+    }
+    match (&ctx.data_path, &ctx.drills, wanted(drill::NAME)) {
+        (Some(dp), Some(settings), true) => all.push(Arc::new(drill::DrillWorker {
+            data_path: dp.clone(),
+            settings: settings.clone(),
+        })),
+        (_, _, true) if !only.is_empty() => {
+            return Err("the drill worker needs a repository, its master key, [[drills]] and the ledger (it runs in `serve`)".into());
         }
         _ => {}
     }

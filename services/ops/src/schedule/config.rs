@@ -77,6 +77,9 @@ pub enum JobKind {
     #[default]
     Backup,
     Export,
+    /// A DR drill of the source: built from a `[[drills]]` entry ([`Schedule::drill`]), not
+    /// written in `[[schedules]]`.
+    Drill,
 }
 
 fn default_cron() -> String {
@@ -405,6 +408,14 @@ impl Schedule {
                 why: "trading hours limit backups; an export schedule has none (remove `[schedules.trading_hours]`)".into(),
             });
         }
+        if config.job == JobKind::Drill
+            && (!config.tables.is_empty() || config.trading_hours.is_some())
+        {
+            return Err(ScheduleError::Config {
+                schedule: name,
+                why: "a drill schedule takes neither `tables` nor trading hours".into(),
+            });
+        }
         let window = match &config.trading_hours {
             None => None,
             Some(t) => Some(parse_window(&name, t)?),
@@ -419,6 +430,24 @@ impl Schedule {
         // rather than leaving a schedule that silently does nothing.
         schedule.next_after(Utc::now())?;
         Ok(schedule)
+    }
+
+    /// The schedule of a `[[drills]]` entry: named `drill-<source>` (its stream
+    /// `schedule-drill-<source>`), firing `cron` in `zone` with the default grace; each slot
+    /// requests one drill of `source`.
+    pub fn drill(source: &str, cron: &str, zone: &str) -> Result<Schedule, ScheduleError> {
+        Schedule::new(ScheduleConfig {
+            name: format!("drill-{source}"),
+            source: source.to_string(),
+            cron: cron.to_string(),
+            zone: zone.to_string(),
+            kind: KindRule::Fixed(BackupKind::Full),
+            method: BackupMethod::Logical,
+            grace: DEFAULT_GRACE,
+            trading_hours: None,
+            job: JobKind::Drill,
+            tables: Vec::new(),
+        })
     }
 
     /// Validates every entry, refusing two schedules with the same name (they would share one
@@ -455,6 +484,7 @@ impl Schedule {
             JobKind::Export => backstop_events::ScheduledJob::Export {
                 tables: self.config.tables.clone(),
             },
+            JobKind::Drill => backstop_events::ScheduledJob::Drill,
         }
     }
     pub fn grace(&self) -> ConfigDuration {

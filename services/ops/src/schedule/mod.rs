@@ -5,6 +5,8 @@
 //!   trading-hours [`Limits`]; [`Schedule::next_firings`] for `backstop schedule list`.
 //! - [`slot`]: the pure decision of which slot is due ([`plan`]): on time, late within the
 //!   grace (once), or skipped (never a burst of catch-ups).
+//! - A `[[drills]]` entry is a schedule too ([`Schedule::drill`], job `drill`): its slots
+//!   request `drill.requested`, which the drill worker runs.
 //! - [`scheduler`]: the claim through the ledger (`schedule.fired` with an expected version on
 //!   `schedule-<name>`), the `backup.requested` that follows, healing of a claim left without its
 //!   request, and the [`run`] loop.
@@ -30,7 +32,8 @@ pub use config::{
 };
 pub use duration::ConfigDuration;
 pub use scheduler::{
-    Fired, RecordedFiring, ScheduleLog, StreamState, Tick, backup_id_for, request_for, run, tick,
+    Fired, RecordedFiring, ScheduleLog, StreamState, Tick, backup_id_for, drill_id_for,
+    request_for, run, tick,
 };
 pub use slot::{DueSlot, ON_TIME, Plan, Skipped, plan};
 

@@ -11,7 +11,8 @@
 //!    other field from the claim (its id as correlation and causation, its time as occurred-at).
 //!    Anyone can therefore rebuild the identical event from the claim alone, and the ledger's
 //!    idempotency by event id stores it once. An export schedule (`job = "export"`, recorded in
-//!    the claim) requests `export.requested` on `export-<export_id>` the same way.
+//!    the claim) requests `export.requested` on `export-<export_id>` the same way, and a drill
+//!    schedule (`[[drills]]`, job `drill`) `drill.requested` on `drill-<drill_id>`.
 //!
 //! A crash between the two appends is healed by whoever reads the stream next (the same
 //! scheduler after a restart, or another one at its next look, and at once by a scheduler that
@@ -24,8 +25,8 @@
 
 use async_trait::async_trait;
 use backstop_events::{
-    Actor, BackupMethod, BackupRequested, Event, ExportRequested, NewEvent, ScheduleFired,
-    ScheduledJob, Trigger, streams, uuid_v7_derived,
+    Actor, BackupMethod, BackupRequested, DrillRequested, Event, ExportRequested, NewEvent,
+    ScheduleFired, ScheduledJob, Trigger, streams, uuid_v7_derived,
 };
 use backstop_ledger::{Appender, ExpectedVersion, Ledger, LedgerError};
 use chrono::{DateTime, SubsecRound, TimeDelta, Utc};
@@ -167,6 +168,15 @@ pub fn export_id_for(schedule: &str, slot: DateTime<Utc>) -> Uuid {
     )
 }
 
+/// The drill id a drill schedule's slot requests (`[[drills]]`): the same for every scheduler.
+pub fn drill_id_for(schedule: &str, slot: DateTime<Utc>) -> Uuid {
+    uuid_v7_derived(
+        Uuid::nil(),
+        slot,
+        &format!("schedule:{schedule}:{}:drill", slot.to_rfc3339()),
+    )
+}
+
 /// The request a recorded claim stands for (`backup.requested`, or `export.requested` for an
 /// export schedule), identical whoever builds it, with the id of the backup or export.
 pub fn request_for(claim: &RecordedFiring) -> (Uuid, NewEvent) {
@@ -210,6 +220,15 @@ pub fn request_for(claim: &RecordedFiring) -> (Uuid, NewEvent) {
                 event,
                 "export.requested",
             )
+        }
+        ScheduledJob::Drill => {
+            let drill_id = drill_id_for(&f.schedule, f.slot);
+            let event = Event::DrillRequested(DrillRequested {
+                drill_id,
+                source: f.source.clone(),
+                trigger,
+            });
+            (drill_id, streams::drill(drill_id), event, "drill.requested")
         }
     };
     let mut e = NewEvent::new(stream, Actor::worker(SCHEDULER_ACTOR), &event);
