@@ -57,6 +57,10 @@ pub fn wal(timeline: u32) -> String {
 pub fn drill(id: Uuid) -> String {
     format!("drill-{id}")
 }
+/// An offline copy's start and end (`copy.started`, `copy.completed`, `copy.failed`).
+pub fn copy(id: Uuid) -> String {
+    format!("copy-{id}")
+}
 pub fn workers() -> String {
     "workers".to_string()
 }

@@ -113,8 +113,6 @@ pub enum ScheduledJob {
     Backup,
     /// `export.requested` for these tables of the schedule's source (empty: all).
     Export { tables: Vec<String> },
-    /// `drill.requested`: a DR drill of the schedule's source (a `[[drills]]` entry's schedule).
-    Drill,
 }
 
 impl ScheduledJob {
@@ -501,6 +499,25 @@ vocabulary! {
     /// the replica does not; 0 when up to date. `region` is the replica's name.
     ReplicationLagMeasured = "replication.lag_measured" v 1 { region: String, lag_seconds: u64 }
 
+    /// An offline copy (`backstop copy --to DIR|s3://...`; backstop_ops::copy) began, on the
+    /// stream `copy-<copy_id>`: the repository copied (`from`), the destination (`to`) and the
+    /// backups chosen.
+    CopyStarted = "copy.started" v 1 {
+        copy_id: Uuid, from: String, to: String, backups: Vec<Uuid>,
+    }
+    /// Every object of the copy is at the destination and was read back with the primary's
+    /// SHA3-256, and its description (`copies/<copy_id>`) is written: `objects` and `bytes` the
+    /// whole copy, `copied` and `copied_bytes` what this run wrote (the rest was there already),
+    /// `repaired` objects found different at the destination and rewritten.
+    CopyCompleted = "copy.completed" v 1 {
+        copy_id: Uuid, from: String, to: String, backups: Vec<Uuid>,
+        objects: u64, bytes: u64, copied: u64, copied_bytes: u64, repaired: u64,
+        description: String, duration_ms: u64,
+    }
+    /// An offline copy stopped: `reason` says why (the destination holds another repository,
+    /// an object read back wrong, a store unreachable). No description is written for it.
+    CopyFailed = "copy.failed" v 1 { copy_id: Uuid, from: String, to: String, reason: String }
+
     WalArchived = "wal.archived" v 1 {
         timeline: u32, segment: String, sha3: String, bytes: u64, object: String,
     }
@@ -614,12 +631,6 @@ vocabulary! {
         #[serde(default)] summary: Value,
     }
 
-    /// A scheduled DR drill is due (serve's `[[drills]]` schedule), first on `drill-<id>`; the
-    /// drill worker runs it, and its `drill.started` follows on the same stream. The id derives
-    /// from the schedule and the slot, so a slot requests one drill whoever fires it.
-    DrillRequested = "drill.requested" v 1 {
-        drill_id: Uuid, source: String, trigger: Trigger,
-    }
     /// A DR drill began (`backstop drill`, or serve's drill schedule): the backup it restores
     /// (nil when none could be chosen; the drill then completes failed) to the staging target
     /// (its password redacted).

@@ -10,6 +10,7 @@ mod catalog_cmd;
 mod check_cmd;
 mod config;
 mod control;
+mod copy_cmd;
 mod cost_cmd;
 mod drill_cmd;
 mod export_cmd;
@@ -120,6 +121,9 @@ enum Command {
     },
     /// Copy backups to the configured replicas ([[repository.replicas]]), verified by SHA3-256.
     Replicate(replica_cmd::ReplicateArgs),
+    /// An offline copy (a directory or s3://BUCKET/PREFIX) of the backups, restorable with the
+    /// master key alone; every object read back and compared by SHA3-256.
+    Copy(Box<copy_cmd::CopyArgs>),
     /// Export tables as JSON Lines (sealed with the export key); `export get`, `export list`.
     Export(Box<export_cmd::ExportArgs>),
     /// A DR drill: the newest verified backup restored to a staging database, timed phase by
@@ -269,5 +273,6 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             ..
         } => check_cmd::check(&config, &data_dir, repo, read_data, subset, json).await,
         Command::Replicate(args) => replica_cmd::replicate(&config, &data_dir, args).await,
+        Command::Copy(args) => copy_cmd::run(&config, &data_dir, *args).await,
     }
 }

@@ -109,6 +109,22 @@ pub struct CopyReport {
     /// Objects copied this time (and read back intact), and their bytes.
     pub copied: u64,
     pub bytes: u64,
+    /// Of those, objects that were there with the right size but another SHA3-256, rewritten
+    /// (only when present objects are verified: [`copy_objects`]).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub repaired: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// An object as the destination holds it once it was read back: its size and SHA3-256.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Held {
+    pub key: String,
+    pub size: u64,
+    pub sha3: Hash32,
 }
 
 /// The objects backup `backup_id` needs, in copy order: `config`, `keys/`, its chunks, its
@@ -172,8 +188,12 @@ async fn read_primary(primary: &dyn Backend, n: &Needed) -> Result<Bytes, Replic
     Ok(data)
 }
 
-/// Writes `data` to the replica, reads it back and compares SHA3-256 on both sides.
-async fn write_verified(replica: &Replica, key: &str, data: Bytes) -> Result<(), ReplicateError> {
+/// Writes `data` to the replica, reads it back and compares SHA3-256 on both sides; the hash.
+async fn write_verified(
+    replica: &Replica,
+    key: &str,
+    data: Bytes,
+) -> Result<Hash32, ReplicateError> {
     let expected = sha3(&data);
     replica.backend.put(key, data).await?;
     let back = replica.backend.get(key).await?;
@@ -186,7 +206,67 @@ async fn write_verified(replica: &Replica, key: &str, data: Bytes) -> Result<(),
             actual: actual.to_hex(),
         });
     }
-    Ok(())
+    Ok(expected)
+}
+
+/// What [`place`] did with one object.
+struct Placed {
+    held: Held,
+    written: bool,
+    repaired: bool,
+}
+
+/// Puts one object at the replica: copies it (`there` false), or reads the replica's copy and
+/// compares it with the primary's SHA3-256 (the manifest's for a chunk, else the primary's
+/// object read), rewriting it when it differs.
+async fn place(
+    src: &dyn Backend,
+    replica: &Replica,
+    n: Needed,
+    there: bool,
+) -> Result<Placed, ReplicateError> {
+    let mut repaired = false;
+    let data = if there {
+        let back = replica.backend.get(&n.key).await?;
+        let actual = sha3(&back);
+        let (expected, from_primary) = match n.expected {
+            Some(h) => (h, None),
+            None => {
+                let p = read_primary(src, &n).await?;
+                (sha3(&p), Some(p))
+            }
+        };
+        if actual == expected {
+            return Ok(Placed {
+                held: Held {
+                    key: n.key,
+                    size: back.len() as u64,
+                    sha3: actual,
+                },
+                written: false,
+                repaired: false,
+            });
+        }
+        warn!(key = %n.key, replica = %replica.name, "the copy differs from the primary: rewritten");
+        repaired = true;
+        match from_primary {
+            Some(p) => p,
+            None => read_primary(src, &n).await?,
+        }
+    } else {
+        read_primary(src, &n).await?
+    };
+    let size = data.len() as u64;
+    let hash = write_verified(replica, &n.key, data).await?;
+    Ok(Placed {
+        held: Held {
+            key: n.key,
+            size,
+            sha3: hash,
+        },
+        written: true,
+        repaired,
+    })
 }
 
 /// Copies the objects of `needed` the replica lacks (absent, or of another size), in order,
@@ -196,6 +276,19 @@ pub async fn copy_missing(
     replica: &Replica,
     needed: &[Needed],
 ) -> Result<CopyReport, ReplicateError> {
+    Ok(copy_objects(primary, replica, needed, false).await?.0)
+}
+
+/// [`copy_missing`], and with `verify_present` every object the replica already has with the
+/// right size is read back as well and compared with the primary's SHA3-256 (a chunk's with its
+/// manifest's), one that differs being rewritten (`repaired`). Returns what the replica holds of
+/// `needed` once done (with `verify_present`: every object, in key order; else those copied).
+pub async fn copy_objects(
+    primary: &Repository,
+    replica: &Replica,
+    needed: &[Needed],
+    verify_present: bool,
+) -> Result<(CopyReport, Vec<Held>), ReplicateError> {
     let present: HashMap<String, u64> = replica
         .backend
         .list("")
@@ -218,38 +311,42 @@ pub async fn copy_missing(
             .sum(),
         ..Default::default()
     };
-    let todo: Vec<&Needed> = needed
+    // Owned values (the object and whether the replica has it with the right size): borrowed
+    // ones in the futures make the caller's future not `Send` for every lifetime (the workers
+    // need `Send`).
+    let todo: Vec<(Needed, bool)> = needed
         .iter()
-        .filter(|n| {
-            !present.contains_key(&n.key) || present.get(&n.key) != primary_sizes.get(&n.key)
+        .filter_map(|n| {
+            let there =
+                present.contains_key(&n.key) && present.get(&n.key) == primary_sizes.get(&n.key);
+            (!there || verify_present).then(|| (n.clone(), there))
         })
         .collect();
     // Manifests after everything else (the order of `needed`), so copy in two waves.
-    let (manifests, rest): (Vec<&Needed>, Vec<&Needed>) = todo
+    let (manifests, rest): (Vec<_>, Vec<_>) = todo
         .into_iter()
-        .partition(|n| n.key.starts_with("manifests/"));
-    // Owned values in the futures: borrowed ones make the caller's future not `Send` for every
-    // lifetime (the workers need `Send`).
+        .partition(|(n, _)| n.key.starts_with("manifests/"));
+    let mut held = Vec::new();
     for wave in [rest, manifests] {
-        let wave: Vec<Needed> = wave.into_iter().cloned().collect();
         let mut results = futures::stream::iter(wave)
-            .map(|n| {
+            .map(|(n, there)| {
                 let src = primary.backend().clone();
                 let replica = replica.clone();
-                async move {
-                    let data = read_primary(src.as_ref(), &n).await?;
-                    let len = data.len() as u64;
-                    write_verified(&replica, &n.key, data).await?;
-                    Ok::<u64, ReplicateError>(len)
-                }
+                async move { place(src.as_ref(), &replica, n, there).await }
             })
             .buffer_unordered(CONCURRENCY);
         while let Some(r) = results.next().await {
-            report.bytes += r?;
-            report.copied += 1;
+            let placed = r?;
+            if placed.written {
+                report.copied += 1;
+                report.bytes += placed.held.size;
+            }
+            report.repaired += u64::from(placed.repaired);
+            held.push(placed.held);
         }
     }
-    Ok(report)
+    held.sort_by(|a, b| a.key.cmp(&b.key));
+    Ok((report, held))
 }
 
 /// Who records, and where the events go.

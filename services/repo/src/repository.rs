@@ -492,6 +492,21 @@ impl Repository {
         .await
     }
 
+    /// As [`put_blob`](Self::put_blob), but stores the sealed object in `backend`: a copy of
+    /// this repository (same `config`, so the same repository id, which the seal binds), such
+    /// as an offline copy's description. Read back and checked like any blob.
+    pub async fn put_blob_in(
+        &self,
+        backend: &dyn Backend,
+        path: &str,
+        purpose: KeyPurpose,
+        data: Bytes,
+    ) -> Result<StoredObject> {
+        crate::backend::validate_key(path)?;
+        let key = self.key_for(purpose).await?;
+        store_blob(backend, self.id(), path, key, self.brotli(), data).await
+    }
+
     /// Reads a blob written by [`put_blob`](Self::put_blob), checking its SHA3-256 when given.
     pub async fn get_blob(&self, path: &str, expected_sha3: Option<Hash32>) -> Result<Bytes> {
         let obj = self.inner.backend.get(path).await?;
