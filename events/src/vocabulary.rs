@@ -113,6 +113,8 @@ pub enum ScheduledJob {
     Backup,
     /// `export.requested` for these tables of the schedule's source (empty: all).
     Export { tables: Vec<String> },
+    /// `drill.requested`: a DR drill of the schedule's source (a `[[drills]]` entry's schedule).
+    Drill,
 }
 
 impl ScheduledJob {
@@ -631,6 +633,12 @@ vocabulary! {
         #[serde(default)] summary: Value,
     }
 
+    /// A scheduled DR drill is due (serve's `[[drills]]` schedule), first on `drill-<id>`; the
+    /// drill worker runs it, and its `drill.started` follows on the same stream. The id derives
+    /// from the schedule and the slot, so a slot requests one drill whoever fires it.
+    DrillRequested = "drill.requested" v 1 {
+        drill_id: Uuid, source: String, trigger: Trigger,
+    }
     /// A DR drill began (`backstop drill`, or serve's drill schedule): the backup it restores
     /// (nil when none could be chosen; the drill then completes failed) to the staging target
     /// (its password redacted).

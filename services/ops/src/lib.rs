@@ -36,6 +36,7 @@
 //! - [`report`]: the weekly summary;
 //! - [`archiver`]: each source's `pg_stat_archiver`, probed for the WAL alert;
 //! - [`drill`]: DR drills (a restore to staging, timed, checked and reported).
+//! - [`drill_request`]: the drills serve's `[[drills]]` schedules request, run once per slot.
 
 pub mod alerting;
 pub mod archiver;
@@ -45,6 +46,7 @@ pub mod context;
 pub mod copy;
 pub mod cost;
 pub mod drill;
+pub mod drill_request;
 pub mod error;
 pub mod export;
 pub mod export_lifecycle;
