@@ -28,6 +28,8 @@
 //! - [`ledger_mirror`]: the ledger mirrored into the repository as sealed segments, and rebuilt
 //!   from them (`ledger restore`);
 //! - [`replicate`]: replicas (copies of the repository elsewhere), their comparison and lag;
+//! - [`copy`]: offline copies (a repository of their own, for media taken offline), and their
+//!   check against the copy's description;
 //! - [`rotation`]: key rotation (every 90 days by default), re-encryption and retirement;
 //! - [`schedule`], [`retention`]: when backups run, and which are kept;
 //! - [`forget`]: retention carried out (decisions recorded, backups deleted) and the prune;
