@@ -102,6 +102,8 @@ pub async fn run(args: BenchDrillArgs) -> anyhow::Result<()> {
         endpoints: Vec::new(),
         jobs: args.jobs,
         operator: "bench".into(),
+        method: backstop_ops::drill::DrillMethod::Logical,
+        physical: None,
     };
     let mut runs: Vec<DrillReport> = Vec::new();
     for i in 0..args.runs.max(1) {

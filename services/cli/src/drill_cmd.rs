@@ -9,14 +9,17 @@ use std::time::Duration;
 
 use anyhow::Context;
 use backstop_ops::DataPath;
-use backstop_ops::drill::{self, DrillPlan};
+use backstop_ops::drill::{self, DrillMethod, DrillPlan, PhysicalStaging};
 use backstop_ops::drill_request::write_reports;
 use backstop_ops::schedule::config::DEFAULT_ZONE;
 use backstop_ops::schedule::{ConfigDuration, Schedule};
 use clap::Args;
 
 use crate::config::Config;
-use crate::wiring::{Events, RepoArgs, open_repository, operator, source_specs, verified_backups};
+use crate::wiring::{
+    Events, RepoArgs, open_repository, operator, physical_verify_settings, source_specs,
+    verified_backups,
+};
 
 #[derive(Args, Default)]
 pub struct DrillArgs {
@@ -25,10 +28,24 @@ pub struct DrillArgs {
     /// The source to drill (a configured PostgreSQL source).
     #[arg(long)]
     pub source: String,
-    /// The staging database (postgres://HOST[:PORT]/DATABASE; dropped and recreated). Default:
-    /// the `[[drills]]` entry of the source.
+    /// The staging database of a logical drill (postgres://HOST[:PORT]/DATABASE; dropped and
+    /// recreated). Default: the `[[drills]]` entry of the source.
     #[arg(long)]
     pub staging: Option<String>,
+    /// physical (the newest verified base backup plus WAL replayed to the latest archived
+    /// point), logical, or auto: physical where the source archives WAL and has a verified base
+    /// backup, logical otherwise. Default the `[[drills]]` entry's, else auto.
+    #[arg(long)]
+    pub method: Option<DrillMethod>,
+    /// A physical drill's staging data directory (absent or empty; kept, with the server
+    /// stopped, afterwards). Default the `[[drills]]` entry's, else a temporary directory
+    /// removed afterwards.
+    #[arg(long)]
+    pub staging_dir: Option<PathBuf>,
+    /// The loopback port a physical drill's staging server listens on while the checks run
+    /// (the restored cluster's own passwords apply). Default a free port.
+    #[arg(long)]
+    pub staging_port: Option<u16>,
     /// The RTO target (e.g. 5m, 2h); default the `[[drills]]` entry's, else 5m.
     #[arg(long)]
     pub rto_target: Option<ConfigDuration>,
@@ -54,16 +71,20 @@ pub struct DrillArgs {
 /// entry, else the defaults (endpoints: the `[[health.endpoints]]` URLs).
 fn plan_of(config: &Config, args: &DrillArgs) -> anyhow::Result<DrillPlan> {
     let entry = config.drills.iter().find(|d| d.source == args.source);
+    let method = args
+        .method
+        .or(entry.and_then(|e| e.method))
+        .unwrap_or_default();
     let staging = args
         .staging
         .clone()
-        .or_else(|| entry.map(|e| e.staging.clone()))
-        .with_context(|| {
-            format!(
-                "say where the drill restores: --staging postgres://HOST/DB, or a [[drills]] entry with source = {:?} and staging",
-                args.source
-            )
-        })?;
+        .or_else(|| entry.map(|e| e.staging.clone()).filter(|s| !s.is_empty()));
+    if staging.is_none() && method != DrillMethod::Physical {
+        anyhow::bail!(
+            "say where the drill restores: --staging postgres://HOST/DB (or a [[drills]] entry with source = {:?} and staging), or --method physical for a throwaway server on a staging data directory",
+            args.source
+        );
+    }
     let secs = |d: Option<ConfigDuration>| d.map(|d| Duration::from_secs(d.as_secs()));
     let rto_target = secs(args.rto_target)
         .or_else(|| secs(entry.and_then(|e| e.rto_target)))
@@ -85,13 +106,31 @@ fn plan_of(config: &Config, args: &DrillArgs) -> anyhow::Result<DrillPlan> {
     };
     Ok(DrillPlan {
         source: args.source.clone(),
-        staging,
+        staging: staging.unwrap_or_default(),
         rto_target,
         rpo,
         endpoints,
         jobs: args.jobs.or(entry.and_then(|e| e.jobs)).unwrap_or(2),
         operator: operator(),
+        method,
+        // Set by the caller that can start a server (physical_staging).
+        physical: None,
     })
+}
+
+/// How a physical drill of `args` makes its staging server: the verify worker's settings
+/// (`wal-fetch` through this binary, the postgres programs found as it finds them), and the
+/// directory and port of the flags, else of the source's `[[drills]]` entry.
+pub fn physical_staging(config: &Config, data_dir: &Path, args: &DrillArgs) -> PhysicalStaging {
+    let entry = config.drills.iter().find(|d| d.source == args.source);
+    PhysicalStaging {
+        settings: physical_verify_settings(config, data_dir, &args.repo),
+        dir: args
+            .staging_dir
+            .clone()
+            .or_else(|| entry.and_then(|e| e.staging_dir.clone())),
+        port: args.staging_port.or(entry.and_then(|e| e.staging_port)),
+    }
 }
 
 /// The plan of every `[[drills]]` entry, as `serve`'s drill worker runs them.
@@ -129,7 +168,8 @@ pub fn drill_schedules(config: &Config) -> anyhow::Result<Vec<Schedule>> {
 }
 
 pub async fn run(config: &Config, data_dir: &Path, args: DrillArgs) -> anyhow::Result<ExitCode> {
-    let plan = plan_of(config, &args)?;
+    let mut plan = plan_of(config, &args)?;
+    plan.physical = Some(physical_staging(config, data_dir, &args));
     let mut events = Events::open(config, data_dir).await?;
     let repo = open_repository(config, data_dir, &args.repo, &mut events).await?;
     let verified = if args.allow_unverified {

@@ -15,12 +15,15 @@
 //!   drill proves the path an operator would use, and records it as a recovery like any other.
 //! - The staging database is scratch: it is dropped and created anew before each drill. A drill
 //!   refuses a staging URL that is the source's own database.
+//! - The method ([`DrillMethod`], in the plan) is chosen before `drill.started`, which names it:
+//!   physical drills (base backup plus WAL replayed on a throwaway server) are in [`physical`].
 //!
 //! Phases (milliseconds, each measured with a monotonic clock):
 //! - `fetch`: finding the newest verified backup and reading its manifest and dump report;
 //! - `restore`: the logical restore into staging (the chunks are fetched, decrypted and `COPY`d
-//!   as they stream, so fetching the data is inside this phase);
-//! - `replay`: WAL replay. Always 0 for a logical drill; physical drills are not built yet;
+//!   as they stream, so fetching the data is inside this phase), or laying out the base backup;
+//! - `replay`: WAL replay. Always 0 for a logical drill; for a physical one, from the staging
+//!   server's start to the end of its recovery;
 //! - `checks`: the endpoints and the row counts.
 //!
 //! The measured RTO is the sum of the phases. The row-count rule ([`compare_rows`]) is stated
@@ -44,6 +47,9 @@ use crate::context::{DataPath, SourceKind};
 use crate::error::OpsError;
 use crate::restore::{self, Recovery};
 
+pub mod physical;
+pub use physical::{DrillMethod, PhysicalStaging, compare_rows_physical};
+
 /// What a drill does: which source, where it restores, and what it must meet.
 #[derive(Clone, Debug)]
 pub struct DrillPlan {
@@ -59,6 +65,11 @@ pub struct DrillPlan {
     /// Parallel COPY connections of the restore.
     pub jobs: usize,
     pub operator: String,
+    /// Which restore to rehearse (auto: physical where it can, see [`physical`]).
+    pub method: DrillMethod,
+    /// How a physical drill's staging server is made; `None`: no physical drills (auto drills
+    /// logically, physical is refused).
+    pub physical: Option<PhysicalStaging>,
 }
 
 impl DrillPlan {
@@ -73,6 +84,8 @@ impl DrillPlan {
             endpoints: Vec::new(),
             jobs: 2,
             operator: operator.to_string(),
+            method: DrillMethod::Logical,
+            physical: None,
         }
     }
 }
@@ -83,6 +96,8 @@ impl DrillPlan {
 pub struct DrillConfig {
     pub source: String,
     /// `postgres://HOST[:PORT]/DATABASE` of the staging database (dropped and recreated).
+    /// Needed by logical drills; a physical drill's staging is a data directory.
+    #[serde(default)]
     pub staging: String,
     /// Cron expression of the drills `serve` runs (default [`DEFAULT_SCHEDULE`], monthly);
     /// `"off"`: none (`backstop drill` still runs one).
@@ -98,6 +113,14 @@ pub struct DrillConfig {
     pub rpo: Option<crate::schedule::ConfigDuration>,
     /// Parallel COPY connections of the restore (default 2).
     pub jobs: Option<usize>,
+    /// `physical`, `logical` or `auto` (default: physical where the source archives WAL and
+    /// has a verified base backup, logical otherwise).
+    pub method: Option<DrillMethod>,
+    /// The data directory of a physical drill's staging server (absent or empty; kept,
+    /// stopped, afterwards). Default a temporary directory, removed afterwards.
+    pub staging_dir: Option<std::path::PathBuf>,
+    /// The loopback port of a physical drill's staging server (default a free one).
+    pub staging_port: Option<u16>,
 }
 
 /// The default RTO target: 5 minutes (seed 001).
@@ -261,45 +284,72 @@ pub async fn run_drill_as(
             )));
         }
     };
-    let (staging_server, staging_db) = split_database(&plan.staging)?;
-    if same_database(&production, &plan.staging) {
-        return Err(OpsError::Invalid(format!(
-            "the staging target {} is the source's own database; a drill drops and recreates its staging database, so name a database on another server (or another database)",
-            redact(&plan.staging)
-        )));
-    }
+    // The method, chosen before anything is recorded; a logical drill's staging URL and a
+    // physical drill's staging directory are checked now.
+    let clock = Instant::now();
+    let fetched = match physical::choose(dp, plan, verified).await? {
+        physical::Choice::Physical(backup) => {
+            let staging = plan.physical.as_ref().ok_or_else(|| {
+                OpsError::Invalid("a physical drill needs its staging settings".into())
+            })?;
+            Fetched::Physical(*backup, staging, physical::Layout::prepare(staging)?)
+        }
+        physical::Choice::Logical => {
+            if plan.staging.is_empty() {
+                return Err(OpsError::Invalid(format!(
+                    "a logical drill of `{}` restores into a staging database: name one (postgres://HOST[:PORT]/DATABASE)",
+                    plan.source
+                )));
+            }
+            let (staging_server, staging_db) = split_database(&plan.staging)?;
+            if same_database(&production, &plan.staging) {
+                return Err(OpsError::Invalid(format!(
+                    "the staging target {} is the source's own database; a drill drops and recreates its staging database, so name a database on another server (or another database)",
+                    redact(&plan.staging)
+                )));
+            }
+            // Fetch: the newest verified logical backup, its manifest and dump report.
+            let chosen = catalog::resolve_backup(
+                &dp.repo,
+                "latest",
+                &Selector {
+                    source: Some(&plan.source),
+                    method: Some(BackupMethod::Logical),
+                    verified,
+                },
+            )
+            .await
+            .and_then(|r| {
+                let dump = catalog::dump_report(&r.manifest)?;
+                Ok((r.manifest, dump))
+            });
+            Fetched::Logical(chosen, staging_server, staging_db)
+        }
+    };
+    let fetch_ms = ms(clock.elapsed());
     let drill_id = start.drill_id;
     let started_at = backstop_events::now_micros();
     let actor = start.actor;
     let stream = streams::drill(drill_id);
-
-    // Fetch: the newest verified logical backup, its manifest and dump report.
-    let clock = Instant::now();
-    let chosen = catalog::resolve_backup(
-        &dp.repo,
-        "latest",
-        &Selector {
-            source: Some(&plan.source),
-            method: Some(BackupMethod::Logical),
-            verified,
-        },
-    )
-    .await
-    .and_then(|r| {
-        let dump = catalog::dump_report(&r.manifest)?;
-        Ok((r.manifest, dump))
-    });
-    let fetch_ms = ms(clock.elapsed());
-    let backup_id = chosen
-        .as_ref()
-        .map(|(m, _)| m.backup_id)
-        .unwrap_or(Uuid::nil());
+    let (method, target, backup_id) = match &fetched {
+        Fetched::Logical(chosen, ..) => (
+            "logical",
+            redact(&plan.staging),
+            chosen.as_ref().map(|(m, _)| m.backup_id),
+        ),
+        Fetched::Physical(chosen, _, layout) => (
+            "physical",
+            layout.describe(),
+            chosen.as_ref().map(|b| b.manifest.backup_id),
+        ),
+    };
+    let backup_id = backup_id.unwrap_or(Uuid::nil());
     let started = Event::DrillStarted(DrillStarted {
         drill_id,
         backup_id,
-        target: redact(&plan.staging),
+        target: target.clone(),
         source: plan.source.clone(),
-        method: "logical".into(),
+        method: method.into(),
     });
     let mut n = NewEvent::new(&stream, actor.clone(), &started);
     n.id = backstop_events::uuid_v7_derived(drill_id, started_at, "started");
@@ -308,14 +358,14 @@ pub async fn run_drill_as(
         v => ExpectedVersion::Exact(v),
     };
     dp.appender.append(&stream, at, vec![n]).await?;
-    tracing::info!(drill = %drill_id, source = %plan.source, backup = %backup_id, "drill started");
+    tracing::info!(drill = %drill_id, source = %plan.source, backup = %backup_id, method, "drill started");
 
     let mut report = DrillReport {
         format: 1,
         drill_id,
         source: plan.source.clone(),
-        staging: redact(&plan.staging),
-        method: "logical".into(),
+        staging: target,
+        method: method.into(),
         backup_id,
         snapshot_at: None,
         started_at,
@@ -336,9 +386,24 @@ pub async fn run_drill_as(
     };
     let mut failures: Vec<String> = Vec::new();
 
-    match chosen {
-        Err(e) => failures.push(format!("no backup to restore: {}", e.chain())),
-        Ok((manifest, dump)) => {
+    match fetched {
+        Fetched::Logical(Err(e), ..) | Fetched::Physical(Err(e), ..) => {
+            failures.push(format!("no backup to restore: {}", e.chain()))
+        }
+        Fetched::Physical(Ok(backup), staging, layout) => {
+            physical::execute(
+                dp,
+                plan,
+                staging,
+                &layout,
+                backup,
+                &production,
+                &mut report,
+                &mut failures,
+            )
+            .await
+        }
+        Fetched::Logical(Ok((manifest, dump)), staging_server, staging_db) => {
             report.snapshot_at = Some(dump.started_at);
             let age = (started_at - dump.started_at).num_milliseconds().max(0) as u64;
             report.data_age_ms = Some(age);
@@ -358,9 +423,6 @@ pub async fn run_drill_as(
                 Ok(restored) => {
                     let clock = Instant::now();
                     report.endpoints = check_endpoints(&plan.endpoints).await;
-                    for e in report.endpoints.iter().filter(|e| !e.ok) {
-                        failures.push(format!("endpoint {} {}", e.url, e.detail));
-                    }
                     let snapshot: Vec<(String, u64)> = dump
                         .tables
                         .iter()
@@ -369,16 +431,7 @@ pub async fn run_drill_as(
                         .collect();
                     let production_counts = count_rows(&production, &snapshot).await;
                     report.rows = compare_rows(&snapshot, &restored, &production_counts);
-                    for r in report.rows.iter().filter(|r| !r.ok) {
-                        failures.push(format!("table {}: {}", r.table, r.detail));
-                    }
-                    if age > ms(plan.rpo) {
-                        failures.push(format!(
-                            "the newest verified backup is {} old, beyond the RPO of {}",
-                            human_ms(age),
-                            human_ms(ms(plan.rpo))
-                        ));
-                    }
+                    judge_checks(&report, &mut failures);
                     report.phases.push(Phase {
                         name: "checks".into(),
                         ms: ms(clock.elapsed()),
@@ -417,6 +470,41 @@ pub async fn run_drill_as(
         .await?;
     tracing::info!(drill = %drill_id, passed = report.passed, rto_ms = report.rto_ms, "drill completed");
     Ok(report)
+}
+
+/// What a drill found to restore, with where it restores it.
+enum Fetched<'a> {
+    /// The backup and its dump report; the staging server's URL and the database.
+    Logical(
+        Result<(Manifest, backstop_sources::pg::logical::DumpReport), OpsError>,
+        String,
+        String,
+    ),
+    Physical(
+        Result<catalog::PhysicalBackup, OpsError>,
+        &'a PhysicalStaging,
+        physical::Layout,
+    ),
+}
+
+/// The checks' failures, once they ran: endpoints that did not answer, tables whose counts
+/// break the row rule, a backup older than the RPO.
+fn judge_checks(report: &DrillReport, failures: &mut Vec<String>) {
+    for e in report.endpoints.iter().filter(|e| !e.ok) {
+        failures.push(format!("endpoint {} {}", e.url, e.detail));
+    }
+    for r in report.rows.iter().filter(|r| !r.ok) {
+        failures.push(format!("table {}: {}", r.table, r.detail));
+    }
+    if let Some(age) = report.data_age_ms
+        && age > report.rpo_ms
+    {
+        failures.push(format!(
+            "the newest verified backup is {} old, beyond the RPO of {}",
+            human_ms(age),
+            human_ms(report.rpo_ms)
+        ));
+    }
 }
 
 /// True when two postgres URLs name the same host, port and database (users ignored).
@@ -624,11 +712,17 @@ pub fn recommendations(r: &DrillReport) -> Vec<String> {
             phase(n) as f64 * 100.0 / r.rto_ms as f64
         }
     };
+    let physical = r.method == "physical";
     if r.rto_target_ms > 0 && r.rto_ms > r.rto_target_ms {
         out.push(format!(
-            "the recovery took {} against a target of {}: restore a physical backup (no rebuild of indexes), raise the restore's jobs, or revisit the target",
+            "the recovery took {} against a target of {}: {}, or revisit the target",
             human_ms(r.rto_ms),
-            human_ms(r.rto_target_ms)
+            human_ms(r.rto_target_ms),
+            if physical {
+                "take base backups more often (less WAL to replay), keep the repository near the staging server"
+            } else {
+                "restore a physical backup (no rebuild of indexes), raise the restore's jobs"
+            }
         ));
     } else if r.rto_target_ms > 0 && r.rto_ms * 10 > r.rto_target_ms * 8 {
         out.push(format!(
@@ -643,10 +737,17 @@ pub fn recommendations(r: &DrillReport) -> Vec<String> {
         ));
     }
     if share("restore") >= 70.0 && r.rto_ms > 60_000 {
-        out.push(format!(
-            "the restore took {:.0}% of the RTO: more restore jobs, or a physical backup, shortens it",
-            share("restore")
-        ));
+        out.push(if physical {
+            format!(
+                "laying out the base backup took {:.0}% of the RTO: the repository's read speed from here bounds it (keep a replica near the staging server)",
+                share("restore")
+            )
+        } else {
+            format!(
+                "the restore took {:.0}% of the RTO: more restore jobs, or a physical backup, shortens it",
+                share("restore")
+            )
+        });
     }
     if share("fetch") >= 30.0 && r.rto_ms > 10_000 {
         out.push(format!(

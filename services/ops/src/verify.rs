@@ -63,6 +63,57 @@ pub struct PhysicalVerifySettings {
     pub verify: PhysicalVerifyOptions,
 }
 
+impl std::fmt::Debug for PhysicalVerifySettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PhysicalVerifySettings")
+            .field("work_dir", &self.work_dir)
+            .field("verify", &self.verify)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PhysicalVerifySettings {
+    /// The options that lay out a base backup of `source` for a private server of these
+    /// settings: its `restore_command` (`backstop wal-fetch`), recovery to `target`, the server
+    /// programs and the account it runs as (when we are root).
+    pub fn restore_options(
+        &self,
+        source: &str,
+        target: RecoveryTarget,
+    ) -> Result<PhysicalRestoreOptions, OpsError> {
+        let restore_command = (self.restore_command)(source).map_err(|why| {
+            OpsError::Invalid(format!(
+                "cannot build the restore_command for the private server: {why}"
+            ))
+        })?;
+        let mut opts = PhysicalRestoreOptions::new(restore_command);
+        opts.target = target;
+        opts.pg_bin_dir = self.verify.pg_bin_dir.clone();
+        opts.owner = Some(
+            self.verify
+                .run_as
+                .clone()
+                .unwrap_or_else(|| "postgres".into()),
+        );
+        Ok(opts)
+    }
+}
+
+/// Creates `BASE/PREFIX-<uuid>` (BASE: the system's temporary directory by default) with mode
+/// 0711, for a data directory inside it: PostgreSQL's user (when we are root) must traverse it
+/// to reach the data directory, which the restore gives to that user with mode 0700.
+pub fn scratch_dir(base: Option<&std::path::Path>, prefix: &str) -> Result<PathBuf, OpsError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let base = base.map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let work = base.join(format!("{prefix}-{}", Uuid::now_v7()));
+    std::fs::DirBuilder::new()
+        .mode(0o711)
+        .recursive(true)
+        .create(&work)
+        .map_err(|e| OpsError::io(format!("creating the directory {}", work.display()), e))?;
+    Ok(work)
+}
+
 /// Where test restores go and how strict the comparison is.
 #[derive(Clone)]
 pub struct VerifySettings {
@@ -380,39 +431,10 @@ pub async fn test_restore_physical(
     backup: &PhysicalBackup,
     actor: &Actor,
 ) -> Result<Verified, OpsError> {
-    let restore_command = (settings.restore_command)(&backup.manifest.source).map_err(|why| {
-        OpsError::Invalid(format!(
-            "cannot build the restore_command for the test restore: {why}"
-        ))
-    })?;
-    let base = settings.work_dir.clone().unwrap_or_else(std::env::temp_dir);
-    let work = base.join(format!("backstop-verify-{}", Uuid::now_v7()));
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        // 0711: PostgreSQL's user (when we are root) must traverse it to reach the data
-        // directory, which restore gives to that user with mode 0700.
-        std::fs::DirBuilder::new()
-            .mode(0o711)
-            .recursive(true)
-            .create(&work)
-            .map_err(|e| {
-                OpsError::io(
-                    format!("creating the verification directory {}", work.display()),
-                    e,
-                )
-            })?;
-    }
+    let work = scratch_dir(settings.work_dir.as_deref(), "backstop-verify")?;
     let dir = work.join("data");
-    let mut restore_opts = PhysicalRestoreOptions::new(restore_command);
-    restore_opts.target = RecoveryTarget::Immediate;
-    restore_opts.pg_bin_dir = settings.verify.pg_bin_dir.clone();
-    restore_opts.owner = Some(
-        settings
-            .verify
-            .run_as
-            .clone()
-            .unwrap_or_else(|| "postgres".into()),
-    );
+    let restore_opts =
+        settings.restore_options(&backup.manifest.source, RecoveryTarget::Immediate)?;
     let source = ManifestSource {
         repo: repo.with_access(
             actor.to_string(),

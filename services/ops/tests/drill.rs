@@ -60,6 +60,8 @@ async fn a_drill_passes_with_each_phase_timed_and_a_damaged_chunk_fails_it_with_
         endpoints: vec![endpoint.clone()],
         jobs: 2,
         operator: "test".into(),
+        method: backstop_ops::drill::DrillMethod::Logical,
+        physical: None,
     };
 
     // Production moves on after the backup: counts that move are compared with the snapshot.

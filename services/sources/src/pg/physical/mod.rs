@@ -28,7 +28,9 @@
 //! [`verify_restored`] starts a private server on a restored directory (Unix socket only, in a
 //! directory of its own, trust authentication through a temporary `hba_file`, archiving off),
 //! waits for recovery to finish, runs `pg_amcheck`, counts every table's rows in every database,
-//! stops the server and removes the directory.
+//! stops the server and removes the directory. [`PrivateServer`] is that server on its own,
+//! for callers that run their own checks on the recovered cluster (the DR drill, which may also
+//! give it a loopback port).
 
 mod backup;
 mod os;
@@ -51,7 +53,8 @@ pub use restore::{
     list_window, recovery_settings, restore_physical,
 };
 pub use verify::{
-    DatabaseRows, PhysicalVerifyOptions, PhysicalVerifyReport, TableCount, verify_restored,
+    DatabaseRows, PhysicalVerifyOptions, PhysicalVerifyReport, PrivateServer, RecoveryEnd,
+    TableCount, verify_restored,
 };
 
 /// Runs the streaming tar reader over `data` handed over in pieces of `piece` bytes (at least
