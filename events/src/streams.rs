@@ -54,12 +54,20 @@ pub fn storage() -> String {
 pub fn wal(timeline: u32) -> String {
     format!("wal-{timeline:08X}")
 }
+/// A git source's syncs (`git.mirrored`, `git.diverged`, `git.mirror_failed`).
+pub fn git(source: &str) -> String {
+    format!("git-{source}")
+}
 pub fn drill(id: Uuid) -> String {
     format!("drill-{id}")
 }
 /// An offline copy's start and end (`copy.started`, `copy.completed`, `copy.failed`).
 pub fn copy(id: Uuid) -> String {
     format!("copy-{id}")
+}
+/// A backup set's start and end (`set.started`, `set.completed`).
+pub fn set(id: Uuid) -> String {
+    format!("set-{id}")
 }
 pub fn workers() -> String {
     "workers".to_string()

@@ -68,6 +68,11 @@ pub enum BackupMethod {
     Redis,
     /// A files source: one stream per file and the tree (modes, times, links).
     Files,
+    /// A git source: a bundle of every mirrored ref (`git clone FILE.bundle` restores it).
+    Git,
+    /// A configuration source: environment variables, JSON settings and database settings in
+    /// one sealed document (`backstop config import` restores it).
+    Config,
 }
 
 impl BackupMethod {
@@ -78,6 +83,8 @@ impl BackupMethod {
             BackupMethod::Command => "command",
             BackupMethod::Redis => "redis",
             BackupMethod::Files => "files",
+            BackupMethod::Git => "git",
+            BackupMethod::Config => "config",
         }
     }
 }
@@ -91,8 +98,10 @@ impl std::str::FromStr for BackupMethod {
             "command" => Ok(BackupMethod::Command),
             "redis" => Ok(BackupMethod::Redis),
             "files" => Ok(BackupMethod::Files),
+            "git" => Ok(BackupMethod::Git),
+            "config" => Ok(BackupMethod::Config),
             other => Err(format!(
-                "unknown backup method {other:?}: expected logical, physical, command, redis or files"
+                "unknown backup method {other:?}: expected logical, physical, command, redis, files, git or config"
             )),
         }
     }
@@ -191,6 +200,24 @@ pub struct TableCheck {
     pub restored: u64,
 }
 
+/// A ref a git sync moved on the mirror: `from` none when it was created, `to` none when it was
+/// deleted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GitRefChange {
+    pub name: String,
+    pub from: Option<String>,
+    pub to: Option<String>,
+}
+
+/// A ref whose hash differs between a git source and its mirror (none: that side lacks it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GitRefDivergence {
+    pub name: String,
+    pub source: Option<String>,
+    pub mirror: Option<String>,
+    pub why: String,
+}
+
 /// What a recovery restores, and where.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
 pub struct RecoveryScope {
@@ -203,6 +230,21 @@ pub struct RecoveryScope {
     pub point_in_time: Option<String>,
     #[serde(default)]
     pub dry_run: bool,
+}
+
+/// One component of a backup set: its source and the backup taken of it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SetComponent {
+    pub source: String,
+    pub backup_id: Uuid,
+}
+
+/// A component of a backup set whose backup failed, and why.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SetComponentFailed {
+    pub source: String,
+    pub backup_id: Uuid,
+    pub reason: String,
 }
 
 /// The kind of job a lease is held for (`lease.renewed`'s `what`).
@@ -656,6 +698,46 @@ vocabulary! {
         #[serde(default)] source: String,
         #[serde(default)] rto_target_ms: u64,
         #[serde(default)] reason: String,
+    }
+
+    /// A backup set began (`backstop backup --set NAME`, on the stream `set-<id>`): one backup
+    /// per component, each with its own manifest, which names the set (manifest extra `set`).
+    SetStarted = "set.started" v 1 {
+        set_id: Uuid, name: String, components: Vec<SetComponent>,
+        #[serde(default)] tags: Vec<String>,
+    }
+    /// A backup set ended: the components that completed and those that failed (a failed one
+    /// fails the set; the others' backups are kept and restorable).
+    SetCompleted = "set.completed" v 1 {
+        set_id: Uuid, name: String, completed: Vec<SetComponent>,
+        failed: Vec<SetComponentFailed>,
+    }
+
+    /// A git source's sync ended with every ref equal on the source and the mirror (stream
+    /// `git-<source>`): how many refs, the source's HEAD and the digest of its ref listing, and
+    /// the refs pushed (at most 100 listed; `updated_total` counts them all). `forced` lists
+    /// diverged refs overwritten because the source says `force = true`.
+    GitMirrored = "git.mirrored" v 1 {
+        sync_id: Uuid, source: String, mirror: String, refs: u64,
+        head_ref: Option<String>, head: Option<String>, refs_sha3: String,
+        updated: Vec<GitRefChange>, updated_total: u64,
+        #[serde(default)] forced: Vec<GitRefDivergence>,
+        duration_ms: u64,
+    }
+    /// A git source's sync found refs whose hashes differ on the mirror and left them (or they
+    /// still differed after the push): the mirror was written to directly. The other refs were
+    /// pushed as usual. Raises `git_mirror_diverged`.
+    GitDiverged = "git.diverged" v 1 {
+        sync_id: Uuid, source: String, mirror: String, refs: u64,
+        head_ref: Option<String>, head: Option<String>, refs_sha3: String,
+        updated: Vec<GitRefChange>, updated_total: u64,
+        diverged: Vec<GitRefDivergence>,
+        duration_ms: u64,
+    }
+    /// A git source's sync could not finish (the source or the mirror unreachable, a push
+    /// refused); `transient` says whether the next poll may succeed. Raises `git_mirror_failed`.
+    GitMirrorFailed = "git.mirror_failed" v 1 {
+        sync_id: Uuid, source: String, mirror: String, reason: String, transient: bool,
     }
 
     /// An event exhausted its deliveries to a worker; it needs an operator.

@@ -26,6 +26,10 @@ pub struct BackupArgs {
     /// A source from the configuration file.
     #[arg(long, conflicts_with = "pg")]
     pub source: Option<String>,
+    /// A backup set from the configuration file (`[[sets]]`): each of its sources, one backup
+    /// and one manifest each, grouped by a set id (`restore --set ID`).
+    #[arg(long, conflicts_with_all = ["source", "pg", "physical"])]
+    pub set: Option<String>,
     /// Back up this database directly (a postgres:// URL); recorded as source `adhoc`
     /// unless --name says otherwise.
     #[arg(long)]
@@ -47,6 +51,10 @@ pub struct BackupArgs {
     /// tagged backups for their own period.
     #[arg(long = "tag", value_parser = parse_tag)]
     pub tags: Vec<String>,
+    /// A configuration source: back up even when nothing changed since its newest backup
+    /// (by default an unchanged configuration takes no backup).
+    #[arg(long)]
+    pub force: bool,
 }
 
 fn parse_tag(s: &str) -> Result<String, String> {
@@ -97,6 +105,9 @@ pub async fn run_backup(
     data_dir: &Path,
     args: BackupArgs,
 ) -> anyhow::Result<ExitCode> {
+    if let Some(set) = args.set.clone() {
+        return crate::set_cmd::backup_set(config, data_dir, &set, &args).await;
+    }
     let method = if args.physical {
         BackupMethod::Physical
     } else {
@@ -112,6 +123,34 @@ pub async fn run_backup(
     };
     let operator = operator();
     let actor = Actor::operator(&operator);
+    // A configuration source is backed up when it changed (R16): compared by keyed hash with
+    // its newest backup, before anything is requested.
+    if !args.force
+        && let Ok(spec) = dp.source(&source)
+        && matches!(spec.kind, backstop_ops::SourceKind::Config(_))
+    {
+        let change = backstop_ops::config_backup::check(&dp, &source, &actor).await;
+        if let Ok(backstop_ops::config_backup::Change::Unchanged { since, hash }) = &change {
+            drop(dp);
+            events.close().await;
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "source": source, "unchanged_since": since, "hash": hash })
+                );
+            } else {
+                println!(
+                    "configuration of `{source}` unchanged since backup {since} (keyed hash {hash}); no backup taken (--force takes one anyway)"
+                );
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        // Changed, or the check failed: the backup runs, and records its own failure if the
+        // source cannot be read.
+        if let Err(e) = change {
+            tracing::warn!(source = %source, error = %e.chain(), "configuration change check failed; backing up");
+        }
+    }
     let request = BackupRequested {
         backup_id: uuid_v7(),
         source: source.clone(),
@@ -238,6 +277,30 @@ pub async fn run_backup(
             r.redis_version,
             r.keyspace.iter().map(|d| d.keys).sum::<u64>(),
             r.keyspace.len()
+        ),
+        SourceReport::Git(r) => println!(
+            "git backup {} of `{}` complete in {:.1} s: a bundle of {} refs (HEAD {} at {}), {}, {} new ({} of {} chunks new); SHA3-256 {}",
+            c.backup_id,
+            c.source,
+            c.duration_ms as f64 / 1000.0,
+            r.refs.len(),
+            r.head_ref.as_deref().unwrap_or("-"),
+            r.head.as_deref().unwrap_or("-"),
+            human(c.raw_bytes),
+            human(c.new_bytes),
+            c.new_chunks,
+            c.chunks,
+            r.sha3
+        ),
+        SourceReport::Config(r) => println!(
+            "configuration backup {} of `{}` complete in {:.1} s: {} items, {}, {} new; keyed hash {}",
+            c.backup_id,
+            c.source,
+            c.duration_ms as f64 / 1000.0,
+            r.items.len(),
+            human(c.raw_bytes),
+            human(c.new_bytes),
+            r.hash
         ),
         SourceReport::Files(r) => {
             println!(

@@ -74,6 +74,22 @@ pub struct Config {
     /// DR drills (`[[drills]]`): per source, the staging database, targets and endpoints.
     #[serde(default)]
     pub drills: Vec<backstop_ops::drill::DrillConfig>,
+    /// Backup sets (`[[sets]]`): sources backed up together (`backup --set NAME`) and
+    /// restored together (`restore --set ID`).
+    #[serde(default)]
+    pub sets: Vec<SetSection>,
+}
+
+/// `[[sets]]`: a name, the sources it takes (each a `[[sources]]` name, taken in this order),
+/// and where each is restored to by default (`[sets.restore] SOURCE = TARGET`: a postgres://
+/// URL, a dump.rdb path, a directory, or a command source's `$BACKSTOP_TARGET`).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetSection {
+    pub name: String,
+    pub sources: Vec<String>,
+    #[serde(default)]
+    pub restore: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -200,6 +216,9 @@ pub struct ReplicaSection {
     pub secret_access_key: Option<String>,
     /// Path-style addressing (default true).
     pub path_style: Option<bool>,
+    /// The storage class its cost is counted at (default `[cost] storage_class`); its price
+    /// is the `[[cost.prices]]` entry of this class and its region (`backstop cost`).
+    pub storage_class: Option<String>,
 }
 
 /// `[[sources]]`: a name, a `kind` (default `postgres`, so older files read unchanged) and the
@@ -217,6 +236,67 @@ pub enum SourceKindSection {
     Command(CommandSourceSection),
     Redis(RedisSourceSection),
     Files(FilesSourceSection),
+    Git(GitSourceSection),
+    Config(ConfigSourceSection),
+}
+
+/// `kind = "config"`: environment variables, JSON settings and database settings, backed up
+/// when they change (see backstop_sources::config and backstop_ops::config_backup).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigSourceSection {
+    /// An env file (`NAME=VALUE` lines), kept byte for byte: "/etc/app/.env".
+    pub env_file: Option<std::path::PathBuf>,
+    /// Variables read from backstop's own environment when the backup runs.
+    #[serde(default)]
+    pub env_vars: Vec<String>,
+    /// JSON settings files, kept byte for byte.
+    #[serde(default)]
+    pub json_files: Vec<std::path::PathBuf>,
+    /// A postgres:// URL whose non-default server settings (pg_settings) are recorded.
+    pub postgres_settings: Option<String>,
+}
+
+/// `kind = "git"`: a repository mirrored to a second remote and bundled (see
+/// backstop_sources::git and backstop_ops::git).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GitSourceSection {
+    /// The repository (any URL git takes, or a path): `/srv/git/app.git`,
+    /// `https://github.com/team/app.git`.
+    pub url: String,
+    /// The second remote it is mirrored to; without one, only bundles are taken.
+    pub mirror: Option<String>,
+    /// Ref patterns mirrored and bundled (default ["refs/heads/*", "refs/tags/*"]).
+    pub refs: Option<Vec<String>>,
+    /// `serve` syncs the source every N seconds (default 60; at most 240, so a push is
+    /// mirrored within 5 minutes, R3).
+    pub poll_seconds: Option<u64>,
+    /// Overwrite refs that diverged on the mirror (each one is listed in `git.mirrored`); by
+    /// default they are left alone and alerted on.
+    #[serde(default)]
+    pub force: bool,
+    /// Limit of each git command in seconds (default 600).
+    pub timeout_seconds: Option<u64>,
+}
+
+/// Most seconds between two polls of a git source: R3 asks for a mirror within 5 minutes of a
+/// push, and a sync itself takes time.
+pub const GIT_POLL_MAX: u64 = 240;
+
+impl GitSourceSection {
+    pub fn poll(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.poll_seconds.unwrap_or(60))
+    }
+
+    pub fn ref_patterns(&self) -> Vec<String> {
+        self.refs.clone().unwrap_or_else(|| {
+            backstop_sources::git::DEFAULT_REFS
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        })
+    }
 }
 
 /// `kind = "files"`: directory trees (see backstop_sources::files).
@@ -292,9 +372,11 @@ impl<'de> Deserialize<'de> for SourceSection {
             "command" => SourceKindSection::Command(rest.try_into().map_err(at)?),
             "redis" => SourceKindSection::Redis(rest.try_into().map_err(at)?),
             "files" => SourceKindSection::Files(rest.try_into().map_err(at)?),
+            "git" => SourceKindSection::Git(rest.try_into().map_err(at)?),
+            "config" => SourceKindSection::Config(rest.try_into().map_err(at)?),
             other => {
                 return Err(D::Error::custom(format!(
-                    "sources.{name}: unknown kind {other:?}: expected postgres, command, redis or files"
+                    "sources.{name}: unknown kind {other:?}: expected postgres, command, redis, files, git or config"
                 )));
             }
         };
@@ -309,6 +391,13 @@ pub struct WalSection {
     /// A `wal` key file (`backstop key export --purpose wal`, mode 0600), used instead of the
     /// master key: it seals and opens WAL and cannot open backups.
     pub key_file: Option<PathBuf>,
+    /// With `[[repository.replicas]]`: how long `wal-push` waits for one replica to store one
+    /// file (default 30). The primary's copy decides the exit status; a replica that fails or
+    /// takes longer falls behind and `backstop replicate` copies what it lacks.
+    pub replica_timeout_seconds: Option<u64>,
+    /// How long a copy found unreachable is skipped by `wal-push` (a replica) or `wal-fetch`
+    /// (the primary, which then reads a replica at once), default 60.
+    pub unreachable_rest_seconds: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -629,6 +718,65 @@ impl Config {
                         );
                     }
                 }
+                SourceKindSection::Config(c) => {
+                    if c.env_file.is_none()
+                        && c.env_vars.is_empty()
+                        && c.json_files.is_empty()
+                        && c.postgres_settings.is_none()
+                    {
+                        bail!(
+                            "sources.{}: a config source needs env_file, env_vars, json_files or postgres_settings",
+                            src.name
+                        );
+                    }
+                    if let Some(p) = c
+                        .env_file
+                        .iter()
+                        .chain(&c.json_files)
+                        .find(|p| !p.is_absolute())
+                    {
+                        bail!(
+                            "sources.{}: {} is not an absolute path; config sources name absolute paths (/etc/app/.env)",
+                            src.name,
+                            p.display()
+                        );
+                    }
+                    if let Some(u) = &c.postgres_settings
+                        && !(u.starts_with("postgres://") || u.starts_with("postgresql://"))
+                    {
+                        bail!("sources.{}: postgres_settings must be a postgres:// URL", src.name);
+                    }
+                }
+                SourceKindSection::Git(g) => {
+                    if g.url.trim().is_empty() {
+                        bail!("sources.{}: url must name the repository", src.name);
+                    }
+                    if g.mirror.as_deref() == Some(g.url.as_str()) {
+                        bail!(
+                            "sources.{}: mirror is the url itself; name the second remote",
+                            src.name
+                        );
+                    }
+                    if g.mirror.as_deref().is_some_and(|m| m.trim().is_empty()) {
+                        bail!(
+                            "sources.{}: mirror is empty; name the second remote or leave it out",
+                            src.name
+                        );
+                    }
+                    backstop_sources::git::check_patterns(&g.ref_patterns())
+                        .map_err(|e| anyhow::anyhow!("sources.{}: {e}", src.name))?;
+                    match g.poll_seconds {
+                        Some(0) => bail!("sources.{}: poll_seconds must be at least 1", src.name),
+                        Some(s) if s > GIT_POLL_MAX => bail!(
+                            "sources.{}: poll_seconds = {s} is too long: a push must be mirrored within 5 minutes, so poll at most every {GIT_POLL_MAX} s",
+                            src.name
+                        ),
+                        _ => {}
+                    }
+                    if g.timeout_seconds == Some(0) {
+                        bail!("sources.{}: timeout_seconds must be at least 1", src.name);
+                    }
+                }
                 SourceKindSection::Redis(r) => {
                     backstop_sources::redis::RedisTarget::parse(&r.url)
                         .map_err(|e| anyhow::anyhow!("sources.{}: {e}", src.name))?;
@@ -654,7 +802,69 @@ impl Config {
         }
         self.health.validate()?;
         self.cost.validate()?;
+        self.check_sets()?;
         Ok(())
+    }
+
+    /// `[[sets]]`: names valid and unique, each naming configured sources, once each.
+    fn check_sets(&self) -> anyhow::Result<()> {
+        let mut names = std::collections::HashSet::new();
+        for set in &self.sets {
+            if set.name.is_empty()
+                || set.name == "latest"
+                || !set
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            {
+                bail!(
+                    "sets: name {:?} must be letters, digits, - _ or . (and not `latest`)",
+                    set.name
+                );
+            }
+            if !names.insert(&set.name) {
+                bail!("sets: the name {:?} is used twice", set.name);
+            }
+            if set.sources.is_empty() {
+                bail!("sets.{}: sources must name at least one source", set.name);
+            }
+            let mut seen = std::collections::HashSet::new();
+            for s in set.sources.iter().chain(set.restore.keys()) {
+                if !self.sources.iter().any(|c| &c.name == s) {
+                    bail!(
+                        "sets.{}: {s:?} is not a configured source; name one of [[sources]]",
+                        set.name
+                    );
+                }
+            }
+            for s in &set.sources {
+                if !seen.insert(s) {
+                    bail!("sets.{}: the source {s:?} is listed twice", set.name);
+                }
+            }
+            if let Some(k) = set.restore.keys().find(|k| !set.sources.contains(k)) {
+                bail!(
+                    "sets.{}: restore names {k:?}, which is not one of the set's sources",
+                    set.name
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The `[[sets]]` entry named `name`.
+    pub fn set(&self, name: &str) -> anyhow::Result<&SetSection> {
+        self.sets.iter().find(|s| s.name == name).with_context(|| {
+            let known: Vec<&str> = self.sets.iter().map(|s| s.name.as_str()).collect();
+            format!(
+                "unknown backup set `{name}`; configure it under [[sets]] (configured: {})",
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            )
+        })
     }
 
     pub fn data_dir(&self, flag: Option<&Path>) -> PathBuf {

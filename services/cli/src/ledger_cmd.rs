@@ -130,6 +130,7 @@ const WORKER_EVENT_TYPES: &[&str] = &[
     "storage.*",
     "report.generated",
     "drill.*",
+    "git.*",
     "worker.dead_lettered",
     "consumer.refused",
 ];

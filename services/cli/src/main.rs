@@ -9,12 +9,14 @@ mod bench;
 mod catalog_cmd;
 mod check_cmd;
 mod config;
+mod config_cmd;
 mod control;
 mod copy_cmd;
 mod cost_cmd;
 mod drill_cmd;
 mod export_cmd;
 mod forget_cmd;
+mod git_cmd;
 mod identity;
 mod init_cmd;
 mod key_cmd;
@@ -30,6 +32,7 @@ mod runtime;
 mod schedule_cmd;
 mod serve;
 mod serve_context;
+mod set_cmd;
 mod verify_cmd;
 mod wal_cmd;
 mod webhook_cmd;
@@ -135,6 +138,12 @@ enum Command {
     Cost(cost_cmd::CostArgs),
     /// Garbage collection: delete what no kept backup references, after a grace period.
     Prune(prune_cmd::PruneArgs),
+    /// Git sources: `git sync NAME` mirrors one now, compares the hashes and bundles it.
+    #[command(subcommand)]
+    Git(git_cmd::GitCommand),
+    /// Configuration backups: `config import ID --out FILE [--format env|json]`, `config show ID`.
+    #[command(subcommand, name = "config")]
+    ConfigBackup(config_cmd::ConfigCommand),
     /// Export the audit trail for an auditor, and verify an export offline.
     #[command(subcommand)]
     Audit(audit_cmd::AuditCommand),
@@ -155,6 +164,10 @@ enum Command {
     /// Benchmarks that print a report: runs the separate `backstop-bench` binary (ledger, api,
     /// backup, physical; `backstop bench --help`).
     Bench(bench::BenchArgs),
+    /// Backup sets (`[[sets]]`): `set list` shows the sets in the repository and their
+    /// components (`backup --set NAME` takes one, `restore --set ID` restores one).
+    #[command(subcommand)]
+    Set(set_cmd::SetCommand),
     /// Schedules: the next firings of each, in its zone and in UTC.
     #[command(subcommand)]
     Schedule(schedule_cmd::ScheduleCommand),
@@ -212,7 +225,7 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
-    let config = match config::Config::load(cli.config.as_deref()) {
+    let mut config = match config::Config::load(cli.config.as_deref()) {
         Ok(c) => c,
         // wal-fetch must never exit 1 for a failure: PostgreSQL would end recovery early.
         Err(e) if matches!(cli.command, Command::WalFetch(_)) => {
@@ -222,6 +235,8 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     };
     backstop_ops::lease::set_period(config.lease_period());
     let data_dir = config.data_dir(cli.data_dir.as_deref());
+    // What is wired from the configuration (git sources' working mirrors) uses the same one.
+    config.data_dir = Some(data_dir.clone());
     if let Some(notice) = config.signing_key_notice(&data_dir) {
         tracing::warn!("{notice}");
     }
@@ -230,11 +245,14 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Worker(args) => serve::worker(&config, &data_dir, args).await,
         Command::Ledger(cmd) => ledger_cmd::run(&config, &data_dir, cmd).await,
         Command::Audit(cmd) => audit_cmd::run(&config, &data_dir, cmd).await,
+        Command::Git(cmd) => git_cmd::run(&config, &data_dir, cmd).await,
+        Command::ConfigBackup(cmd) => config_cmd::run(&config, &data_dir, cmd).await,
         Command::Alerts { cmd } => alerts_cmd::run(&config, &data_dir, cmd).await,
         Command::Report(cmd) => report_cmd::run(&config, &data_dir, cmd).await,
         Command::Webhook(cmd) => webhook_cmd::run(&config, &data_dir, cmd).await,
         Command::Projections(cmd) => projections_cmd::run(&config, &data_dir, cmd).await,
         Command::Schedule(cmd) => schedule_cmd::run(&config, cmd),
+        Command::Set(cmd) => set_cmd::run(&config, &data_dir, cmd).await,
         Command::Notify(cmd) => notify_cmd::run(&config, &data_dir, cmd).await,
         Command::Bench(args) => bench::run(args),
         Command::Init {

@@ -120,6 +120,20 @@ pub struct RestoreArgs {
     /// it, a replica serves the restore only when the primary is unreachable.
     #[arg(long)]
     pub from: Option<String>,
+    /// Restore a backup set: its id, `latest`, or a set's name (its newest set), instead of
+    /// one backup; components in order (configuration, databases, Redis, files, the rest).
+    #[arg(long, conflicts_with_all = ["backup", "physical", "out", "paths", "tables", "to"])]
+    pub set: Option<String>,
+    /// With --set: only these components, by source name or role (configuration, database,
+    /// redis, files, other), comma-separated.
+    #[arg(long, value_delimiter = ',', requires = "set")]
+    pub only: Vec<String>,
+    /// With --set: where a component goes, SOURCE=TARGET (repeatable), over [sets.restore].
+    #[arg(long = "target", requires = "set")]
+    pub targets: Vec<String>,
+    /// With --set latest or a set's name: the newest set carrying this tag (e.g. pre-deploy).
+    #[arg(long, requires = "set")]
+    pub tag: Option<String>,
 }
 
 pub async fn restore(
@@ -127,6 +141,9 @@ pub async fn restore(
     data_dir: &Path,
     args: RestoreArgs,
 ) -> anyhow::Result<std::process::ExitCode> {
+    if args.set.is_some() {
+        return crate::set_cmd::restore_set(config, data_dir, &args).await;
+    }
     if args.physical {
         return restore_physical(config, data_dir, args).await;
     }
@@ -157,6 +174,8 @@ pub async fn restore(
         Some(crate::config::SourceKindSection::Command(_)) => Some(BackupMethod::Command),
         Some(crate::config::SourceKindSection::Redis(_)) => Some(BackupMethod::Redis),
         Some(crate::config::SourceKindSection::Files(_)) => Some(BackupMethod::Files),
+        Some(crate::config::SourceKindSection::Git(_)) => Some(BackupMethod::Git),
+        Some(crate::config::SourceKindSection::Config(_)) => Some(BackupMethod::Config),
         _ if args.out.is_some() => None,
         _ => Some(BackupMethod::Logical),
     };
@@ -173,6 +192,14 @@ pub async fn restore(
         );
     }
     let manifest = resolved.manifest;
+    if catalog::method_of(&manifest) == BackupMethod::Config {
+        events.close().await;
+        bail!(
+            "backup {} is a configuration backup: `backstop config import {} --out FILE [--format env|json]` writes it back",
+            manifest.backup_id,
+            manifest.backup_id
+        );
+    }
     if catalog::method_of(&manifest) == BackupMethod::Files {
         let dp = DataPath {
             repo,
@@ -193,7 +220,7 @@ pub async fn restore(
     }
     if matches!(
         catalog::method_of(&manifest),
-        BackupMethod::Command | BackupMethod::Redis
+        BackupMethod::Command | BackupMethod::Redis | BackupMethod::Git
     ) || args.out.is_some()
     {
         let dp = DataPath {
@@ -359,6 +386,9 @@ async fn restore_stream(
             target: to.clone(),
             command: args.restore_with.clone(),
         },
+        (None, _, BackupMethod::Git) => bail!(
+            "a git backup is restored as a bundle: --out FILE.bundle, then `git clone FILE.bundle` (see RUNBOOK)"
+        ),
         (None, _, BackupMethod::Redis) => bail!(
             "a Redis backup is restored as a dump.rdb file: --out DIR/dump.rdb, then start redis-server with --dir DIR --dbfilename dump.rdb (see RUNBOOK)"
         ),
@@ -462,7 +492,19 @@ async fn restore_physical(
         let source = backup.manifest.source.clone();
         let restore_command = match &p.restore_command {
             Some(c) => c.clone(),
-            None => self_invocation(config, data_dir, &args.repo, &source, "wal-fetch")?,
+            // With --from, recovery reads its WAL from the same replica as the base backup;
+            // otherwise wal-fetch reads the primary and falls back to a replica by itself.
+            None => match args.from.as_deref() {
+                Some(from) => crate::wiring::self_invocation_with(
+                    config,
+                    data_dir,
+                    &args.repo,
+                    &source,
+                    "wal-fetch",
+                    &["--from", from],
+                )?,
+                None => self_invocation(config, data_dir, &args.repo, &source, "wal-fetch")?,
+            },
         };
         let mut opts = PhysicalRestoreOptions::new(restore_command);
         opts.target = target.clone();

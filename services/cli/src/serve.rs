@@ -134,6 +134,20 @@ pub async fn serve(
             .map(|loc| crate::cost_cmd::series(config, &loc)),
         ledger.clone(),
     ));
+    // The git sources serve polls, and the data path they are synced through (taken before
+    // the context goes to the workers; none without workers or git sources).
+    let git_sources: Vec<(String, std::time::Duration)> = config
+        .sources
+        .iter()
+        .filter_map(|s| match &s.kind {
+            crate::config::SourceKindSection::Git(g) => Some((s.name.clone(), g.poll())),
+            _ => None,
+        })
+        .collect();
+    let git_dp = context
+        .data_path
+        .clone()
+        .filter(|_| !args.no_workers && !git_sources.is_empty());
     let handlers = if args.no_workers {
         // Dropped here: its handles on the ledger (the data path's appender) would otherwise
         // live to the end of this function, past `ledger.close()`, which waits for them.
@@ -210,6 +224,25 @@ pub async fn serve(
             every,
             shutdown.clone(),
         ));
+    }
+    // Git sources: each synced every poll_seconds (ops::git::poll): mirrored, the hashes
+    // compared on both sides, bundled when its refs changed; only where workers run.
+    if let Some(dp) = git_dp {
+        let mut opts = backstop_ops::backup::BackupOptions::default();
+        config.job_limits().apply(&mut opts);
+        let shutdown = shutdown.clone();
+        tracing::info!(sources = git_sources.len(), "git polling running");
+        tasks.spawn(async move {
+            backstop_ops::git::poll(
+                dp,
+                git_sources,
+                Arc::new(SystemClock),
+                backstop_events::Actor::worker("git"),
+                opts,
+                shutdown,
+            )
+            .await
+        });
     }
     if let Some(m) = maintenance.filter(|_| !args.no_workers) {
         // Daily: forget for every source, prune, extend object locks (workers::retention).

@@ -162,6 +162,29 @@ pub fn source_specs(config: &Config) -> Vec<SourceSpec> {
                         timeout: secs(r.timeout_seconds),
                     })
                 }
+                K::Git(g) => backstop_ops::SourceKind::Git(backstop_sources::git::GitSource {
+                    url: g.url.clone(),
+                    mirror: g.mirror.clone(),
+                    refs: g.ref_patterns(),
+                    // The working mirror: main.rs puts the data directory in use into the config.
+                    work_dir: config
+                        .data_dir(None)
+                        .join("git")
+                        .join(format!("{}.git", s.name)),
+                    force: g.force,
+                    timeout: g
+                        .timeout_seconds
+                        .map(std::time::Duration::from_secs)
+                        .unwrap_or(backstop_sources::git::DEFAULT_TIMEOUT),
+                }),
+                K::Config(c) => {
+                    backstop_ops::SourceKind::Config(backstop_sources::config::ConfigSource {
+                        env_file: c.env_file.clone(),
+                        env_vars: c.env_vars.clone(),
+                        json_files: c.json_files.clone(),
+                        postgres_settings: c.postgres_settings.clone(),
+                    })
+                }
                 K::Files(f) => {
                     backstop_ops::SourceKind::Files(backstop_sources::files::FilesSource {
                         paths: f.paths.clone(),
@@ -300,6 +323,18 @@ pub fn self_invocation(
     source: &str,
     sub: &str,
 ) -> anyhow::Result<String> {
+    self_invocation_with(config, data_dir, repo, source, sub, &[])
+}
+
+/// [`self_invocation`] with more arguments for the subcommand (each quoted), e.g. `--from NAME`.
+pub fn self_invocation_with(
+    config: &Config,
+    data_dir: &Path,
+    repo: &RepoArgs,
+    source: &str,
+    sub: &str,
+    extra: &[&str],
+) -> anyhow::Result<String> {
     let exe = std::env::current_exe().context("cannot find this binary's path")?;
     let mut words = vec![sh_quote(&exe.display().to_string())];
     if let Some(c) = config_path() {
@@ -309,6 +344,7 @@ pub fn self_invocation(
     words.push(sub.into());
     words.push("--source".into());
     words.push(sh_quote(source));
+    words.extend(extra.iter().map(|w| sh_quote(w)));
     let loc = match location(config, data_dir, repo)? {
         Location::Local(p) => Location::Local(std::path::absolute(&p).unwrap_or(p)),
         other => other,

@@ -81,6 +81,9 @@ pub struct BackupOptions {
     /// Tags recorded in the manifest (`extra.tags`), which retention's keep-by-tag rules read
     /// (`pre-deploy` kept 30 days by default).
     pub tags: Vec<String>,
+    /// The backup set this backup is a component of, recorded in the manifest (`extra.set`,
+    /// [`crate::sets::SET_KEY`]) so that `restore --set` needs only the repository.
+    pub set: Option<crate::sets::SetRef>,
     /// The whole backup is stopped past this (its `pg_dump`/`pg_basebackup` children killed) and
     /// recorded as failed: nothing hangs forever on a stuck server or network.
     pub deadline: Option<Duration>,
@@ -112,6 +115,8 @@ pub enum SourceReport {
     Command(CommandReport),
     Redis(RedisReport),
     Files(backstop_sources::files::FilesReport),
+    Git(backstop_sources::git::GitReport),
+    Config(crate::config_backup::ConfigReport),
 }
 
 /// A finished backup: its completion event and the source's report.
@@ -253,7 +258,9 @@ pub async fn run_backup(
             SourceReport::Physical(_)
             | SourceReport::Command(_)
             | SourceReport::Redis(_)
-            | SourceReport::Files(_) => Vec::new(),
+            | SourceReport::Files(_)
+            | SourceReport::Git(_)
+            | SourceReport::Config(_) => Vec::new(),
         },
     };
     step("completed", Event::BackupCompleted(completed.clone())).await?;
@@ -349,9 +356,12 @@ async fn take(
         kind: request.kind,
         parent,
         source: request.source.clone(),
-        // Files have a data key of their own (DESIGN "Keys"); everything else is database data.
+        // Files have a data key of their own (DESIGN "Keys"), and so does source code (a git
+        // bundle is the application's files); everything else is database data.
         purpose: match spec.kind {
-            SourceKind::Files(_) => KeyPurpose::Files,
+            SourceKind::Files(_) | SourceKind::Git(_) => KeyPurpose::Files,
+            // Configuration holds secrets: its key opens nothing else, and nothing else opens it.
+            SourceKind::Config(_) => KeyPurpose::Config,
             _ => KeyPurpose::Database,
         },
         actor: actor.to_string(),
@@ -414,6 +424,13 @@ async fn take(
                 .map(SourceReport::Files)
                 .map_err(OpsError::from)
         }
+        (SourceKind::Git(g), _) => backstop_sources::git::backup(g, sink.as_ref())
+            .await
+            .map(SourceReport::Git)
+            .map_err(OpsError::from),
+        (SourceKind::Config(c), _) => crate::config_backup::backup(repo, c, sink.as_ref(), actor)
+            .await
+            .map(SourceReport::Config),
         (SourceKind::Postgres(_), other) => Err(OpsError::Invalid(format!(
             "a {other} backup was asked of the PostgreSQL source `{}`",
             spec.name
@@ -438,9 +455,14 @@ async fn take(
         SourceReport::Command(r) => serde_json::json!({ COMMAND_KEY: r }),
         SourceReport::Redis(r) => serde_json::json!({ REDIS_KEY: r }),
         SourceReport::Files(r) => serde_json::json!({ crate::catalog::FILES_KEY: r }),
+        SourceReport::Git(r) => serde_json::json!({ crate::catalog::GIT_KEY: r }),
+        SourceReport::Config(r) => serde_json::json!({ crate::catalog::CONFIG_KEY: r }),
     };
     if !opts.tags.is_empty() {
         extra[crate::forget::TAGS_KEY] = serde_json::json!(opts.tags);
+    }
+    if let Some(set) = &opts.set {
+        extra[crate::sets::SET_KEY] = serde_json::json!(set);
     }
     let result = writer.finish(extra).await?;
     Ok((result, report))
@@ -477,7 +499,9 @@ pub async fn complete_from_manifest(
         BackupMethod::Physical
         | BackupMethod::Command
         | BackupMethod::Redis
-        | BackupMethod::Files => Vec::new(),
+        | BackupMethod::Files
+        | BackupMethod::Git
+        | BackupMethod::Config => Vec::new(),
     };
     let completed = BackupCompleted {
         backup_id: manifest.backup_id,

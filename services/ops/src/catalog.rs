@@ -4,7 +4,9 @@
 //! A manifest's `extra` says how the backup was taken: `{"logical": DumpReport}` for a logical
 //! backup, `{"physical": BaseBackupReport}` for a base backup ([`LOGICAL_KEY`], [`PHYSICAL_KEY`]),
 //! `{"command": CommandReport}` for a command source, `{"redis": RedisReport}` for a Redis
-//! snapshot ([`COMMAND_KEY`], [`REDIS_KEY`]).
+//! snapshot ([`COMMAND_KEY`], [`REDIS_KEY`]), `{"files": FilesReport}` for a files source and
+//! `{"git": GitReport}` for a git bundle ([`FILES_KEY`], [`GIT_KEY`]), `{"config": ConfigReport}`
+//! for a configuration backup ([`CONFIG_KEY`]).
 //! Nothing else in the manifest depends on the method.
 //!
 //! `latest` is the newest backup that passed verification (the ledger knows which: the caller
@@ -35,6 +37,10 @@ pub const COMMAND_KEY: &str = "command";
 pub const REDIS_KEY: &str = "redis";
 /// The key of a files backup's tree ([`backstop_sources::files::FilesReport`]).
 pub const FILES_KEY: &str = "files";
+/// The key of a git bundle's report ([`backstop_sources::git::GitReport`]).
+pub const GIT_KEY: &str = "git";
+/// The key of a configuration backup's report ([`crate::config_backup::ConfigReport`]).
+pub const CONFIG_KEY: &str = "config";
 
 /// How the backup in `manifest` was taken.
 pub fn method_of(manifest: &Manifest) -> BackupMethod {
@@ -46,6 +52,10 @@ pub fn method_of(manifest: &Manifest) -> BackupMethod {
         BackupMethod::Redis
     } else if manifest.extra.get(FILES_KEY).is_some() {
         BackupMethod::Files
+    } else if manifest.extra.get(GIT_KEY).is_some() {
+        BackupMethod::Git
+    } else if manifest.extra.get(CONFIG_KEY).is_some() {
+        BackupMethod::Config
     } else {
         BackupMethod::Logical
     }
@@ -85,6 +95,18 @@ pub fn redis_report(manifest: &Manifest) -> Result<backstop_sources::redis::Redi
 /// The tree in a files backup's manifest.
 pub fn files_report(manifest: &Manifest) -> Result<backstop_sources::files::FilesReport, OpsError> {
     report_at(manifest, FILES_KEY, "files backup")
+}
+
+/// The report in a configuration backup's manifest.
+pub fn config_report(
+    manifest: &Manifest,
+) -> Result<crate::config_backup::ConfigReport, OpsError> {
+    report_at(manifest, CONFIG_KEY, "configuration report")
+}
+
+/// The report in a git bundle's manifest.
+pub fn git_report(manifest: &Manifest) -> Result<backstop_sources::git::GitReport, OpsError> {
+    report_at(manifest, GIT_KEY, "git bundle")
 }
 
 /// The dump report stored in a logical backup's manifest.

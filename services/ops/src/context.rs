@@ -27,6 +27,11 @@ pub enum SourceKind {
     Redis(backstop_sources::redis::RedisSource),
     /// Directory trees (application files, models, configuration files).
     Files(backstop_sources::files::FilesSource),
+    /// Environment variables, JSON settings and database settings, backed up when they change
+    /// (`crate::config_backup`).
+    Config(backstop_sources::config::ConfigSource),
+    /// A git repository: mirrored to a second remote and bundled (`crate::git`).
+    Git(backstop_sources::git::GitSource),
 }
 
 /// Where a PostgreSQL source's database is and how to dump it.
@@ -45,6 +50,8 @@ impl SourceKind {
             SourceKind::Command(_) => "command",
             SourceKind::Redis(_) => "redis",
             SourceKind::Files(_) => "files",
+            SourceKind::Config(_) => "config",
+            SourceKind::Git(_) => "git",
         }
     }
 
@@ -68,6 +75,8 @@ impl SourceKind {
             SourceKind::Command(_) => M::Command,
             SourceKind::Redis(_) => M::Redis,
             SourceKind::Files(_) => M::Files,
+            SourceKind::Config(_) => M::Config,
+            SourceKind::Git(_) => M::Git,
         };
         if requested == own || requested == M::Logical {
             Ok(own)

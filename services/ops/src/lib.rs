@@ -22,6 +22,8 @@
 //! - [`catalog`]: the backups a repository holds, their methods, parents, and `latest`;
 //! - [`backup`], [`restore`], [`verify`]: the data path's use cases, logical and physical;
 //! - [`wal`]: the WAL archive's layout, its store, and `wal.archived` events;
+//! - [`wal_replicas`]: WAL pushed to every repository, and fetched from a replica when the
+//!   primary is unreachable;
 //! - [`lease`]: running jobs' leases, and the monitor that records abandoned ones;
 //! - [`notify`]: email and webhook notifications of alerts, recoveries, successes and reports;
 //! - [`keys`]: every data-key unwrap recorded as `key.accessed`;
@@ -37,6 +39,7 @@
 //! - [`alerting`]: the alert rules and the monitor that raises and resolves alerts;
 //! - [`report`]: the weekly summary;
 //! - [`archiver`]: each source's `pg_stat_archiver`, probed for the WAL alert;
+//! - [`git`]: git sources mirrored to a second remote, hashes compared, bundles backed up;
 //! - [`drill`]: DR drills (a restore to staging, timed, checked and reported).
 //! - [`drill_request`]: the drills serve's `[[drills]]` schedules request, run once per slot.
 
@@ -44,6 +47,7 @@ pub mod alerting;
 pub mod archiver;
 pub mod backup;
 pub mod catalog;
+pub mod config_backup;
 pub mod context;
 pub mod copy;
 pub mod cost;
@@ -54,6 +58,7 @@ pub mod export;
 pub mod export_lifecycle;
 pub mod files;
 pub mod forget;
+pub mod git;
 pub mod health;
 pub mod keys;
 pub mod lease;
@@ -67,10 +72,12 @@ pub mod restore;
 pub mod retention;
 pub mod rotation;
 pub mod schedule;
+pub mod sets;
 pub mod storage_probe;
 pub mod throttle;
 pub mod verify;
 pub mod wal;
+pub mod wal_replicas;
 pub mod webhook;
 
 pub use context::{DataPath, PostgresSource, SourceKind, SourceSpec};

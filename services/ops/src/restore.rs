@@ -491,6 +491,11 @@ pub async fn restore_stream(
             let r = catalog::command_report(&manifest)?;
             (r.part.clone(), r.bytes, r.sha3.clone(), Some(r))
         }
+        backstop_events::BackupMethod::Git => {
+            // The bundle itself: `git clone FILE.bundle` restores the repository.
+            let r = catalog::git_report(&manifest)?;
+            (r.part.clone(), r.bytes, r.sha3.clone(), None)
+        }
         backstop_events::BackupMethod::Redis => {
             let r = catalog::redis_report(&manifest)?;
             (
@@ -530,9 +535,14 @@ pub async fn restore_stream(
                 command: cmd,
             } => {
                 let Some(report) = &command else {
-                    return Err(OpsError::Invalid(format!(
-                        "backup {backup_id} is a Redis snapshot: write its dump.rdb with --out FILE"
-                    )));
+                    return Err(OpsError::Invalid(match catalog::method_of(&manifest) {
+                        backstop_events::BackupMethod::Git => format!(
+                            "backup {backup_id} is a git bundle: write it with --out FILE.bundle, then `git clone FILE.bundle`"
+                        ),
+                        _ => format!(
+                            "backup {backup_id} is a Redis snapshot: write its dump.rdb with --out FILE"
+                        ),
+                    }));
                 };
                 let restore_cmd = cmd.clone().or(report.restore_command.clone()).ok_or_else(|| {
                     OpsError::Invalid(format!(

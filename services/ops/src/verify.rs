@@ -188,11 +188,14 @@ pub async fn test_restore(
                 .await
                 .map_err(VerifyFailure::from)
         }
-        BackupMethod::Command | BackupMethod::Redis => {
+        BackupMethod::Command | BackupMethod::Redis | BackupMethod::Git => {
             test_restore_stream(repo, settings, manifest, actor)
                 .await
                 .map_err(VerifyFailure::from)
         }
+        BackupMethod::Config => crate::config_backup::test_restore(repo, manifest, actor)
+            .await
+            .map_err(VerifyFailure::from),
         BackupMethod::Files => {
             let work_dir = settings.physical.as_ref().and_then(|p| p.work_dir.clone());
             crate::files::test_restore_files(repo, manifest, work_dir.as_deref(), actor)
@@ -203,7 +206,8 @@ pub async fn test_restore(
 }
 
 /// Test-restores a command backup (its restore and verify commands against a scratch target,
-/// or its stream's bytes and SHA3 when it has none) or a Redis snapshot (loaded by a throwaway
+/// or its stream's bytes and SHA3 when it has none), a git bundle (cloned, refs compared,
+/// `git fsck`) or a Redis snapshot (loaded by a throwaway
 /// `redis-server`, keys per database and a sample compared; each database is reported as a
 /// table `redis.dbN`). Every chunk read is checked (SHA3, decryption) on the way.
 async fn test_restore_stream(
@@ -226,6 +230,13 @@ async fn test_restore_stream(
             let report = catalog::command_report(&manifest)?;
             let input = Box::pin(repo.open_stream(&manifest, &report.part).await?);
             backstop_sources::command::test_restore(&report, input, work_dir.as_deref()).await?;
+            Vec::new()
+        }
+        BackupMethod::Git => {
+            // Cloned from the bundle, every ref compared with the report's, `git fsck` on it.
+            let report = catalog::git_report(&manifest)?;
+            let input = Box::pin(repo.open_stream(&manifest, &report.part).await?);
+            backstop_sources::git::test_restore(&report, input, work_dir.as_deref()).await?;
             Vec::new()
         }
         _ => {

@@ -113,6 +113,19 @@ fn spawn_error(command: &str, e: std::io::Error) -> SourceError {
     }
 }
 
+/// The spawn error of a prepared command: a shell command is named as `sh -c "..."`, a tool by
+/// what the caller shows.
+fn spawn_error_of(cmd: &Command, shown: &str, e: std::io::Error) -> SourceError {
+    if cmd.as_std().get_program() == "sh" {
+        spawn_error(shown, e)
+    } else {
+        SourceError::ToolSpawn {
+            tool: shown.into(),
+            source: e,
+        }
+    }
+}
+
 fn temp_dir(work_dir: Option<&Path>, prefix: &str) -> Result<tempfile::TempDir, SourceError> {
     let mut b = tempfile::Builder::new();
     b.prefix(prefix);
@@ -171,19 +184,37 @@ async fn run_plain(
     limit: Duration,
 ) -> Result<(), SourceError> {
     let mut cmd = shell(command);
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
     for (k, v) in envs {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().map_err(|e| spawn_error(command, e))?;
+    run_captured(what, command, cmd, limit).await.map(|_| ())
+}
+
+/// Runs a prepared `cmd` (spawned with `process_group(0)`; `shown` names it in errors) to its
+/// end within `limit`, and returns its standard output, read whole: for tools whose output is
+/// small (a list of refs), never for a backup's stream.
+pub(crate) async fn run_captured(
+    what: &str,
+    shown: &str,
+    mut cmd: Command,
+    limit: Duration,
+) -> Result<Vec<u8>, SourceError> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|e| spawn_error_of(&cmd, shown, e))?;
     let group = Group::new(&child);
     let tail = StderrTail::spawn(child.stderr.take());
-    supervise(what, command, limit, group, tail, async {
-        ((), child.wait().await)
-    })
-    .await
+    let stdout = child.stdout.take();
+    let work = async {
+        let mut out = Vec::new();
+        if let Some(mut s) = stdout {
+            // A read error shows as a short output; the exit status judges the run.
+            let _ = tokio::io::AsyncReadExt::read_to_end(&mut s, &mut out).await;
+        }
+        (out, child.wait().await)
+    };
+    supervise(what, shown, limit, group, tail, work).await
 }
 
 /// Runs `command` with its standard output streamed into `sink` as `part`, within `limit`;
@@ -197,13 +228,28 @@ async fn stream_out(
     sink: &dyn DumpSink,
 ) -> Result<(u64, String), SourceError> {
     let mut cmd = shell(command);
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
     for (k, v) in envs {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().map_err(|e| spawn_error(command, e))?;
+    stream_cmd_out(what, command, cmd, limit, part, sink).await
+}
+
+/// Runs a prepared `cmd` (spawned with `process_group(0)`; `shown` names it in errors) with its
+/// standard output streamed into `sink` as `part`, within `limit`; returns the stream's byte
+/// count and SHA3.
+pub(crate) async fn stream_cmd_out(
+    what: &str,
+    shown: &str,
+    mut cmd: Command,
+    limit: Duration,
+    part: &str,
+    sink: &dyn DumpSink,
+) -> Result<(u64, String), SourceError> {
+    let command = shown;
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|e| spawn_error_of(&cmd, shown, e))?;
     let group = Group::new(&child);
     let tail = StderrTail::spawn(child.stderr.take());
     let Some(stdout) = child.stdout.take() else {

@@ -1,7 +1,7 @@
 //! backstop-sources: where backups come from and where restores go.
 //!
 //! This crate knows how to read a source (a PostgreSQL database, logically or physically; a
-//! command's output ([`command`]); a Redis snapshot ([`redis`])) as a set of
+//! command's output ([`command`]); a Redis snapshot ([`redis`]); a git repository's bundle ([`git`])) as a set of
 //! named, streamed *parts*, and how to put such parts back. It knows nothing about the repository:
 //! the caller implements [`pg::logical::DumpSink`] and [`pg::logical::DumpSource`] (chunking,
 //! sealing and storing are the repository's business), so this crate sits beside `backstop-repo`
@@ -22,6 +22,7 @@ pub mod command;
 pub mod config;
 mod error;
 pub mod files;
+pub mod git;
 pub mod pg;
 pub mod redis;
 pub mod webhook;

@@ -128,7 +128,9 @@ impl Handler for BackupWorker {
             | BackupMethod::Physical
             | BackupMethod::Command
             | BackupMethod::Redis
-            | BackupMethod::Files => {}
+            | BackupMethod::Files
+            | BackupMethod::Git
+            | BackupMethod::Config => {}
         }
         let dp = &self.data_path;
         match catalog::load_manifest(&dp.repo, request.backup_id).await {

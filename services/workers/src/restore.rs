@@ -109,6 +109,14 @@ impl Handler for RestoreWorker {
                 refuse("command and Redis backups are restored on the target machine: `backstop restore ID --out FILE` (or, for a command backup, --to TARGET to run its restore command)".into()).await?;
                 return Ok(());
             }
+            (BackupMethod::Config, _) => {
+                refuse("configuration backups are imported on the target machine: `backstop config import ID --out FILE [--format env|json]`".into()).await?;
+                return Ok(());
+            }
+            (BackupMethod::Git, _) => {
+                refuse("git backups are restored on the target machine: `backstop restore ID --out FILE.bundle`, then `git clone FILE.bundle`".into()).await?;
+                return Ok(());
+            }
         }
         let recovery = Recovery {
             recovery_id: r.recovery_id,

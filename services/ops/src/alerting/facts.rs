@@ -139,6 +139,9 @@ pub struct Facts {
     /// Per source, its last DR drill when that one failed (drill id, reason); a passed drill
     /// clears it.
     pub failed_drills: BTreeMap<String, (Uuid, String, Cause)>,
+    /// Per git source, the newest sync when it did not end mirrored: diverged (the refs that
+    /// differ, summarised) or failed (the reason). A `git.mirrored` clears it.
+    pub git_mirrors: BTreeMap<String, (GitTrouble, Cause)>,
     /// Per replica, the newest `replication.lag_measured` (lag in seconds).
     pub replication_lag: BTreeMap<String, (u64, Cause)>,
     /// Open alerts by key, as the ledger records them.
@@ -146,6 +149,15 @@ pub struct Facts {
     /// How many times each key was raised: part of the next raise's id, so a condition that
     /// returns after it was resolved is a new alert, never swallowed as a duplicate of the old.
     pub raised_count: HashMap<String, u64>,
+}
+
+/// What is wrong with a git source's mirror (see [`Facts::git_mirrors`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GitTrouble {
+    /// The newest sync left these refs different on the mirror.
+    Diverged { mirror: String, refs: Vec<String> },
+    /// The newest sync could not finish.
+    Failed { mirror: String, reason: String },
 }
 
 /// The alert key of a dead-lettered event.
@@ -181,6 +193,9 @@ impl Facts {
                 | "export.completed"
                 | "export.failed"
                 | "drill.completed"
+                | "git.mirrored"
+                | "git.diverged"
+                | "git.mirror_failed"
                 | "alert.raised"
                 | "alert.resolved"
         );
@@ -300,6 +315,24 @@ impl Facts {
                 self.failed_drills
                     .insert(d.source, (d.drill_id, d.reason, cause));
             }
+            Event::GitMirrored(m) => {
+                self.git_mirrors.remove(&m.source);
+            }
+            Event::GitDiverged(d) => {
+                let refs: Vec<String> = d.diverged.iter().map(|r| r.name.clone()).collect();
+                let trouble = GitTrouble::Diverged {
+                    mirror: d.mirror,
+                    refs,
+                };
+                self.git_mirrors.insert(d.source, (trouble, cause));
+            }
+            Event::GitMirrorFailed(f) => {
+                let trouble = GitTrouble::Failed {
+                    mirror: f.mirror,
+                    reason: f.reason,
+                };
+                self.git_mirrors.insert(f.source, (trouble, cause));
+            }
             Event::ReplicationLagMeasured(l) => {
                 self.replication_lag
                     .insert(l.region, (l.lag_seconds, cause));
@@ -375,6 +408,8 @@ fn method_name(m: BackupMethod) -> &'static str {
         BackupMethod::Command => "command",
         BackupMethod::Redis => "redis",
         BackupMethod::Files => "files",
+        BackupMethod::Git => "git",
+        BackupMethod::Config => "config",
     }
 }
 

@@ -18,6 +18,8 @@
 //! | `cost_over_budget` | repository | warning | the monthly estimate from the newest samples is over `[cost] budget_usd` | $15 (seed 000 R12.3) |
 //! | `endpoint_down` | endpoint | critical | the health monitor judges it down (2 failed checks) | |
 //! | `endpoint_slow` | endpoint | warning | the health monitor judges it degraded (3 slow answers) | |
+//! | `git_mirror_diverged` | source | critical | the git source's newest sync left refs whose hashes differ on the mirror (`git.diverged`) | |
+//! | `git_mirror_failed` | source | warning | the git source's newest sync could not finish (`git.mirror_failed`) | |
 //! | `replication_lagging` | replica | critical | the newest `replication.lag_measured` of the replica says it lacks a backup that is now more than 2 h old (R14.4; fixed) | 2 h |
 //! | `event_dead_lettered` | consumer/event | warning | a worker gave up on an event, until an operator resolves the alert | |
 //!
@@ -30,7 +32,7 @@ use backstop_events::{HealthState, Severity};
 use chrono::{DateTime, TimeDelta, Utc};
 use serde::Deserialize;
 
-use super::facts::{Cause, Facts, Outcome};
+use super::facts::{Cause, Facts, GitTrouble, Outcome};
 use crate::schedule::ConfigDuration;
 
 /// Monthly cost in USD of `bytes` in a storage class and region (the price table of
@@ -360,6 +362,34 @@ pub fn conditions(
             format!(
                 "the last DR drill of `{source}` ({drill_id}) failed: {reason}. Read its report (`backstop drill --source {source}` writes one), fix the cause and drill again; the alert resolves when a drill passes"
             ),
+            *cause,
+        ));
+    }
+    for (source, (trouble, cause)) in &facts.git_mirrors {
+        let (kind, severity, message) = match trouble {
+            GitTrouble::Diverged { mirror, refs } => (
+                "git_mirror_diverged",
+                Severity::Critical,
+                format!(
+                    "the mirror {mirror} of git source `{source}` has diverged: {} ref(s) differ from the source ({}); they were left alone. Find who pushed to the mirror, reconcile by hand (or set force = true to let the source win), then `backstop git sync {source}`; the alert resolves when a sync ends mirrored",
+                    refs.len(),
+                    refs.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+                ),
+            ),
+            GitTrouble::Failed { mirror, reason } => (
+                "git_mirror_failed",
+                Severity::Warning,
+                format!(
+                    "the last sync of git source `{source}` to {mirror} failed: {reason}. The alert resolves when a sync ends mirrored"
+                ),
+            ),
+        };
+        out.push(cond(
+            kind,
+            source.clone(),
+            severity,
+            Some(source.clone()),
+            message,
             *cause,
         ));
     }
