@@ -122,6 +122,9 @@ pub enum OpsError {
     Files(#[from] backstop_sources::files::FilesError),
 
     #[error(transparent)]
+    Config(#[from] backstop_sources::config::ConfigError),
+
+    #[error(transparent)]
     Physical(#[from] PhysicalError),
 
     #[error(transparent)]
@@ -149,6 +152,7 @@ impl OpsError {
             OpsError::Repo(e) => repo_class(e),
             OpsError::Source(e) => source_class(e),
             OpsError::Files(e) => files_class(e),
+            OpsError::Config(e) => config_class(e),
             OpsError::Physical(e) => physical_class(e),
             OpsError::Wal(e) => wal_class(e),
             OpsError::Ledger(_) => Ledger,
@@ -163,6 +167,10 @@ impl OpsError {
             OpsError::Ledger(e) => e.is_transient(),
             OpsError::Source(e) => source_transient(e),
             OpsError::Files(e) => files_transient(e),
+            OpsError::Config(backstop_sources::config::ConfigError::Sink(s)) => {
+                repo_inside(s).is_some_and(|r| r.is_transient())
+            }
+            OpsError::Config(e) => e.is_transient(),
             OpsError::Physical(PhysicalError::Source(e)) => source_transient(e),
             _ => false,
         }
@@ -220,6 +228,18 @@ fn files_class(e: &backstop_sources::files::FilesError) -> FailureClass {
         F::BadPattern { .. } | F::NotAbsolute(_) | F::NotUtf8(_) | F::Exists(_) | F::NoMatch(_) => {
             FailureClass::Configuration
         }
+    }
+}
+
+fn config_class(e: &backstop_sources::config::ConfigError) -> FailureClass {
+    use backstop_sources::config::ConfigError as C;
+    match e {
+        C::Io { .. } | C::Postgres(_) => FailureClass::Environment,
+        C::Sink(source) => repo_inside(source)
+            .map(repo_class)
+            .unwrap_or(FailureClass::Environment),
+        C::Document(_) => FailureClass::Data,
+        C::MissingVar(_) | C::EnvLine { .. } | C::NotJson { .. } => FailureClass::Configuration,
     }
 }
 

@@ -367,7 +367,16 @@ async fn plan(
     let mut decisions = Vec::new();
     for name in names {
         let manifests = by_source.remove(&name).unwrap_or_default();
-        let policy = retention.policy(&name, Class::Backups);
+        // A configuration source's backups are the configuration class (180 days by default).
+        let class = if manifests
+            .iter()
+            .any(|m| method_of(m) == backstop_events::BackupMethod::Config)
+        {
+            Class::Configuration
+        } else {
+            Class::Backups
+        };
+        let policy = retention.policy(&name, class);
         let candidates: Vec<Candidate> = manifests
             .iter()
             .map(|m| Candidate {

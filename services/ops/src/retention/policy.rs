@@ -20,7 +20,9 @@
 //! defaults, then the entry for the class without a source, then the entry for the class and the
 //! source. Class defaults (seeds 000 R13, 003, 004): backups keep daily 30, weekly 12, monthly
 //! 12, yearly 7, the `pre-deploy` tag 30 days and a 7-day WAL window; exports are kept 90 days
-//! and configuration 180 days (`keep_within`).
+//! and configuration 180 days (`keep_within`) plus its newest backup (`keep_last = 1`: an
+//! unchanged configuration takes no new backup). A configuration source's backups (method
+//! `config`) are the configuration class; every other source's are backups.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -154,8 +156,11 @@ impl Policy {
                 keep_within: Some(ConfigDuration::from_days(90)),
                 ..none
             },
+            // An unchanged configuration takes no new backup, so its newest backup may be older
+            // than 180 days and must stay: the last one is always kept.
             Class::Configuration => Policy {
                 keep_within: Some(ConfigDuration::from_days(180)),
+                keep_last: 1,
                 ..none
             },
         }
