@@ -27,7 +27,7 @@ fn settings(r: &ReplicaSection) -> S3Settings {
     }
 }
 
-fn section<'a>(config: &'a Config, name: &str) -> anyhow::Result<&'a ReplicaSection> {
+pub(crate) fn section<'a>(config: &'a Config, name: &str) -> anyhow::Result<&'a ReplicaSection> {
     config
         .repository
         .replicas
@@ -223,6 +223,20 @@ pub async fn replicate(
                         eprintln!("backup {id} not replicated to {}: {e}", replica.name);
                         failed = true;
                     }
+                }
+            }
+            // WAL files wal-push could not write to it while it was unreachable.
+            match replicate::replicate_wal(&primary, replica).await {
+                Ok(r) => println!(
+                    "WAL replicated to {}: {} objects, {} copied ({})",
+                    replica.name,
+                    r.objects,
+                    r.copied,
+                    human(r.bytes)
+                ),
+                Err(e) => {
+                    eprintln!("WAL not replicated to {}: {e}", replica.name);
+                    failed = true;
                 }
             }
             let now = chrono::Utc::now();

@@ -14,6 +14,15 @@
 //!   from the repository later (`backstop serve` every minute, and `wal verify`).
 //!   A segment is safe once it is in the repository: archiving never fails for want of a ledger.
 //! - `wal-push`'s quick path (a file an earlier call already pushed ahead) opens nothing.
+//! - With `[[repository.replicas]]` configured, `wal-push` writes each file to the primary and,
+//!   concurrently, to every replica; it is acknowledged once the primary holds it (a replica
+//!   unreachable or slower than `[wal] replica_timeout_seconds` falls behind and `backstop
+//!   replicate` copies what it lacks: see `backstop_ops::wal_replicas` for the rule and why).
+//!   `wal-fetch` reads from a replica when the primary is unreachable (or `--from NAME`) and
+//!   says which copy served the file on stderr. A copy found unreachable is skipped for
+//!   `[wal] unreachable_rest_seconds` (a marker in `pg_wal/backstop/unreachable/`), so an outage
+//!   costs its retries once, not on every call. Replicas are used only with the configured
+//!   repository (no `--repo` naming another one): they are copies of that one.
 //! - `wal-fetch` exits 0 (restored), 1 (not archived: the end of the archive), or 150 (abort
 //!   recovery: a damaged segment, a gap, an unreadable repository), never 1 for a failure, since
 //!   PostgreSQL would take it for the end of the archive and finish recovery early. A
@@ -23,21 +32,25 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use backstop_events::Actor;
 use backstop_ledger::Appender;
 use backstop_ops::catalog;
+use backstop_ops::replicate::Replica;
 use backstop_ops::wal::{self as repo_wal, RepoWalStore};
+use backstop_ops::wal_replicas::{
+    DEFAULT_REPLICA_TIMEOUT, DEFAULT_REST, FallbackWalStore, OpenCopy, ReplicatedWalStore, Rests,
+};
 use backstop_repo::{KeyAccess, Location, PurposeKeyFile, PurposeRepository, Repository};
 use backstop_sources::pg::wal::{
-    self, FetchOptions, FetchOutcome, PushOptions, WalProblemKind, WalVerifyOptions,
-    WalVerifyReport,
+    self, FetchOptions, FetchOutcome, PushOptions, WalProblemKind, WalStore, WalStoreError,
+    WalVerifyOptions, WalVerifyReport,
 };
 use clap::{Args, Subcommand};
-use tokio::sync::mpsc::unbounded_channel;
+use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 
-use crate::config::Config;
+use crate::config::{Config, ReplicaSection};
 use crate::wiring::{
     self, Events, RepoArgs, configured_source, human, open_repository, operator, source_in_repo,
 };
@@ -84,6 +97,10 @@ pub struct WalFetchArgs {
     /// A `wal` key file, used instead of the master key (as for wal-push).
     #[arg(long)]
     pub key_file: Option<PathBuf>,
+    /// Read from this replica ([[repository.replicas]] name) instead of the primary. Without
+    /// it, a replica serves the file only when the primary is unreachable.
+    #[arg(long)]
+    pub from: Option<String>,
     /// PostgreSQL's %f: the file wanted.
     pub name: String,
     /// PostgreSQL's %p: where to put it.
@@ -199,23 +216,39 @@ fn wal_key_file(config: &Config, flag: Option<&Path>) -> Option<PathBuf> {
         .or_else(|| config.wal.key_file.clone())
 }
 
-/// Opens the repository for `wal-push` / `wal-fetch`, with the `wal` key file when one is
-/// configured (the master key is then not read at all), else with the master key. Key accesses
-/// go to `appender` when there is one (recorded in the background; see
-/// [`finish_key_accesses`]), else to the log.
-async fn open_for_wal(
+/// The key-access channel of a `wal-push` / `wal-fetch` call: accesses go to `appender` when
+/// there is one (recorded in the background; see [`finish_key_accesses`]), else to the log.
+fn key_recorder(
+    appender: Option<Arc<dyn Appender>>,
+) -> (UnboundedSender<KeyAccess>, tokio::task::JoinHandle<()>) {
+    let (tx, mut rx) = unbounded_channel::<KeyAccess>();
+    let recorder = match appender {
+        Some(a) => tokio::spawn(backstop_ops::keys::record_key_accesses(rx, a)),
+        None => tokio::spawn(async move {
+            while let Some(access) = rx.recv().await {
+                tracing::debug!(
+                    actor = %access.actor, key = %access.key_id, reason = %access.reason,
+                    "key access (no ledger reachable from here: not recorded)"
+                );
+            }
+        }),
+    };
+    (tx, recorder)
+}
+
+/// Opens the repository (or a replica) at `backend` for `wal-push` / `wal-fetch`, with the
+/// `wal` key file when one is configured (the master key is then not read at all), else with
+/// the master key.
+async fn open_wal_repo(
     config: &Config,
-    data_dir: &Path,
     args: &RepoArgs,
     key_file: Option<&Path>,
-    appender: Option<Arc<dyn Appender>>,
-) -> anyhow::Result<(WalRepo, tokio::task::JoinHandle<()>)> {
-    let loc = wiring::location(config, data_dir, args)?;
-    let (tx, mut rx) = unbounded_channel::<KeyAccess>();
-    let repo = match key_file {
+    backend: Arc<dyn backstop_repo::Backend>,
+    tx: UnboundedSender<KeyAccess>,
+) -> anyhow::Result<WalRepo> {
+    Ok(match key_file {
         Some(path) => {
             let file = PurposeKeyFile::load(path)?;
-            let backend = loc.open(Some(wiring::s3_settings(config))).await?;
             let repo = PurposeRepository::open(backend, file, Arc::new(tx)).await?;
             if let Some(newer) = repo.newer_key() {
                 tracing::warn!(
@@ -228,26 +261,103 @@ async fn open_for_wal(
         }
         None => {
             let master = wiring::master_key(config, args)?;
-            let backend = loc.open(Some(wiring::s3_settings(config))).await?;
             WalRepo::Full(Repository::open(backend, &master, Arc::new(tx)).await?)
         }
+    })
+}
+
+/// Opens the primary repository for `wal-push` / `wal-fetch` (see [`open_wal_repo`]).
+async fn open_for_wal(
+    config: &Config,
+    data_dir: &Path,
+    args: &RepoArgs,
+    key_file: Option<&Path>,
+    tx: UnboundedSender<KeyAccess>,
+) -> anyhow::Result<WalRepo> {
+    let loc = wiring::location(config, data_dir, args)?;
+    let backend = loc.open(Some(wiring::s3_settings(config))).await?;
+    open_wal_repo(config, args, key_file, backend, tx).await
+}
+
+/// True when `args` name the configured repository (its replicas are copies of that one).
+fn replicas_apply(config: &Config, data_dir: &Path, args: &RepoArgs) -> bool {
+    if config.repository.replicas.is_empty() {
+        return false;
+    }
+    let configured = wiring::location(config, data_dir, &RepoArgs::default());
+    match (configured, wiring::location(config, data_dir, args)) {
+        (Ok(a), Ok(b)) => a.to_string() == b.to_string(),
+        _ => false,
+    }
+}
+
+/// The spool's markers of unreachable copies, beside PostgreSQL's file (`pg_wal/backstop/`).
+fn rests(config: &Config, pg_file: &Path) -> Rests {
+    let wal_dir = match pg_file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
     };
-    let recorder = match appender {
-        Some(a) => tokio::spawn(backstop_ops::keys::record_key_accesses(rx, a)),
-        None => tokio::spawn(async move {
-            while let Some(access) = rx.recv().await {
-                tracing::debug!(
-                    actor = %access.actor, key = %access.key_id, reason = %access.reason,
-                    "key access (no ledger reachable from here: not recorded)"
-                );
-            }
-        }),
-    };
-    Ok((repo, recorder))
+    Rests::new(
+        wal_dir.join("backstop").join("unreachable"),
+        Duration::from_secs(
+            config
+                .wal
+                .unreachable_rest_seconds
+                .unwrap_or(DEFAULT_REST.as_secs()),
+        ),
+    )
+}
+
+fn is_transient(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<backstop_repo::RepoError>()
+            .is_some_and(|r| r.is_transient())
+    })
+}
+
+/// Opens a replica's WAL archive when a fetch first needs it.
+struct ReplicaOpener {
+    config: Config,
+    section: ReplicaSection,
+    args: RepoArgs,
+    key_file: Option<PathBuf>,
+    tx: UnboundedSender<KeyAccess>,
+    reason: String,
+    source: String,
+}
+
+#[async_trait::async_trait]
+impl OpenCopy for ReplicaOpener {
+    fn name(&self) -> &str {
+        &self.section.name
+    }
+
+    async fn open(&self) -> Result<RepoWalStore, WalStoreError> {
+        let opened = async {
+            let replica = crate::replica_cmd::open_replica(&self.section).await?;
+            open_wal_repo(
+                &self.config,
+                &self.args,
+                self.key_file.as_deref(),
+                replica.backend,
+                self.tx.clone(),
+            )
+            .await
+        }
+        .await;
+        match opened {
+            Ok(repo) => Ok(repo.store(
+                &Actor::worker("wal-fetch"),
+                format!("{} (replica `{}`)", self.reason, self.section.name),
+                &self.source,
+            )),
+            Err(e) => Err(WalStoreError::unavailable(format!("{e:#}"))),
+        }
+    }
 }
 
 /// Waits (within the budget) for the key accesses to be recorded.
-async fn finish_key_accesses(repo: WalRepo, recorder: tokio::task::JoinHandle<()>) {
+async fn finish_key_accesses(repo: Option<WalRepo>, recorder: tokio::task::JoinHandle<()>) {
     // The channel closes when the last handle on the repository is gone.
     drop(repo);
     if tokio::time::timeout(EVENT_BUDGET, recorder).await.is_err() {
@@ -290,18 +400,27 @@ async fn push_inner(config: &Config, data_dir: &Path, args: &WalPushArgs) -> any
     let appender = remote_appender(config).await;
     let actor = Actor::worker("wal-push");
     let key_file = wal_key_file(config, args.key_file.as_deref());
-    let (repo, recorder) = open_for_wal(
-        config,
-        data_dir,
-        &args.repo,
-        key_file.as_deref(),
-        appender.clone(),
-    )
-    .await?;
+    let (tx, recorder) = key_recorder(appender.clone());
+    let repo = open_for_wal(config, data_dir, &args.repo, key_file.as_deref(), tx).await?;
     let store = repo.store(&actor, format!("archiving WAL of {source}"), &source);
-    let report = wal::push(&args.path, &opts, &store).await?;
+    let replicas = push_replicas(config, data_dir, args).await;
+    // Every handle on the repository is dropped before the events are announced: the
+    // key-access recorder ends when the last one is gone.
+    let report = if replicas.is_empty() {
+        let pushed = wal::push(&args.path, &opts, &store).await;
+        drop(store);
+        pushed?
+    } else {
+        let timeout = config
+            .wal
+            .replica_timeout_seconds
+            .map_or(DEFAULT_REPLICA_TIMEOUT, Duration::from_secs);
+        let all = ReplicatedWalStore::new(store, replicas, timeout);
+        let pushed = wal::push(&args.path, &opts, &all).await;
+        rests(config, &args.path).after_push(&all.outcomes(), SystemTime::now());
+        pushed?
+    };
     // Files that could not be pushed ahead were logged by the push; PostgreSQL asks again.
-    drop(store);
     if let Some(a) = &appender {
         match tokio::time::timeout(
             EVENT_BUDGET,
@@ -316,8 +435,32 @@ async fn push_inner(config: &Config, data_dir: &Path, args: &WalPushArgs) -> any
             Err(_) => tracing::warn!("wal.archived not recorded in time; the catch-up will"),
         }
     }
-    finish_key_accesses(repo, recorder).await;
+    finish_key_accesses(Some(repo), recorder).await;
     Ok(())
+}
+
+/// The replicas `wal-push` writes to: every configured one that opens, but those found
+/// unreachable less than the rest period ago (left to the catch-up).
+async fn push_replicas(config: &Config, data_dir: &Path, args: &WalPushArgs) -> Vec<Replica> {
+    if !replicas_apply(config, data_dir, &args.repo) {
+        return Vec::new();
+    }
+    let rests = rests(config, &args.path);
+    let now = SystemTime::now();
+    let mut out = Vec::new();
+    for r in &config.repository.replicas {
+        if rests.resting(&r.name, now) {
+            tracing::info!(replica = %r.name, "replica found unreachable recently: skipped; `backstop replicate` copies what it lacks");
+            continue;
+        }
+        match crate::replica_cmd::open_replica(r).await {
+            Ok(x) => out.push(x),
+            Err(e) => {
+                tracing::warn!(replica = %r.name, error = %format!("{e:#}"), "replica unusable: WAL not written to it")
+            }
+        }
+    }
+    out
 }
 
 pub async fn wal_fetch(
@@ -346,20 +489,120 @@ async fn fetch_inner(
     };
     let appender = remote_appender(config).await;
     let key_file = wal_key_file(config, args.key_file.as_deref());
-    let (repo, recorder) =
-        match open_for_wal(config, data_dir, &args.repo, key_file.as_deref(), appender).await {
+    let (tx, recorder) = key_recorder(appender);
+    let reason = format!("recovery from the WAL of {source}");
+    let actor = Actor::worker("wal-fetch");
+    if let Some(name) = &args.from {
+        let opened = async {
+            let section = crate::replica_cmd::section(config, name)?;
+            let replica = crate::replica_cmd::open_replica(section).await?;
+            open_wal_repo(
+                config,
+                &args.repo,
+                key_file.as_deref(),
+                replica.backend,
+                tx.clone(),
+            )
+            .await
+        }
+        .await;
+        drop(tx);
+        let repo = match opened {
             Ok(r) => r,
+            Err(e) => {
+                return fatal_fetch(
+                    opts,
+                    &format!("cannot open replica `{name}`: {e:#}"),
+                    is_transient(&e),
+                );
+            }
+        };
+        let store = repo.store(&actor, format!("{reason} (replica `{name}`)"), &source);
+        let code = run_fetch(args, opts, &store).await;
+        if code == 0 {
+            eprintln!(
+                "backstop wal-fetch {}: served by replica `{name}`",
+                args.name
+            );
+        }
+        drop(store);
+        finish_key_accesses(Some(repo), recorder).await;
+        return code;
+    }
+
+    let fallback = replicas_apply(config, data_dir, &args.repo);
+    let rests = rests(config, &args.dest);
+    let now = SystemTime::now();
+    let (repo, why) = if fallback && rests.resting(Rests::primary(), now) {
+        (
+            None,
+            Some("found unreachable by an earlier call moments ago".to_string()),
+        )
+    } else {
+        match open_for_wal(
+            config,
+            data_dir,
+            &args.repo,
+            key_file.as_deref(),
+            tx.clone(),
+        )
+        .await
+        {
+            Ok(r) => (Some(r), None),
+            Err(e) if fallback && is_transient(&e) => {
+                rests.mark(Rests::primary(), now);
+                (None, Some(format!("{e:#}")))
+            }
             // A standby retries an unreachable repository; recovery otherwise aborts.
             Err(e) => {
                 return fatal_fetch(opts, &format!("cannot open the repository: {e:#}"), true);
             }
-        };
-    let store = repo.store(
-        &Actor::worker("wal-fetch"),
-        format!("recovery from the WAL of {source}"),
-        &source,
-    );
-    let code = match wal::fetch(&args.name, &args.dest, opts, &store).await {
+        }
+    };
+    let primary = repo
+        .as_ref()
+        .map(|r| r.store(&actor, reason.clone(), &source));
+    let openers: Vec<Box<dyn OpenCopy>> = if fallback {
+        config
+            .repository
+            .replicas
+            .iter()
+            .map(|r| {
+                Box::new(ReplicaOpener {
+                    config: config.clone(),
+                    section: r.clone(),
+                    args: args.repo.clone(),
+                    key_file: key_file.clone(),
+                    tx: tx.clone(),
+                    reason: reason.clone(),
+                    source: source.clone(),
+                }) as Box<dyn OpenCopy>
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    drop(tx);
+    let store = FallbackWalStore::new(source.clone(), primary, why, openers);
+    let code = run_fetch(args, opts, &store).await;
+    if store.primary_unreachable() {
+        rests.mark(Rests::primary(), now);
+    }
+    if let Some(name) = store.served_by() {
+        eprintln!(
+            "backstop wal-fetch {}: the primary repository is unreachable ({}); {} replica `{name}`",
+            args.name,
+            store.primary_failure().unwrap_or_default(),
+            if code == 0 { "served by" } else { "read from" }
+        );
+    }
+    drop(store);
+    finish_key_accesses(repo, recorder).await;
+    code
+}
+
+async fn run_fetch(args: &WalFetchArgs, opts: &FetchOptions, store: &dyn WalStore) -> i32 {
+    match wal::fetch(&args.name, &args.dest, opts, store).await {
         Ok(FetchOutcome::Unusable { reason, .. }) => {
             eprintln!("backstop wal-fetch {}: {reason}", args.name);
             1
@@ -369,10 +612,7 @@ async fn fetch_inner(
             eprintln!("backstop wal-fetch {}: {e}", args.name);
             e.exit_code
         }
-    };
-    drop(store);
-    finish_key_accesses(repo, recorder).await;
-    code
+    }
 }
 
 fn fatal_fetch(opts: &FetchOptions, message: &str, retryable: bool) -> i32 {

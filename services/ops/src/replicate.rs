@@ -22,6 +22,12 @@
 //!   `to_region` the replica's name.
 //! - Lag ([`measure_lag`]) is the age of the oldest backup the primary holds (a manifest) that
 //!   the replica does not: 0 when the replica is up to date.
+//! - WAL: `wal-push` writes each file to every replica as it is archived
+//!   (`crate::wal_replicas`); a replica that was unreachable then lacks some, and
+//!   [`replicate_wal`] copies the WAL files it lacks (with `config` and `keys/`, so the replica
+//!   opens on its own), each authenticated on the primary (opened with its key, and its stored
+//!   SHA3-256 checked) before it is copied, then read back and compared like every copy.
+//!   [`compare`] includes every WAL file.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -32,6 +38,7 @@ use backstop_events::{
 };
 use backstop_ledger::{Appender, LedgerError};
 use backstop_repo::{Backend, Hash32, RepoError, Repository, manifest_key, seal};
+use backstop_sources::pg::wal::decode_stored;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
@@ -40,6 +47,7 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use crate::record::{record, uuid_time};
+use crate::wal::{WAL_PREFIX, parse_wal_object_key};
 
 /// Objects copied or compared at a time.
 const CONCURRENCY: usize = 8;
@@ -70,6 +78,11 @@ pub enum ReplicateError {
         expected: String,
         actual: String,
     },
+    /// A WAL file on the primary does not open or fails its recorded checksum: not copied.
+    #[error(
+        "{key}: the primary's copy is damaged ({why}): run `backstop wal verify` on the primary"
+    )]
+    PrimaryWalDamaged { key: String, why: String },
     /// The primary's own copy does not match its manifest: it is not copied (nor healed from).
     #[error(
         "{key}: the primary's copy has SHA3-256 {actual}, its manifest records {expected}: run `backstop check --read-data` on the primary"
@@ -87,7 +100,9 @@ impl ReplicateError {
         match self {
             ReplicateError::Repo(e) => e.is_transient(),
             ReplicateError::Ledger(e) => e.is_transient(),
-            ReplicateError::Mismatch { .. } | ReplicateError::PrimaryDamaged { .. } => false,
+            ReplicateError::Mismatch { .. }
+            | ReplicateError::PrimaryDamaged { .. }
+            | ReplicateError::PrimaryWalDamaged { .. } => false,
         }
     }
 }
@@ -170,6 +185,44 @@ pub async fn needed_objects(
 
 fn sha3(b: &[u8]) -> Hash32 {
     Hash32(seal::sha3(b))
+}
+
+/// The WAL files on the primary (every source), by object key.
+pub async fn wal_objects(primary: &Repository) -> Result<Vec<Needed>, ReplicateError> {
+    Ok(primary
+        .backend()
+        .list(WAL_PREFIX)
+        .await?
+        .into_iter()
+        .filter(|o| parse_wal_object_key(&o.key).is_some())
+        .map(|o| Needed {
+            key: o.key,
+            expected: None,
+        })
+        .collect())
+}
+
+/// Authenticates a WAL file's sealed bytes with the primary's keys and checks the SHA3-256
+/// recorded in it when it was pushed (no manifest records a WAL file's sealed checksum).
+async fn check_wal(primary: &Repository, key: &str, data: &Bytes) -> Result<(), ReplicateError> {
+    let damaged = |why: String| ReplicateError::PrimaryWalDamaged {
+        key: key.to_string(),
+        why,
+    };
+    let Some((_, file)) = parse_wal_object_key(key) else {
+        return Ok(());
+    };
+    let plain = match primary.open_sealed_blob(key, data.clone()).await {
+        Ok(p) => p,
+        Err(e) if e.is_transient() => return Err(e.into()),
+        Err(e) => return Err(damaged(e.to_string())),
+    };
+    let stored = decode_stored(&file.name, plain).map_err(|e| damaged(e.to_string()))?;
+    stored
+        .verify(&file.name)
+        .await
+        .map_err(|e| damaged(e.to_string()))?;
+    Ok(())
 }
 
 /// Reads `key` from the primary and checks it against what its manifest records.
@@ -446,6 +499,79 @@ pub async fn replicate_backup(
     }
 }
 
+/// Copies the WAL files (every source) the replica lacks (absent, or of another size), with
+/// `config` and `keys/` first so that the replica opens on its own; each is authenticated on
+/// the primary before it is copied and read back after.
+pub async fn replicate_wal(
+    primary: &Repository,
+    replica: &Replica,
+) -> Result<CopyReport, ReplicateError> {
+    let mut report = copy_missing(primary, replica, &needed_objects(primary, &[]).await?).await?;
+    let present: HashMap<String, u64> = replica
+        .backend
+        .list(WAL_PREFIX)
+        .await?
+        .into_iter()
+        .map(|o| (o.key, o.size))
+        .collect();
+    let wal: Vec<(String, u64)> = primary
+        .backend()
+        .list(WAL_PREFIX)
+        .await?
+        .into_iter()
+        .filter(|o| parse_wal_object_key(&o.key).is_some())
+        .map(|o| (o.key, o.size))
+        .collect();
+    report.objects += wal.len() as u64;
+    report.total_bytes += wal.iter().map(|(_, n)| n).sum::<u64>();
+    let todo: Vec<String> = wal
+        .into_iter()
+        .filter(|(k, n)| present.get(k) != Some(n))
+        .map(|(k, _)| k)
+        .collect();
+    let mut results = futures::stream::iter(todo)
+        .map(|key| {
+            let primary = primary.clone();
+            let replica = replica.clone();
+            async move {
+                let data = primary.backend().get(&key).await?;
+                check_wal(&primary, &key, &data).await?;
+                let len = data.len() as u64;
+                write_verified(&replica, &key, data).await?;
+                Ok::<u64, ReplicateError>(len)
+            }
+        })
+        .buffer_unordered(CONCURRENCY);
+    while let Some(r) = results.next().await {
+        report.bytes += r?;
+        report.copied += 1;
+    }
+    if report.copied > 0 {
+        info!(replica = %replica.name, copied = report.copied, bytes = report.bytes, "WAL replicated");
+    }
+    Ok(report)
+}
+
+/// The WAL files on the primary that the replica lacks, by object key.
+pub async fn missing_wal(
+    primary: &Repository,
+    replica: &Replica,
+) -> Result<Vec<String>, ReplicateError> {
+    let on_replica: BTreeSet<String> = replica
+        .backend
+        .list(WAL_PREFIX)
+        .await?
+        .into_iter()
+        .map(|o| o.key)
+        .collect();
+    Ok(wal_objects(primary)
+        .await?
+        .into_iter()
+        .map(|n| n.key)
+        .filter(|k| !on_replica.contains(k))
+        .collect())
+}
+
 /// Backups with a manifest on the primary that the replica has no manifest for, oldest first.
 pub async fn missing_backups(
     primary: &Repository,
@@ -532,10 +658,11 @@ impl CompareReport {
     }
 }
 
-/// Compares, object for object, what every backup on the primary needs with the replica's copy
-/// (presence and SHA3-256 of both sides, read in full). With `heal`, a missing or different
-/// object is rewritten from the primary after the primary's copy is checked (chunks against
-/// their manifest's SHA3-256; manifests, `config` and keys are authenticated by the primary's
+/// Compares, object for object, what every backup on the primary needs, and every WAL file,
+/// with the replica's copy (presence and SHA3-256 of both sides, read in full). With `heal`, a
+/// missing or different object is rewritten from the primary after the primary's copy is
+/// checked (chunks against their manifest's SHA3-256; WAL files opened and checked against
+/// their recorded checksum; manifests, `config` and keys are authenticated by the primary's
 /// opening and [`Repository::load_manifest`]), then read back.
 pub async fn compare(
     primary: &Repository,
@@ -543,7 +670,8 @@ pub async fn compare(
     heal: bool,
 ) -> Result<CompareReport, ReplicateError> {
     let ids = primary.backup_ids().await?;
-    let needed = needed_objects(primary, &ids).await?;
+    let mut needed = needed_objects(primary, &ids).await?;
+    needed.extend(wal_objects(primary).await?);
     let mut report = CompareReport {
         replica: replica.name.clone(),
         objects: needed.len() as u64,
@@ -555,6 +683,9 @@ pub async fn compare(
             let replica = replica.clone();
             async move {
                 let p = read_primary(primary.backend().as_ref(), &n).await?;
+                if n.key.starts_with(WAL_PREFIX) {
+                    check_wal(&primary, &n.key, &p).await?;
+                }
                 let r = match replica.backend.get(&n.key).await {
                     Ok(b) => Some(b),
                     Err(RepoError::NotFound { .. }) => None,

@@ -25,7 +25,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use backstop_events::{Actor, Event, NewEvent, WalArchived, streams};
 use backstop_ledger::{Appender, ExpectedVersion, Ledger, LedgerError};
-use backstop_repo::{Backend, KeyPurpose, PurposeRepository, RepoError, Repository, StoredObject};
+use backstop_repo::{Backend, KeyPurpose, PurposeRepository, RepoError, Repository, SealedBlob};
 use backstop_sources::pg::wal::{
     ArchivedWal, PushReport, StoredWal, WalEntry, WalFile, WalKind, WalStore, WalStoreError,
     decode_stored, encode_stored,
@@ -68,7 +68,7 @@ pub fn parse_wal_object_key(key: &str) -> Option<(String, WalFile)> {
     Some((source.to_string(), file))
 }
 
-fn store_err(e: RepoError) -> WalStoreError {
+pub(crate) fn store_err(e: RepoError) -> WalStoreError {
     if matches!(e, RepoError::Corrupt { .. } | RepoError::Damaged { .. }) {
         WalStoreError::Corrupt {
             object: e.object_key().unwrap_or("?").to_string(),
@@ -88,10 +88,10 @@ enum Archive {
 }
 
 impl Archive {
-    async fn put_blob(&self, key: &str, data: Bytes) -> Result<StoredObject, RepoError> {
+    async fn seal_blob(&self, key: &str, data: Bytes) -> Result<SealedBlob, RepoError> {
         match self {
-            Archive::Repository(r) => r.put_blob(key, KeyPurpose::Wal, data).await,
-            Archive::KeyFile(r) => r.put_blob(key, KeyPurpose::Wal, data).await,
+            Archive::Repository(r) => r.seal_blob(key, KeyPurpose::Wal, data).await,
+            Archive::KeyFile(r) => r.seal_blob(key, KeyPurpose::Wal, data).await,
         }
     }
 
@@ -140,6 +140,30 @@ impl RepoWalStore {
         &self.source
     }
 
+    /// Seals a WAL file in its stored form for its object key, without storing it: the same
+    /// sealed bytes go to the repository ([`store_sealed`](Self::store_sealed)) and to every
+    /// replica (`crate::wal_replicas`), sealed once.
+    pub async fn seal_segment(
+        &self,
+        file: &WalFile,
+        data: &[u8],
+        sha3: &str,
+    ) -> Result<SealedBlob, WalStoreError> {
+        self.repo
+            .seal_blob(&self.object_key(file), encode_stored(sha3, data))
+            .await
+            .map_err(store_err)
+    }
+
+    /// Writes a sealed WAL file to this store's repository, reads it back and checks its
+    /// SHA3-256: the file is durably stored when this returns.
+    pub async fn store_sealed(&self, blob: &SealedBlob) -> Result<(), WalStoreError> {
+        backstop_repo::store_sealed(self.repo.backend().as_ref(), blob)
+            .await
+            .map(|_| ())
+            .map_err(store_err)
+    }
+
     /// The repository, when the store was opened with the master key.
     pub fn repository(&self) -> Option<&Repository> {
         match &self.repo {
@@ -161,14 +185,11 @@ impl WalStore for RepoWalStore {
         data: Bytes,
         sha3: &str,
     ) -> Result<String, WalStoreError> {
-        let key = self.object_key(file);
-        // put_blob reads the object back and checks its SHA3-256 before returning: the file is
-        // durably stored when this returns.
-        self.repo
-            .put_blob(&key, encode_stored(sha3, &data))
-            .await
-            .map_err(store_err)?;
-        Ok(key)
+        // store_sealed reads the object back and checks its SHA3-256 before returning: the file
+        // is durably stored when this returns.
+        let blob = self.seal_segment(file, &data, sha3).await?;
+        self.store_sealed(&blob).await?;
+        Ok(blob.path)
     }
 
     async fn get_segment(&self, name: &str) -> Result<Option<StoredWal>, WalStoreError> {

@@ -64,7 +64,7 @@ pub use reencrypt::{
     KeyState, ReencryptOptions, ReencryptReport, ReencryptStep, ReencryptionState, RetireOptions,
     RetireReport,
 };
-pub use repository::{KeyRotation, Repository, StoredObject};
+pub use repository::{KeyRotation, Repository, SealedBlob, StoredObject, store_sealed};
 pub use writer::{BackupMeta, BackupResult, BackupWriter, Progress, StreamSummary, WriterOptions};
 
 /// Timestamps are kept to whole microseconds, as in the ledger's events.

@@ -82,7 +82,9 @@ use crate::chunk::Hash32;
 use crate::config::{CONFIG_KEY, CompressionParams, FORMAT_NAME};
 use crate::error::{RepoError, Result};
 use crate::keys::{DataKey, KeyAccess, KeyAccessObserver, KeyInfo, KeyPurpose};
-use crate::repository::{Repository, StoredObject, open_blob, store_blob};
+use crate::repository::{
+    Repository, SealedBlob, StoredObject, open_blob, seal_blob_with, store_sealed,
+};
 use crate::seal::{self, Brotli};
 
 pub const PURPOSE_KEY_FORMAT: &str = "backstop-purpose-key";
@@ -636,6 +638,18 @@ impl PurposeRepository {
         purpose: KeyPurpose,
         data: Bytes,
     ) -> Result<StoredObject> {
+        let blob = self.seal_blob(path, purpose, data).await?;
+        store_sealed(self.inner.backend.as_ref(), &blob).await
+    }
+
+    /// Seals `data` for `path` without storing it (as [`Repository::seal_blob`]): write it to
+    /// the repository and its replicas with [`store_sealed`]. `purpose` must be the file's.
+    pub async fn seal_blob(
+        &self,
+        path: &str,
+        purpose: KeyPurpose,
+        data: Bytes,
+    ) -> Result<SealedBlob> {
         if purpose != self.purpose() {
             return Err(RepoError::Usage(format!(
                 "this key file holds only the {} key: it cannot seal {purpose} data ({path})",
@@ -650,15 +664,7 @@ impl PurposeRepository {
             quality: c.quality,
             lgwin: c.lgwin,
         };
-        store_blob(
-            self.inner.backend.as_ref(),
-            self.id(),
-            path,
-            key,
-            brotli,
-            data,
-        )
-        .await
+        seal_blob_with(self.id(), path, key, brotli, data).await
     }
 
     /// Reads a blob sealed with one of the file's keys, checking its SHA3-256 when given. An

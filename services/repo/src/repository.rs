@@ -492,6 +492,28 @@ impl Repository {
         .await
     }
 
+    /// Seals `data` for `path` as [`put_blob`](Self::put_blob) does, without storing it: the
+    /// same sealed bytes can then be written to several backends with [`store_sealed`] (the
+    /// primary and its replicas hold identical objects, sealed once).
+    pub async fn seal_blob(
+        &self,
+        path: &str,
+        purpose: KeyPurpose,
+        data: Bytes,
+    ) -> Result<SealedBlob> {
+        crate::backend::validate_key(path)?;
+        let key = self.key_for(purpose).await?;
+        seal_blob_with(self.id(), path, key, self.brotli(), data).await
+    }
+
+    /// Opens the sealed bytes of a blob read from anywhere (a replica, or a copy about to be
+    /// made) with this repository's keys: authenticates them and returns the plaintext.
+    pub async fn open_sealed_blob(&self, path: &str, obj: Bytes) -> Result<Bytes> {
+        let header = seal::parse_header(path, &obj)?;
+        let key = self.key_by_id(&header.key_id).await?;
+        open_blob(self.id(), path, key, obj, None).await
+    }
+
     /// As [`put_blob`](Self::put_blob), but stores the sealed object in `backend`: a copy of
     /// this repository (same `config`, so the same repository id, which the seal binds), such
     /// as an offline copy's description. Read back and checked like any blob.
@@ -551,6 +573,28 @@ pub(crate) async fn store_blob(
     brotli: Brotli,
     data: Bytes,
 ) -> Result<StoredObject> {
+    let blob = seal_blob_with(repo_id, path, key, brotli, data).await?;
+    store_sealed(backend, &blob).await
+}
+
+/// A blob sealed for its path and not stored yet ([`Repository::seal_blob`]).
+#[derive(Clone, Debug)]
+pub struct SealedBlob {
+    pub path: String,
+    pub bytes: Bytes,
+    /// SHA3-256 of `bytes`.
+    pub sha3: Hash32,
+    pub key_id: String,
+}
+
+/// Seals `data` at `path` with `key`, off the runtime.
+pub(crate) async fn seal_blob_with(
+    repo_id: Uuid,
+    path: &str,
+    key: Arc<DataKey>,
+    brotli: Brotli,
+    data: Bytes,
+) -> Result<SealedBlob> {
     let p = path.to_string();
     let k = key.clone();
     let (sealed, sha) = tokio::task::spawn_blocking(move || {
@@ -560,14 +604,24 @@ pub(crate) async fn store_blob(
     })
     .await
     .map_err(join_err)?;
-    let size = sealed.len() as u64;
-    backend.put(path, sealed).await?;
-    verify_upload(backend, path, sha).await?;
-    Ok(StoredObject {
-        key: path.to_string(),
-        size,
+    Ok(SealedBlob {
+        path: path.to_string(),
+        bytes: sealed,
         sha3: sha,
         key_id: key.key_id().to_string(),
+    })
+}
+
+/// Writes a sealed blob to `backend`, reads it back and checks its SHA3-256: when this returns
+/// the object is durably there.
+pub async fn store_sealed(backend: &dyn Backend, blob: &SealedBlob) -> Result<StoredObject> {
+    backend.put(&blob.path, blob.bytes.clone()).await?;
+    verify_upload(backend, &blob.path, blob.sha3).await?;
+    Ok(StoredObject {
+        key: blob.path.clone(),
+        size: blob.bytes.len() as u64,
+        sha3: blob.sha3,
+        key_id: blob.key_id.clone(),
     })
 }
 

@@ -4,6 +4,8 @@
 //! retried by the consumer; `replication.failed` is on record either way (once per backup and
 //! replica). A permanent failure (a copy that does not read back, a chunk damaged on the
 //! primary) is done: `backstop check --replica NAME --heal` or `backstop replicate` redo it.
+//! After the backup, the WAL files the replica lacks (those `wal-push` could not write while it
+//! was unreachable) are copied too ([`replicate::replicate_wal`]).
 
 use async_trait::async_trait;
 use backstop_events::{Actor, Envelope, Event};
@@ -52,6 +54,13 @@ impl Handler for ReplicateWorker {
                 Err(e) if e.is_transient() => retry = Some(e),
                 // Recorded as replication.failed; retrying the same copy would not help.
                 Err(_) => {}
+            }
+            match replicate::replicate_wal(&self.data_path.repo, replica).await {
+                Ok(_) => {}
+                Err(e) if e.is_transient() => retry = Some(e),
+                Err(e) => {
+                    tracing::warn!(replica = %replica.name, error = %e, "WAL not replicated")
+                }
             }
             // The lag at the time of the completion, so that a redelivery records it once.
             match replicate::measure_lag(&self.data_path.repo, replica, event.occurred_at).await {
