@@ -42,6 +42,18 @@ pub struct SourceView {
     pub next_run: Option<crate::NextRun>,
 }
 
+/// A replica on the overview: as projected, with its lag now.
+#[derive(Serialize)]
+pub struct ReplicaView {
+    #[serde(flatten)]
+    pub row: backstop_projections::read::ReplicaRow,
+    /// The lag now: a replica that lacked a backup when measured lacks it still, so its lag
+    /// grows with the time since the measurement (0 stays 0 until the next backup).
+    pub lag_now_seconds: Option<i64>,
+    /// The lag is past the `replication_lagging` alert's threshold (2 h).
+    pub lagging: bool,
+}
+
 #[derive(Serialize)]
 pub struct ProjectorView {
     pub name: String,
@@ -67,6 +79,8 @@ pub struct Overview {
     pub reencryption: Vec<backstop_projections::read::ReencryptionJobRow>,
     /// The newest DR drills, newest first (the panel's list and RTO trend).
     pub drills: Vec<backstop_projections::read::DrillRow>,
+    /// Each replica's lag, newest replication and last replicated time (R14.4).
+    pub replicas: Vec<ReplicaView>,
     pub sizes: Vec<SizePoint>,
     pub storage_series: Vec<StoragePoint>,
     pub chart_since: DateTime<Utc>,
@@ -116,6 +130,7 @@ async fn compute_overview(
         series,
         positions,
         drills,
+        replicas,
     ) = tokio::try_join!(
         p.sources(),
         p.backups(None, None, 15),
@@ -128,6 +143,7 @@ async fn compute_overview(
         p.storage_series(month, true),
         p.positions(),
         p.drills(12),
+        p.replicas(),
     )?;
     let storage = state.storage_status(false).await;
     let head = state.0.ledger.head().position;
@@ -177,6 +193,24 @@ async fn compute_overview(
         alerts,
         reencryption,
         drills,
+        replicas: replicas
+            .into_iter()
+            .map(|row| {
+                let lag_now_seconds = match (row.lag_seconds, row.measured_at) {
+                    (Some(0), _) => Some(0),
+                    (Some(l), Some(at)) => Some(l + (now - at).num_seconds().max(0)),
+                    (l, _) => l,
+                };
+                let lagging = lag_now_seconds.is_some_and(|l| {
+                    l >= backstop_ops::alerting::rules::REPLICATION_LAG_AFTER.num_seconds()
+                });
+                ReplicaView {
+                    row,
+                    lag_now_seconds,
+                    lagging,
+                }
+            })
+            .collect(),
         sizes,
         storage_series: series,
         chart_since: month,

@@ -128,6 +128,40 @@ async fn env_from(
         )
         .await;
     }
+    // The replica's replications: one completed, then a newer one failed.
+    let (done, broken) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    let replication = |event: backstop_events::Event| {
+        NewEvent::new(
+            "replication-eu",
+            backstop_events::Actor::worker("replicate"),
+            &event,
+        )
+    };
+    append_all(
+        &ledger,
+        vec![
+            replication(backstop_events::Event::ReplicationCompleted(
+                backstop_events::ReplicationCompleted {
+                    replication_id: uuid::Uuid::now_v7(),
+                    backup_id: done,
+                    from_region: "primary".into(),
+                    to_region: "eu".into(),
+                    objects: 12,
+                    bytes: 4096,
+                },
+            )),
+            replication(backstop_events::Event::ReplicationFailed(
+                backstop_events::ReplicationFailed {
+                    replication_id: uuid::Uuid::now_v7(),
+                    backup_id: broken,
+                    from_region: "primary".into(),
+                    to_region: "eu".into(),
+                    reason: "the replica's bucket refused the upload".into(),
+                },
+            )),
+        ],
+    )
+    .await;
     let (pg, projections) = if with_projections {
         let pg = Postgres::start().unwrap();
         pg.create_db("api").unwrap();
@@ -470,6 +504,37 @@ async fn the_overview_page_json_audit_and_metrics_show_the_projections() {
         15,
         "three bars per backup"
     );
+    // The replication panel: the replica's measured lag, its last completed replication and
+    // its newest one, failed with the reason.
+    let replicas = html
+        .split("id=\"replicas-panel\"")
+        .nth(1)
+        .expect("the replicas panel")
+        .split("</section>")
+        .next()
+        .unwrap();
+    assert!(
+        replicas.contains(
+            "data-replica=\"eu\" data-lag-seconds=\"120\" data-lagging=\"false\" data-state=\"failed\""
+        ),
+        "{replicas}"
+    );
+    assert!(
+        replicas.contains("2 min") && replicas.contains(" behind"),
+        "{replicas}"
+    );
+    assert!(
+        replicas.contains("the replica&#x27;s bucket refused the upload")
+            || replicas.contains("the replica's bucket refused the upload"),
+        "{replicas}"
+    );
+    assert!(!replicas.contains(">never<"), "{replicas}");
+    let r = &o["replicas"][0];
+    assert_eq!(r["replica"], "eu");
+    assert_eq!(r["lag_seconds"], 120);
+    assert_eq!(r["state"], "failed");
+    assert!(r["last_replicated_at"].is_string(), "{r}");
+    assert!(r["last_backup_id"].is_string(), "{r}");
     assert!(html.contains("class=\"chart storage\""));
     assert!(html.contains("data-verification=\"passed\""));
 

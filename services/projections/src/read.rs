@@ -301,6 +301,24 @@ pub struct ReplicaLag {
     pub measured_at: DateTime<Utc>,
 }
 
+/// A replica as the dashboard shows it: its newest measured lag and its newest replication
+/// (either may be missing: a replica measured before any replication, or the reverse).
+#[derive(Clone, Debug, Serialize, FromRow)]
+pub struct ReplicaRow {
+    pub replica: String,
+    pub lag_seconds: Option<i64>,
+    pub measured_at: Option<DateTime<Utc>>,
+    /// `running`, `completed` or `failed`: the newest replication event's.
+    pub state: Option<String>,
+    pub state_at: Option<DateTime<Utc>>,
+    pub backup_id: Option<Uuid>,
+    /// Why the newest replication failed (empty otherwise).
+    pub reason: Option<String>,
+    /// The newest completed replication: when, and of which backup.
+    pub last_replicated_at: Option<DateTime<Utc>>,
+    pub last_backup_id: Option<Uuid>,
+}
+
 #[derive(Clone, Debug, Serialize, FromRow)]
 pub struct Count {
     pub label: String,
@@ -768,6 +786,18 @@ impl Projections {
     pub async fn replication_lags(&self) -> Result<Vec<ReplicaLag>, ProjectionError> {
         Ok(sqlx::query_as(
             "SELECT region AS replica, lag_seconds, measured_at FROM replication_lag ORDER BY region",
+        )
+        .fetch_all(self.pool())
+        .await?)
+    }
+
+    /// Every replica's lag and newest replication, by name (the dashboard's panel).
+    pub async fn replicas(&self) -> Result<Vec<ReplicaRow>, ProjectionError> {
+        Ok(sqlx::query_as(
+            "SELECT coalesce(l.region, s.replica) AS replica, l.lag_seconds, l.measured_at, \
+               s.state, s.state_at, s.backup_id, s.reason, s.last_replicated_at, s.last_backup_id \
+             FROM replication_lag l FULL OUTER JOIN replication_status s ON s.replica = l.region \
+             ORDER BY 1",
         )
         .fetch_all(self.pool())
         .await?)

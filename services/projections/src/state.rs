@@ -49,6 +49,7 @@ impl Projector for StateProjector {
             "drills",
             "dead_letters",
             "replication_lag",
+            "replication_status",
         ]
     }
 
@@ -690,9 +691,66 @@ async fn apply_event(
             .execute(&mut *conn)
             .await?;
         }
+        Event::ReplicationStarted(e) => {
+            replication_state(conn, &e.to_region, "running", e.backup_id, "", at, pos).await?;
+        }
+        Event::ReplicationFailed(e) => {
+            replication_state(
+                conn,
+                &e.to_region,
+                "failed",
+                e.backup_id,
+                &e.reason,
+                at,
+                pos,
+            )
+            .await?;
+        }
+        Event::ReplicationCompleted(e) => {
+            replication_state(conn, &e.to_region, "completed", e.backup_id, "", at, pos).await?;
+            sqlx::query(
+                "UPDATE replication_status SET last_replicated_at = $2, last_backup_id = $3 \
+                 WHERE replica = $1 \
+                   AND (last_replicated_at IS NULL OR last_replicated_at <= $2)",
+            )
+            .bind(&e.to_region)
+            .bind(at)
+            .bind(e.backup_id)
+            .execute(&mut *conn)
+            .await?;
+        }
         // The rest live in the audit trail only (for now).
         _ => {}
     }
+    Ok(())
+}
+
+/// A replica's newest replication event (`replication_status`); an event already applied (a
+/// replay) changes nothing.
+async fn replication_state(
+    conn: &mut PgConnection,
+    replica: &str,
+    state: &str,
+    backup_id: uuid::Uuid,
+    reason: &str,
+    at: DateTime<Utc>,
+    pos: i64,
+) -> Result<(), ProjectionError> {
+    sqlx::query(
+        "INSERT INTO replication_status (replica, state, backup_id, state_at, reason, last_position) \
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (replica) DO UPDATE SET \
+           state = EXCLUDED.state, backup_id = EXCLUDED.backup_id, state_at = EXCLUDED.state_at, \
+           reason = EXCLUDED.reason, last_position = EXCLUDED.last_position \
+         WHERE replication_status.last_position < EXCLUDED.last_position",
+    )
+    .bind(replica)
+    .bind(state)
+    .bind(backup_id)
+    .bind(at)
+    .bind(reason)
+    .bind(pos)
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }
 
