@@ -386,13 +386,7 @@ async fn wal_objects(
         return Ok((out, BTreeMap::new()));
     }
     for o in primary.backend().list(WAL_PREFIX).await? {
-        let Some((source, file)) = parse_wal_object_key(&o.key) else {
-            continue;
-        };
-        let Some((log, seg, _)) = from.get(&source) else {
-            continue;
-        };
-        if file.kind == WalKind::History || (file.log, file.seg) >= (*log, *seg) {
+        if wal_needed(&from, &o.key) {
             out.push(Needed {
                 key: o.key,
                 expected: None,
@@ -400,6 +394,18 @@ async fn wal_objects(
         }
     }
     Ok((out, from.into_iter().map(|(s, (_, _, n))| (s, n)).collect()))
+}
+
+/// Whether the WAL object `key` is in a copy whose first segment per source is `from`: a
+/// history file of such a source, or a file at or after its first segment (any timeline).
+fn wal_needed(from: &BTreeMap<String, (u32, u32, String)>, key: &str) -> bool {
+    let Some((source, file)) = parse_wal_object_key(key) else {
+        return false;
+    };
+    let Some((log, seg, _)) = from.get(&source) else {
+        return false;
+    };
+    file.kind == WalKind::History || (file.log, file.seg) >= (*log, *seg)
 }
 
 async fn make_copy(
@@ -593,4 +599,40 @@ pub async fn check_copy(
         }
     }
     Ok(Some(check))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wal_from_the_oldest_start_segment_with_every_history_file() {
+        let from: BTreeMap<String, (u32, u32, String)> = [(
+            "main".to_string(),
+            (0, 5, "000000010000000000000005".to_string()),
+        )]
+        .into();
+        let needed = |k: &str| wal_needed(&from, k);
+        assert!(!needed("wal/main/00000001/000000010000000000000004"));
+        assert!(needed("wal/main/00000001/000000010000000000000005"));
+        assert!(needed("wal/main/00000002/000000020000000100000000"));
+        assert!(needed("wal/main/00000002/00000002.history"));
+        assert!(needed(
+            "wal/main/00000001/000000010000000000000005.00000028.backup"
+        ));
+        // Another source's WAL, and what is not a WAL object, are not copied.
+        assert!(!needed("wal/other/00000001/000000010000000000000009"));
+        assert!(!needed("wal/main/00000001/notes.txt"));
+    }
+
+    #[test]
+    fn transient_by_variant() {
+        assert!(!CopyError::NothingToCopy.is_transient());
+        let e = CopyError::Repo(RepoError::Unreachable {
+            what: "x".into(),
+            detail: "down".into(),
+            check: "c".into(),
+        });
+        assert!(e.is_transient());
+    }
 }
