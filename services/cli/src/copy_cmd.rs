@@ -52,7 +52,12 @@ pub async fn run(
     data_dir: &Path,
     args: CopyArgs,
 ) -> anyhow::Result<std::process::ExitCode> {
-    let to = Location::parse(&args.to).context("--to")?;
+    // A directory is recorded (events, description) by its absolute path: the media is found
+    // again from another working directory.
+    let to = match Location::parse(&args.to).context("--to")? {
+        Location::Local(p) => Location::Local(std::path::absolute(&p).unwrap_or(p)),
+        other => other,
+    };
     if same_place(&to, &wiring::location(config, data_dir, &args.repo)?) {
         anyhow::bail!(
             "--to {to} is the repository itself: give another directory or bucket prefix (an offline copy lives apart from the repository)"
