@@ -87,11 +87,14 @@ pub async fn run(config: &Config, data_dir: &Path, cmd: ConfigCommand) -> anyhow
     let manifest = match resolved {
         Ok(r) => r.manifest,
         Err(e) => {
+            // The repository reports key accesses through the events: gone before they close.
+            drop(repo);
             events.close().await;
             return Err(e.into());
         }
     };
     if catalog::method_of(&manifest) != BackupMethod::Config {
+        drop(repo);
         events.close().await;
         bail!(
             "backup {} is a {} backup, not a configuration backup",

@@ -193,6 +193,8 @@ pub async fn restore(
     }
     let manifest = resolved.manifest;
     if catalog::method_of(&manifest) == BackupMethod::Config {
+        // The repository reports key accesses through the events: gone before they close.
+        drop(repo);
         events.close().await;
         bail!(
             "backup {} is a configuration backup: `backstop config import {} --out FILE [--format env|json]` writes it back",
