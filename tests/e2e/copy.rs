@@ -3,12 +3,16 @@
 //! `copy.completed`; a second copy writes nothing; a directory holding another repository is
 //! refused (`copy.failed`). Then Garage is stopped and a new machine that has only the copy
 //! and the master key checks it (`check --read-data`) and restores from it with the same row
-//! counts; a chunk corrupted in the copy is found by the check.
+//! counts; a chunk corrupted in the copy is found by the check. And a physical backup: the
+//! copy holds the WAL archived after it, and with the repository deleted a physical restore
+//! from the copy replays that WAL (its `restore_command` reads the copy).
 
 mod support;
 
-use backstop_testkit::{Garage, Postgres};
-use support::{Site, stderr, stdout};
+use std::time::{Duration, Instant};
+
+use backstop_testkit::{Garage, Postgres, PostgresOptions, give_to_server_user};
+use support::{Site, bin, query, stderr, stdout, switch_and_wait};
 
 fn events_of_type(site: &Site, t: &str) -> Vec<serde_json::Value> {
     site.ok(&["ledger", "tail", "--json", "--from", "1"])
@@ -148,4 +152,99 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out.sort();
     out
+}
+
+#[test]
+fn a_physical_backup_restores_from_the_copy_with_the_wal_it_holds() {
+    let site = Site::new("dr");
+    let key = site.path("master.key");
+    let config = site.path("backstop.toml");
+    let repo = site.path("repo");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\n[repository]\nlocation = {repo:?}\nmaster_key_file = {key:?}\n",
+            site.path("ledger-data"),
+        ),
+    )
+    .unwrap();
+    site.ok(&["init", "--generate-key", key.to_str().unwrap()]);
+    // PostgreSQL's user runs wal-push and wal-fetch: it reads the config, the key, the repository.
+    give_to_server_user(site.tmp.path()).unwrap();
+    let archive_command = format!(
+        "{} --config {} wal-push --source main %p",
+        bin().display(),
+        config.display()
+    );
+    let mut pg = Postgres::start_with(
+        PostgresOptions::new()
+            .conf("archive_mode = on")
+            .conf(format!("archive_command = '{archive_command}'")),
+    )
+    .unwrap();
+    query(
+        &pg,
+        "CREATE TABLE trades (id int PRIMARY KEY, note text); \
+         INSERT INTO trades SELECT g, md5(g::text) FROM generate_series(1, 100) g; CHECKPOINT;",
+    );
+    site.ok(&[
+        "backup",
+        "--physical",
+        "--pg",
+        &pg.conninfo("postgres"),
+        "--name",
+        "main",
+    ]);
+    query(
+        &pg,
+        "INSERT INTO trades SELECT g, 'after' FROM generate_series(101, 150) g",
+    );
+    switch_and_wait(&pg);
+
+    let offline = site.path("offline");
+    let out: serde_json::Value =
+        serde_json::from_str(&site.ok(&["copy", "--to", offline.to_str().unwrap(), "--json"]))
+            .unwrap();
+    assert_eq!(out["backups"][0]["method"], "physical", "{out}");
+    pg.stop().unwrap();
+    std::fs::remove_dir_all(&repo).unwrap();
+    give_to_server_user(site.tmp.path()).unwrap();
+
+    let to_dir = site.path("restored");
+    let out = site.run(&[
+        "restore",
+        "latest",
+        "--allow-unverified",
+        "--physical",
+        "--source",
+        "main",
+        "--repo",
+        offline.to_str().unwrap(),
+        "--to-dir",
+        to_dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "physical restore from the copy: {}\n{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let auto = std::fs::read_to_string(to_dir.join("postgresql.auto.conf")).unwrap();
+    assert!(auto.contains(offline.to_str().unwrap()), "{auto}");
+    let copy = Postgres::from_data_dir(&to_dir, PostgresOptions::new()).unwrap();
+    let start = Instant::now();
+    while copy
+        .psql("postgres", "SELECT pg_is_in_recovery()")
+        .ok()
+        .as_deref()
+        != Some("f")
+    {
+        assert!(
+            start.elapsed() < backstop_testkit::deadline() * 2,
+            "recovery did not finish; log:\n{}",
+            copy.log_tail(80)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(query(&copy, "SELECT count(*) FROM trades"), "150");
 }
