@@ -1051,6 +1051,30 @@ mod tests {
     }
 
     #[test]
+    fn git_sources_take_their_keys_and_a_poll_past_the_5_minute_promise_is_refused() {
+        let p = tempfile_dir().join("git.toml");
+        let src = |extra: &str| {
+            format!(
+                "[[sources]]\nname = \"app\"\nkind = \"git\"\nurl = \"/srv/git/app.git\"\nmirror = \"/srv/mirror/app.git\"\n{extra}"
+            )
+        };
+        let c = Config::parse(&src(""), &p).unwrap();
+        let SourceKindSection::Git(g) = &c.sources[0].kind else {
+            panic!("{:?}", c.sources[0].kind)
+        };
+        assert_eq!(g.poll(), std::time::Duration::from_secs(60));
+        assert_eq!(g.ref_patterns(), vec!["refs/heads/*", "refs/tags/*"]);
+        for (extra, said) in [
+            ("poll_seconds = 600\n", "within 5 minutes"),
+            ("refs = [\"heads/*\"]\n", "not of the form"),
+            ("postgres = \"postgres://x\"\n", "postgres"),
+        ] {
+            let e = format!("{:#}", Config::parse(&src(extra), &p).unwrap_err());
+            assert!(e.contains(said), "{extra}: {e}");
+        }
+    }
+
+    #[test]
     fn unknown_keys_and_bad_urls_are_named() {
         let dir = tempfile_dir();
         let p = dir.join("b.toml");
