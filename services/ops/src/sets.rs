@@ -203,8 +203,9 @@ pub struct Step {
     pub source: String,
     pub method: BackupMethod,
     pub manifest: Manifest,
-    /// A postgres:// URL (databases), a file for the RDB (Redis), a directory (files), the
-    /// restore command's `$BACKSTOP_TARGET` (command sources).
+    /// A postgres:// URL (databases), a file for the RDB (Redis), a directory (files), a new
+    /// env or `.json` file (configuration), the restore command's `$BACKSTOP_TARGET` (command
+    /// sources).
     pub target: String,
 }
 
@@ -408,6 +409,40 @@ pub async fn restore_step(
             }
             let bytes =
                 restore::restore_stream(dp, step.manifest.clone(), &recovery(), &target).await?;
+            Ok(done(what, bytes))
+        }
+        BackupMethod::Config => {
+            // A new file (mode 0600, never over an existing one): `.json` gets every item as
+            // one JSON object, anything else the env file exactly (`config import`'s formats).
+            let format = if step.target.ends_with(".json") {
+                crate::config_backup::ImportFormat::Json
+            } else {
+                crate::config_backup::ImportFormat::Env
+            };
+            let what = format!(
+                "the configuration as a new {} file {shown} (mode 0600)",
+                if format == crate::config_backup::ImportFormat::Json {
+                    "JSON"
+                } else {
+                    "env"
+                }
+            );
+            if dry_run {
+                if std::path::Path::new(&step.target).exists() {
+                    return Err(OpsError::Invalid(format!(
+                        "{shown} exists; a configuration is restored into a new file only"
+                    )));
+                }
+                return Ok(done(what, step.manifest.totals.raw_bytes));
+            }
+            let bytes = crate::config_backup::import(
+                dp,
+                &step.manifest,
+                &recovery(),
+                &format,
+                std::path::Path::new(&step.target),
+            )
+            .await?;
             Ok(done(what, bytes))
         }
         other => Err(OpsError::Invalid(format!(
