@@ -169,3 +169,78 @@ async fn the_poll_mirrors_a_push_at_its_next_slot_on_the_injected_clock() {
     drop(dp);
     ledger.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_mirror_is_recorded_as_failed_and_the_bundle_is_still_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, work) = (dir.path().join("src.git"), dir.path().join("work"));
+    git(
+        dir.path(),
+        &[
+            "init",
+            "-q",
+            "--bare",
+            "--initial-branch=main",
+            src.to_str().unwrap(),
+        ],
+    );
+    git(
+        dir.path(),
+        &[
+            "init",
+            "-q",
+            "--initial-branch=main",
+            work.to_str().unwrap(),
+        ],
+    );
+    git(&work, &["remote", "add", "origin", src.to_str().unwrap()]);
+    push_commit(&work, "v1");
+    let ledger = Ledger::open(&LedgerConfig::in_data_dir(&dir.path().join("data"))).unwrap();
+    let dp = DataPath {
+        repo: support::memory_repo().await,
+        appender: Arc::new(ledger.clone()),
+        sources: vec![SourceSpec {
+            name: "app".into(),
+            kind: SourceKind::Git(GitSource {
+                url: src.to_string_lossy().into_owned(),
+                mirror: Some(
+                    dir.path()
+                        .join("no-such-mirror.git")
+                        .to_string_lossy()
+                        .into_owned(),
+                ),
+                refs: vec!["refs/heads/*".into()],
+                work_dir: dir.path().join("data/git/app.git"),
+                force: false,
+                timeout: Duration::from_secs(60),
+            }),
+        }],
+    };
+    let outcome = backstop_ops::git::sync(
+        &dp,
+        "app",
+        &Actor::operator("test"),
+        &BackupOptions::default(),
+    )
+    .await
+    .unwrap();
+    assert!(!outcome.ok());
+    assert!(outcome.failed.is_some(), "{outcome:?}");
+    assert!(
+        matches!(
+            outcome.bundle,
+            backstop_ops::git::BundleOutcome::Taken { .. }
+        ),
+        "{outcome:?}"
+    );
+    let events = git_events(&ledger);
+    let Some(Event::GitMirrorFailed(f)) = events.first() else {
+        panic!("{events:?}")
+    };
+    assert!(f.reason.contains("no-such-mirror"), "{}", f.reason);
+    // A source that is not git is refused by name.
+    let e = backstop_ops::git::git_source(&dp, "nope").unwrap_err();
+    assert!(e.to_string().contains("nope"), "{e}");
+    drop(dp);
+    ledger.close().await;
+}
