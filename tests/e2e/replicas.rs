@@ -220,7 +220,8 @@ fn serve_replicates_each_completed_backup_to_a_directory_replica() {
         &cfg,
         format!(
             "[repository]\nlocation = {:?}\nmaster_key_file = {:?}\n\n\
-             [[repository.replicas]]\nname = \"dr\"\nlocation = {:?}\n\n\
+             [[repository.replicas]]\nname = \"dr\"\nlocation = {:?}\n\
+             region = \"eu-central-1\"\nstorage_class = \"standard_ia\"\n\n\
              [ledger]\nmirror_seconds = 0\n\n\
              [[sources]]\nname = \"main\"\npostgres = \"{}\"\n",
             bucket.display().to_string(),
@@ -279,4 +280,41 @@ fn serve_replicates_each_completed_backup_to_a_directory_replica() {
     assert!(serve.terminate().success(), "{}", serve.log());
     let out = run(&data, &["--config", &cfg, "check", "--replica", "dr"]);
     assert!(out.status.success(), "{} {}", stdout(&out), stderr(&out));
+
+    // The cost per region (R14.5): the primary (a directory: `local`) and the replica in its
+    // configured region, priced at its own storage class (Standard-IA, $0.0125/GiB-month).
+    let out = run(&data, &["--config", &cfg, "cost", "--json"]);
+    assert!(out.status.success(), "cost: {}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let series = report["estimate"]["series"].as_array().unwrap();
+    let dr = series
+        .iter()
+        .find(|s| s["copy"] == "dr")
+        .unwrap_or_else(|| panic!("no replica series: {report}"));
+    assert_eq!(dr["region"], "eu-central-1", "{dr}");
+    assert_eq!(dr["storage_class"], "STANDARD_IA", "{dr}");
+    assert_eq!(dr["usd_per_gib_month"], 0.0125, "{dr}");
+    assert!(
+        series
+            .iter()
+            .any(|s| s["copy"] == "primary" && s["region"] == "local")
+    );
+    let regions = report["regions"].as_array().unwrap();
+    let eu = regions
+        .iter()
+        .find(|r| r["region"] == "eu-central-1")
+        .unwrap();
+    assert_eq!(eu["copies"], serde_json::json!(["dr"]), "{report}");
+    assert_eq!(eu["monthly_usd"], dr["monthly_usd"]);
+    assert!(
+        regions
+            .iter()
+            .any(|r| r["region"] == "local" && r["copies"] == serde_json::json!(["primary"]))
+    );
+    let out = run(&data, &["--config", &cfg, "cost"]);
+    let text = stdout(&out);
+    assert!(
+        text.contains("[dr] ") && text.contains("per region:"),
+        "{text}"
+    );
 }

@@ -84,6 +84,11 @@ pub trait CostView: Send + Sync {
     fn config(&self) -> backstop_ops::cost::CostConfig;
     /// None when the repository cannot be read here (the page says so).
     async fn recommendations(&self) -> Option<backstop_ops::cost::Recommendations>;
+    /// Which copy each repository location is (`primary`, a replica's name), for the cost
+    /// per region; empty: the series are shown by location only.
+    fn copy_names(&self) -> std::collections::BTreeMap<String, String> {
+        std::collections::BTreeMap::new()
+    }
 }
 
 /// How the API behaves; from the `[api]` section of the configuration.

@@ -115,11 +115,12 @@ async fn cost_report(state: &ApiState) -> Result<CostReport, ApiError> {
             sampled_at: r.sampled_at,
         })
         .collect();
-    let (config, recommendations) = match &state.0.cost {
-        Some(v) => (v.config(), v.recommendations().await),
-        None => (CostConfig::default(), None),
+    let (config, recommendations, names) = match &state.0.cost {
+        Some(v) => (v.config(), v.recommendations().await, v.copy_names()),
+        None => (CostConfig::default(), None, Default::default()),
     };
     let mut report = cost::report(&samples, &config, recommendations, now.date_naive());
+    report.name_copies(&names);
     if report.recommendations.is_none() {
         report.notes.push(
             "no retention recommendations: the repository cannot be read by this process".into(),

@@ -7,6 +7,7 @@
 //! With none yet (serve samples once a day), the usage is measured now and shown as such,
 //! without being recorded.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 use backstop_ledger::Ledger;
 use backstop_ops::cost::{self, CostReport, Recommendations, UsageSample};
 use backstop_ops::forget::RetentionFacts;
+use backstop_ops::replicate::PRIMARY;
 use backstop_ops::schedule::SystemClock;
 use backstop_ops::storage_probe::StorageSeries;
 use backstop_repo::{Backend, Location, Repository};
@@ -21,7 +23,7 @@ use clap::Args;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::config::Config;
+use crate::config::{Config, ReplicaSection};
 use crate::wiring::{Events, RepoArgs, location, open_repository, s3_settings};
 
 const MEASURED_NOW: &str = "usage measured now";
@@ -52,6 +54,43 @@ pub fn series(config: &Config, loc: &Location) -> StorageSeries {
         region,
         storage_class: config.cost.storage_class(),
     }
+}
+
+/// The series a replica's usage is recorded as: its location, its region (`region`, else
+/// `local` for a directory, else us-east-1) and its storage class (default `[cost]
+/// storage_class`). None when its location does not parse (the replicate worker says so).
+pub fn replica_series(config: &Config, r: &ReplicaSection) -> Option<StorageSeries> {
+    let loc = Location::parse(&r.location).ok()?;
+    let region = match (&loc, &r.region) {
+        // A directory may be in another site (a mounted NAS): its `region` says which.
+        (_, Some(region)) => region.clone(),
+        (Location::Local(_), None) => "local".to_string(),
+        (_, None) => "us-east-1".to_string(),
+    };
+    Some(StorageSeries {
+        repository: loc.to_string(),
+        region,
+        storage_class: r
+            .storage_class
+            .as_deref()
+            .map(str::to_ascii_uppercase)
+            .unwrap_or_else(|| config.cost.storage_class()),
+    })
+}
+
+/// Which copy each repository location is: `primary` and every replica's name (the cost
+/// report's `copy`).
+pub fn copy_names(config: &Config, primary: Option<&StorageSeries>) -> BTreeMap<String, String> {
+    let mut names: BTreeMap<String, String> = config
+        .repository
+        .replicas
+        .iter()
+        .filter_map(|r| Some((replica_series(config, r)?.repository, r.name.clone())))
+        .collect();
+    if let Some(p) = primary {
+        names.insert(p.repository.clone(), PRIMARY.to_string());
+    }
+    names
 }
 
 /// The repository's backend and series, if a repository exists (no local repository yet, an
@@ -91,6 +130,31 @@ pub async fn spawn_monitors(
                 .await;
             Ok(())
         });
+    }
+    // Each replica's usage too, once a day: its cost is counted in its own region (R14.5).
+    for r in &config.repository.replicas {
+        let Some(series) = replica_series(config, r) else {
+            continue;
+        };
+        match crate::replica_cmd::open_replica(r).await {
+            Ok(replica) => {
+                let (ledger, shutdown) = (ledger.clone(), shutdown.clone());
+                tasks.spawn(async move {
+                    backstop_ops::storage_probe::run_usage(
+                        replica.backend,
+                        series,
+                        &ledger,
+                        &SystemClock,
+                        shutdown,
+                    )
+                    .await;
+                    Ok(())
+                });
+            }
+            Err(e) => {
+                tracing::warn!(replica = %r.name, error = %format!("{e:#}"), "replica usage not sampled: cannot open it")
+            }
+        }
     }
     if let Some((backend, series)) = storage_target(config, data_dir).await {
         let (every, ledger, shutdown) = (
@@ -212,12 +276,45 @@ pub async fn run(
         }
     };
     events.close().await;
+    // A replica with no sample yet is measured now, as the primary is above.
+    for r in &config.repository.replicas {
+        let Some(rs) = replica_series(config, r) else {
+            continue;
+        };
+        if samples.iter().any(|s| s.repository == rs.repository) {
+            continue;
+        }
+        let measured = match crate::replica_cmd::open_replica(r).await {
+            Ok(replica) => backstop_ops::storage_probe::usage(replica.backend.as_ref())
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(format!("{e:#}")),
+        };
+        match measured {
+            Ok((bytes, objects)) => {
+                notes.push(format!(
+                    "{MEASURED_NOW} for replica `{}` (not recorded): no sample in the ledger yet",
+                    r.name
+                ));
+                samples.push(UsageSample {
+                    repository: rs.repository,
+                    region: rs.region,
+                    storage_class: rs.storage_class,
+                    bytes,
+                    objects,
+                    sampled_at: chrono::Utc::now(),
+                });
+            }
+            Err(e) => notes.push(format!("cannot measure replica `{}` now: {e}", r.name)),
+        }
+    }
     let mut report = cost::report(
         &samples,
         &config.cost,
         recs,
         chrono::Utc::now().date_naive(),
     );
+    report.name_copies(&copy_names(config, Some(&series)));
     if notes.iter().any(|n| n.starts_with(MEASURED_NOW)) {
         // "Measured now" replaces the report's own "no sample yet".
         report
@@ -242,7 +339,11 @@ fn print_report(r: &CostReport) {
     );
     for s in &r.estimate.series {
         println!(
-            "  {} {} {}: {} in {} objects at ${}/GiB-month = ${:.2}/month (sampled {})",
+            "  {}{} {} {}: {} in {} objects at ${}/GiB-month = ${:.2}/month (sampled {})",
+            s.copy
+                .as_ref()
+                .map(|c| format!("[{c}] "))
+                .unwrap_or_default(),
             s.repository,
             s.region,
             s.storage_class,
@@ -252,6 +353,19 @@ fn print_report(r: &CostReport) {
             s.monthly_usd,
             s.sampled_at.format("%Y-%m-%d %H:%M UTC"),
         );
+    }
+    if r.regions.len() > 1 {
+        println!("per region:");
+        for g in &r.regions {
+            println!(
+                "  {}: {} ({}) = ${:.2}/month{}",
+                g.region,
+                cost::human_bytes(g.bytes),
+                g.copies.join(", "),
+                g.monthly_usd,
+                if g.priced { "" } else { " (a series unpriced)" }
+            );
+        }
     }
     if let (Some(first), Some(last)) = (r.trend.first(), r.trend.last()) {
         println!(
@@ -326,6 +440,10 @@ impl CostSource {
 impl backstop_api::CostView for CostSource {
     fn config(&self) -> cost::CostConfig {
         self.config.cost.clone()
+    }
+
+    fn copy_names(&self) -> BTreeMap<String, String> {
+        copy_names(&self.config, self.series.as_ref())
     }
 
     async fn recommendations(&self) -> Option<Recommendations> {

@@ -6,7 +6,9 @@
 //!   A class matches case-insensitively; a price with region `*` (or none) matches any region,
 //!   and an exact region wins over `*`.
 //! - **Estimate** ([`monthly_estimate`]): the latest `storage.usage_sampled` of each series
-//!   (repository, region, storage class) times its price. A series with no price counts 0 and is
+//!   (repository, region, storage class) times its price; the primary and every replica are
+//!   series of their own (each sampled where it is stored), summed per region by [`by_region`]
+//!   (R14.5). A series with no price counts 0 and is
 //!   marked `priced: false`, so the estimate never silently invents a price.
 //! - **Trend** ([`daily_trend`]): for each UTC day, the latest sample of every series on or
 //!   before that day (a day without a sample carries the previous one), priced as above; the
@@ -247,6 +249,44 @@ pub struct SeriesCost {
     /// Whether the price table has a price for this class and region (else it counts 0).
     pub priced: bool,
     pub monthly_usd: f64,
+    /// Which copy this repository is: `primary` or a replica's name (absent when the
+    /// repository is not one the configuration names any more).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy: Option<String>,
+}
+
+/// The cost of one region: every copy stored there (R14.5).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RegionCost {
+    pub region: String,
+    /// The copies in it (`primary`, replica names; a repository's location when unnamed).
+    pub copies: Vec<String>,
+    pub bytes: u64,
+    pub monthly_usd: f64,
+    /// False when a series in it has no price (counted as 0).
+    pub priced: bool,
+}
+
+/// The estimate's series summed per region, regions in name order.
+pub fn by_region(estimate: &Estimate) -> Vec<RegionCost> {
+    let mut regions: BTreeMap<&str, RegionCost> = BTreeMap::new();
+    for s in &estimate.series {
+        let r = regions.entry(&s.region).or_insert_with(|| RegionCost {
+            region: s.region.clone(),
+            copies: Vec::new(),
+            bytes: 0,
+            monthly_usd: 0.0,
+            priced: true,
+        });
+        let name = s.copy.clone().unwrap_or_else(|| s.repository.clone());
+        if !r.copies.contains(&name) {
+            r.copies.push(name);
+        }
+        r.bytes += s.bytes;
+        r.monthly_usd += s.monthly_usd;
+        r.priced &= s.priced;
+    }
+    regions.into_values().collect()
 }
 
 /// The monthly estimate: the sum of the series' costs.
@@ -291,6 +331,7 @@ pub fn monthly_estimate(samples: &[UsageSample], prices: &PriceTable) -> Estimat
                 usd_per_gib_month: usd,
                 priced: price.is_some(),
                 monthly_usd: monthly_usd(s.bytes, usd),
+                copy: None,
             }
         })
         .collect();
@@ -607,9 +648,22 @@ pub struct CostReport {
     pub over_budget: bool,
     /// The last [`TREND_DAYS`] days, from the first with a sample.
     pub trend: Vec<DailyCost>,
+    /// The estimate per region: the primary and each replica where they are stored.
+    pub regions: Vec<RegionCost>,
     pub recommendations: Option<Recommendations>,
     /// What a reader should know about the figures (no sample yet, unreadable backups).
     pub notes: Vec<String>,
+}
+
+impl CostReport {
+    /// Names each series' copy from `names` (repository location -> `primary` or a replica's
+    /// name) and sums the regions again with those names.
+    pub fn name_copies(&mut self, names: &BTreeMap<String, String>) {
+        for s in &mut self.estimate.series {
+            s.copy = names.get(&s.repository).cloned();
+        }
+        self.regions = by_region(&self.estimate);
+    }
 }
 
 /// The report from the usage samples and, when the backups could be read, the recommendations.
@@ -638,6 +692,7 @@ pub fn report(
         budget_usd: config.budget_usd,
         over_budget: estimate.total_usd > config.budget_usd,
         trend: daily_trend(samples, &prices, today, TREND_DAYS),
+        regions: by_region(&estimate),
         estimate,
         recommendations,
         notes,
@@ -699,6 +754,61 @@ mod tests {
         assert!((b.monthly_usd - 1.20).abs() < 1e-9);
         let f = e.series.iter().find(|s| s.repository == "s3://f").unwrap();
         assert!(!f.priced && f.monthly_usd == 0.0);
+    }
+
+    #[test]
+    fn the_cost_is_reported_per_region_with_each_copys_own_price() {
+        let gib = 1u64 << 30;
+        let config = CostConfig {
+            prices: vec![Price {
+                storage_class: "STANDARD".into(),
+                region: Some("eu-central-1".into()),
+                usd_per_gib_month: 0.0245,
+            }],
+            ..CostConfig::default()
+        };
+        let samples = vec![
+            sample("s3://main/bk", "us-east-1", "STANDARD", 200 * gib, 2),
+            sample("s3://eu/bk", "eu-central-1", "STANDARD", 200 * gib, 2),
+            sample("s3://cold/bk", "eu-central-1", "GLACIER", 300 * gib, 2),
+            sample("s3://gone/bk", "ap-south-1", "TAPE", gib, 2),
+        ];
+        let mut r = report(
+            &samples,
+            &config,
+            None,
+            NaiveDate::from_ymd_opt(2026, 3, 2).unwrap(),
+        );
+        let names = BTreeMap::from([
+            ("s3://main/bk".to_string(), "primary".to_string()),
+            ("s3://eu/bk".to_string(), "eu".to_string()),
+            ("s3://cold/bk".to_string(), "vault".to_string()),
+        ]);
+        r.name_copies(&names);
+        // us-east-1: 200 GiB * 0.023 = 4.60 (the primary)
+        // eu-central-1: 200 GiB * 0.0245 = 4.90 (eu, the region's configured price)
+        //             + 300 GiB * 0.0036 = 1.08 (vault, Glacier) = 5.98
+        // ap-south-1: no price for TAPE: 0, unpriced, named by its location
+        let region = |n: &str| r.regions.iter().find(|x| x.region == n).unwrap();
+        assert_eq!(r.regions.len(), 3);
+        assert!((region("us-east-1").monthly_usd - 4.60).abs() < 1e-9);
+        assert_eq!(region("us-east-1").copies, ["primary"]);
+        let eu = region("eu-central-1");
+        assert!((eu.monthly_usd - 5.98).abs() < 1e-9, "{}", eu.monthly_usd);
+        assert_eq!(eu.copies, ["vault", "eu"]);
+        assert_eq!(eu.bytes, 500 * gib);
+        assert!(eu.priced);
+        let ap = region("ap-south-1");
+        assert!(!ap.priced && ap.copies == ["s3://gone/bk"]);
+        let total: f64 = r.regions.iter().map(|x| x.monthly_usd).sum();
+        assert!((total - r.estimate.total_usd).abs() < 1e-9);
+        let eu_series = r
+            .estimate
+            .series
+            .iter()
+            .find(|s| s.copy.as_deref() == Some("eu"))
+            .unwrap();
+        assert_eq!(eu_series.usd_per_gib_month, 0.0245);
     }
 
     #[test]

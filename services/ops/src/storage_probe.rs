@@ -10,7 +10,8 @@
 //! - **Usage** ([`sample_usage`]): once a day, the sum of the sizes of every object listed in
 //!   the repository (chunks, manifests, keys, WAL) and their count, as `storage.usage_sampled`
 //!   {repository, region, storage_class, bytes, objects}. Region and class come from the
-//!   configuration (see [`StorageSeries`]).
+//!   configuration (see [`StorageSeries`]). Each replica's usage is sampled the same way
+//!   ([`run_usage`], usage only), as a series of its own.
 //!
 //! Invariants: event ids derive from the slot (the check's regular slot, a multiple of `every`
 //! since the epoch; the UTC day for usage) and the backend, and `occurred_at` is that slot, so a
@@ -196,6 +197,48 @@ pub async fn run(
         }
     }
 }
+
+/// Samples only the usage, once a UTC day (at start, then after each midnight), until
+/// `shutdown`: for a replica, whose cost is counted (R14.5) but whose connectivity is the
+/// replicate worker's to report. A failed sample is tried again after [`USAGE_RETRY`].
+pub async fn run_usage(
+    backend: Arc<dyn Backend>,
+    series: StorageSeries,
+    appender: &dyn Appender,
+    clock: &dyn Clock,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let name = backend.describe();
+    tracing::info!(backend = %name, region = %series.region, "usage sampling running");
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let now = clock.now();
+        let midnight = floor_to(now, TimeDelta::days(1));
+        let next = match sample_usage(backend.as_ref(), &series, midnight).await {
+            Ok(e) => {
+                if append_once(appender, e).await {
+                    midnight + TimeDelta::days(1)
+                } else {
+                    now + USAGE_RETRY
+                }
+            }
+            Err(e) => {
+                tracing::warn!(backend = %name, error = %e, "could not sample the storage usage");
+                now + USAGE_RETRY
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => return,
+            _ = async { while clock.now() < next { clock.sleep_until(next).await } } => {}
+        }
+    }
+}
+
+/// How soon [`run_usage`] tries again after a failed sample.
+pub const USAGE_RETRY: TimeDelta = TimeDelta::minutes(15);
 
 #[cfg(test)]
 mod tests {
