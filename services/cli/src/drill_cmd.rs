@@ -199,3 +199,54 @@ pub async fn run(config: &Config, data_dir: &Path, args: DrillArgs) -> anyhow::R
         ExitCode::FAILURE
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use crate::config::Config;
+
+    fn config(drills: &str) -> Config {
+        Config::parse(
+            &format!("[[sources]]\nname = \"main\"\npostgres = \"postgres://db/main\"\n\n{drills}"),
+            Path::new("backstop.toml"),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn each_drills_entry_is_a_monthly_schedule_unless_off() {
+        let c =
+            config("[[drills]]\nsource = \"main\"\nstaging = \"postgres://stage/main_drill\"\n");
+        let s = crate::wiring::schedules(&c).unwrap();
+        assert_eq!(s.len(), 1);
+        assert_eq!(s[0].name(), "drill-main");
+        assert_eq!(s[0].config().cron, backstop_ops::drill::DEFAULT_SCHEDULE);
+        assert_eq!(s[0].zone().name(), "America/New_York");
+
+        let off = config(
+            "[[drills]]\nsource = \"main\"\nstaging = \"postgres://stage/d\"\nschedule = \"off\"\n",
+        );
+        assert!(crate::wiring::schedules(&off).unwrap().is_empty());
+
+        let zoned = config(
+            "[[drills]]\nsource = \"main\"\nstaging = \"postgres://stage/d\"\nschedule = \"0 4 * * SAT#1\"\nzone = \"Europe/London\"\n",
+        );
+        let s = crate::wiring::schedules(&zoned).unwrap();
+        assert_eq!(s[0].zone().name(), "Europe/London");
+
+        // A [[schedules]] entry may not take a drill's name, nor run drills itself.
+        let clash = config(
+            "[[schedules]]\nname = \"drill-main\"\nsource = \"main\"\n\n[[drills]]\nsource = \"main\"\nstaging = \"postgres://stage/d\"\n",
+        );
+        let e = format!("{:#}", crate::wiring::schedules(&clash).unwrap_err());
+        assert!(e.contains("rename the schedule"), "{e}");
+        let job = config("[[schedules]]\nname = \"x\"\nsource = \"main\"\njob = \"drill\"\n");
+        let e = format!("{:#}", crate::wiring::schedules(&job).unwrap_err());
+        assert!(e.contains("[[drills]] entry"), "{e}");
+        let bad = config(
+            "[[drills]]\nsource = \"main\"\nstaging = \"postgres://stage/d\"\nzone = \"Mars/Base\"\n",
+        );
+        assert!(crate::wiring::schedules(&bad).is_err());
+    }
+}
