@@ -1203,6 +1203,38 @@ mod tests {
         );
     }
 
+    #[test]
+    fn sets_name_configured_sources_once() {
+        let p = Path::new("s.toml");
+        let sources = "[[sources]]\nname = \"main\"\npostgres = \"postgres://db/app\"\n[[sources]]\nname = \"cache\"\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379\"\n";
+        let ok = format!(
+            "{sources}[[sets]]\nname = \"nightly\"\nsources = [\"main\", \"cache\"]\n[sets.restore]\ncache = \"/srv/restore/dump.rdb\"\n"
+        );
+        let c = Config::parse(&ok, p).unwrap();
+        assert_eq!(c.set("nightly").unwrap().sources, ["main", "cache"]);
+        let e = c.set("weekly").unwrap_err().to_string();
+        assert!(e.contains("nightly"), "{e}");
+        for (bad, says) in [
+            (
+                "name = \"nightly\"\nsources = [\"main\", \"models\"]\n",
+                "\"models\" is not a configured source",
+            ),
+            (
+                "name = \"nightly\"\nsources = [\"main\", \"main\"]\n",
+                "listed twice",
+            ),
+            ("name = \"latest\"\nsources = [\"main\"]\n", "not `latest`"),
+            (
+                "name = \"n\"\nsources = [\"main\"]\n[sets.restore]\ncache = \"/x\"\n",
+                "not one of the set's sources",
+            ),
+        ] {
+            let e = Config::parse(&format!("{sources}[[sets]]\n{bad}"), p)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(says), "{e}");
+        }
+    }
     fn tempfile_dir() -> PathBuf {
         let d = std::env::temp_dir().join(format!("backstop-config-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
