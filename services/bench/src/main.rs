@@ -107,7 +107,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         BenchCommand::Backup(args) => backup::run(args, &backstop()?).await,
         BenchCommand::Physical(args) => physical::run(args, &backstop()?).await,
         BenchCommand::Prune(args) => prune::run(args).await,
-        BenchCommand::Drill(args) => drill::run(args).await,
+        BenchCommand::Drill(args) => drill::run(args, cli.backstop.as_deref()).await,
         BenchCommand::Fuzz(args) => fuzz::run(args).await,
         BenchCommand::Webhook(args) => webhook::run(args).await,
     }

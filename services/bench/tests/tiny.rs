@@ -379,9 +379,23 @@ fn webhook_reports_every_sender_count() {
 #[test]
 fn drill_reports_each_phase_and_the_rto() {
     bench_binary();
-    let text = run_bench(&["drill", "--rows", "2000", "--runs", "1"]);
+    let text = run_bench(&[
+        "drill",
+        "--rows",
+        "2000",
+        "--runs",
+        "1",
+        "--pgbench-seconds",
+        "2",
+        "--pgbench-scale",
+        "1",
+    ]);
     assert!(
         text.contains("backstop bench drill: logical, rows=2000"),
+        "{text}"
+    );
+    assert!(
+        text.contains("backstop bench drill: physical, rows=2000"),
         "{text}"
     );
     let phases: Vec<Vec<&str>> = text
@@ -389,13 +403,20 @@ fn drill_reports_each_phase_and_the_rto() {
         .map(|l| l.split_whitespace().collect::<Vec<_>>())
         .filter(|c| c.len() == 3 && c[2].ends_with('%'))
         .collect();
+    // Logical, then physical: each phase of each.
     assert_eq!(
         phases.iter().map(|c| c[0]).collect::<Vec<_>>(),
-        ["fetch", "restore", "replay", "checks"],
+        [
+            "fetch", "restore", "replay", "checks", "fetch", "restore", "replay", "checks"
+        ],
         "{text}"
     );
     for c in &phases {
         number(c[1], "ms", &text);
     }
-    assert!(text.contains("against a target of 60000 ms: met"), "{text}");
+    assert_eq!(
+        text.matches("against a target of 60000 ms: met").count(),
+        2,
+        "{text}"
+    );
 }

@@ -133,19 +133,20 @@ pub fn physical_staging(config: &Config, data_dir: &Path, args: &DrillArgs) -> P
     }
 }
 
-/// The plan of every `[[drills]]` entry, as `serve`'s drill worker runs them.
-pub fn configured_plans(config: &Config) -> anyhow::Result<Vec<DrillPlan>> {
+/// The plan of every `[[drills]]` entry, as `serve`'s drill worker runs them (physical ones
+/// too: their staging server as `backstop drill` starts it).
+pub fn configured_plans(config: &Config, data_dir: &Path) -> anyhow::Result<Vec<DrillPlan>> {
     config
         .drills
         .iter()
         .map(|e| {
-            plan_of(
-                config,
-                &DrillArgs {
-                    source: e.source.clone(),
-                    ..DrillArgs::default()
-                },
-            )
+            let args = DrillArgs {
+                source: e.source.clone(),
+                ..DrillArgs::default()
+            };
+            let mut plan = plan_of(config, &args)?;
+            plan.physical = Some(physical_staging(config, data_dir, &args));
+            Ok(plan)
         })
         .collect()
 }

@@ -152,7 +152,7 @@ pub fn drills(
         return Ok(None);
     }
     Ok(Some(backstop_workers::drill::DrillSettings {
-        plans: crate::drill_cmd::configured_plans(config)?,
+        plans: crate::drill_cmd::configured_plans(config, data_dir)?,
         verified: Arc::new(ledger.clone()),
         report_dir: data_dir.join("drills"),
     }))
