@@ -416,6 +416,11 @@ vocabulary! {
         backup_id: Uuid, source: String, reason: String,
         #[serde(default = "one")] attempt: u32,
     }
+    /// A scheduled or API-requested backup of a configuration source was not taken: the
+    /// source's keyed hash equals that of backup `unchanged_since` (R16). The request is closed.
+    BackupSkipped = "backup.skipped" v 1 {
+        backup_id: Uuid, source: String, unchanged_since: Uuid, reason: String,
+    }
     /// Every object a backup wrote was read back after upload and its SHA3-256 matched.
     UploadVerified = "upload.verified" v 1 {
         backup_id: Uuid, objects: u64, bytes: u64,

@@ -108,6 +108,7 @@ const WORKER_EVENT_TYPES: &[&str] = &[
     "backup.started",
     "backup.completed",
     "backup.failed",
+    "backup.skipped",
     "backup.deleted",
     "upload.verified",
     "verification.*",

@@ -8,7 +8,8 @@
 //! key version that computed it, and each item's name with its own keyed hash (domain
 //! [`ITEM_DOMAIN`]). [`check`] reads the source now and hashes it with the key version the
 //! newest configuration backup of the source used: equal hashes mean unchanged, and no backup is
-//! taken (`backstop backup` says so and requests nothing). A rotated key changes nothing here:
+//! taken (`backstop backup` says so and requests nothing; a scheduled or API request is closed as
+//! `backup.skipped` by [`skip_unchanged`]). A rotated key changes nothing here:
 //! the older version still unwraps.
 //!
 //! # Invariants
@@ -21,10 +22,14 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use backstop_events::{Actor, BackupMethod, TableCheck};
+use backstop_events::{
+    Actor, BackupMethod, BackupRequested, BackupSkipped, Envelope, Event, TableCheck, Trigger,
+    streams,
+};
 use backstop_repo::{DataKey, KeyPurpose, Manifest, Repository};
 use backstop_sources::config::{self as source, ConfigDocument, ConfigSource, ItemKind};
 use backstop_sources::pg::logical::DumpSink;
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncReadExt;
 use uuid::Uuid;
@@ -32,6 +37,7 @@ use uuid::Uuid;
 use crate::catalog;
 use crate::context::{DataPath, SourceKind};
 use crate::error::OpsError;
+use crate::record::record;
 use crate::restore::Recovery;
 use crate::verify::Verified;
 
@@ -164,6 +170,55 @@ pub async fn check(dp: &DataPath, name: &str, actor: &Actor) -> Result<Change, O
             previous: Some(newest.backup_id),
         })
     }
+}
+
+/// Closes `request` as `backup.skipped` instead of taking it when its source is a configuration
+/// source that has not changed since its newest backup; returns that backup's id. Only scheduled
+/// and API (`manual`) requests are skipped: a foreground `backstop backup` checks for itself
+/// (`--force` takes one anyway) and a retry after a failed verification must retake the backup.
+/// Not a configuration source, changed, or a failed check (logged): `None`, and the caller takes
+/// the backup, which records its own failure if the source cannot be read.
+pub async fn skip_unchanged(
+    dp: &DataPath,
+    request: &BackupRequested,
+    requested_at: DateTime<Utc>,
+    actor: &Actor,
+    cause: Option<&Envelope>,
+) -> Result<Option<Uuid>, OpsError> {
+    if !matches!(request.trigger, Trigger::Schedule { .. } | Trigger::Manual) {
+        return Ok(None);
+    }
+    match dp.source(&request.source) {
+        Ok(spec) if matches!(spec.kind, SourceKind::Config(_)) => {}
+        _ => return Ok(None),
+    }
+    let (since, hash) = match check(dp, &request.source, actor).await {
+        Ok(Change::Unchanged { since, hash }) => (since, hash),
+        Ok(Change::Changed { .. }) => return Ok(None),
+        Err(e) => {
+            tracing::warn!(source = %request.source, error = %e.chain(), "configuration change check failed; backing up");
+            return Ok(None);
+        }
+    };
+    // The id derives from the request, so a redelivered request records the skip once.
+    record(
+        dp.appender.as_ref(),
+        &streams::backup(request.backup_id),
+        actor,
+        cause,
+        requested_at,
+        "skipped",
+        request.backup_id,
+        Event::BackupSkipped(BackupSkipped {
+            backup_id: request.backup_id,
+            source: request.source.clone(),
+            unchanged_since: since,
+            reason: format!("configuration unchanged since backup {since} (keyed hash {hash})"),
+        }),
+    )
+    .await?;
+    tracing::info!(backup = %request.backup_id, source = %request.source, %since, "configuration unchanged: backup skipped");
+    Ok(Some(since))
 }
 
 /// The newest configuration backup of `source` in the repository.

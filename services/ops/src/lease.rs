@@ -346,6 +346,8 @@ impl LeaseMonitor {
             }
             Event::BackupCompleted(e) => self.end(LeasedJob::Backup, e.backup_id),
             Event::BackupFailed(e) => self.end(LeasedJob::Backup, e.backup_id),
+            // A skipped request (configuration unchanged) is closed, never abandoned.
+            Event::BackupSkipped(e) => self.end(LeasedJob::Backup, e.backup_id),
             Event::RecoveryCompleted(e) => self.end(LeasedJob::Recovery, e.recovery_id),
             Event::RecoveryFailed(e) => self.end(LeasedJob::Recovery, e.recovery_id),
             _ => {}

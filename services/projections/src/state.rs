@@ -231,6 +231,14 @@ async fn apply_event(
             .execute(&mut *conn)
             .await?;
         }
+        // A request closed unchanged (configuration sources) took no backup: its row goes, so it
+        // is neither pending nor failed and `list` shows nothing new.
+        Event::BackupSkipped(e) => {
+            sqlx::query("DELETE FROM backups WHERE backup_id = $1 AND state = 'requested'")
+                .bind(e.backup_id)
+                .execute(&mut *conn)
+                .await?;
+        }
         Event::UploadVerified(e) => {
             sqlx::query(
                 "UPDATE backups SET upload_objects = $2, upload_bytes = $3, last_position = $4 \

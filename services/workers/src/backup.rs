@@ -6,6 +6,8 @@
 //!   own: skipped.
 //! - A redelivered request whose manifest is already in the repository only (re)records its
 //!   completion: nothing is taken twice.
+//! - A scheduled or API request of a configuration source unchanged since its newest backup is
+//!   closed as `backup.skipped` (`config_backup::skip_unchanged`): nothing is taken or retried.
 //! - A transient failure (storage or source briefly unreachable) is retried with the consumer's
 //!   backoff, unrecorded; when the consumer gives up, [`Handler::give_up`] records
 //!   `backup.failed` with the last reason, so no backup is left "started". Any other failure is
@@ -141,6 +143,21 @@ impl Handler for BackupWorker {
             }
             Err(OpsError::NoBackup(_)) => {}
             Err(e) => return Err(handler_error(e)),
+        }
+        // A configuration source unchanged since its newest backup: recorded as backup.skipped
+        // and done (a ledger failure is retried; the skip's id derives from the request).
+        if backstop_ops::config_backup::skip_unchanged(
+            dp,
+            &request,
+            event.occurred_at,
+            &actor(),
+            Some(event),
+        )
+        .await
+        .map_err(handler_error)?
+        .is_some()
+        {
+            return Ok(());
         }
         let opts = self.options_for(&request, chrono::Utc::now());
         // A permanent failure is recorded as backup.failed by run_backup.

@@ -181,6 +181,7 @@ impl Facts {
                 | "backup.started"
                 | "backup.completed"
                 | "backup.failed"
+                | "backup.skipped"
                 | "verification.passed"
                 | "verification.failed"
                 | "health.checked"
@@ -237,6 +238,14 @@ impl Facts {
                 };
                 let prev = s.sizes.remove(&class).map(|(_, newest)| newest);
                 s.sizes.insert(class, (prev, now));
+            }
+            // A configuration source confirmed unchanged since a completed backup is as fresh
+            // as of the skip: it restarts the staleness clock (the outcome is left as it was).
+            Event::BackupSkipped(k) => {
+                self.running.remove(&k.backup_id);
+                self.backup_sources.insert(k.backup_id, k.source.clone());
+                let s = self.source(&k.source, cause);
+                s.last_completed = Some(cause);
             }
             Event::BackupFailed(f) => {
                 self.running.remove(&f.backup_id);
