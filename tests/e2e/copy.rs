@@ -9,8 +9,6 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
-
 use backstop_testkit::{Garage, Postgres, PostgresOptions, give_to_server_user};
 use support::{Site, bin, query, stderr, stdout, switch_and_wait};
 
@@ -232,19 +230,6 @@ fn a_physical_backup_restores_from_the_copy_with_the_wal_it_holds() {
     let auto = std::fs::read_to_string(to_dir.join("postgresql.auto.conf")).unwrap();
     assert!(auto.contains(offline.to_str().unwrap()), "{auto}");
     let copy = Postgres::from_data_dir(&to_dir, PostgresOptions::new()).unwrap();
-    let start = Instant::now();
-    while copy
-        .psql("postgres", "SELECT pg_is_in_recovery()")
-        .ok()
-        .as_deref()
-        != Some("f")
-    {
-        assert!(
-            start.elapsed() < backstop_testkit::deadline() * 2,
-            "recovery did not finish; log:\n{}",
-            copy.log_tail(80)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    copy.wait_promoted().unwrap();
     assert_eq!(query(&copy, "SELECT count(*) FROM trades"), "150");
 }

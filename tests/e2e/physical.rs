@@ -110,23 +110,6 @@ impl Site {
     }
 }
 
-fn wait_promoted(pg: &Postgres) {
-    let start = Instant::now();
-    while pg
-        .psql("postgres", "SELECT pg_is_in_recovery()")
-        .ok()
-        .as_deref()
-        != Some("f")
-    {
-        assert!(
-            start.elapsed() < backstop_testkit::deadline() * 2,
-            "the restored server did not finish recovery; log:\n{}",
-            pg.log_tail(60)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// `count|min|max` of the rows inserted after the base backup.
 fn later_rows(pg: &Postgres) -> String {
     query(
@@ -229,7 +212,7 @@ fn point_in_time_recovery_through_the_binary() {
     let latest_dir = site.path("latest");
     restore(&site, &latest_dir, &[]);
     let copy = Postgres::from_data_dir(&latest_dir, PostgresOptions::new()).unwrap();
-    wait_promoted(&copy);
+    copy.wait_promoted().unwrap();
     assert_eq!(later_rows(&copy), "100|101|250");
     drop(copy);
 
@@ -246,7 +229,7 @@ fn point_in_time_recovery_through_the_binary() {
     assert!(auto.contains("wal-fetch --source main"), "{auto}");
     assert!(auto.contains("recovery_target_time"), "{auto}");
     let copy = Postgres::from_data_dir(&pitr, PostgresOptions::new()).unwrap();
-    wait_promoted(&copy);
+    copy.wait_promoted().unwrap();
     assert_eq!(later_rows(&copy), "50|101|150");
     assert_eq!(
         query(&copy, "SELECT count(*) FROM trades WHERE id <= 100"),
@@ -269,7 +252,7 @@ fn point_in_time_recovery_through_the_binary() {
     let branch_dir = site.path("branch");
     restore(&site, &branch_dir, &[]);
     let copy = Postgres::from_data_dir(&branch_dir, PostgresOptions::new()).unwrap();
-    wait_promoted(&copy);
+    copy.wait_promoted().unwrap();
     assert_eq!(later_rows(&copy), "60|101|310");
     drop(copy);
 

@@ -12,7 +12,7 @@
 mod support;
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use backstop_repo::{Backend, S3Backend, S3Settings};
 use backstop_testkit::{Garage, Postgres, PostgresOptions, give_to_server_user};
@@ -26,23 +26,6 @@ fn s3_keys(g: &Garage) -> String {
         g.access_key(),
         g.secret_key()
     )
-}
-
-fn wait_promoted(pg: &Postgres) {
-    let start = Instant::now();
-    while pg
-        .psql("postgres", "SELECT pg_is_in_recovery()")
-        .ok()
-        .as_deref()
-        != Some("f")
-    {
-        assert!(
-            start.elapsed() < backstop_testkit::deadline() * 2,
-            "the restored server did not finish recovery; log:\n{}",
-            pg.log_tail(80)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// `count|min|max` of the rows inserted after the base backup.
@@ -197,7 +180,7 @@ async fn point_in_time_restore_from_the_secondary_with_the_primary_region_lost()
     let auto = std::fs::read_to_string(pitr.join("postgresql.auto.conf")).unwrap();
     assert!(auto.contains("wal-fetch --source main"), "{auto}");
     let copy = Postgres::from_data_dir(&pitr, PostgresOptions::new()).unwrap();
-    wait_promoted(&copy);
+    copy.wait_promoted().unwrap();
     assert_eq!(later_rows(&copy), "50|101|150");
     assert_eq!(
         query(&copy, "SELECT count(*) FROM trades WHERE id <= 100"),
@@ -215,7 +198,7 @@ async fn point_in_time_restore_from_the_secondary_with_the_primary_region_lost()
     let auto = std::fs::read_to_string(latest.join("postgresql.auto.conf")).unwrap();
     assert!(auto.contains("--from eu"), "{auto}");
     let copy = Postgres::from_data_dir(&latest, PostgresOptions::new()).unwrap();
-    wait_promoted(&copy);
+    copy.wait_promoted().unwrap();
     assert_eq!(later_rows(&copy), "100|101|250");
     drop(copy);
 

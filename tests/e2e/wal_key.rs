@@ -327,20 +327,7 @@ async fn a_database_host_archives_and_restores_wal_with_only_the_wal_key_file() 
     );
     assert!(!auto.contains("master"), "{auto}");
     let copy = Postgres::from_data_dir(&restored_dir, PostgresOptions::new()).unwrap();
-    let start = Instant::now();
-    while copy
-        .psql("postgres", "SELECT pg_is_in_recovery()")
-        .ok()
-        .as_deref()
-        != Some("f")
-    {
-        assert!(
-            start.elapsed() < backstop_testkit::deadline() * 2,
-            "the restored server did not finish recovery; log:\n{}",
-            copy.log_tail(60)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    copy.wait_promoted().unwrap();
     assert_eq!(query(&copy, "SELECT count(*) FROM t"), "150");
     drop(copy);
 

@@ -58,7 +58,7 @@ fn verify_opts() -> PhysicalVerifyOptions {
 /// Starts a server on a restored directory and waits for recovery to finish.
 fn start_restored(dir: &Path) -> Postgres {
     let pg = Postgres::from_data_dir(dir, PostgresOptions::new()).expect("start restored cluster");
-    support::wait_promoted(&pg);
+    pg.wait_promoted().unwrap();
     pg
 }
 

@@ -328,7 +328,7 @@ async fn base_backups_in_the_repository_store_unchanged_data_once_and_restore_wi
     assert!(restored.manifest_verified);
     assert_eq!(restored.archive_bytes, third.raw_bytes);
     let copy = Postgres::from_data_dir(&dir, PostgresOptions::new()).unwrap();
-    support::wait_promoted(&copy);
+    copy.wait_promoted().unwrap();
     let got = logical::table_digests(&copy.conninfo("postgres"), &[])
         .await
         .unwrap();

@@ -616,6 +616,26 @@ impl Postgres {
         crate::log_tail(&self.log_path, lines)
     }
 
+    /// Waits until the server has left recovery (a restored copy that replayed its archive and
+    /// promoted), for up to twice the readiness deadline. The error holds the log's tail.
+    pub fn wait_promoted(&self) -> anyhow::Result<()> {
+        let start = Instant::now();
+        let limit = crate::deadline() * 2;
+        loop {
+            let state = self.psql("postgres", "SELECT pg_is_in_recovery()");
+            if state.as_ref().is_ok_and(|s| s == "f") {
+                return Ok(());
+            }
+            if start.elapsed() > limit {
+                bail!(
+                    "the server did not finish recovery within {limit:?} (last answer: {state:?}); log:\n{}",
+                    self.log_tail(80)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// The WAL archive directory, when started with [`PostgresOptions::archive_wal`].
     pub fn wal_archive_dir(&self) -> Option<&Path> {
         self.wal_archive.as_deref()

@@ -408,23 +408,6 @@ pub fn wait_archived(pg: &Postgres, name: &str) {
     }
 }
 
-/// Waits until the server at `pg` has left recovery.
-pub fn wait_promoted(pg: &Postgres) {
-    let start = Instant::now();
-    loop {
-        match pg.psql("postgres", "SELECT pg_is_in_recovery()") {
-            Ok(s) if s == "f" => return,
-            _ => {}
-        }
-        assert!(
-            start.elapsed() < backstop_testkit::deadline() * 2,
-            "the restored server did not finish recovery; log:\n{}",
-            pg.log_tail(60)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// The server's clock, as an RFC 3339 UTC timestamp.
 pub fn server_now(pg: &Postgres) -> chrono::DateTime<chrono::Utc> {
     let s = pg
