@@ -744,7 +744,10 @@ impl Config {
                     if let Some(u) = &c.postgres_settings
                         && !(u.starts_with("postgres://") || u.starts_with("postgresql://"))
                     {
-                        bail!("sources.{}: postgres_settings must be a postgres:// URL", src.name);
+                        bail!(
+                            "sources.{}: postgres_settings must be a postgres:// URL",
+                            src.name
+                        );
                     }
                 }
                 SourceKindSection::Git(g) => {

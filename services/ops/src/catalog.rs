@@ -98,9 +98,7 @@ pub fn files_report(manifest: &Manifest) -> Result<backstop_sources::files::File
 }
 
 /// The report in a configuration backup's manifest.
-pub fn config_report(
-    manifest: &Manifest,
-) -> Result<crate::config_backup::ConfigReport, OpsError> {
+pub fn config_report(manifest: &Manifest) -> Result<crate::config_backup::ConfigReport, OpsError> {
     report_at(manifest, CONFIG_KEY, "configuration report")
 }
 
