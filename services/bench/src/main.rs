@@ -59,7 +59,8 @@ enum BenchCommand {
     /// Garbage collection over 1,000,000 chunks referenced by 1,000 manifests, half of them
     /// forgotten: wall time and peak memory of the mark and sweep runs.
     Prune(prune::BenchPruneArgs),
-    /// The end-to-end RTO of a DR drill (logical) on the trading dataset, phase by phase.
+    /// The end-to-end RTO of a DR drill (logical, and physical with pgbench WAL to replay) on
+    /// the trading dataset, phase by phase.
     Drill(drill::BenchDrillArgs),
     /// Webhook-log appends (fsync before the acknowledgement, group commit) per second and
     /// p50/p99 latency with 1, 16 and 256 concurrent senders.

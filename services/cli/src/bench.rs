@@ -18,8 +18,8 @@ const BENCH_BINARY: &str = "backstop-bench";
 #[derive(clap::Args)]
 #[command(disable_help_flag = true)]
 pub struct BenchArgs {
-    /// The benchmark and its options: `ledger`, `api`, `backup`, `physical`, `prune` or `fuzz`
-    /// (`backstop bench --help` lists them).
+    /// The benchmark and its options: `ledger`, `api`, `backup`, `physical`, `prune`, `drill`,
+    /// `webhook` or `fuzz` (`backstop bench --help` lists them).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
     args: Vec<OsString>,
 }
