@@ -10,7 +10,7 @@
 mod support;
 
 use backstop_testkit::{Garage, Postgres, PostgresOptions, give_to_server_user};
-use support::{Site, bin, query, stderr, stdout, switch_and_wait};
+use support::{Site, archiving_postgres, query, stderr, stdout, switch_and_wait};
 
 fn events_of_type(site: &Site, t: &str) -> Vec<serde_json::Value> {
     site.ok(&["ledger", "tail", "--json", "--from", "1"])
@@ -169,17 +169,7 @@ fn a_physical_backup_restores_from_the_copy_with_the_wal_it_holds() {
     site.ok(&["init", "--generate-key", key.to_str().unwrap()]);
     // PostgreSQL's user runs wal-push and wal-fetch: it reads the config, the key, the repository.
     give_to_server_user(site.tmp.path()).unwrap();
-    let archive_command = format!(
-        "{} --config {} wal-push --source main %p",
-        bin().display(),
-        config.display()
-    );
-    let mut pg = Postgres::start_with(
-        PostgresOptions::new()
-            .conf("archive_mode = on")
-            .conf(format!("archive_command = '{archive_command}'")),
-    )
-    .unwrap();
+    let mut pg = archiving_postgres(&config, "main");
     query(
         &pg,
         "CREATE TABLE trades (id int PRIMARY KEY, note text); \

@@ -14,8 +14,8 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use backstop_testkit::{Postgres, PostgresOptions, free_port, give_to_server_user};
-use support::{Process, Site, bin, switch_and_wait};
+use backstop_testkit::{Postgres, free_port, give_to_server_user};
+use support::{Process, Site, archiving_postgres, switch_and_wait};
 
 #[test]
 fn a_drill_through_the_cli_passes_reports_and_records_itself() {
@@ -114,16 +114,7 @@ fn newest_report(dir: &std::path::Path) -> serde_json::Value {
 fn a_physical_drill_replays_the_archive_and_a_damaged_base_backup_fails_with_an_alert() {
     let site = Site::new("dr");
     let config = site.path("backstop.toml");
-    let pg = Postgres::start_with(
-        PostgresOptions::new()
-            .conf("archive_mode = on")
-            .conf(format!(
-                "archive_command = '{} --config {} wal-push --source app %p'",
-                bin().display(),
-                config.display()
-            )),
-    )
-    .unwrap();
+    let pg = archiving_postgres(&config, "app");
     pg.create_db("app").unwrap();
     std::fs::write(
         &config,

@@ -16,7 +16,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use backstop_testkit::{Postgres, PostgresOptions, give_to_server_user, server_tempdir};
-use support::{bin, query, stderr, stdout, switch_and_wait};
+use support::{TwoBatches, bin, later_rows, query, stderr, stdout, switch_and_wait, two_batches};
 
 /// A repository, its key, a ledger and a configuration file naming them, all reachable by the
 /// PostgreSQL user.
@@ -86,11 +86,7 @@ impl Site {
     }
 
     fn archive_command(&self) -> String {
-        format!(
-            "{} --config {} wal-push --source main %p",
-            bin().display(),
-            self.config().display()
-        )
+        support::archive_command(&self.config(), "main")
     }
 
     /// The sealed object of an archived WAL file.
@@ -108,14 +104,6 @@ impl Site {
             .filter(|e| e["type"] == event_type)
             .collect()
     }
-}
-
-/// `count|min|max` of the rows inserted after the base backup.
-fn later_rows(pg: &Postgres) -> String {
-    query(
-        pg,
-        "SELECT count(*) || '|' || min(id) || '|' || max(id) FROM trades WHERE id > 100",
-    )
 }
 
 fn restore(site: &Site, dir: &Path, extra: &[&str]) -> String {
@@ -168,22 +156,11 @@ fn point_in_time_recovery_through_the_binary() {
     assert!(report["has_manifest"].as_bool().unwrap());
 
     // Two batches of rows, each committed and archived, with a known moment between them.
-    query(
-        &pg,
-        "INSERT INTO trades (id, note) SELECT g, 'batch a' FROM generate_series(101, 150) g",
-    );
-    let seg_a = switch_and_wait(&pg);
-    std::thread::sleep(Duration::from_millis(1200));
-    let between = query(
-        &pg,
-        "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
-    );
-    std::thread::sleep(Duration::from_millis(1200));
-    query(
-        &pg,
-        "INSERT INTO trades (id, note) SELECT g, 'batch b' FROM generate_series(201, 250) g",
-    );
-    let seg_b = switch_and_wait(&pg);
+    let TwoBatches {
+        seg_a,
+        between,
+        seg_b,
+    } = two_batches(&pg);
     assert!(seg_b > seg_a);
     let ordered = query(
         &pg,

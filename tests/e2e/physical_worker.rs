@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use backstop_testkit::{Postgres, PostgresOptions, free_port, give_to_server_user, server_tempdir};
 use dashboard_support::{AUDITOR, LEAD, OPERATOR, http, wait_http};
-use support::{Process, bin, run, stderr};
+use support::{Process, run, stderr};
 
 #[test]
 fn a_physical_backup_requested_through_the_api_is_taken_and_verified_by_the_workers() {
@@ -29,11 +29,7 @@ fn a_physical_backup_requested_through_the_api_is_taken_and_verified_by_the_work
     .unwrap();
     let config = path("backstop.toml");
     // The source's URL is known once it runs; the archive command needs only the config path.
-    let archive_command = format!(
-        "{} --config {} wal-push --source main %p",
-        bin().display(),
-        config.display()
-    );
+    let archive_command = support::archive_command(&config, "main");
     let write_config = |source: &str, projections: &str| {
         std::fs::write(
             &config,

@@ -12,11 +12,12 @@
 mod support;
 
 use std::path::Path;
-use std::time::Duration;
 
 use backstop_repo::{Backend, S3Backend, S3Settings};
 use backstop_testkit::{Garage, Postgres, PostgresOptions, give_to_server_user};
-use support::{Site, bin, query, stderr, stdout, switch_and_wait};
+use support::{
+    Site, TwoBatches, archiving_postgres, later_rows, query, stderr, stdout, two_batches,
+};
 
 fn s3_keys(g: &Garage) -> String {
     format!(
@@ -25,14 +26,6 @@ fn s3_keys(g: &Garage) -> String {
         g.region(),
         g.access_key(),
         g.secret_key()
-    )
-}
-
-/// `count|min|max` of the rows inserted after the base backup.
-fn later_rows(pg: &Postgres) -> String {
-    query(
-        pg,
-        "SELECT count(*) || '|' || min(id) || '|' || max(id) FROM trades WHERE id > 100",
     )
 }
 
@@ -90,17 +83,7 @@ async fn point_in_time_restore_from_the_secondary_with_the_primary_region_lost()
     // PostgreSQL's user runs wal-push and wal-fetch: it reads the config and the key.
     give_to_server_user(site.tmp.path()).unwrap();
 
-    let archive_command = format!(
-        "{} --config {} wal-push --source main %p",
-        bin().display(),
-        config.display()
-    );
-    let mut pg = Postgres::start_with(
-        PostgresOptions::new()
-            .conf("archive_mode = on")
-            .conf(format!("archive_command = '{archive_command}'")),
-    )
-    .unwrap();
+    let mut pg = archiving_postgres(&config, "main");
     query(
         &pg,
         "CREATE TABLE trades (id int PRIMARY KEY, note text, at timestamptz NOT NULL DEFAULT clock_timestamp());
@@ -111,22 +94,11 @@ async fn point_in_time_restore_from_the_secondary_with_the_primary_region_lost()
     site.ok(&["backup", "--physical", "--pg", &url, "--name", "main"]);
 
     // Two batches, each committed and archived, with a known moment between them.
-    query(
-        &pg,
-        "INSERT INTO trades (id, note) SELECT g, 'batch a' FROM generate_series(101, 150) g",
-    );
-    let seg_a = switch_and_wait(&pg);
-    std::thread::sleep(Duration::from_millis(1200));
-    let between = query(
-        &pg,
-        "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
-    );
-    std::thread::sleep(Duration::from_millis(1200));
-    query(
-        &pg,
-        "INSERT INTO trades (id, note) SELECT g, 'batch b' FROM generate_series(201, 250) g",
-    );
-    let seg_b = switch_and_wait(&pg);
+    let TwoBatches {
+        seg_a,
+        between,
+        seg_b,
+    } = two_batches(&pg);
 
     // wal-push wrote each segment to the replica as it was archived, before any replicate.
     let eu = S3Backend::connect(S3Settings {

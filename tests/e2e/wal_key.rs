@@ -122,11 +122,7 @@ impl Site {
     }
 
     fn archive_command(&self) -> String {
-        format!(
-            "{} --config {} wal-push --source main %p",
-            bin().display(),
-            self.path("host.toml").display()
-        )
+        support::archive_command(&self.path("host.toml"), "main")
     }
 
     fn master(&self) -> MasterKey {

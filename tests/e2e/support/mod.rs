@@ -215,6 +215,69 @@ pub fn switch_and_wait(pg: &backstop_testkit::Postgres) -> String {
     }
 }
 
+/// PostgreSQL's `archive_command` for `source`: `backstop --config CONFIG wal-push`.
+pub fn archive_command(config: &Path, source: &str) -> String {
+    format!(
+        "{} --config {} wal-push --source {source} %p",
+        bin().display(),
+        config.display()
+    )
+}
+
+/// A PostgreSQL server that archives its WAL through [`archive_command`].
+pub fn archiving_postgres(config: &Path, source: &str) -> backstop_testkit::Postgres {
+    backstop_testkit::Postgres::start_with(
+        backstop_testkit::PostgresOptions::new()
+            .conf("archive_mode = on")
+            .conf(format!(
+                "archive_command = '{}'",
+                archive_command(config, source)
+            )),
+    )
+    .unwrap()
+}
+
+/// Two batches of rows into `trades` (ids 101-150, then 201-250), each committed and archived,
+/// with a moment more than a second from both between them.
+pub struct TwoBatches {
+    pub seg_a: String,
+    /// UTC, RFC 3339 with microseconds: a `--target-time` that keeps batch a only.
+    pub between: String,
+    pub seg_b: String,
+}
+
+pub fn two_batches(pg: &backstop_testkit::Postgres) -> TwoBatches {
+    query(
+        pg,
+        "INSERT INTO trades (id, note) SELECT g, 'batch a' FROM generate_series(101, 150) g",
+    );
+    let seg_a = switch_and_wait(pg);
+    std::thread::sleep(Duration::from_millis(1200));
+    let between = query(
+        pg,
+        "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+    );
+    std::thread::sleep(Duration::from_millis(1200));
+    query(
+        pg,
+        "INSERT INTO trades (id, note) SELECT g, 'batch b' FROM generate_series(201, 250) g",
+    );
+    let seg_b = switch_and_wait(pg);
+    TwoBatches {
+        seg_a,
+        between,
+        seg_b,
+    }
+}
+
+/// `count|min|max` of the `trades` rows inserted after the base backup (ids over 100).
+pub fn later_rows(pg: &backstop_testkit::Postgres) -> String {
+    query(
+        pg,
+        "SELECT count(*) || '|' || min(id) || '|' || max(id) FROM trades WHERE id > 100",
+    )
+}
+
 /// A throwaway site for commands run with one configuration file, `backstop.toml` in its
 /// directory (the test writes it), as operator `operator`, with no master key in the
 /// environment.
