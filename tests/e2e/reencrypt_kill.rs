@@ -184,7 +184,8 @@ async fn reencryption_killed_twice_resumes_and_every_backup_stays_readable() {
     let tail = site.ok(&["ledger", "tail", "--json", "--from", "1"]);
     let count = |t: &str| tail.matches(&format!("\"type\":\"{t}\"")).count();
     assert_eq!(count("reencryption.completed"), 1, "{tail}");
-    assert!(count("reencryption.started") >= 1, "{tail}");
+    // Once, even when the first run was killed before it could say so: a resumed run says it.
+    assert_eq!(count("reencryption.started"), 1, "{tail}");
 }
 
 /// A refused `init` leaves no master key behind: a key file that no repository uses would be

@@ -4,7 +4,8 @@
 //!   `key.rotated` on the purpose's key stream (`keys-<purpose>`).
 //! - [`reencrypt`]: starts the re-encryption job, or resumes the unfinished one
 //!   (`backstop_repo::reencrypt`: crash safety, coexistence with backups, restores, prune and
-//!   object lock are documented there), and records `reencryption.started` (once per job),
+//!   object lock are documented there), and records `reencryption.started` (once per job: every
+//!   run appends it with the same id, so a first run killed before its append is covered),
 //!   `reencryption.progressed` per backup checkpointed, then `reencryption.completed` or
 //!   `reencryption.failed`, all on the `repository` stream.
 //! - [`retire`]: retires versions nothing is sealed with (after the object-lock hold), recorded
@@ -147,18 +148,26 @@ pub async fn reencrypt(
     let stream = streams::repository();
     let (state, resumed) = repo.begin_reencryption(opts).await?;
     let job = state.job_id;
-    if !resumed {
-        record(
-            appender.as_ref(),
-            &stream,
-            actor,
-            None,
-            state.started_at,
-            "reencryption-started",
-            job,
-            started_event(&state, &repo.keys()),
-        )
-        .await?;
+    // A run killed between writing its job state and this append leaves a job the ledger never
+    // saw start, so a resumed run records `started` too. Its id derives from the job and its start
+    // time: when the first run did record it, this append is a duplicate the ledger stores once,
+    // or (the listing having moved on since, so the content differs) refused as `id_reused`,
+    // which means the same thing here.
+    let started = record(
+        appender.as_ref(),
+        &stream,
+        actor,
+        None,
+        state.started_at,
+        "reencryption-started",
+        job,
+        started_event(&state, &repo.keys()),
+    )
+    .await;
+    match started {
+        Ok(()) => {}
+        Err(e) if resumed && e.is_id_reused() => {}
+        Err(e) => return Err(e.into()),
     }
     // Progress is recorded beside the work, in order, by one task fed from the job's callback.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<ReencryptStep>();

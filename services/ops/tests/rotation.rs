@@ -15,8 +15,8 @@ use backstop_ledger::{Ledger, LedgerConfig};
 use backstop_ops::rotation::{DEFAULT_ROTATE_AFTER_DAYS, retire, rotate_if_due};
 use backstop_ops::verify::{VerifyOutcome, verify_completed};
 use backstop_repo::{
-    KeyAccessLog, KeyPurpose, LocalBackend, MasterKey, PruneOptions, RepoParams, Repository,
-    RetireOptions,
+    KeyAccessLog, KeyPurpose, LocalBackend, MasterKey, PruneOptions, ReencryptOptions, RepoParams,
+    Repository, RetireOptions,
 };
 use backstop_testkit::Postgres;
 use chrono::{Duration, Utc};
@@ -218,4 +218,59 @@ async fn the_serve_schedule_ticks_at_start_and_stops_at_shutdown() {
         stop.send(true).unwrap();
         assert_eq!(task.await.unwrap(), 1, "one tick before the shutdown");
     }
+}
+
+/// A first run killed after its job state was written and before `reencryption.started` reached
+/// the ledger (the gap `e2e_reencrypt_kill` can land in): the resumed run records `started`, so
+/// the ledger tells the whole story, and a second resumed run does not record it twice.
+#[tokio::test]
+async fn a_resumed_job_records_the_start_its_killed_first_run_did_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Ledger::open(&LedgerConfig::in_data_dir(&dir.path().join("ledger"))).unwrap();
+    let repo = Repository::init(
+        Arc::new(LocalBackend::new(dir.path().join("repo")).unwrap()),
+        &MasterKey::generate(),
+        RepoParams::default(),
+        Arc::new(KeyAccessLog::new()),
+    )
+    .await
+    .unwrap();
+    let appender: Arc<dyn backstop_ledger::Appender> = Arc::new(ledger.clone());
+    let actor = Actor::worker("keys");
+    repo.rotate_key(KeyPurpose::Database).await.unwrap();
+    let now = Utc::now();
+    let opts = |job| ReencryptOptions::new(job, now);
+    // The killed first run: its state exists, the ledger has heard nothing.
+    let job = uuid::Uuid::now_v7();
+    let (state, resumed) = repo.begin_reencryption(&opts(job)).await.unwrap();
+    assert!(!resumed);
+    assert_eq!(state.job_id, job);
+    let count = |t: &str| {
+        ledger
+            .read(1, 10_000)
+            .unwrap()
+            .iter()
+            .filter(|e| e.event_type == t)
+            .count()
+    };
+    assert_eq!(count("reencryption.started"), 0);
+
+    // The resumed run (with another job id offered, which it must not use).
+    backstop_ops::rotation::reencrypt(&repo, appender.clone(), &actor, &opts(uuid::Uuid::now_v7()))
+        .await
+        .unwrap();
+    let started: Vec<uuid::Uuid> = ledger
+        .read(1, 10_000)
+        .unwrap()
+        .iter()
+        .filter_map(|e| match e.event() {
+            Ok(Event::ReencryptionStarted(s)) => Some(s.job_id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(started, [job], "the start of the job that ran, once");
+    assert_eq!(count("reencryption.completed"), 1);
+    assert!(repo.reencryption_state().await.unwrap().is_none());
+    drop(appender);
+    ledger.close().await;
 }
