@@ -187,14 +187,7 @@ async fn the_schedule_rotates_after_90_days_and_every_backup_restores_with_the_n
 async fn the_serve_schedule_ticks_at_start_and_stops_at_shutdown() {
     use backstop_ops::schedule::ManualClock;
     let dir = tempfile::tempdir().unwrap();
-    let repo = Repository::init(
-        Arc::new(LocalBackend::new(dir.path().join("repo")).unwrap()),
-        &MasterKey::generate(),
-        RepoParams::default(),
-        Arc::new(KeyAccessLog::new()),
-    )
-    .await
-    .unwrap();
+    let repo = local_repository(dir.path()).await;
     let limit = Duration::days(DEFAULT_ROTATE_AFTER_DAYS as i64);
     for (age_days, rotations) in [(89, 0), (91, 2)] {
         let recorded = Arc::new(backstop_testkit::RecordingAppender::new());
@@ -227,14 +220,7 @@ async fn the_serve_schedule_ticks_at_start_and_stops_at_shutdown() {
 async fn a_resumed_job_records_the_start_its_killed_first_run_did_not() {
     let dir = tempfile::tempdir().unwrap();
     let ledger = Ledger::open(&LedgerConfig::in_data_dir(&dir.path().join("ledger"))).unwrap();
-    let repo = Repository::init(
-        Arc::new(LocalBackend::new(dir.path().join("repo")).unwrap()),
-        &MasterKey::generate(),
-        RepoParams::default(),
-        Arc::new(KeyAccessLog::new()),
-    )
-    .await
-    .unwrap();
+    let repo = local_repository(dir.path()).await;
     let appender: Arc<dyn backstop_ledger::Appender> = Arc::new(ledger.clone());
     let actor = Actor::worker("keys");
     repo.rotate_key(KeyPurpose::Database).await.unwrap();
@@ -273,4 +259,16 @@ async fn a_resumed_job_records_the_start_its_killed_first_run_did_not() {
     assert!(repo.reencryption_state().await.unwrap().is_none());
     drop(appender);
     ledger.close().await;
+}
+
+/// A fresh local repository in `dir/repo`, with a key access log nobody reads.
+async fn local_repository(dir: &std::path::Path) -> Repository {
+    Repository::init(
+        Arc::new(LocalBackend::new(dir.join("repo")).unwrap()),
+        &MasterKey::generate(),
+        RepoParams::default(),
+        Arc::new(KeyAccessLog::new()),
+    )
+    .await
+    .unwrap()
 }
