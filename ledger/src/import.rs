@@ -193,13 +193,16 @@ impl Importer {
         Ok(())
     }
 
-    /// Sets the mirror cursor and the consumer floor past the imported head, flushes, and
+    /// Sets the mirror cursor and the consumer floor past the imported head, flushes, closes the
+    /// store (waiting until sled releases it, so the caller may rename and open it at once), and
     /// returns the head.
     pub async fn finish(self) -> Result<Head, LedgerError> {
         let next = self.head.position + 1;
         self.store.set_mirror_cursor(next)?;
         self.store.set_consumer_floor(next)?;
         self.store.flush().await?;
-        Ok(self.head)
+        let head = self.head;
+        self.store.close().await;
+        Ok(head)
     }
 }

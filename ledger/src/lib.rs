@@ -248,7 +248,7 @@ impl Ledger {
         let path = self.store.path().to_path_buf();
         drop(self);
         let _ = stopped.wait_for(|s| *s).await;
-        wait_for_release(&path).await;
+        store::wait_for_release(&path).await;
     }
 
     async fn send(
@@ -347,29 +347,3 @@ impl Ledger {
 
 #[cfg(test)]
 mod tests;
-
-/// How long [`Ledger::close`] waits for sled to let go of its file lock.
-const RELEASE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// Waits until sled's exclusive lock on `<path>/db` is free, for at most [`RELEASE_PATIENCE`].
-///
-/// sled's last handle can drop while its own flush threads still hold the database open; they
-/// release the lock moments later. A caller that closes and at once reopens the ledger in the
-/// same process (a test, or a command that restarts its ledger) would otherwise meet
-/// [`LedgerError::Locked`]. sled locks with `flock`, which conflicts between two open files of
-/// one process too, so taking (and dropping) the lock here proves it is free.
-async fn wait_for_release(path: &Path) {
-    let db = path.join("db");
-    let deadline = tokio::time::Instant::now() + RELEASE_PATIENCE;
-    loop {
-        let free = match std::fs::File::open(&db) {
-            Ok(f) => f.try_lock().is_ok(),
-            // Nothing to wait for: the file is gone or was never there.
-            Err(_) => true,
-        };
-        if free || tokio::time::Instant::now() >= deadline {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-}

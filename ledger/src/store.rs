@@ -156,6 +156,15 @@ impl Store {
         Ok(store)
     }
 
+    /// Drops this handle and waits until sled has let go of the directory, so that the same
+    /// process can open it again at once (see [`wait_for_release`]). Other clones of the store
+    /// keep it open; close the last one.
+    pub async fn close(self) {
+        let path = self.path.clone();
+        drop(self);
+        wait_for_release(&path).await;
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -405,4 +414,31 @@ fn decode_checkpoint(
             position,
             what: format!("the checkpoint stored here does not decode: {e}"),
         })
+}
+
+/// How long [`wait_for_release`] waits for sled to let go of its file lock.
+const RELEASE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Waits until sled's exclusive lock on `<path>/db` is free, for at most [`RELEASE_PATIENCE`].
+///
+/// sled's last handle can drop while its own flush threads still hold the database open; they
+/// release the lock moments later. A caller that closes and at once reopens the ledger in the
+/// same process (a test, a command that restarts its ledger, a restore that renames its staged
+/// copy into place and opens it) would otherwise meet [`LedgerError::Locked`]. sled locks with
+/// `flock`, which conflicts between two open files of one process too, so taking (and dropping)
+/// the lock here proves it is free. The lock follows the inode, so a rename does not shed it.
+pub(crate) async fn wait_for_release(path: &Path) {
+    let db = path.join("db");
+    let deadline = tokio::time::Instant::now() + RELEASE_PATIENCE;
+    loop {
+        let free = match std::fs::File::open(&db) {
+            Ok(f) => f.try_lock().is_ok(),
+            // Nothing to wait for: the file is gone or was never there.
+            Err(_) => true,
+        };
+        if free || tokio::time::Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 }
