@@ -158,6 +158,7 @@ fn one_changed_byte_or_one_removed_event_fails_verify_and_names_the_position() {
         db.flush().unwrap();
         original
     };
+    released(&ledger_dir);
     let bad = run(dir.path(), &["ledger", "verify"]);
     assert!(!bad.status.success(), "verify passed a changed event");
     let report = format!("{}{}", stdout(&bad), stderr(&bad));
@@ -171,11 +172,26 @@ fn one_changed_byte_or_one_removed_event_fails_verify_and_names_the_position() {
         events.remove(4u64.to_be_bytes()).unwrap();
         db.flush().unwrap();
     }
+    released(&ledger_dir);
     let bad = run(dir.path(), &["ledger", "verify"]);
     assert!(!bad.status.success(), "verify passed a removed event");
     let report = format!("{}{}", stdout(&bad), stderr(&bad));
     assert!(report.contains("first bad position 4"), "{report}");
     assert!(report.contains("event 4 is missing"), "{report}");
+}
+
+/// Waits until this process's sled threads have let go of the ledger's file lock: they can
+/// hold it moments after the last handle dropped, and the `backstop` run next would then find
+/// the ledger in use instead of checking it.
+fn released(ledger_dir: &std::path::Path) {
+    let db = ledger_dir.join("db");
+    for _ in 0..500 {
+        if std::fs::File::open(&db).unwrap().try_lock().is_ok() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("sled still holds {} after 5 s", db.display());
 }
 
 #[test]
