@@ -13,6 +13,11 @@
 //! 4. WAL archiving throughput under pgbench load: archiving is held (the `archive_command`
 //!    fails) while pgbench builds a backlog of ready segments, then the tool's command is put
 //!    back while pgbench keeps running, and the backlog's draining is timed: segments per second.
+//! 5. WAL archive lag under sustained pgbench load (`--lag-seconds`): with the tool's command in
+//!    place, the bench watches `pg_wal/archive_status` every 20 ms and times each segment from
+//!    its `.ready` file appearing to its `.done` file (PostgreSQL writes that once the command
+//!    returned success): p50, p99 and the largest, and the largest number of segments ready at
+//!    once. A segment seen only as `.done` (archived between two looks) counts as 20 ms.
 //!
 //! Each backup and restore is timed (wall clock) and charged CPU seconds: the tool's processes
 //! and their children (`wait4`), plus the server backends that served them (the postmaster's
@@ -74,7 +79,10 @@ pub struct BenchPhysicalArgs {
     /// Keep the working directory (and print where it is).
     #[arg(long)]
     keep: bool,
-    /// Skip the WAL archiving runs.
+    /// Seconds of sustained pgbench load in each archive-lag run (0: no lag runs).
+    #[arg(long, default_value_t = 60)]
+    lag_seconds: u64,
+    /// Skip the WAL archiving runs (backlog and lag).
     #[arg(long)]
     no_wal: bool,
     /// Print every run's figures and the medians as JSON.
@@ -114,6 +122,14 @@ struct Figures {
     wal_segments: Option<u64>,
     wal_secs: Option<f64>,
     wal_segments_per_sec: Option<f64>,
+    /// Segments that became ready during the sustained-load run.
+    lag_segments: Option<u64>,
+    /// From `.ready` to `.done`, milliseconds (see [`Lag`]).
+    lag_p50_ms: Option<f64>,
+    lag_p99_ms: Option<f64>,
+    lag_max_ms: Option<f64>,
+    /// The most segments ready and not yet archived at once.
+    lag_peak_backlog: Option<u64>,
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -281,6 +297,24 @@ async fn run_in(args: &BenchPhysicalArgs, backstop: &Path, w: &Path) -> anyhow::
                 f.wal_segments = Some(segments);
                 f.wal_secs = Some(secs);
                 f.wal_segments_per_sec = Some(rate);
+                if args.lag_seconds > 0 {
+                    let lag = bench.lag_run(&site, tool, args.lag_seconds).await?;
+                    eprintln!(
+                        "  {:<10} WAL lag: {} segments under {} s of pgbench, .ready to archived p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; at most {} ready at once",
+                        tool.name(),
+                        lag.segments,
+                        args.lag_seconds,
+                        lag.p50_ms,
+                        lag.p99_ms,
+                        lag.max_ms,
+                        lag.peak_backlog
+                    );
+                    f.lag_segments = Some(lag.segments);
+                    f.lag_p50_ms = Some(lag.p50_ms);
+                    f.lag_p99_ms = Some(lag.p99_ms);
+                    f.lag_max_ms = Some(lag.max_ms);
+                    f.lag_peak_backlog = Some(lag.peak_backlog);
+                }
                 bench.set_archive(&site, ArchiveMode::Hold)?;
                 let _ = std::fs::remove_dir_all(&site.dir);
             }
@@ -305,6 +339,11 @@ async fn run_in(args: &BenchPhysicalArgs, backstop: &Path, w: &Path) -> anyhow::
             wal_segments: u(|x| x.wal_segments),
             wal_secs: f(|x| x.wal_secs),
             wal_segments_per_sec: f(|x| x.wal_segments_per_sec),
+            lag_segments: u(|x| x.lag_segments),
+            lag_p50_ms: f(|x| x.lag_p50_ms),
+            lag_p99_ms: f(|x| x.lag_p99_ms),
+            lag_max_ms: f(|x| x.lag_max_ms),
+            lag_peak_backlog: u(|x| x.lag_peak_backlog),
         }
     };
     Ok(Report {
@@ -423,6 +462,26 @@ fn print_report(r: &Report, args: &BenchPhysicalArgs) {
             "",
             0,
         );
+        if args.lag_seconds > 0 {
+            row("WAL archive lag p50", b.lag_p50_ms, p.lag_p50_ms, "ms", 0);
+            row("WAL archive lag p99", b.lag_p99_ms, p.lag_p99_ms, "ms", 0);
+            row("WAL archive lag max", b.lag_max_ms, p.lag_max_ms, "ms", 0);
+            let f = |v: Option<u64>| v.map(|v| v as f64);
+            row(
+                "  most segments ready at once",
+                f(b.lag_peak_backlog),
+                f(p.lag_peak_backlog),
+                "",
+                0,
+            );
+            row(
+                "  segments in the lag run",
+                f(b.lag_segments),
+                f(p.lag_segments),
+                "",
+                0,
+            );
+        }
     }
     println!(
         "ratio = Backstop / pgBackRest: below 1 is better for times and bytes, above 1 for segments/s"
@@ -799,6 +858,84 @@ impl Bench {
         Ok((count, secs))
     }
 
+    /// Sustained pgbench with the tool archiving: each segment's time from `.ready` to `.done`
+    /// (module docs, item 5).
+    async fn lag_run(&self, site: &Site, tool: Tool, seconds: u64) -> anyhow::Result<Lag> {
+        const POLL: Duration = Duration::from_millis(20);
+        self.set_archive(site, ArchiveMode::Only(tool))?;
+        self.drain_archive().await?;
+        let status_dir = self.pg.data_dir().join("pg_wal").join("archive_status");
+        let scan = || -> anyhow::Result<Vec<String>> {
+            let mut names = Vec::new();
+            for e in std::fs::read_dir(&status_dir)
+                .with_context(|| format!("reading {}", status_dir.display()))?
+            {
+                // A file removed between the listing and this entry is simply not there.
+                let Ok(e) = e else { continue };
+                names.push(e.file_name().to_string_lossy().into_owned());
+            }
+            Ok(names)
+        };
+        // `.done` files of segments archived before the run are not part of it.
+        let before: std::collections::HashSet<String> = scan()?
+            .into_iter()
+            .filter_map(|n| n.strip_suffix(".done").map(str::to_string))
+            .collect();
+        let mut ready_since: std::collections::HashMap<String, Instant> = Default::default();
+        let mut finished = std::collections::HashSet::new();
+        let mut lags_ms = Vec::new();
+        let mut peak_backlog = 0u64;
+        let mut load = ChildGuard(self.pgbench(seconds)?);
+        let mut load_ended: Option<Instant> = None;
+        loop {
+            let now = Instant::now();
+            let mut backlog = 0u64;
+            for name in scan()? {
+                if let Some(seg) = name.strip_suffix(".ready") {
+                    backlog += 1;
+                    ready_since.entry(seg.to_string()).or_insert(now);
+                } else if let Some(seg) = name.strip_suffix(".done")
+                    && !before.contains(seg)
+                    && finished.insert(seg.to_string())
+                {
+                    let lag = ready_since
+                        .get(seg)
+                        .map_or(POLL, |since| now.duration_since(*since));
+                    lags_ms.push(lag.as_secs_f64() * 1000.0);
+                }
+            }
+            peak_backlog = peak_backlog.max(backlog);
+            if load_ended.is_none() && load.0.try_wait()?.is_some() {
+                load_ended = Some(now);
+            }
+            if let Some(ended) = load_ended {
+                let all_done = ready_since.keys().all(|s| finished.contains(s));
+                if all_done {
+                    break;
+                }
+                if ended.elapsed() > Duration::from_secs(600) {
+                    bail!(
+                        "{} left segments unarchived 10 minutes after the load ended",
+                        tool.name()
+                    );
+                }
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        if lags_ms.is_empty() {
+            bail!("pgbench filled no segment in {seconds} s; raise --lag-seconds");
+        }
+        lags_ms.sort_by(|a, b| a.total_cmp(b));
+        let pick = |q: f64| lags_ms[((lags_ms.len() - 1) as f64 * q).round() as usize];
+        Ok(Lag {
+            segments: lags_ms.len() as u64,
+            p50_ms: pick(0.5),
+            p99_ms: pick(0.99),
+            max_ms: lags_ms[lags_ms.len() - 1],
+            peak_backlog,
+        })
+    }
+
     fn pgbench(&self, seconds: u64) -> anyhow::Result<Child> {
         self.pg_tool("pgbench")
             .args([
@@ -816,6 +953,15 @@ impl Bench {
             .spawn()
             .context("starting pgbench")
     }
+}
+
+/// One archive-lag run's figures.
+struct Lag {
+    segments: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    peak_backlog: u64,
 }
 
 /// Wall and CPU seconds of one measured command.
