@@ -188,6 +188,34 @@ async fn push_is_idempotent_refuses_a_different_file_and_drains_the_ready_backlo
         "marker consumed"
     );
 
+    // The quick path trusts the file's stamp, not a second read: a file written again (the
+    // same bytes, so the same checksum) no longer matches its marker and takes the slow path.
+    let markers = pg_wal.join("backstop/pushed");
+    let marker = std::fs::read_to_string(markers.join(&names[4])).unwrap();
+    let lines: Vec<&str> = marker.split('\n').collect();
+    assert_eq!(lines.len(), 5, "{marker:?}");
+    assert_eq!(lines[3].split(' ').count(), 5, "a stamp: {marker:?}");
+    let rewritten = std::fs::read(pg_wal.join(&names[3])).unwrap();
+    std::fs::write(pg_wal.join(&names[3]), &rewritten).unwrap();
+    assert!(
+        wal::already_pushed(&pg_wal.join(&names[3]), &opts)
+            .await
+            .unwrap()
+            .is_none(),
+        "a rewritten file is not trusted by its stamp"
+    );
+    // A marker of an older build, without a stamp, is checked by hashing the file.
+    std::fs::write(
+        markers.join(&names[4]),
+        format!("{}\n{}\n{}\n", lines[0], lines[1], lines[2]),
+    )
+    .unwrap();
+    let hashed = wal::already_pushed(&pg_wal.join(&names[4]), &opts)
+        .await
+        .unwrap()
+        .expect("a marker without a stamp still answers when the checksum matches");
+    assert_eq!(hashed.requested.sha3, lines[0]);
+
     // Again, through the store: the same checksum is a success that stores nothing.
     assert!(quick.to_announce().is_empty());
     let again = wal::push(&second, &opts, &store).await.unwrap();

@@ -36,8 +36,9 @@
 //! (`pg_basebackup -X none` leaves `pg_wal` contents out of base backups, and PostgreSQL ignores
 //! names in `pg_wal` that are not WAL files):
 //! - `pushed/<name>`: written after push archived a file PostgreSQL had not asked for yet (it
-//!   pushes other `.ready` files in parallel); holds the file's checksum. PostgreSQL's own later
-//!   call for that file finds it and returns at once, without opening the repository.
+//!   pushes other `.ready` files in parallel); holds the file's checksum, object key, scope and
+//!   `stat` stamp (see `push`). PostgreSQL's own later call for that file finds it, compares the
+//!   stamp, and returns at once, without reading the file again or opening the repository.
 //! - `prefetch/<name>`: segments fetched ahead of PostgreSQL's requests, in the stored form
 //!   (checksum header, then the bytes: see [`encode_stored`]), checked again when served.
 //!

@@ -6,9 +6,17 @@
 //! - Other files PostgreSQL has marked `.ready` are pushed in the same call, `parallel` at a time
 //!   and at most `batch` of them, so a backlog drains at the store's speed rather than one
 //!   process start per segment. Each one archived gets a marker in `<spool>/pushed/` holding its
-//!   checksum and object key; PostgreSQL's later call for it then only hashes the local file and
-//!   compares ([`already_pushed`]), without opening the repository. A marker whose checksum does
-//!   not match the local file is ignored (the slow path decides).
+//!   checksum, object key, scope and the file's stamp; PostgreSQL's later call for it then only
+//!   compares ([`already_pushed`]), without opening the repository.
+//! - The quick path trusts the stamp (size, device, inode, modification and change times to the
+//!   nanosecond, as `stat` gives them) instead of reading the file again: a stamp is recorded
+//!   only when the file's `stat` was the same before and after it was read for pushing, so the
+//!   pushed bytes are the bytes of that stamp. Any write, truncation or rename into the name
+//!   since changes the change time or the inode. PostgreSQL never writes a file once it is
+//!   `.ready`, so the stamp only protects against someone else doing so. A marker without a stamp
+//!   (written by an older build, or when the file moved while it was read) is checked by hashing
+//!   the file; a marker whose stamp or checksum does not match is ignored (the slow path
+//!   decides).
 //! - A failure pushing an extra file never fails the call: PostgreSQL will ask for that file
 //!   itself, and its own call reports the error.
 //! - Markers of files no longer in `pg_wal` (PostgreSQL removed them after archiving) are deleted.
@@ -67,6 +75,9 @@ pub struct ArchivedWal {
     pub object: String,
     /// True if this call stored it; false if it was archived already with the same checksum.
     pub newly_stored: bool,
+    /// The local file's stamp while it was read, when it held still (module docs).
+    #[serde(skip)]
+    pub stamp: Option<String>,
 }
 
 /// What one `wal-push` call did.
@@ -148,14 +159,47 @@ async fn read_file(path: &Path) -> Result<Bytes, WalError> {
         })
 }
 
-/// A marker: `<sha3>\n<object>\n<scope>\n`.
-async fn read_marker(path: &Path) -> Option<(String, String, String)> {
+/// A marker: `<sha3>\n<object>\n<scope>\n<stamp>\n`, the stamp line empty or absent when none
+/// was recorded.
+struct Marker {
+    sha3: String,
+    object: String,
+    scope: String,
+    stamp: Option<String>,
+}
+
+async fn read_marker(path: &Path) -> Option<Marker> {
     let text = tokio::fs::read_to_string(path).await.ok()?;
     let mut lines = text.split('\n');
-    let sha = lines.next()?.to_string();
+    let sha3 = lines.next()?.to_string();
     let object = lines.next()?.to_string();
     let scope = lines.next()?.to_string();
-    Some((sha, object, scope))
+    let stamp = lines.next().filter(|l| !l.is_empty()).map(str::to_string);
+    Some(Marker {
+        sha3,
+        object,
+        scope,
+        stamp,
+    })
+}
+
+/// The stamp of a file (module docs): `<size> <dev> <ino> <mtime s>.<ns> <ctime s>.<ns>`.
+fn stamp_of(meta: &std::fs::Metadata) -> String {
+    use std::os::unix::fs::MetadataExt;
+    format!(
+        "{} {} {} {}.{:09} {}.{:09}",
+        meta.size(),
+        meta.dev(),
+        meta.ino(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.ctime(),
+        meta.ctime_nsec()
+    )
+}
+
+async fn stamp_now(path: &Path) -> Option<String> {
+    tokio::fs::metadata(path).await.ok().map(|m| stamp_of(&m))
 }
 
 /// The quick path for PostgreSQL's call on a file an earlier call already pushed: if a marker
@@ -168,19 +212,36 @@ pub async fn already_pushed(
     let started = Instant::now();
     let file = parse_path(path)?;
     let marker = spool_of(path, opts).join("pushed").join(&file.name);
-    let Some((marked, object, scope)) = read_marker(&marker).await else {
+    let Some(marked) = read_marker(&marker).await else {
         return Ok(None);
     };
-    if scope != opts.marker_scope {
+    if marked.scope != opts.marker_scope {
         return Ok(None);
     }
-    let data = read_file(path).await?;
-    let bytes = data.len() as u64;
-    let sha3 = sha3_hex_blocking(data).await;
-    if sha3 != marked {
-        tracing::warn!(file = %file.name, "push marker does not match the file; pushing normally");
-        return Ok(None);
-    }
+    let meta = tokio::fs::metadata(path)
+        .await
+        .map_err(|source| WalError::ReadFile {
+            path: path.display().to_string(),
+            source,
+        })?;
+    let (sha3, bytes) = match &marked.stamp {
+        Some(stamp) if *stamp == stamp_of(&meta) => (marked.sha3, meta.len()),
+        Some(_) => {
+            tracing::warn!(file = %file.name, "the file changed since it was pushed ahead; pushing normally");
+            return Ok(None);
+        }
+        None => {
+            let data = read_file(path).await?;
+            let bytes = data.len() as u64;
+            let sha3 = sha3_hex_blocking(data).await;
+            if sha3 != marked.sha3 {
+                tracing::warn!(file = %file.name, "push marker does not match the file; pushing normally");
+                return Ok(None);
+            }
+            (sha3, bytes)
+        }
+    };
+    let object = marked.object;
     let _ = tokio::fs::remove_file(&marker).await;
     Ok(Some(PushReport {
         requested: ArchivedWal {
@@ -191,6 +252,7 @@ pub async fn already_pushed(
             bytes,
             object,
             newly_stored: false,
+            stamp: None,
         },
         from_marker: true,
         extra: Vec::new(),
@@ -271,7 +333,10 @@ async fn push_one(
     opts: &PushOptions,
     store: &dyn WalStore,
 ) -> Result<ArchivedWal, WalError> {
+    let before = stamp_now(path).await;
     let data = read_file(path).await?;
+    let after = stamp_now(path).await;
+    let stamp = before.filter(|b| after.as_ref() == Some(b));
     if matches!(file.kind, WalKind::Segment | WalKind::Partial) {
         let header = check_segment_header(file, &data).map_err(|why| WalError::BadSegment {
             name: file.name.clone(),
@@ -309,6 +374,7 @@ async fn push_one(
         bytes,
         object,
         newly_stored,
+        stamp,
     })
 }
 
@@ -354,7 +420,13 @@ async fn write_marker(spool: &Path, a: &ArchivedWal, scope: &str) -> std::io::Re
     let scope = scope.replace('\n', " ");
     write_atomic(
         &spool.join(&a.name),
-        format!("{}\n{}\n{scope}\n", a.sha3, a.object).as_bytes(),
+        format!(
+            "{}\n{}\n{scope}\n{}\n",
+            a.sha3,
+            a.object,
+            a.stamp.as_deref().unwrap_or("")
+        )
+        .as_bytes(),
     )
     .await
 }
