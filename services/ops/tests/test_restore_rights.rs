@@ -18,13 +18,15 @@ async fn code_in_the_source_cannot_use_the_test_restores_rights() {
     let pg = Postgres::start().unwrap();
     pg.create_db("app").unwrap();
     // Where the owners' program would leave its mark: a directory the server's user can write.
+    // The program reads what COPY writes to it (`cat`, not `touch`): one that exits without
+    // reading can close the pipe before the server writes, which fails the COPY with EPIPE.
     let marks = server_tempdir().unwrap();
     let mark = marks.path().join("pwned");
     pg.psql(
         "app",
         &format!(
             "CREATE FUNCTION evil(x int) RETURNS boolean LANGUAGE plpgsql AS $$ \
-             BEGIN EXECUTE 'COPY (SELECT 1) TO PROGRAM ''touch {} '''; RETURN true; END $$; \
+             BEGIN EXECUTE 'COPY (SELECT 1) TO PROGRAM ''cat > {}'''; RETURN true; END $$; \
              CREATE TABLE t (x int CHECK (evil(x))); INSERT INTO t VALUES (1), (2), (3);",
             mark.display()
         ),
