@@ -17,7 +17,8 @@
 //!    place, the bench watches `pg_wal/archive_status` every 20 ms and times each segment from
 //!    its `.ready` file appearing to its `.done` file (PostgreSQL writes that once the command
 //!    returned success): p50, p99 and the largest, and the largest number of segments ready at
-//!    once. A segment seen only as `.done` (archived between two looks) counts as 20 ms.
+//!    once. A segment seen only as `.done` (archived between two looks) counts as 20 ms. When the
+//!    load ends, the segment it was filling is closed and timed too.
 //!
 //! Each backup and restore is timed (wall clock) and charged CPU seconds: the tool's processes
 //! and their children (`wait4`), plus the server backends that served them (the postmaster's
@@ -907,6 +908,12 @@ impl Bench {
             peak_backlog = peak_backlog.max(backlog);
             if load_ended.is_none() && load.0.try_wait()?.is_some() {
                 load_ended = Some(now);
+                // The segment pgbench was filling is closed too, so that a short load still
+                // leaves a segment to time.
+                self.psql("postgres", "SELECT pg_switch_wal()")?;
+                // Looked at again before the run can end: that segment is not in this scan.
+                tokio::time::sleep(POLL).await;
+                continue;
             }
             if let Some(ended) = load_ended {
                 let all_done = ready_since.keys().all(|s| finished.contains(s));

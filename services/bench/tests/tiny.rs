@@ -274,6 +274,8 @@ fn physical_reports_backups_restores_and_wal_archiving_for_both_tools() {
         "1",
         "--backlog-seconds",
         "2",
+        "--lag-seconds",
+        "3",
     ]);
     assert!(text.contains("backstop bench physical:"), "{text}");
     for (label, unit) in [
@@ -283,6 +285,8 @@ fn physical_reports_backups_restores_and_wal_archiving_for_both_tools() {
         ("second base backup after churn.sql: stored", "MiB"),
         ("restore (lay out the latest)", "s"),
         ("WAL archiving under pgbench (higher better)", "seg/s"),
+        ("WAL archive lag p50", "ms"),
+        ("WAL archive lag p99", "ms"),
     ] {
         // Backstop's value and unit, pgBackRest's value and unit, the ratio.
         let c = row(&text, label);
