@@ -363,7 +363,6 @@ pub async fn record_archived_wal(
             bytes: stored.data.len() as u64,
             object: o.key.clone(),
             newly_stored: false,
-            stamp: None,
         };
         let e = wal_archived_event(&archived, actor);
         let stream = e.stream.clone();
@@ -477,7 +476,6 @@ mod tests {
             bytes: 16 << 20,
             object: "wal/main/00000001/000000010000000000000003".into(),
             newly_stored: true,
-            stamp: None,
         };
         let mut again = a.clone();
         again.newly_stored = false;

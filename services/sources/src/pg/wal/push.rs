@@ -75,9 +75,6 @@ pub struct ArchivedWal {
     pub object: String,
     /// True if this call stored it; false if it was archived already with the same checksum.
     pub newly_stored: bool,
-    /// The local file's stamp while it was read, when it held still (module docs).
-    #[serde(skip)]
-    pub stamp: Option<String>,
 }
 
 /// What one `wal-push` call did.
@@ -252,7 +249,6 @@ pub async fn already_pushed(
             bytes,
             object,
             newly_stored: false,
-            stamp: None,
         },
         from_marker: true,
         extra: Vec::new(),
@@ -284,7 +280,7 @@ pub async fn push(
         let p = wal_dir.join(&f.name);
         (f, p)
     }));
-    let results: Vec<(WalFile, Result<ArchivedWal, WalError>)> =
+    let results: Vec<(WalFile, Result<(ArchivedWal, Option<String>), WalError>)> =
         futures::stream::iter(jobs.into_iter().map(|(f, p)| async move {
             let r = push_one(&f, &p, opts, store).await;
             (f, r)
@@ -298,12 +294,13 @@ pub async fn push(
     let mut extra_failed = Vec::new();
     for (f, r) in results {
         if f.name == file.name {
-            requested = Some(r);
+            requested = Some(r.map(|(a, _)| a));
             continue;
         }
         match r {
-            Ok(a) => {
-                if let Err(e) = write_marker(&spool, &a, &opts.marker_scope).await {
+            Ok((a, stamp)) => {
+                if let Err(e) = write_marker(&spool, &a, stamp.as_deref(), &opts.marker_scope).await
+                {
                     tracing::warn!(file = %a.name, error = %e, "could not write the push marker");
                 }
                 extra.push(a);
@@ -327,12 +324,14 @@ pub async fn push(
     })
 }
 
+/// Pushes one file; returns it with its stamp while it was read, when it held still (module
+/// docs), for the marker.
 async fn push_one(
     file: &WalFile,
     path: &Path,
     opts: &PushOptions,
     store: &dyn WalStore,
-) -> Result<ArchivedWal, WalError> {
+) -> Result<(ArchivedWal, Option<String>), WalError> {
     let before = stamp_now(path).await;
     let data = read_file(path).await?;
     let after = stamp_now(path).await;
@@ -366,7 +365,7 @@ async fn push_one(
         None => (store.put_segment(file, data, &sha3).await?, true),
     };
     tracing::debug!(file = %file.name, newly_stored, "WAL file archived");
-    Ok(ArchivedWal {
+    let archived = ArchivedWal {
         name: file.name.clone(),
         kind: file.kind,
         timeline: file.timeline,
@@ -374,8 +373,8 @@ async fn push_one(
         bytes,
         object,
         newly_stored,
-        stamp,
-    })
+    };
+    Ok((archived, stamp))
 }
 
 /// `.ready` files other than `requested` with no marker yet: history files first (PostgreSQL
@@ -414,7 +413,12 @@ async fn ready_files(wal_dir: &Path, requested: &str, spool: &Path, batch: usize
     found
 }
 
-async fn write_marker(spool: &Path, a: &ArchivedWal, scope: &str) -> std::io::Result<()> {
+async fn write_marker(
+    spool: &Path,
+    a: &ArchivedWal,
+    stamp: Option<&str>,
+    scope: &str,
+) -> std::io::Result<()> {
     tokio::fs::create_dir_all(spool).await?;
     // The scope is one line: a newline in it would only make every marker miss.
     let scope = scope.replace('\n', " ");
@@ -424,7 +428,7 @@ async fn write_marker(spool: &Path, a: &ArchivedWal, scope: &str) -> std::io::Re
             "{}\n{}\n{scope}\n{}\n",
             a.sha3,
             a.object,
-            a.stamp.as_deref().unwrap_or("")
+            stamp.unwrap_or("")
         )
         .as_bytes(),
     )
