@@ -280,7 +280,7 @@ pub async fn push(
         let p = wal_dir.join(&f.name);
         (f, p)
     }));
-    let results: Vec<(WalFile, Result<(ArchivedWal, Option<String>), WalError>)> =
+    let results: Vec<(WalFile, Result<Pushed, WalError>)> =
         futures::stream::iter(jobs.into_iter().map(|(f, p)| async move {
             let r = push_one(&f, &p, opts, store).await;
             (f, r)
@@ -324,6 +324,10 @@ pub async fn push(
     })
 }
 
+/// One pushed file and the stamp of its bytes for the marker: `None` when the file changed
+/// while it was read, so only its checksum can vouch for it later.
+type Pushed = (ArchivedWal, Option<String>);
+
 /// Pushes one file; returns it with its stamp while it was read, when it held still (module
 /// docs), for the marker.
 async fn push_one(
@@ -331,7 +335,7 @@ async fn push_one(
     path: &Path,
     opts: &PushOptions,
     store: &dyn WalStore,
-) -> Result<(ArchivedWal, Option<String>), WalError> {
+) -> Result<Pushed, WalError> {
     let before = stamp_now(path).await;
     let data = read_file(path).await?;
     let after = stamp_now(path).await;
