@@ -37,8 +37,8 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, context::PublishAckFuture, stream};
 use backstop_events::Envelope;
 use bytes::Bytes;
-use futures::StreamExt;
 use futures::stream::FuturesOrdered;
+use futures::{FutureExt, StreamExt};
 
 use crate::Ledger;
 use crate::error::LedgerError;
@@ -196,17 +196,27 @@ async fn publish_until_error(
         tokio::select! {
             biased;
             Some(result) = in_flight.next(), if !in_flight.is_empty() => {
-                let (position, recorded_at): (u64, i64) = result?;
-                acked = position;
-                ledger.report_published(Some(acked));
-                if let Some(tx) = observe {
-                    let now = chrono::Utc::now().timestamp_micros();
-                    let _ = tx.send(Published {
-                        position,
-                        lag: Duration::from_micros((now - recorded_at).max(0) as u64),
-                    });
+                let mut ack = result?;
+                loop {
+                    let (position, recorded_at): (u64, i64) = ack;
+                    acked = position;
+                    if let Some(tx) = observe {
+                        let now = chrono::Utc::now().timestamp_micros();
+                        let _ = tx.send(Published {
+                            position,
+                            lag: Duration::from_micros((now - recorded_at).max(0) as u64),
+                        });
+                    }
+                    // Acks that have already arrived are taken now, so one cursor write and one
+                    // wake-up of the writer's flow control cover them all.
+                    match in_flight.next().now_or_never() {
+                        Some(Some(next)) => ack = next?,
+                        _ => break,
+                    }
                 }
-                // Every ack: the cursor bounds the walk back on the next start (module docs).
+                ledger.report_published(Some(acked));
+                // Every run of acks: the cursor bounds the walk back on the next start (module
+                // docs).
                 ledger.store().set_publication_cursor(acked + 1)?;
             }
             batch = sub.next_batch(config.batch.min(512)), if in_flight.len() < MAX_IN_FLIGHT => {
