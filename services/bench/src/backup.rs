@@ -61,7 +61,8 @@ const RESTIC_PASSWORD: &str = "backstop-bench";
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BenchTool {
-    /// `pg_dump -Fd -j2 -Z6` and `pg_dump -Fc -Z0`.
+    /// `pg_dump -Fd -j2 -Z6` and `pg_dump -Fc -Z0`, and the reference restore: `pg_restore -j2`
+    /// of the latter.
     Pgdump,
     /// restic 0.14 backing up `pg_dump -Fc -Z0` from standard input.
     Restic,
@@ -116,11 +117,11 @@ pub struct BenchBackupArgs {
 
 /// One measured step.
 #[derive(Clone, Copy, Debug, Default, Serialize)]
-struct Sample {
+pub(crate) struct Sample {
     /// Wall time, spawn to exit.
-    secs: f64,
+    pub(crate) secs: f64,
     /// Peak resident set size of the tool, bytes.
-    peak_bytes: u64,
+    pub(crate) peak_bytes: u64,
     /// CPU time (user + system) of the tool's processes.
     cpu_secs: f64,
     /// CPU time of the PostgreSQL backends that served the step.
@@ -140,17 +141,17 @@ impl Sample {
 
 /// One tool's figures in one run; `None` where the tool has no such figure.
 #[derive(Clone, Debug, Default, Serialize)]
-struct ToolRun {
-    full: Option<Sample>,
-    stored_bytes: Option<u64>,
-    second: Option<Sample>,
-    added_bytes: Option<u64>,
-    restore: Option<Sample>,
+pub(crate) struct ToolRun {
+    pub(crate) full: Option<Sample>,
+    pub(crate) stored_bytes: Option<u64>,
+    pub(crate) second: Option<Sample>,
+    pub(crate) added_bytes: Option<u64>,
+    pub(crate) restore: Option<Sample>,
 }
 
 impl ToolRun {
     /// The highest peak memory over the tool's steps.
-    fn peak_bytes(&self) -> Option<u64> {
+    pub(crate) fn peak_bytes(&self) -> Option<u64> {
         [self.full, self.second, self.restore]
             .iter()
             .flatten()
@@ -170,16 +171,16 @@ const ROWS: [&str; 6] = [
 const PG_DUMP_FD: usize = 0;
 const PG_DUMP_FC: usize = 1;
 const RESTIC: usize = 2;
-const BS_LOCAL: usize = 3;
+pub(crate) const BS_LOCAL: usize = 3;
 const BS_GARAGE: usize = 4;
 const PG_RESTORE: usize = 5;
 
 #[derive(Serialize)]
-struct Report {
+pub(crate) struct Report {
     rows: u64,
     runs: usize,
     cores: usize,
-    database_bytes: u64,
+    pub(crate) database_bytes: u64,
     plain_dump_bytes: Option<u64>,
     load_secs: f64,
     brotli_quality: Option<u32>,
@@ -190,27 +191,68 @@ struct Report {
     loadavg_after: String,
     tools: Vec<&'static str>,
     per_run: Vec<Vec<ToolRun>>,
-    median: Vec<ToolRun>,
+    pub(crate) median: Vec<ToolRun>,
+}
+
+impl BenchBackupArgs {
+    /// Backstop's logical backups and restores alone (a local repository, no peers and no
+    /// reference restore) at `rows`, as `backstop bench scale` measures them.
+    pub(crate) fn backstop_only(
+        rows: u64,
+        runs: usize,
+        jobs: usize,
+        work_dir: Option<PathBuf>,
+    ) -> Self {
+        BenchBackupArgs {
+            rows,
+            runs,
+            tools: vec![BenchTool::Local],
+            jobs,
+            brotli_quality: None,
+            chunk_avg_kib: None,
+            no_restore: false,
+            fsync: false,
+            work_dir,
+            keep: false,
+            json: false,
+        }
+    }
 }
 
 pub async fn run(args: BenchBackupArgs, backstop: &Path) -> anyhow::Result<()> {
     let loadavg_before = loadavg();
     let work = crate::shared::work_dir(args.work_dir.as_deref(), "backstop-bench-")?;
     let dir = work.path().to_path_buf();
-    let result = run_in(&args, backstop, &dir, loadavg_before).await;
+    let result = measure_in(&args, backstop, &dir, loadavg_before, !args.json).await;
     if args.keep {
         let kept = work.keep();
         eprintln!("working directory kept: {}", kept.display());
     }
-    result
+    let report = result?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(())
 }
 
-async fn run_in(
+/// Measures as [`run`] does, in a fresh working directory (removed afterwards), and returns the
+/// report without printing it.
+pub(crate) async fn measure(args: &BenchBackupArgs, backstop: &Path) -> anyhow::Result<Report> {
+    let loadavg_before = loadavg();
+    let work = crate::shared::work_dir(args.work_dir.as_deref(), "backstop-bench-")?;
+    measure_in(args, backstop, work.path(), loadavg_before, false).await
+}
+
+/// The runs; each run's table is printed as it ends when `print_runs`.
+async fn measure_in(
     args: &BenchBackupArgs,
     backstop: &Path,
     dir: &Path,
     loadavg_before: String,
-) -> anyhow::Result<()> {
+    print_runs: bool,
+) -> anyhow::Result<Report> {
     let has = |t: BenchTool| args.tools.contains(&t);
     eprintln!(
         "starting PostgreSQL 15{} in {}",
@@ -302,7 +344,7 @@ async fn run_in(
         plain_dump_bytes = plain.or(plain_dump_bytes);
         pg.psql("postgres", &format!("DROP DATABASE {}", ctx.db))?;
         let _ = std::fs::remove_dir_all(&ctx.dir);
-        if !args.json {
+        if print_runs {
             print_table(&format!("run {}", run + 1), &figures, false);
         }
         per_run.push(figures);
@@ -327,12 +369,7 @@ async fn run_in(
     };
     drop(garage);
     drop(pg);
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print_report(&report);
-    }
-    Ok(())
+    Ok(report)
 }
 
 struct RunCtx<'a> {
@@ -407,7 +444,9 @@ impl RunCtx<'_> {
         }
         let plain = self.dir.join("plain.dump");
         let mut plain_bytes = None;
-        if self.has(BenchTool::Pgdump) || restore {
+        // The reference restore (pg_restore -j2 of this dump) belongs to the pg_dump tool.
+        let reference = restore && self.has(BenchTool::Pgdump);
+        if self.has(BenchTool::Pgdump) {
             let mark = self.begin()?;
             let s = self
                 .pg
@@ -477,7 +516,7 @@ impl RunCtx<'_> {
         }
 
         // Restores of the full backup's data, each into a new empty database.
-        if restore {
+        if reference {
             let target = format!("{}_pg_restore", self.db);
             self.pg
                 .psql("postgres", &format!("CREATE DATABASE {target}"))?;
@@ -491,6 +530,8 @@ impl RunCtx<'_> {
             f[PG_RESTORE].restore = Some(self.end(mark, s)?);
             self.pg
                 .psql("postgres", &format!("DROP DATABASE {target}"))?;
+        }
+        if restore {
             for ((row, repo), id) in repos.iter().zip(&full_ids) {
                 let target = format!("{}_{}", self.db, repo.label);
                 self.pg

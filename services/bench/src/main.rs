@@ -19,6 +19,7 @@ mod fuzz;
 mod ledger;
 mod physical;
 mod prune;
+mod scale;
 mod shared;
 mod webhook;
 
@@ -62,6 +63,9 @@ enum BenchCommand {
     /// The end-to-end RTO of a DR drill (logical, and physical with pgbench WAL to replay) on
     /// the trading dataset, phase by phase.
     Drill(drill::BenchDrillArgs),
+    /// Backstop's logical and physical full, second backup and restore at 1, 4 and 16 million
+    /// rows: time per GiB and peak memory at each size, and the time projected for 10 GB.
+    Scale(scale::BenchScaleArgs),
     /// Webhook-log appends (fsync before the acknowledgement, group commit) per second and
     /// p50/p99 latency with 1, 16 and 256 concurrent senders.
     Webhook(webhook::BenchWebhookArgs),
@@ -111,5 +115,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         BenchCommand::Drill(args) => drill::run(args, cli.backstop.as_deref()).await,
         BenchCommand::Fuzz(args) => fuzz::run(args).await,
         BenchCommand::Webhook(args) => webhook::run(args).await,
+        BenchCommand::Scale(args) => scale::run(args, &backstop()?).await,
     }
 }

@@ -23,7 +23,12 @@
 //! Each backup and restore is timed (wall clock) and charged CPU seconds: the tool's processes
 //! and their children (`wait4`), plus the server backends that served them (the postmaster's
 //! reaped children: `pg_basebackup`'s walsender). On a shared machine the CPU figure moves
-//! less than the wall time; the report prints the load average before and after.
+//! less than the wall time; the report prints the load average before and after. The peak
+//! memory row is the largest resident set size `wait4` gives for the tool's process (or any child
+//! it reaped) over its backups and restore.
+//!
+//! `--tools backstop` (or `pgbackrest`) measures one tool alone; `backstop bench scale` uses
+//! Backstop's base backups and restores from here.
 //!
 //! Set-up: the database is loaded, then `CHECKPOINT; VACUUM (FREEZE, ANALYZE); CHECKPOINT`
 //! (a database at rest, its pages hinted and all-visible, as it is between nightly backups; see
@@ -86,14 +91,56 @@ pub struct BenchPhysicalArgs {
     /// Skip the WAL archiving runs (backlog and lag).
     #[arg(long)]
     no_wal: bool,
+    /// What to measure (comma-separated): `backstop`, `pgbackrest` or both side by side.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "backstop,pgbackrest"
+    )]
+    tools: Vec<Tool>,
     /// Print every run's figures and the medians as JSON.
     #[arg(long)]
     json: bool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+impl BenchPhysicalArgs {
+    /// Backstop's base backups and restores alone at `rows` (no WAL runs, no pgBackRest), as
+    /// `backstop bench scale` measures them.
+    pub(crate) fn backstop_only(rows: u64, runs: usize, work_dir: Option<PathBuf>) -> Self {
+        BenchPhysicalArgs {
+            rows,
+            runs,
+            pgbench_scale: 10,
+            backlog_seconds: 0,
+            work_dir,
+            keep: false,
+            lag_seconds: 0,
+            no_wal: true,
+            tools: vec![Tool::Backstop],
+            json: false,
+        }
+    }
+
+    fn has(&self, tool: Tool) -> bool {
+        self.tools.contains(&tool)
+    }
+
+    /// The tools in the order run `r` measures them: alternating, so neither always reads a warm
+    /// page cache.
+    fn order(&self, r: usize) -> Vec<Tool> {
+        let both = if r.is_multiple_of(2) {
+            [Tool::Backstop, Tool::Pgbackrest]
+        } else {
+            [Tool::Pgbackrest, Tool::Backstop]
+        };
+        both.into_iter().filter(|t| self.has(*t)).collect()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
-enum Tool {
+pub(crate) enum Tool {
     Backstop,
     Pgbackrest,
 }
@@ -109,39 +156,44 @@ impl Tool {
 
 /// One tool's figures in one run.
 #[derive(Clone, Debug, Default, serde::Serialize)]
-struct Figures {
-    full_secs: Option<f64>,
+pub(crate) struct Figures {
+    pub(crate) full_secs: Option<f64>,
     /// CPU seconds: the tool's processes and the server backends serving it (a figure less
     /// sensitive than wall time to what else the machine runs).
-    full_cpu: Option<f64>,
-    full_bytes: Option<u64>,
-    incr_secs: Option<f64>,
-    incr_cpu: Option<f64>,
-    incr_bytes: Option<u64>,
-    restore_secs: Option<f64>,
-    restore_cpu: Option<f64>,
-    wal_segments: Option<u64>,
-    wal_secs: Option<f64>,
-    wal_segments_per_sec: Option<f64>,
+    pub(crate) full_cpu: Option<f64>,
+    pub(crate) full_bytes: Option<u64>,
+    /// Peak resident set size of the tool's process (and of any child it reaped), bytes.
+    pub(crate) full_peak_bytes: Option<u64>,
+    pub(crate) incr_secs: Option<f64>,
+    pub(crate) incr_cpu: Option<f64>,
+    pub(crate) incr_bytes: Option<u64>,
+    pub(crate) incr_peak_bytes: Option<u64>,
+    pub(crate) restore_secs: Option<f64>,
+    pub(crate) restore_cpu: Option<f64>,
+    pub(crate) restore_peak_bytes: Option<u64>,
+    pub(crate) wal_segments: Option<u64>,
+    pub(crate) wal_secs: Option<f64>,
+    pub(crate) wal_segments_per_sec: Option<f64>,
     /// Segments that became ready during the sustained-load run.
-    lag_segments: Option<u64>,
+    pub(crate) lag_segments: Option<u64>,
     /// From `.ready` to `.done`, milliseconds (see [`Lag`]).
-    lag_p50_ms: Option<f64>,
-    lag_p99_ms: Option<f64>,
-    lag_max_ms: Option<f64>,
+    pub(crate) lag_p50_ms: Option<f64>,
+    pub(crate) lag_p99_ms: Option<f64>,
+    pub(crate) lag_max_ms: Option<f64>,
     /// The most segments ready and not yet archived at once.
-    lag_peak_backlog: Option<u64>,
+    pub(crate) lag_peak_backlog: Option<u64>,
 }
 
 #[derive(Debug, serde::Serialize)]
-struct Report {
+pub(crate) struct Report {
     rows: u64,
-    database_bytes: u64,
+    pub(crate) database_bytes: u64,
     cores: usize,
-    pgbackrest_version: String,
+    /// `None` when pgBackRest was not among the tools.
+    pgbackrest_version: Option<String>,
     loadavg: String,
     runs: Vec<[(Tool, Figures); 2]>,
-    backstop: Figures,
+    pub(crate) backstop: Figures,
     pgbackrest: Figures,
 }
 
@@ -162,18 +214,33 @@ pub async fn run(args: BenchPhysicalArgs, backstop: &Path) -> anyhow::Result<()>
     Ok(())
 }
 
+/// Measures as [`run`] does, in a fresh working directory (removed afterwards), and returns the
+/// report without printing it.
+pub(crate) async fn measure(args: &BenchPhysicalArgs, backstop: &Path) -> anyhow::Result<Report> {
+    let work = crate::shared::work_dir(args.work_dir.as_deref(), "backstop-bench-physical-")?;
+    run_in(args, backstop, work.path()).await
+}
+
 async fn run_in(args: &BenchPhysicalArgs, backstop: &Path, w: &Path) -> anyhow::Result<Report> {
     let loadavg_before = loadavg();
-    let pgbackrest = backstop_testkit::require_tool("pgbackrest")?;
-    let pgbackrest_version = String::from_utf8_lossy(
-        &Command::new(&pgbackrest)
-            .arg("version")
-            .output()
-            .context("running pgbackrest version")?
-            .stdout,
-    )
-    .trim()
-    .to_string();
+    if args.tools.is_empty() {
+        bail!("--tools names nothing to measure: give backstop, pgbackrest or both");
+    }
+    let (pgbackrest, pgbackrest_version) = if args.has(Tool::Pgbackrest) {
+        let path = backstop_testkit::require_tool("pgbackrest")?;
+        let version = String::from_utf8_lossy(
+            &Command::new(&path)
+                .arg("version")
+                .output()
+                .context("running pgbackrest version")?
+                .stdout,
+        )
+        .trim()
+        .to_string();
+        (Some(path), Some(version))
+    } else {
+        (None, None)
+    };
     eprintln!("starting PostgreSQL 15 in {}", w.display());
     let bench = Bench {
         w: w.to_path_buf(),
@@ -206,23 +273,26 @@ async fn run_in(args: &BenchPhysicalArgs, backstop: &Path, w: &Path) -> anyhow::
         mib(database_bytes)
     );
 
+    // Each tool's base backups need their own archive: the segments go to every tool measured.
+    let archive_all = match args.tools.as_slice() {
+        [only] => ArchiveMode::Only(*only),
+        _ => ArchiveMode::Both,
+    };
     let mut runs = Vec::new();
     for r in 0..args.runs.max(1) {
         eprintln!("run {} of {}: base backups and restores", r + 1, args.runs);
-        let order = if r % 2 == 0 {
-            [Tool::Backstop, Tool::Pgbackrest]
-        } else {
-            [Tool::Pgbackrest, Tool::Backstop]
-        };
+        let order = args.order(r);
         let site = bench.new_site(&format!("run{r}"))?;
-        bench.set_archive(&site, ArchiveMode::Both)?;
-        bench.pgbackrest_cmd(&site, &["stanza-create"])?;
+        bench.set_archive(&site, archive_all)?;
+        if args.has(Tool::Pgbackrest) {
+            bench.pgbackrest_cmd(&site, &["stanza-create"])?;
+        }
         // Whatever piled up while archiving was held is archived before anything is timed.
         bench.drain_archive().await?;
         let mut figs = [Figures::default(), Figures::default()];
-        for tool in order {
+        for &tool in &order {
             let i = tool as usize;
-            let (Measured { secs, cpu }, bytes) = bench.full(&site, tool)?;
+            let (Measured { secs, cpu, peak }, bytes) = bench.full(&site, tool)?;
             eprintln!(
                 "  {:<10} full base backup: {secs:.1} s ({cpu:.1} s CPU), {:.1} MiB stored",
                 tool.name(),
@@ -231,12 +301,13 @@ async fn run_in(args: &BenchPhysicalArgs, backstop: &Path, w: &Path) -> anyhow::
             figs[i].full_secs = Some(secs);
             figs[i].full_cpu = Some(cpu);
             figs[i].full_bytes = Some(bytes);
+            figs[i].full_peak_bytes = Some(peak);
         }
         bench.psql_file("trading", &churn, &[])?;
         bench.psql("trading", "CHECKPOINT")?;
-        for tool in order {
+        for &tool in &order {
             let i = tool as usize;
-            let (Measured { secs, cpu }, bytes) = bench.incr(&site, tool)?;
+            let (Measured { secs, cpu, peak }, bytes) = bench.incr(&site, tool)?;
             eprintln!(
                 "  {:<10} second base backup after churn.sql: {secs:.1} s ({cpu:.1} s CPU), {:.1} MiB stored",
                 tool.name(),
@@ -245,16 +316,18 @@ async fn run_in(args: &BenchPhysicalArgs, backstop: &Path, w: &Path) -> anyhow::
             figs[i].incr_secs = Some(secs);
             figs[i].incr_cpu = Some(cpu);
             figs[i].incr_bytes = Some(bytes);
+            figs[i].incr_peak_bytes = Some(peak);
         }
-        for tool in order {
+        for &tool in &order {
             let i = tool as usize;
-            let Measured { secs, cpu } = bench.restore(&site, tool)?;
+            let Measured { secs, cpu, peak } = bench.restore(&site, tool)?;
             eprintln!(
                 "  {:<10} restore: {secs:.1} s ({cpu:.1} s CPU)",
                 tool.name()
             );
             figs[i].restore_secs = Some(secs);
             figs[i].restore_cpu = Some(cpu);
+            figs[i].restore_peak_bytes = Some(peak);
         }
         bench.set_archive(&site, ArchiveMode::Hold)?;
         let _ = std::fs::remove_dir_all(&site.dir);
@@ -278,12 +351,7 @@ async fn run_in(args: &BenchPhysicalArgs, backstop: &Path, w: &Path) -> anyhow::
             );
         }
         for r in 0..args.runs.max(1) {
-            let order = if r % 2 == 0 {
-                [Tool::Backstop, Tool::Pgbackrest]
-            } else {
-                [Tool::Pgbackrest, Tool::Backstop]
-            };
-            for tool in order {
+            for tool in args.order(r) {
                 let site = bench.new_site(&format!("wal{r}-{}", tool.name()))?;
                 if tool == Tool::Pgbackrest {
                     bench.pgbackrest_cmd(&site, &["stanza-create"])?;
@@ -332,11 +400,14 @@ async fn run_in(args: &BenchPhysicalArgs, backstop: &Path, w: &Path) -> anyhow::
             full_secs: f(|x| x.full_secs),
             full_cpu: f(|x| x.full_cpu),
             full_bytes: u(|x| x.full_bytes),
+            full_peak_bytes: u(|x| x.full_peak_bytes),
             incr_secs: f(|x| x.incr_secs),
             incr_cpu: f(|x| x.incr_cpu),
             incr_bytes: u(|x| x.incr_bytes),
+            incr_peak_bytes: u(|x| x.incr_peak_bytes),
             restore_secs: f(|x| x.restore_secs),
             restore_cpu: f(|x| x.restore_cpu),
+            restore_peak_bytes: u(|x| x.restore_peak_bytes),
             wal_segments: u(|x| x.wal_segments),
             wal_secs: f(|x| x.wal_secs),
             wal_segments_per_sec: f(|x| x.wal_segments_per_sec),
@@ -387,6 +458,8 @@ fn print_report(r: &Report, args: &BenchPhysicalArgs) {
         r.runs.len(),
         r.cores,
         r.pgbackrest_version
+            .as_deref()
+            .unwrap_or("pgBackRest not measured")
     );
     println!(
         "{:<44} {:>14} {:>14} {:>10}",
@@ -448,6 +521,20 @@ fn print_report(r: &Report, args: &BenchPhysicalArgs) {
         1,
     );
     row("restore: CPU", b.restore_cpu, p.restore_cpu, "s", 1);
+    let peak = |f: &Figures| {
+        [f.full_peak_bytes, f.incr_peak_bytes, f.restore_peak_bytes]
+            .into_iter()
+            .flatten()
+            .max()
+            .map(mib)
+    };
+    row(
+        "peak memory (backups and restore)",
+        peak(b),
+        peak(p),
+        "MiB",
+        0,
+    );
     if !args.no_wal {
         row(
             "WAL archiving under pgbench (higher better)",
@@ -511,7 +598,8 @@ struct Site {
 struct Bench {
     w: PathBuf,
     exe: PathBuf,
-    pgbackrest: PathBuf,
+    /// `None` when pgBackRest is not measured.
+    pgbackrest: Option<PathBuf>,
     pg: Postgres,
 }
 
@@ -621,8 +709,14 @@ impl Bench {
         c
     }
 
+    fn pgbackrest(&self) -> anyhow::Result<&Path> {
+        self.pgbackrest
+            .as_deref()
+            .context("internal error: pgBackRest is not among the tools measured")
+    }
+
     fn pgbackrest_command(&self, site: &Site, args: &[&str]) -> anyhow::Result<Command> {
-        let mut c = self.as_server(&self.pgbackrest)?;
+        let mut c = self.as_server(self.pgbackrest()?)?;
         c.arg(format!("--config={}", site.pgbr_config.display()))
             .arg(format!("--stanza={STANZA}"))
             .args(args)
@@ -649,16 +743,18 @@ impl Bench {
             self.exe.display(),
             site.config.display()
         );
-        let br = format!(
-            "{} --config={} --stanza={STANZA} archive-push \"$1\"",
-            self.pgbackrest.display(),
-            site.pgbr_config.display()
-        );
+        let br = || -> anyhow::Result<String> {
+            Ok(format!(
+                "{} --config={} --stanza={STANZA} archive-push \"$1\"",
+                self.pgbackrest()?.display(),
+                site.pgbr_config.display()
+            ))
+        };
         let body = match mode {
             ArchiveMode::Hold => "exit 1".to_string(),
-            ArchiveMode::Both => format!("BACKSTOP_LOG=warn {bs} && exec {br}"),
+            ArchiveMode::Both => format!("BACKSTOP_LOG=warn {bs} && exec {}", br()?),
             ArchiveMode::Only(Tool::Backstop) => format!("BACKSTOP_LOG=warn exec {bs}"),
-            ArchiveMode::Only(Tool::Pgbackrest) => format!("exec {br}"),
+            ArchiveMode::Only(Tool::Pgbackrest) => format!("exec {}", br()?),
         };
         let script = self.w.join(ARCHIVE_SCRIPT);
         let tmp = self.w.join(format!(".{ARCHIVE_SCRIPT}.tmp"));
@@ -680,7 +776,7 @@ impl Bench {
         let t = Instant::now();
         let mut child = cmd.spawn().with_context(|| format!("starting {what}"))?;
         let usage = wait_rusage(&mut child)?;
-        let (ok, cpu) = (usage.status.success(), usage.cpu_secs);
+        let (ok, cpu, peak) = (usage.status.success(), usage.cpu_secs, usage.peak_bytes);
         let secs = t.elapsed().as_secs_f64();
         let server = crate::shared::server_cpu(&self.pg)? - server_before;
         let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
@@ -695,6 +791,7 @@ impl Bench {
             Measured {
                 secs,
                 cpu: cpu + server,
+                peak,
             },
             stdout,
         ))
@@ -971,9 +1068,11 @@ struct Lag {
     peak_backlog: u64,
 }
 
-/// Wall and CPU seconds of one measured command.
+/// Wall and CPU seconds and peak memory of one measured command.
 #[derive(Clone, Copy, Debug)]
 struct Measured {
     secs: f64,
     cpu: f64,
+    /// Peak resident set size of the command (or of a child it reaped), bytes.
+    peak: u64,
 }

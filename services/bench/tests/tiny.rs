@@ -284,6 +284,7 @@ fn physical_reports_backups_restores_and_wal_archiving_for_both_tools() {
         ("second base backup after churn.sql: time", "s"),
         ("second base backup after churn.sql: stored", "MiB"),
         ("restore (lay out the latest)", "s"),
+        ("peak memory (backups and restore)", "MiB"),
         ("WAL archiving under pgbench (higher better)", "seg/s"),
         ("WAL archive lag p50", "ms"),
         ("WAL archive lag p99", "ms"),
@@ -295,6 +296,55 @@ fn physical_reports_backups_restores_and_wal_archiving_for_both_tools() {
         number(c[0], label, &text);
         number(c[2], label, &text);
         number(c[4], "ratio", &text);
+    }
+}
+
+#[test]
+fn scale_reports_time_per_gib_and_peak_memory_at_each_size() {
+    bench_binary();
+    let text = run_bench(&["scale", "--rows", "2000,4000", "--runs", "1"]);
+    assert!(
+        text.contains("backstop bench scale: Backstop at 2000, 4000 rows, median of 1 runs"),
+        "{text}"
+    );
+    for method in ["logical", "physical"] {
+        for (step, unit, spread) in [
+            ("database", "MiB", false),
+            ("full: time", "s", false),
+            ("full: per GiB", "s", true),
+            ("second: time", "s", false),
+            ("second: per GiB", "s", true),
+            ("restore: time", "s", false),
+            ("restore: per GiB", "s", true),
+            ("peak memory", "MB", true),
+        ] {
+            let label = format!("{method} {step}");
+            // Each size's value and unit, then the spread where there is one.
+            let c = row(&text, &label);
+            assert_eq!(
+                c.len(),
+                if spread { 5 } else { 4 },
+                "{label}: {c:?}:\n{text}"
+            );
+            for size in [0, 2] {
+                assert_eq!(c[size + 1], unit, "{label}:\n{text}");
+                assert!(number(c[size], &label, &text) > 0.0, "{label}:\n{text}");
+            }
+            if spread {
+                let s = c[4].trim_end_matches(['%', 'x']);
+                assert!(number(s, &label, &text) >= 0.0, "{label}:\n{text}");
+            }
+        }
+        for target in ["time per GiB within 15%", "projected for a 10 GB database"] {
+            let line = text
+                .lines()
+                .find(|l| l.trim_start().starts_with(method) && l.contains(target))
+                .unwrap_or_else(|| panic!("no {method} target {target:?}:\n{text}"));
+            assert!(
+                line.contains(": met") || line.contains(": MISSED"),
+                "{line}\n{text}"
+            );
+        }
     }
 }
 
