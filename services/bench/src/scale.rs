@@ -22,11 +22,16 @@
 //! - **Spread**: for each step, (largest - smallest) / smallest of its time per GiB over the
 //!   sizes. Target: within 15%. Fixed costs (process start, the checkpoint a base backup waits
 //!   for) weigh most at the smallest size and show up here.
-//! - **Peak memory**: the largest over a method's steps, at each size. Targets: under 300 MB at
-//!   every size, and flat (the largest size's peak within 15% of the smallest size's).
+//! - **Fixed + per GiB**: a least-squares line through each step's (GiB, seconds) points: the
+//!   fixed cost every run pays, and the marginal seconds per GiB. Where the spread is missed, it
+//!   tells a fixed cost (a flat marginal rate) from a cost that grows faster than the data.
+//! - **Peak memory**: per step and the largest over a method's steps, at each size. Targets:
+//!   under 300 MB at every size, and flat (the largest size's peak within 15% of the smallest
+//!   size's).
 //! - **Projection for 10 GB** (seed 000's R10.4: a full backup of a database of up to 10 GB
-//!   within 15 minutes): the largest size's time per GiB times 10 GB. It holds as far as the
-//!   spread says time is linear, on a machine like this one (the report prints its cores).
+//!   within 15 minutes): the fitted line at 10 GB (with a single size, that size's time per GiB
+//!   times 10 GB). It holds as far as the measured sizes say time is linear, on a machine like
+//!   this one (the report prints its cores).
 
 use std::path::{Path, PathBuf};
 
@@ -100,13 +105,60 @@ struct Steps {
     full_secs: f64,
     second_secs: f64,
     restore_secs: f64,
-    /// The largest peak resident set size over the three steps, bytes.
-    peak_bytes: u64,
+    /// Peak resident set size of each step, bytes.
+    full_peak_bytes: u64,
+    second_peak_bytes: u64,
+    restore_peak_bytes: u64,
 }
 
 impl Steps {
+    fn gib(&self) -> f64 {
+        self.database_bytes.max(1) as f64 / GIB
+    }
+
     fn per_gib(&self, secs: f64) -> f64 {
-        secs / (self.database_bytes.max(1) as f64 / GIB)
+        secs / self.gib()
+    }
+
+    /// The largest peak over the three steps.
+    fn peak_bytes(&self) -> u64 {
+        self.full_peak_bytes
+            .max(self.second_peak_bytes)
+            .max(self.restore_peak_bytes)
+    }
+}
+
+/// A step's seconds as `fixed + per_gib * GiB`, fitted by least squares over the sizes.
+#[derive(Clone, Copy, Debug, Serialize)]
+struct Line {
+    fixed_secs: f64,
+    per_gib_secs: f64,
+}
+
+impl Line {
+    /// The line through `(GiB, seconds)` points; with fewer than two distinct sizes, no fixed
+    /// cost and the mean rate.
+    fn fit(points: &[(f64, f64)]) -> Line {
+        let n = points.len() as f64;
+        let mx = points.iter().map(|p| p.0).sum::<f64>() / n;
+        let my = points.iter().map(|p| p.1).sum::<f64>() / n;
+        let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
+        let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+        if sxx <= f64::EPSILON * mx.max(1.0) {
+            return Line {
+                fixed_secs: 0.0,
+                per_gib_secs: if mx > 0.0 { my / mx } else { 0.0 },
+            };
+        }
+        let per_gib_secs = sxy / sxx;
+        Line {
+            fixed_secs: my - per_gib_secs * mx,
+            per_gib_secs,
+        }
+    }
+
+    fn at(&self, gib: f64) -> f64 {
+        self.fixed_secs + self.per_gib_secs * gib
     }
 }
 
@@ -135,12 +187,15 @@ struct Verdict {
     second_spread: f64,
     restore_spread: f64,
     linear: bool,
+    full_line: Line,
+    second_line: Line,
+    restore_line: Line,
     /// The largest peak at any size, and the largest size's peak over the smallest's.
     max_peak_bytes: u64,
     peak_growth: f64,
     peak_under_limit: bool,
     peak_flat: bool,
-    /// Seconds for a 10 GB database at the largest size's time per GiB.
+    /// Seconds for a 10 GB database on the fitted lines.
     projected_full_secs_10gb: f64,
     projected_restore_secs_10gb: f64,
     full_within_r10_4: bool,
@@ -186,7 +241,9 @@ pub async fn run(args: BenchScaleArgs, backstop: &Path) -> anyhow::Result<()> {
                 full_secs: secs(b.full, "full backup")?,
                 second_secs: secs(b.second, "second backup")?,
                 restore_secs: secs(b.restore, "restore")?,
-                peak_bytes: b.peak_bytes().unwrap_or(0),
+                full_peak_bytes: b.full.map_or(0, |s| s.peak_bytes),
+                second_peak_bytes: b.second.map_or(0, |s| s.peak_bytes),
+                restore_peak_bytes: b.restore.map_or(0, |s| s.peak_bytes),
             });
         }
         if args.methods.contains(&Method::Physical) {
@@ -202,11 +259,9 @@ pub async fn run(args: BenchScaleArgs, backstop: &Path) -> anyhow::Result<()> {
                 full_secs: secs(b.full_secs, "full base backup")?,
                 second_secs: secs(b.incr_secs, "second base backup")?,
                 restore_secs: secs(b.restore_secs, "restore")?,
-                peak_bytes: [b.full_peak_bytes, b.incr_peak_bytes, b.restore_peak_bytes]
-                    .into_iter()
-                    .flatten()
-                    .max()
-                    .unwrap_or(0),
+                full_peak_bytes: b.full_peak_bytes.unwrap_or(0),
+                second_peak_bytes: b.incr_peak_bytes.unwrap_or(0),
+                restore_peak_bytes: b.restore_peak_bytes.unwrap_or(0),
             });
         }
         sizes.push(size);
@@ -254,10 +309,15 @@ fn verdict(method: Method, sizes: &[Size]) -> Option<Verdict> {
     let full_spread = spread_of(|s| s.full_secs);
     let second_spread = spread_of(|s| s.second_secs);
     let restore_spread = spread_of(|s| s.restore_secs);
-    let max_peak_bytes = steps.iter().map(|s| s.peak_bytes).max().unwrap_or(0);
-    let peak_growth = last.peak_bytes as f64 / first.peak_bytes.max(1) as f64;
+    let max_peak_bytes = steps.iter().map(|s| s.peak_bytes()).max().unwrap_or(0);
+    let peak_growth = last.peak_bytes() as f64 / first.peak_bytes().max(1) as f64;
+    let line_of = |g: fn(&Steps) -> f64| {
+        Line::fit(&steps.iter().map(|s| (s.gib(), g(s))).collect::<Vec<_>>())
+    };
+    let full_line = line_of(|s| s.full_secs);
+    let restore_line = line_of(|s| s.restore_secs);
     let gib_10gb = R10_4_BYTES / GIB;
-    let projected_full_secs_10gb = last.per_gib(last.full_secs) * gib_10gb;
+    let projected_full_secs_10gb = full_line.at(gib_10gb);
     Some(Verdict {
         method,
         full_spread,
@@ -266,12 +326,15 @@ fn verdict(method: Method, sizes: &[Size]) -> Option<Verdict> {
         linear: [full_spread, second_spread, restore_spread]
             .iter()
             .all(|s| *s <= LINEAR_SPREAD),
+        full_line,
+        second_line: line_of(|s| s.second_secs),
+        restore_line,
         max_peak_bytes,
         peak_growth,
         peak_under_limit: max_peak_bytes < PEAK_LIMIT,
         peak_flat: peak_growth <= 1.0 + LINEAR_SPREAD,
         projected_full_secs_10gb,
-        projected_restore_secs_10gb: last.per_gib(last.restore_secs) * gib_10gb,
+        projected_restore_secs_10gb: restore_line.at(gib_10gb),
         full_within_r10_4: projected_full_secs_10gb <= R10_4_SECS,
     })
 }
@@ -350,12 +413,42 @@ fn print_report(r: &Report, methods: &[Method]) {
             &|s| format!("{:.2} s", s.per_gib(s.restore_secs)),
             pct(|v| v.restore_spread),
         );
+        let mb = |b: u64| format!("{:.0} MB", b as f64 / 1e6);
         line(
             &format!("{name} peak memory"),
-            &|s| format!("{:.0} MB", s.peak_bytes as f64 / 1e6),
+            &|s| mb(s.peak_bytes()),
             v.map(|v| format!("{:.2}x", v.peak_growth))
                 .unwrap_or_else(|| "-".into()),
         );
+        line(
+            &format!("{name}   in the full"),
+            &|s| mb(s.full_peak_bytes),
+            String::new(),
+        );
+        line(
+            &format!("{name}   in the second"),
+            &|s| mb(s.second_peak_bytes),
+            String::new(),
+        );
+        line(
+            &format!("{name}   in the restore"),
+            &|s| mb(s.restore_peak_bytes),
+            String::new(),
+        );
+        if let Some(v) = v {
+            for (step, l) in [
+                ("full", v.full_line),
+                ("second", v.second_line),
+                ("restore", v.restore_line),
+            ] {
+                println!(
+                    "{:<34} {:.2} s + {:.2} s per GiB",
+                    format!("{name} {step}: fixed + per GiB"),
+                    l.fixed_secs,
+                    l.per_gib_secs
+                );
+            }
+        }
     }
     println!();
     println!(
@@ -374,7 +467,7 @@ fn print_report(r: &Report, methods: &[Method]) {
             met(v.peak_flat),
         );
         println!(
-            "  {:<8} projected for a 10 GB database (the largest size's time per GiB): full {:.1} min, restore {:.1} min; full within R10.4's 15 minutes: {}",
+            "  {:<8} projected for a 10 GB database (fixed + per GiB): full {:.1} min, restore {:.1} min; full within R10.4's 15 minutes: {}",
             v.method.name(),
             v.projected_full_secs_10gb / 60.0,
             v.projected_restore_secs_10gb / 60.0,
@@ -393,7 +486,9 @@ mod tests {
             full_secs: full,
             second_secs: full / 4.0,
             restore_secs: full * 1.5,
-            peak_bytes: peak,
+            full_peak_bytes: peak,
+            second_peak_bytes: peak / 2,
+            restore_peak_bytes: peak / 3,
         }
     }
 
@@ -419,10 +514,25 @@ mod tests {
         assert!(v.linear, "{v:?}");
         assert!((v.full_spread - 0.025).abs() < 1e-9, "{v:?}");
         assert!(v.peak_under_limit && v.peak_flat, "{v:?}");
-        // 4 s per GiB: 10 GB is 9.31 GiB.
-        assert!((v.projected_full_secs_10gb - 4.0 * 1e10 / GIB).abs() < 1e-6);
+        assert_eq!(v.max_peak_bytes, 110_000_000);
+        // The fitted line, at 10 GB (9.31 GiB): close to 4 s per GiB.
+        let expected = v.full_line.fixed_secs + v.full_line.per_gib_secs * 1e10 / GIB;
+        assert!((v.projected_full_secs_10gb - expected).abs() < 1e-9);
+        assert!((v.full_line.per_gib_secs - 4.0).abs() < 0.1, "{v:?}");
         assert!(v.full_within_r10_4);
         assert!(verdict(Method::Physical, &s).is_none());
+    }
+
+    #[test]
+    fn a_fixed_cost_shows_as_the_line_s_intercept() {
+        let points = [(0.5, 3.0), (1.0, 5.0), (4.0, 17.0)];
+        let l = Line::fit(&points);
+        assert!((l.fixed_secs - 1.0).abs() < 1e-9, "{l:?}");
+        assert!((l.per_gib_secs - 4.0).abs() < 1e-9, "{l:?}");
+        assert!((l.at(10.0) - 41.0).abs() < 1e-9);
+        // One size: no fixed cost can be told apart, the rate is that size's.
+        let one = Line::fit(&[(2.0, 10.0)]);
+        assert_eq!((one.fixed_secs, one.per_gib_secs), (0.0, 5.0));
     }
 
     #[test]

@@ -317,6 +317,9 @@ fn scale_reports_time_per_gib_and_peak_memory_at_each_size() {
             ("restore: time", "s", false),
             ("restore: per GiB", "s", true),
             ("peak memory", "MB", true),
+            ("  in the full", "MB", false),
+            ("  in the second", "MB", false),
+            ("  in the restore", "MB", false),
         ] {
             let label = format!("{method} {step}");
             // Each size's value and unit, then the spread where there is one.
@@ -334,6 +337,15 @@ fn scale_reports_time_per_gib_and_peak_memory_at_each_size() {
                 let s = c[4].trim_end_matches(['%', 'x']);
                 assert!(number(s, &label, &text) >= 0.0, "{label}:\n{text}");
             }
+        }
+        for step in ["full", "second", "restore"] {
+            // "F s + R s per GiB": the fitted fixed cost (it may come out negative) and rate.
+            let label = format!("{method} {step}: fixed + per GiB");
+            let c = row(&text, &label);
+            assert_eq!(c[1..3], ["s", "+"], "{label}:\n{text}");
+            assert_eq!(c[4..], ["s", "per", "GiB"], "{label}:\n{text}");
+            number(c[0], &label, &text);
+            number(c[3], &label, &text);
         }
         for target in ["time per GiB within 15%", "projected for a 10 GB database"] {
             let line = text
