@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use backstop_repo::{BackupWriter, Manifest, Repository};
+use backstop_repo::{BackupWriter, Manifest, ReadOptions, Repository};
 use backstop_sources::pg::logical::{DumpSink, DumpSource, PartReader, PartStored, SinkError};
 use tokio::io::AsyncRead;
 
@@ -44,16 +44,34 @@ pub struct ManifestSource {
     pub manifest: Arc<Manifest>,
 }
 
-#[async_trait]
-impl DumpSource for ManifestSource {
-    async fn open_part(&self, name: &str) -> Result<PartReader, SinkError> {
+impl ManifestSource {
+    async fn open_with(&self, name: &str, options: ReadOptions) -> Result<PartReader, SinkError> {
         let stream = self
             .repo
-            .open_stream(&self.manifest, name)
+            .open_stream_with(&self.manifest, name, options)
             .await
             .map_err(|e| SinkError::with_source(e.to_string(), e))?;
         let reader: Pin<Box<dyn AsyncRead + Send>> = Box::pin(stream);
         Ok(reader)
+    }
+}
+
+#[async_trait]
+impl DumpSource for ManifestSource {
+    async fn open_part(&self, name: &str) -> Result<PartReader, SinkError> {
+        self.open_with(name, ReadOptions::default()).await
+    }
+
+    /// Every chunk is still authenticated (AES-SIV binds its path, so its chunk id) and its
+    /// sealed SHA3 and size checked against the manifest; only the keyed SHA3 of its plaintext,
+    /// a second check that the caller's end-to-end check repeats, is skipped. In a physical
+    /// restore it was about 30% of the CPU (a profile at 4,000,000 rows).
+    async fn open_part_checked_downstream(&self, name: &str) -> Result<PartReader, SinkError> {
+        let options = ReadOptions {
+            verify_chunk_ids: false,
+            ..ReadOptions::default()
+        };
+        self.open_with(name, options).await
     }
 
     async fn check_part(&self, name: &str) -> Result<(), SinkError> {

@@ -146,6 +146,15 @@ pub trait DumpSource: Send + Sync {
     /// Opens one named part for reading.
     async fn open_part(&self, name: &str) -> Result<PartReader, SinkError>;
 
+    /// Opens a part whose every byte the caller checks end to end once it is written out (a
+    /// base backup that `pg_verifybackup` checks against its manifest). A source may then skip
+    /// a check of its own that only repeats that one (the repository's recomputed chunk ids),
+    /// never one that nothing else makes (authentication, sizes, completeness). The default is
+    /// [`DumpSource::open_part`].
+    async fn open_part_checked_downstream(&self, name: &str) -> Result<PartReader, SinkError> {
+        self.open_part(name).await
+    }
+
     /// Checks that a part is present and readable without reading it (used by dry runs).
     /// The default opens the part and drops the reader; a repository can check its objects'
     /// presence more cheaply.

@@ -6,6 +6,10 @@
 //!   so a half-restored directory is never left for someone to start.
 //! - The extracted `backup_label` must be the one the report describes (same start LSN), and,
 //!   when the backup carried a manifest, `pg_verifybackup` must agree with every file.
+//! - When `pg_verifybackup` will check every file, the part is opened with
+//!   [`DumpSource::open_part_checked_downstream`]: the repository still authenticates every
+//!   chunk but skips recomputing its chunk id, which that check repeats. A backup recorded with a
+//!   manifest whose restored files lack one is then an error, never an unchecked restore.
 //! - The recovery settings are appended to `postgresql.auto.conf` (which outranks
 //!   `postgresql.conf`), under a `# backstop restore` comment, with `recovery.signal` beside them.
 
@@ -220,13 +224,18 @@ async fn lay_out(
     tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .await
         .map_err(|e| PhysicalError::io(format!("chmod 0700 {}", dir.display()), e))?;
-    let reader = source
-        .open_part(&backup.part)
-        .await
-        .map_err(|source| SourceError::Source {
-            part: backup.part.clone(),
-            source,
-        })?;
+    // With the manifest to be checked by pg_verifybackup, every restored byte is checked end to
+    // end; the source may skip a per-chunk check that only repeats it.
+    let checked_downstream = opts.verify_manifest && backup.has_manifest;
+    let opened = if checked_downstream {
+        source.open_part_checked_downstream(&backup.part).await
+    } else {
+        source.open_part(&backup.part).await
+    };
+    let reader = opened.map_err(|source| SourceError::Source {
+        part: backup.part.clone(),
+        source,
+    })?;
     let stats = tar::extract(reader, dir).await.map_err(|e| match e {
         tar::ExtractError::Read(e) => PhysicalError::Source(SourceError::Source {
             part: backup.part.clone(),
@@ -254,11 +263,17 @@ async fn lay_out(
     }
 
     let mut manifest_verified = false;
-    if opts.verify_manifest
-        && tokio::fs::try_exists(dir.join("backup_manifest"))
-            .await
-            .unwrap_or(false)
-    {
+    let manifest_present = tokio::fs::try_exists(dir.join("backup_manifest"))
+        .await
+        .unwrap_or(false);
+    if checked_downstream && !manifest_present {
+        // The part was read on the promise of this check: without it, nothing was.
+        return Err(PhysicalError::ManifestMismatch {
+            dir: dir.to_path_buf(),
+            output: "the backup's record says it carried a backup_manifest, but the restored files have none".into(),
+        });
+    }
+    if opts.verify_manifest && manifest_present {
         let tool = tools::locate(
             "pg_verifybackup",
             opts.pg_bin_dir.as_deref(),
@@ -570,6 +585,91 @@ mod tests {
             stored: Default::default(),
             has_manifest: true,
         }
+    }
+
+    /// A base backup part held in memory: a tar of `backup_label` alone, recording which way it
+    /// was opened.
+    struct LabelOnly {
+        tar: Vec<u8>,
+        opened: std::sync::Mutex<Vec<&'static str>>,
+    }
+
+    impl LabelOnly {
+        fn new(backup: &BaseBackupReport) -> LabelOnly {
+            use super::super::tar::tests::header;
+            let label = format!(
+                "START WAL LOCATION: {} (file 000000010000000000000001)\n",
+                backup.start_lsn
+            );
+            let mut tar = header("backup_label", label.len() as u64, b'0');
+            tar.extend(label.as_bytes());
+            tar.resize(tar.len().div_ceil(512) * 512 + 1024, 0);
+            LabelOnly {
+                tar,
+                opened: Default::default(),
+            }
+        }
+
+        fn open(&self, how: &'static str) -> Result<crate::pg::logical::PartReader, SinkError> {
+            self.opened.lock().expect("lock").push(how);
+            Ok(Box::pin(std::io::Cursor::new(self.tar.clone())))
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl DumpSource for LabelOnly {
+        async fn open_part(&self, _: &str) -> Result<crate::pg::logical::PartReader, SinkError> {
+            self.open("plain")
+        }
+
+        async fn open_part_checked_downstream(
+            &self,
+            _: &str,
+        ) -> Result<crate::pg::logical::PartReader, SinkError> {
+            self.open("checked downstream")
+        }
+    }
+
+    #[tokio::test]
+    async fn the_part_skips_chunk_checks_only_when_pg_verifybackup_will_check_every_file() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut backup = report(10, 0x2000000);
+        let opts = PhysicalRestoreOptions::new("backstop wal-fetch %f %p");
+
+        // Recorded with a manifest, restored without one: the promised check cannot run, so
+        // the restore fails and leaves nothing behind.
+        let source = LabelOnly::new(&backup);
+        let dir = tmp.path().join("with-manifest");
+        let err = restore_physical(&source, &backup, &dir, &opts)
+            .await
+            .expect_err("a backup recorded with a manifest restored without one");
+        assert!(
+            matches!(err, PhysicalError::ManifestMismatch { .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("have none"), "{err}");
+        assert!(!dir.exists());
+        assert_eq!(*source.opened.lock().unwrap(), ["checked downstream"]);
+
+        // No manifest to check against, or the check turned off: every chunk check stays.
+        backup.has_manifest = false;
+        let source = LabelOnly::new(&backup);
+        let dir = tmp.path().join("no-manifest");
+        restore_physical(&source, &backup, &dir, &opts)
+            .await
+            .expect("a backup without a manifest restores");
+        assert!(dir.join("recovery.signal").exists());
+        assert_eq!(*source.opened.lock().unwrap(), ["plain"]);
+
+        backup.has_manifest = true;
+        let mut unchecked = opts.clone();
+        unchecked.verify_manifest = false;
+        let source = LabelOnly::new(&backup);
+        let dir = tmp.path().join("unverified");
+        restore_physical(&source, &backup, &dir, &unchecked)
+            .await
+            .expect("restored without pg_verifybackup");
+        assert_eq!(*source.opened.lock().unwrap(), ["plain"]);
     }
 
     #[test]

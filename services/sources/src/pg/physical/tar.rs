@@ -397,10 +397,11 @@ pub(crate) async fn extract<R: AsyncRead + Unpin>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn header(name: &str, size: u64, flag: u8) -> Vec<u8> {
+    /// A ustar header (for test archives here and in the restore tests).
+    pub(crate) fn header(name: &str, size: u64, flag: u8) -> Vec<u8> {
         let mut h = vec![0u8; BLOCK];
         h[..name.len()].copy_from_slice(name.as_bytes());
         h[100..107].copy_from_slice(b"0000600");
