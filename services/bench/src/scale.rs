@@ -178,6 +178,10 @@ impl Size {
     }
 }
 
+/// A step's name, its seconds at one size, and its spread over the sizes: what its two rows
+/// of the report print.
+type StepRows = (&'static str, fn(&Steps) -> f64, fn(&Verdict) -> f64);
+
 /// What the sizes say about one method.
 #[derive(Clone, Debug, Serialize)]
 struct Verdict {
@@ -383,36 +387,23 @@ fn print_report(r: &Report, methods: &[Method]) {
             &|s| format!("{:.0} MiB", s.database_bytes as f64 / (1024.0 * 1024.0)),
             String::new(),
         );
-        line(
-            &format!("{name} full: time"),
-            &|s| format!("{:.2} s", s.full_secs),
-            String::new(),
-        );
-        line(
-            &format!("{name} full: per GiB"),
-            &|s| format!("{:.2} s", s.per_gib(s.full_secs)),
-            pct(|v| v.full_spread),
-        );
-        line(
-            &format!("{name} second: time"),
-            &|s| format!("{:.2} s", s.second_secs),
-            String::new(),
-        );
-        line(
-            &format!("{name} second: per GiB"),
-            &|s| format!("{:.2} s", s.per_gib(s.second_secs)),
-            pct(|v| v.second_spread),
-        );
-        line(
-            &format!("{name} restore: time"),
-            &|s| format!("{:.2} s", s.restore_secs),
-            String::new(),
-        );
-        line(
-            &format!("{name} restore: per GiB"),
-            &|s| format!("{:.2} s", s.per_gib(s.restore_secs)),
-            pct(|v| v.restore_spread),
-        );
+        let steps: [StepRows; 3] = [
+            ("full", |s| s.full_secs, |v| v.full_spread),
+            ("second", |s| s.second_secs, |v| v.second_spread),
+            ("restore", |s| s.restore_secs, |v| v.restore_spread),
+        ];
+        for (step, secs, spread) in steps {
+            line(
+                &format!("{name} {step}: time"),
+                &|s| format!("{:.2} s", secs(s)),
+                String::new(),
+            );
+            line(
+                &format!("{name} {step}: per GiB"),
+                &|s| format!("{:.2} s", s.per_gib(secs(s))),
+                pct(spread),
+            );
+        }
         let mb = |b: u64| format!("{:.0} MB", b as f64 / 1e6);
         line(
             &format!("{name} peak memory"),
