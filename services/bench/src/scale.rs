@@ -98,6 +98,9 @@ pub struct BenchScaleArgs {
     json: bool,
 }
 
+/// The steps every method measures, in the order the report prints them.
+const STEP_NAMES: [&str; 3] = ["full", "second", "restore"];
+
 /// The three steps of one method at one size (medians).
 #[derive(Clone, Debug, Serialize)]
 struct Steps {
@@ -120,11 +123,18 @@ impl Steps {
         secs / self.gib()
     }
 
+    /// Each step's peak, in [`STEP_NAMES`] order.
+    fn step_peaks(&self) -> [u64; 3] {
+        [
+            self.full_peak_bytes,
+            self.second_peak_bytes,
+            self.restore_peak_bytes,
+        ]
+    }
+
     /// The largest peak over the three steps.
     fn peak_bytes(&self) -> u64 {
-        self.full_peak_bytes
-            .max(self.second_peak_bytes)
-            .max(self.restore_peak_bytes)
+        self.step_peaks().into_iter().max().unwrap_or(0)
     }
 }
 
@@ -411,21 +421,13 @@ fn print_report(r: &Report, methods: &[Method]) {
             v.map(|v| format!("{:.2}x", v.peak_growth))
                 .unwrap_or_else(|| "-".into()),
         );
-        line(
-            &format!("{name}   in the full"),
-            &|s| mb(s.full_peak_bytes),
-            String::new(),
-        );
-        line(
-            &format!("{name}   in the second"),
-            &|s| mb(s.second_peak_bytes),
-            String::new(),
-        );
-        line(
-            &format!("{name}   in the restore"),
-            &|s| mb(s.restore_peak_bytes),
-            String::new(),
-        );
+        for (i, step) in STEP_NAMES.into_iter().enumerate() {
+            line(
+                &format!("{name}   in the {step}"),
+                &|s| mb(s.step_peaks()[i]),
+                String::new(),
+            );
+        }
         if let Some(v) = v {
             for (step, l) in [
                 ("full", v.full_line),
