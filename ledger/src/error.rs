@@ -4,8 +4,8 @@
 //!   the caller re-reads the stream and decides again.
 //! - [`LedgerError::Invalid`] means the event itself is wrong (unknown type, bad payload, too
 //!   large); retrying cannot help, and nothing was written.
-//! - [`LedgerError::Corrupt`] and [`LedgerError::NotALedger`] are about the data on disk; they
-//!   name the position or the path and never lead to a write.
+//! - [`LedgerError::Corrupt`], [`LedgerError::Damaged`] and [`LedgerError::NotALedger`] are
+//!   about the data on disk; they name the position or the path and never lead to a write.
 //! - Storage and NATS errors carry what to check. An append that returns any error wrote nothing
 //!   (appends are atomic), so retrying with the same event ids is always safe.
 //! - [`LedgerError::IdReused`] means the id is taken by an event with other content: permanent.
@@ -39,6 +39,12 @@ pub enum LedgerError {
         "{path} is not a Backstop ledger: {why}. Point --data-dir at an existing ledger or an empty directory"
     )]
     NotALedger { path: PathBuf, why: String },
+    /// sled found its own files damaged. A process killed mid-write is not this: sled replays
+    /// its log, and an unfinished snapshot is removed before it opens (`store`).
+    #[error(
+        "the ledger at {path} is damaged ({why}): move that directory aside and rebuild the ledger from the repository with `backstop ledger restore` (docs/RUNBOOK.md, \"The ledger's machine is lost, or its files are damaged\")"
+    )]
+    Damaged { path: PathBuf, why: String },
     #[error(
         "the ledger at {path} is in use by another process (a running `backstop serve`?); stop it, or read through its API"
     )]

@@ -25,6 +25,15 @@
 //! `fsync` does; a power loss can lose the most recent acknowledged appends. That is why every
 //! event is also published to JetStream (file storage) and ledger segments are mirrored to the
 //! repository: the ledger is never the only copy for long.
+//!
+//! Crash recovery: sled 0.34.7 writes a snapshot (a fuzzy index of where each page is in its
+//! log) to `snap.<lsn>.generating`, fsyncs it and renames it to `snap.<lsn>`; the log is the
+//! authority and a snapshot only shortens the replay. But its open reads the
+//! lexicographically last `snap.*` file, `.generating` ones included, so a process killed
+//! while writing a snapshot leaves a ledger sled then refuses as corrupt (sled issues 1527,
+//! 1533). [`Store::open`] therefore removes unfinished snapshots first, only while it holds
+//! sled's lock on `db` (a live process may be writing one), and sled replays the log from the
+//! previous complete snapshot, or from the start when there is none.
 
 use std::path::{Path, PathBuf};
 
@@ -101,6 +110,7 @@ impl Store {
     /// never turns into a fresh, empty ledger beside someone's files.
     pub fn open(path: &Path) -> Result<Store, LedgerError> {
         check_directory(path)?;
+        discard_unfinished_snapshots(path)?;
         let db = sled::Config::new()
             .path(path)
             .mode(sled::Mode::HighThroughput)
@@ -115,6 +125,10 @@ impl Store {
                         path: path.to_path_buf(),
                     }
                 }
+                sled::Error::Corruption { .. } => LedgerError::Damaged {
+                    path: path.to_path_buf(),
+                    why: format!("sled: {e}"),
+                },
                 _ => LedgerError::NotALedger {
                     path: path.to_path_buf(),
                     why: format!("sled could not open it: {e}"),
@@ -369,6 +383,41 @@ pub(crate) fn decode_envelope(position: u64, bytes: &[u8]) -> Result<Envelope, L
         position,
         what: format!("the stored event does not decode: {e}"),
     })
+}
+
+/// Removes the `snap.*.generating` files a process killed mid-snapshot left (module doc,
+/// "Crash recovery"), if no process holds the ledger; a held ledger is left alone, and sled's
+/// own open then reports it locked.
+fn discard_unfinished_snapshots(path: &Path) -> Result<(), LedgerError> {
+    let io = |source| LedgerError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let db = match std::fs::File::open(path.join("db")) {
+        Ok(f) => f,
+        // A new ledger, or not a ledger: sled's open decides.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(e)),
+    };
+    if db.try_lock().is_err() {
+        return Ok(());
+    }
+    for entry in std::fs::read_dir(path).map_err(io)? {
+        let entry = entry.map_err(io)?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            tracing::warn!(
+                ledger = %path.display(),
+                file = %name,
+                "removing an unfinished sled snapshot left by a process killed while writing it; the log is replayed from the previous snapshot"
+            );
+            std::fs::remove_file(entry.path()).map_err(io)?;
+        }
+    }
+    // The lock is released when `db` closes here, before sled takes its own.
+    drop(db);
+    Ok(())
 }
 
 fn check_directory(path: &Path) -> Result<(), LedgerError> {

@@ -397,3 +397,73 @@ async fn a_finished_import_can_be_renamed_and_opened_at_once() {
         store.close().await;
     }
 }
+
+/// sled writes a snapshot whenever an open finds log written since the last one; a process
+/// killed in that window (`kill -9` of a command just started) leaves `snap.<lsn>.generating`
+/// half written, which sled 0.34.7 would read as the newest snapshot and refuse as corrupt.
+#[tokio::test]
+async fn a_snapshot_left_unfinished_by_a_kill_does_not_stop_the_next_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("data");
+    let store_dir = path.join("ledger");
+    let mut appended = 0;
+    let snapshot = loop {
+        let ledger = Ledger::open(&config(&path)).unwrap();
+        ledger
+            .append("s", ExpectedVersion::Any, vec![event("s")])
+            .await
+            .unwrap();
+        appended += 1;
+        ledger.sync().await;
+        ledger.close().await;
+        let snap = std::fs::read_dir(&store_dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("snap.")
+            });
+        if let Some(snap) = snap {
+            break snap;
+        }
+        assert!(appended < 5, "sled wrote no snapshot on reopening");
+    };
+    // What a kill part-way through the next open's snapshot leaves: a newer name, half the bytes.
+    let bytes = std::fs::read(&snapshot).unwrap();
+    let unfinished = store_dir.join("snap.7FFFFFFFFFFFFFFF.generating");
+    std::fs::write(&unfinished, &bytes[..bytes.len() / 2]).unwrap();
+
+    let store = Store::open(&store_dir).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(store.range(1, usize::MAX).unwrap().len(), appended);
+    assert!(!unfinished.exists());
+    let snapshots: Vec<String> = std::fs::read_dir(&store_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("snap."))
+        .collect();
+    assert!(
+        snapshots.len() == 1 && !snapshots[0].ends_with(".generating"),
+        "sled replayed the log from the complete snapshot and wrote its own: {snapshots:?}"
+    );
+    store.close().await;
+
+    // A ledger held by a live process is left alone: its snapshot may be being written.
+    let ledger = Ledger::open(&config(&path)).unwrap();
+    std::fs::write(&unfinished, &bytes[..bytes.len() / 2]).unwrap();
+    let err = Store::open(&store_dir).err().expect("the ledger is held");
+    assert!(matches!(err, LedgerError::Locked { .. }), "{err}");
+    assert!(unfinished.exists());
+    std::fs::remove_file(&unfinished).unwrap();
+    ledger.close().await;
+
+    // A damaged snapshot under a finished name is sled's own corruption: named as damage, with
+    // what to do, and nothing is removed.
+    let damaged = store_dir.join("snap.7FFFFFFFFFFFFFFF");
+    std::fs::write(&damaged, &bytes[..bytes.len() / 2]).unwrap();
+    let err = Store::open(&store_dir).err().expect("a damaged ledger");
+    assert!(matches!(err, LedgerError::Damaged { .. }), "{err}");
+    assert!(err.to_string().contains("backstop ledger restore"), "{err}");
+    assert!(damaged.exists());
+}

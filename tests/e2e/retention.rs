@@ -348,7 +348,12 @@ async fn prune_killed_at_random_points_never_removes_a_referenced_object() {
         eprintln!("round {round}: prune ended with {status}");
         // Whatever was interrupted, the kept backup's objects are all there.
         let out = s.run(&["check", "--json"]);
-        assert!(out.status.success(), "round {round}: {}", stdout(&out));
+        assert!(
+            out.status.success(),
+            "round {round} (seed {seed}): check failed\nstdout: {}\nstderr: {}",
+            stdout(&out),
+            stderr(&out)
+        );
     }
     let at_last_backup = digests(&url).await;
     assert!(

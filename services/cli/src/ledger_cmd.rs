@@ -338,7 +338,7 @@ pub async fn run(
     Ok(code)
 }
 
-/// `backstop ledger restore` (module docs; docs/RUNBOOK.md, "The ledger's machine is lost").
+/// `backstop ledger restore` (module docs; docs/RUNBOOK.md, "The ledger's machine is lost, or its files are damaged").
 async fn restore(
     config: &Config,
     data_dir: &Path,
