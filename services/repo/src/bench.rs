@@ -117,7 +117,7 @@ pub fn bench_pipeline_with(
                     let mut v = Vec::with_capacity(c.len() / 2);
                     let mut p = params.clone();
                     p.size_hint = c.len();
-                    let _ = brotli::BrotliCompress(&mut &c[..], &mut v, &p);
+                    let _ = seal::compress_into(&p, c, &mut v);
                     v
                 })
                 .collect();
