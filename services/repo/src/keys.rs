@@ -77,7 +77,7 @@ impl MasterKey {
         let bad = || {
             RepoError::Config(
                 "the master key must be 64 bytes encoded as base64 or 128 hex digits \
-                 (generate one with `backstop keygen`)"
+                 (a new repository's key comes from `backstop init --generate-key FILE`)"
                     .into(),
             )
         };
@@ -151,7 +151,7 @@ impl MasterKey {
         MasterKey::from_env()?.ok_or_else(|| {
             RepoError::Config(format!(
                 "no master key: set {MASTER_KEY_ENV} or pass --master-key-file \
-                 (for a new repository, generate one with `backstop keygen` and keep it safe: \
+                 (for a new repository, `backstop init --generate-key FILE` makes one; keep it safe: \
                  without it the backups cannot be read)"
             ))
         })
