@@ -344,6 +344,14 @@ mod tests {
         DataKey::for_tests(KeyPurpose::Database, id, [7u8; 64])
     }
 
+    /// 2.5 MB of short numbered lines: compressible, and larger than one encoder buffer.
+    fn numbered_lines() -> Vec<u8> {
+        (0..300_000u32)
+            .map(|i| format!("{i}\t{}\n", i % 977))
+            .collect::<String>()
+            .into_bytes()
+    }
+
     #[test]
     fn round_trip_and_tamper() {
         let repo = Uuid::new_v4();
@@ -419,10 +427,7 @@ mod tests {
         // bytes' worth, and any reader opens it.
         let repo = Uuid::new_v4();
         let k = key("k1");
-        let data: Vec<u8> = (0..300_000u32)
-            .map(|i| format!("{i}\t{}\n", i % 977))
-            .collect::<String>()
-            .into_bytes();
+        let data = numbered_lines();
         let small = seal_object(
             &repo,
             "p",
@@ -457,10 +462,7 @@ mod tests {
     fn quality_1_compresses_whole_buffers_not_4_kib_fragments() {
         let repo = Uuid::new_v4();
         let k = key("k1");
-        let data: Vec<u8> = (0..300_000u32)
-            .map(|i| format!("{i}\t{}\n", i % 977))
-            .collect::<String>()
-            .into_bytes();
+        let data = numbered_lines();
         let quality = 1;
         let b = Brotli { quality, lgwin: 22 };
         let sealed = seal_object(&repo, "p", &k, ObjectKind::Chunk, Some(b), &data);
