@@ -3,6 +3,7 @@
 //! each layer added; the exit code is 1 for a failure and 2 for a usage error (clap's).
 
 mod alerts_cmd;
+mod allocator;
 mod audit_cmd;
 mod backup_cmd;
 mod bench;
@@ -203,6 +204,7 @@ fn init_logging(format: &str) {
 }
 
 fn main() -> std::process::ExitCode {
+    allocator::limit_arenas();
     let cli = Cli::parse();
     init_logging(&cli.log_format);
     let rt = match tokio::runtime::Builder::new_multi_thread()
