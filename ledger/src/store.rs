@@ -393,15 +393,13 @@ fn discard_unfinished_snapshots(path: &Path) -> Result<(), LedgerError> {
         path: path.to_path_buf(),
         source,
     };
-    let db = match std::fs::File::open(path.join("db")) {
-        Ok(f) => f,
+    let db = match take_lock_if_free(path) {
+        Ok(Some(db)) => db,
+        Ok(None) => return Ok(()),
         // A new ledger, or not a ledger: sled's open decides.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(io(e)),
     };
-    if db.try_lock().is_err() {
-        return Ok(());
-    }
     for entry in std::fs::read_dir(path).map_err(io)? {
         let entry = entry.map_err(io)?;
         let name = entry.file_name();
@@ -418,6 +416,14 @@ fn discard_unfinished_snapshots(path: &Path) -> Result<(), LedgerError> {
     // The lock is released when `db` closes here, before sled takes its own.
     drop(db);
     Ok(())
+}
+
+/// sled's exclusive lock on `<path>/db`, taken if no handle holds it: `Ok(None)` when one
+/// does, an error (`NotFound` when there is no `db`) when the file cannot be opened. The lock
+/// is released when the file is dropped.
+fn take_lock_if_free(path: &Path) -> std::io::Result<Option<std::fs::File>> {
+    let db = std::fs::File::open(path.join("db"))?;
+    Ok(db.try_lock().is_ok().then_some(db))
 }
 
 fn check_directory(path: &Path) -> Result<(), LedgerError> {
@@ -477,11 +483,10 @@ const RELEASE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
 /// `flock`, which conflicts between two open files of one process too, so taking (and dropping)
 /// the lock here proves it is free. The lock follows the inode, so a rename does not shed it.
 pub(crate) async fn wait_for_release(path: &Path) {
-    let db = path.join("db");
     let deadline = tokio::time::Instant::now() + RELEASE_PATIENCE;
     loop {
-        let free = match std::fs::File::open(&db) {
-            Ok(f) => f.try_lock().is_ok(),
+        let free = match take_lock_if_free(path) {
+            Ok(held) => held.is_some(),
             // Nothing to wait for: the file is gone or was never there.
             Err(_) => true,
         };

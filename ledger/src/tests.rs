@@ -398,6 +398,15 @@ async fn a_finished_import_can_be_renamed_and_opened_at_once() {
     }
 }
 
+/// The names of sled's `snap.*` files in a ledger directory.
+fn snapshot_files(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("snap."))
+        .collect()
+}
+
 /// sled writes a snapshot whenever an open finds log written since the last one; a process
 /// killed in that window (`kill -9` of a command just started) leaves `snap.<lsn>.generating`
 /// half written, which sled 0.34.7 would read as the newest snapshot and refuse as corrupt.
@@ -416,17 +425,8 @@ async fn a_snapshot_left_unfinished_by_a_kill_does_not_stop_the_next_open() {
         appended += 1;
         ledger.sync().await;
         ledger.close().await;
-        let snap = std::fs::read_dir(&store_dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .find(|p| {
-                p.file_name()
-                    .unwrap()
-                    .to_string_lossy()
-                    .starts_with("snap.")
-            });
-        if let Some(snap) = snap {
-            break snap;
+        if let Some(snap) = snapshot_files(&store_dir).pop() {
+            break store_dir.join(snap);
         }
         assert!(appended < 5, "sled wrote no snapshot on reopening");
     };
@@ -438,11 +438,7 @@ async fn a_snapshot_left_unfinished_by_a_kill_does_not_stop_the_next_open() {
     let store = Store::open(&store_dir).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(store.range(1, usize::MAX).unwrap().len(), appended);
     assert!(!unfinished.exists());
-    let snapshots: Vec<String> = std::fs::read_dir(&store_dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("snap."))
-        .collect();
+    let snapshots = snapshot_files(&store_dir);
     assert!(
         snapshots.len() == 1 && !snapshots[0].ends_with(".generating"),
         "sled replayed the log from the complete snapshot and wrote its own: {snapshots:?}"
